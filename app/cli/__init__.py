@@ -1,0 +1,23 @@
+"""The `lastlogin` command: a thin shell over the library.
+
+Domain errors become one line on stderr and a non-zero exit status here,
+at the edge, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .. import __version__
+from .common import main_group
+from . import db as _db  # noqa: F401  (registers `db`)
+from . import serve as _serve  # noqa: F401  (registers `serve`)
+
+
+def main() -> None:
+    main_group(prog_name="lastlogin")
+
+
+__all__ = ["main", "main_group", "__version__", "click", "sys"]

@@ -1,0 +1,27 @@
+"""`lastlogin serve`."""
+
+from __future__ import annotations
+
+import click
+
+from ..daemon import run
+from ..logs import setup_logging
+from ..server import SocketInUse
+from .common import EXIT_CONFIG, Context, edge, fail, main_group, pass_ctx
+
+
+@main_group.command()
+@pass_ctx
+@edge
+def serve(ctx: Context) -> None:
+    """Run the post-login daemon in the foreground (logs on stderr).
+
+    Listens on one socket per protocol; point Dovecot's `executable = imap
+    <socket>` at them. SIGTERM/SIGINT drain and stop, SIGHUP reloads.
+    """
+    settings = ctx.settings
+    setup_logging(settings.log_level, settings.log_format)
+    try:
+        run(settings, ctx.config_path)
+    except (SocketInUse, PermissionError) as exc:
+        fail(f"cannot listen: {exc}", EXIT_CONFIG)

@@ -1,0 +1,301 @@
+"""Settings: one TOML file plus LASTLOGIN_* environment overrides.
+
+Built once (``load_settings``), validated at load, then passed explicitly.
+Every error names the key and the reason in one line (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pwd
+import grp
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+DEFAULT_CONFIG_PATH = Path("/etc/lastlogin/lastlogin.toml")
+ENV_PREFIX = "LASTLOGIN_"
+PROTOCOLS = ("imap", "pop3", "submission", "managesieve")
+
+
+class ConfigError(Exception):
+    """A setting is missing, unknown or has a bad value."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def _default_data_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/lastlogin"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "lastlogin")
+
+
+def _default_socket_dir() -> str:
+    if os.geteuid() == 0:
+        return "/run/lastlogin"
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/lastlogin-{os.geteuid()}"
+    return os.path.join(base, "lastlogin") if "XDG_RUNTIME_DIR" in os.environ else base
+
+
+def _default_allowed_uids() -> tuple[str, ...]:
+    # root (the mail process connects before it drops privileges), Dovecot's
+    # own users, and whoever runs the daemon.
+    return ("0", "dovecot", "dovenull", str(os.geteuid()))
+
+
+# --- value parsers: (value from TOML or env string) -> typed value ----------
+
+def _as_str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"must be a string, got {v!r}")
+    return v
+
+
+def _as_int(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError(f"must be an integer, got {v!r}")
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str):
+        try:
+            return int(v.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"must be an integer, got {v!r}")
+
+
+def _as_positive_int(v: Any) -> int:
+    n = _as_int(v)
+    if n <= 0:
+        raise ValueError(f"must be greater than 0, got {n}")
+    return n
+
+
+def _as_seconds(v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError(f"must be a number of seconds, got {v!r}")
+    try:
+        x = float(v.strip() if isinstance(v, str) else v)
+    except (TypeError, ValueError):
+        raise ValueError(f"must be a number of seconds, got {v!r}") from None
+    if not 0 < x < 60:
+        # Dovecot gives the whole post-login step 60 s by default.
+        raise ValueError(f"must be more than 0 and less than 60 seconds, got {v!r}")
+    return x
+
+
+def _as_list(v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        items = [p.strip() for p in v.split(",")]
+        return tuple(p for p in items if p)
+    if isinstance(v, list):
+        return tuple(str(x) for x in v)
+    raise ValueError(f"must be a list or a comma-separated string, got {v!r}")
+
+
+def _as_mode(v: Any) -> int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        mode = v
+    elif isinstance(v, str):
+        try:
+            mode = int(v.strip(), 8)
+        except ValueError:
+            raise ValueError(f"must be an octal mode like \"0660\", got {v!r}") from None
+    else:
+        raise ValueError(f"must be an octal mode like \"0660\", got {v!r}")
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"must be an octal mode like \"0660\", got {v!r}")
+    return mode
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        s = _as_str(v).strip().lower()
+        if s not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {v!r}")
+        return s
+    return parse
+
+
+def _protocol_list(v: Any) -> tuple[str, ...]:
+    items = _as_list(v)
+    for p in items:
+        if p not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {p!r} (known: {', '.join(PROTOCOLS)})")
+    if not items:
+        raise ValueError("must name at least one protocol")
+    return items
+
+
+def _database_url(v: Any) -> str:
+    s = _as_str(v).strip()
+    scheme = s.split(":", 1)[0]
+    if scheme not in ("sqlite", "postgresql", "postgresql+psycopg"):
+        raise ValueError(
+            "must start with sqlite:/// or postgresql+psycopg:// "
+            f"(got scheme {scheme!r})")
+    if scheme == "postgresql":
+        # Plain postgresql:// would make SQLAlchemy look for psycopg2.
+        s = "postgresql+psycopg" + s[len("postgresql"):]
+    return s
+
+
+def _uid_list(v: Any) -> tuple[str, ...]:
+    items = _as_list(v)
+    for item in items:
+        if not item.isdigit():
+            try:
+                pwd.getpwnam(item)
+            except KeyError:
+                # A user that does not exist here simply matches no peer.
+                pass
+    return items
+
+
+def _group(v: Any) -> str:
+    s = _as_str(v).strip()
+    if s and not s.isdigit():
+        try:
+            grp.getgrnam(s)
+        except KeyError:
+            raise ValueError(f"no such group {s!r}") from None
+    return s
+
+
+def _user(v: Any) -> str:
+    s = _as_str(v).strip()
+    if s and not s.isdigit():
+        try:
+            pwd.getpwnam(s)
+        except KeyError:
+            raise ValueError(f"no such user {s!r}") from None
+    return s
+
+
+def _opt(parse: Callable[[Any], Any], default: Any = None, *, factory: Any = None,
+         doc: str = "") -> Any:
+    meta = {"parse": parse, "doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the daemon and the CLI read from the configuration."""
+
+    data_dir: str = _opt(_as_str, factory=_default_data_dir,
+                         doc="state directory (SQLite file, spool)")
+    database_url: str = _opt(_database_url, "",
+                             doc="SQLAlchemy URL; default: SQLite file in data_dir")
+    socket_dir: str = _opt(_as_str, factory=_default_socket_dir,
+                           doc="directory of the post-login sockets")
+    protocols: tuple[str, ...] = _opt(_protocol_list, PROTOCOLS,
+                                      doc="protocols to listen for")
+    socket_imap: str = _opt(_as_str, "", doc="path of the imap socket")
+    socket_pop3: str = _opt(_as_str, "", doc="path of the pop3 socket")
+    socket_submission: str = _opt(_as_str, "", doc="path of the submission socket")
+    socket_managesieve: str = _opt(_as_str, "", doc="path of the managesieve socket")
+    socket_mode: int = _opt(_as_mode, 0o660, doc="permission bits of the sockets")
+    socket_owner: str = _opt(_user, "", doc="owner of the sockets (user name or uid)")
+    socket_group: str = _opt(_group, "", doc="group of the sockets (group name or gid)")
+    socket_backlog: int = _opt(_as_positive_int, 1024, doc="listen() backlog")
+    allowed_uids: tuple[str, ...] = _opt(_uid_list, factory=_default_allowed_uids,
+                                         doc="peers (uids or user names) that may connect")
+    request_timeout: float = _opt(_as_seconds, 10.0,
+                                  doc="seconds a peer has to send its whole request")
+    max_request_bytes: int = _opt(_as_positive_int, 1 << 20,
+                                  doc="largest request accepted, in bytes")
+    record_timeout: float = _opt(_as_seconds, 10.0,
+                                 doc="seconds to wait for a login record to commit")
+    client_write_timeout: float = _opt(_as_seconds, 5.0,
+                                       doc="seconds to write a message to the client")
+    drain_timeout: float = _opt(_as_seconds, 15.0,
+                                doc="seconds to finish in-flight logins on shutdown")
+    batch_max: int = _opt(_as_positive_int, 1000,
+                          doc="most login records in one group commit")
+    log_level: str = _opt(_choice("debug", "info", "warning", "error"), "info",
+                          doc="log level")
+    log_format: str = _opt(_choice("kv", "json"), "kv", doc="log line format")
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{os.path.join(self.data_dir, 'lastlogin.db')}"
+
+    def socket_path(self, protocol: str) -> str:
+        explicit = getattr(self, f"socket_{protocol}")
+        return explicit or os.path.join(self.socket_dir, f"{protocol}.sock")
+
+    def resolved_uids(self) -> frozenset[int]:
+        uids = set()
+        for item in self.allowed_uids:
+            if item.isdigit():
+                uids.add(int(item))
+            else:
+                try:
+                    uids.add(pwd.getpwnam(item).pw_uid)
+                except KeyError:
+                    pass
+        return frozenset(uids)
+
+
+def setting_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Settings)]
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """(key, env variable, doc) for the configuration reference."""
+    return [(f.name, ENV_PREFIX + f.name.upper(), f.metadata["doc"])
+            for f in dataclasses.fields(Settings)]
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("config", f"file not found: {path}") from None
+    except PermissionError:
+        raise ConfigError("config", f"cannot read {path}: permission denied") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the file (if any), apply LASTLOGIN_* overrides, validate."""
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get(ENV_PREFIX + "CONFIG"):
+        path = environ[ENV_PREFIX + "CONFIG"]
+    if path is None and DEFAULT_CONFIG_PATH.exists():
+        path = DEFAULT_CONFIG_PATH
+    raw: dict[str, Any] = _read_file(Path(path)) if path is not None else {}
+
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(key, f"unknown setting in {path}")
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key in fields:
+            raw[key] = value
+        elif not key.startswith("test_"):
+            raise ConfigError(name, "unknown setting")
+
+    values = {}
+    for key, value in raw.items():
+        try:
+            values[key] = fields[key].metadata["parse"](value)
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from None
+    return Settings(**values)

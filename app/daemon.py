@@ -1,0 +1,34 @@
+"""`lastlogin serve`: build everything from the settings, run, shut down."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .config import Settings
+from .db import make_engine
+from .db.migrate import ensure_at_head
+from .recorder import Recorder
+from .server import Server
+from .service import LoginService
+
+log = logging.getLogger("lastlogin.daemon")
+
+
+def run(settings: Settings, config_path: str | None = None) -> None:
+    """Serve until SIGTERM/SIGINT. Raises before binding if the schema is old."""
+    engine = make_engine(settings.effective_database_url)
+    ensure_at_head(engine)
+    recorder = Recorder(engine, batch_max=settings.batch_max)
+    service = LoginService(recorder, settings.record_timeout)
+    server = Server(settings, service, config_path)
+    server.bind()
+    recorder.start()
+    try:
+        asyncio.run(server.serve())
+    finally:
+        server.close_listeners()
+        if not recorder.stop(timeout=settings.drain_timeout):
+            log.error("event=writer_stuck detail=\"records still queued at exit\"")
+        engine.dispose()
+        log.info("event=stopped records=%d commits=%d", recorder.records, recorder.commits)

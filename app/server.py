@@ -1,0 +1,379 @@
+"""Sockets, fd passing, timeouts, signals, drain.
+
+One asyncio loop serves every protocol socket. A connection is one login:
+read the request (recvmsg, so the client fd is never dropped), let the
+service decide and record, answer, and close our copy of the client fd on
+every path. A bad connection costs one log line and ends without a reply,
+which Dovecot treats as a refusal.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import struct
+import time
+from dataclasses import dataclass
+
+from .config import Settings, load_settings, ConfigError
+from .logs import show
+from .protocol import ProtocolError, LoginRequest, parse_request, request_complete
+from .service import Answer, LoginService, RecordError
+
+log = logging.getLogger("lastlogin.server")
+
+MAX_FDS = 4                     # room for more than the one fd Dovecot sends
+RECV_CHUNK = 65536
+_PEERCRED = struct.Struct("3i")
+
+
+class ConnectionRefused(Exception):
+    """A connection that ends without a reply; the text is logged."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+    def __str__(self) -> str:
+        return f"pid={self.pid} uid={self.uid}"
+
+
+def peer_of(conn: socket.socket) -> Peer:
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    return Peer(*_PEERCRED.unpack(raw))
+
+
+# --- listening sockets ----------------------------------------------------
+
+class SocketInUse(Exception):
+    pass
+
+
+def _answers(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1)
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _owner_ids(settings: Settings) -> tuple[int, int]:
+    import grp
+    import pwd
+    uid = gid = -1
+    if settings.socket_owner:
+        o = settings.socket_owner
+        uid = int(o) if o.isdigit() else pwd.getpwnam(o).pw_uid
+    if settings.socket_group:
+        g = settings.socket_group
+        gid = int(g) if g.isdigit() else grp.getgrnam(g).gr_gid
+    return uid, gid
+
+
+def bind_listener(path: str, settings: Settings) -> socket.socket:
+    """Bind ``path`` with the configured mode and owner.
+
+    A stale socket file (nobody answers) is replaced atomically: the new
+    socket is bound under a temporary name and renamed over it, so there is
+    never a moment without a socket at ``path``. A live one is left alone.
+    """
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise SocketInUse(f"{path} exists and is not a socket")
+        if _answers(path):
+            raise SocketInUse(f"{path} is in use by another process")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~settings.socket_mode)
+    try:
+        sock.bind(tmp)
+    finally:
+        os.umask(old_umask)
+    os.chmod(tmp, settings.socket_mode)
+    uid, gid = _owner_ids(settings)
+    if uid != -1 or gid != -1:
+        os.chown(tmp, uid, gid)
+    sock.listen(settings.socket_backlog)
+    os.rename(tmp, path)
+    sock.setblocking(False)
+    return sock
+
+
+def remove_listener(path: str, sock: socket.socket) -> None:
+    """Unlink ``path`` only if it is still our socket (not a successor's)."""
+    try:
+        ours = os.fstat(sock.fileno()).st_ino
+        if os.stat(path).st_ino == ours:
+            os.unlink(path)
+    except OSError:
+        pass
+    sock.close()
+
+
+# --- reading and writing with fds -----------------------------------------
+
+async def _wait(loop: asyncio.AbstractEventLoop, fd: int, writable: bool) -> None:
+    fut = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    add, remove = ((loop.add_writer, loop.remove_writer) if writable
+                   else (loop.add_reader, loop.remove_reader))
+    add(fd, ready)
+    try:
+        await fut
+    finally:
+        remove(fd)
+
+
+def _take_fds(ancdata: list[tuple[int, int, bytes]], into: list[int]) -> None:
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+            into.extend(fds)
+
+
+async def read_request(conn: socket.socket, limit: int, fds: list[int]) -> bytes:
+    """Read one request; every fd received is appended to ``fds``."""
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+    anc_size = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+    while not request_complete(buf):
+        try:
+            data, anc, flags, _ = conn.recvmsg(RECV_CHUNK, anc_size,
+                                               socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            await _wait(loop, conn.fileno(), writable=False)
+            continue
+        _take_fds(anc, fds)
+        if flags & socket.MSG_CTRUNC:
+            raise ProtocolError("more fds than a request carries")
+        if not data:
+            raise ProtocolError(f"peer closed after {len(buf)} bytes, before a full request")
+        buf += data
+        if len(buf) > limit:
+            raise ProtocolError(f"request larger than {limit} bytes")
+    return bytes(buf)
+
+
+async def write_client(fd: int, data: bytes, timeout: float) -> None:
+    """Write to the client's connection without blocking and without reading.
+
+    The fd is shared with the mail process, so its flags are left alone:
+    MSG_DONTWAIT makes each send non-blocking by itself.
+    """
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(fileno=fd)
+    try:
+        async with asyncio.timeout(timeout):
+            view = memoryview(data)
+            while view:
+                try:
+                    sent = sock.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                except BlockingIOError:
+                    await _wait(loop, fd, writable=True)
+                    continue
+                view = view[sent:]
+    finally:
+        sock.detach()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+# --- the server -------------------------------------------------------------
+
+class Server:
+    """Lifecycle: start (bind, notify ready), serve until asked, drain, stop."""
+
+    def __init__(self, settings: Settings, service: LoginService,
+                 config_path: str | None = None) -> None:
+        self.settings = settings
+        self.service = service
+        self.config_path = config_path
+        self._allowed_uids = settings.resolved_uids()
+        self.listeners: dict[str, tuple[str, socket.socket]] = {}
+        self._accepting: list[asyncio.Task[None]] = []
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._stop = asyncio.Event()
+
+    # lifecycle
+    def bind(self) -> None:
+        try:
+            for proto in self.settings.protocols:
+                path = self.settings.socket_path(proto)
+                self.listeners[proto] = (path, bind_listener(path, self.settings))
+        except BaseException:
+            self.close_listeners()
+            raise
+
+    def close_listeners(self) -> None:
+        for path, sock in self.listeners.values():
+            remove_listener(path, sock)
+        self.listeners.clear()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        for proto, (path, sock) in self.listeners.items():
+            self._accepting.append(asyncio.create_task(self._accept_loop(proto, sock)))
+            log.info("event=listening protocol=%s socket=%s", proto, path)
+        sd_notify("READY=1\nSTATUS=serving")
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self._drain()
+
+    async def _drain(self) -> None:
+        sd_notify("STOPPING=1")
+        for task in self._accepting:
+            task.cancel()
+        self.close_listeners()
+        pending = set(self._inflight)
+        log.info("event=draining inflight=%d", len(pending))
+        if pending:
+            done, late = await asyncio.wait(pending, timeout=self.settings.drain_timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("event=drain_timeout abandoned=%d", len(late))
+                await asyncio.wait(late, timeout=1)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the settings; keep the old ones if the new are bad."""
+        try:
+            new = load_settings(self.config_path)
+        except ConfigError as exc:
+            log.error("event=reload_failed key=%s reason=%s", exc.key, show(exc.reason))
+            return
+        fixed = [k for k in ("database_url", "socket_dir", "protocols", "socket_imap",
+                             "socket_pop3", "socket_submission", "socket_managesieve",
+                             "socket_mode", "socket_owner", "socket_group")
+                 if getattr(new, k) != getattr(self.settings, k)]
+        if fixed:
+            log.warning("event=reload_needs_restart keys=%s", ",".join(fixed))
+        self.settings = new
+        self._allowed_uids = new.resolved_uids()
+        self.service.record_timeout = new.record_timeout
+        logging.getLogger("lastlogin").setLevel(new.log_level.upper())
+        log.info("event=reloaded")
+
+    async def _accept_loop(self, proto: str, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("event=accept_failed protocol=%s error=%s", proto, exc)
+                    await asyncio.sleep(0.1)
+                    continue
+                raise
+            conn.setblocking(False)
+            task = asyncio.create_task(self._handle(proto, conn))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    # one connection
+    async def _handle(self, proto: str, conn: socket.socket) -> None:
+        started = time.monotonic()
+        fds: list[int] = []
+        peer: Peer | None = None
+        req: LoginRequest | None = None
+        try:
+            peer = peer_of(conn)
+            if peer.uid not in self._allowed_uids:
+                raise ConnectionRefused(f"peer uid {peer.uid} is not allowed")
+            req = await self._receive(conn, fds)
+            answer = await self.service.login(proto, req)
+            await self._answer(conn, fds[0], answer)
+            self._log_login(proto, req, answer, started)
+        except (ConnectionRefused, ProtocolError, RecordError) as exc:
+            self._log_refused(proto, peer, req, str(exc))
+        except TimeoutError:
+            self._log_refused(proto, peer, req, "timed out")
+        except OSError as exc:
+            self._log_refused(proto, peer, req, f"socket error: {exc.strerror or exc}")
+        except Exception as exc:  # noqa: BLE001 - one bad login never stops the daemon
+            log.exception("event=internal_error protocol=%s peer=%s", proto, peer)
+            self._log_refused(proto, peer, req, f"internal error: {type(exc).__name__}")
+        finally:
+            _close_all(fds)
+            conn.close()
+
+    async def _receive(self, conn: socket.socket, fds: list[int]) -> LoginRequest:
+        async with asyncio.timeout(self.settings.request_timeout):
+            buf = await read_request(conn, self.settings.max_request_bytes, fds)
+        if len(fds) != 1:
+            raise ProtocolError(f"expected one client fd, got {len(fds)}")
+        return parse_request(buf)
+
+    async def _answer(self, conn: socket.socket, client_fd: int, answer: Answer) -> None:
+        if answer.to_client:
+            # Finish the write to the client before replying: the mail
+            # process writes its tagged OK as soon as it has our reply.
+            await write_client(client_fd, answer.to_client,
+                               self.settings.client_write_timeout)
+        if answer.reply is not None:
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(self.settings.client_write_timeout):
+                await loop.sock_sendall(conn, answer.reply)
+
+    def _log_login(self, proto: str, req: LoginRequest, answer: Answer,
+                   started: float) -> None:
+        rec = answer.record
+        log.info("event=login protocol=%s user=%s rip=%s lip=%s outcome=%s rule=%s ms=%.2f",
+                 proto, show(req.username), rec.remote_ip or "-", rec.local_ip or "-",
+                 rec.outcome, rec.rule_id if rec.rule_id is not None else "-",
+                 (time.monotonic() - started) * 1000)
+
+    def _log_refused(self, proto: str, peer: Peer | None, req: LoginRequest | None,
+                     reason: str) -> None:
+        user = show(req.username) if req else "-"
+        log.warning("event=connection_refused protocol=%s peer=%s user=%s reason=%s",
+                    proto, show(str(peer) if peer else "-"), user, show(reason))
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return
+    if target.startswith("@"):
+        target = "\0" + target[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.connect(target)
+            s.sendall(message.encode())
+        except OSError as exc:
+            log.warning("event=sd_notify_failed error=%s", exc)

@@ -1,0 +1,76 @@
+"""Alembic environment for lastlogin.
+
+The URL comes from, in order: a connection handed over by the caller
+(``config.attributes["connection"]``), ``sqlalchemy.url`` in the Alembic
+config, then lastlogin's own settings (file + LASTLOGIN_* environment), so
+``alembic upgrade head`` and ``lastlogin db upgrade`` hit the same database.
+"""
+
+from alembic import context
+from sqlalchemy import create_engine, event
+
+from app.config import load_settings
+from app.db.schema import metadata
+
+config = context.config
+target_metadata = metadata
+
+
+def _url() -> str:
+    url = config.get_main_option("sqlalchemy.url")
+    return url or load_settings().effective_database_url
+
+
+def _configure(connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        compare_type=True,
+        compare_server_default=False,
+        # SQLite cannot ALTER most things: batch mode copies the table.
+        render_as_batch=connection.dialect.name == "sqlite",
+        transaction_per_migration=True,
+    )
+
+
+def _timeouts(connection) -> None:
+    # A migration must not queue behind a long transaction while holding a
+    # lock that blocks every login record: give up quickly instead.
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("SET lock_timeout = '4s'")
+        connection.exec_driver_sql("SET statement_timeout = '10min'")
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=_url(), target_metadata=target_metadata,
+                      literal_binds=True, compare_type=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _timeouts(connection)
+        _configure(connection)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    engine = create_engine(_url())
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect",
+                     lambda dbapi_conn, _rec: dbapi_conn.execute("PRAGMA foreign_keys=ON"))
+    with engine.connect() as connection:
+        _timeouts(connection)
+        # SET opened a transaction; end it so Alembic runs (and commits) its own.
+        connection.commit()
+        _configure(connection)
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()
