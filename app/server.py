@@ -84,7 +84,24 @@ def _owner_ids(settings: Settings) -> tuple[int, int]:
     return uid, gid
 
 
-def bind_listener(path: str, settings: Settings) -> socket.socket:
+@dataclass
+class Listener:
+    protocol: str
+    path: str
+    sock: socket.socket
+    inode: int          # of the socket file, to unlink only our own
+
+    def close(self) -> None:
+        """Unlink the path only if it is still our socket (not a successor's)."""
+        try:
+            if os.stat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def bind_listener(protocol: str, path: str, settings: Settings) -> Listener:
     """Bind ``path`` with the configured mode and owner.
 
     A stale socket file (nobody answers) is replaced atomically: the new
@@ -111,20 +128,10 @@ def bind_listener(path: str, settings: Settings) -> socket.socket:
     if uid != -1 or gid != -1:
         os.chown(tmp, uid, gid)
     sock.listen(settings.socket_backlog)
+    inode = os.stat(tmp).st_ino
     os.rename(tmp, path)
     sock.setblocking(False)
-    return sock
-
-
-def remove_listener(path: str, sock: socket.socket) -> None:
-    """Unlink ``path`` only if it is still our socket (not a successor's)."""
-    try:
-        ours = os.fstat(sock.fileno()).st_ino
-        if os.stat(path).st_ino == ours:
-            os.unlink(path)
-    except OSError:
-        pass
-    sock.close()
+    return Listener(protocol, path, sock, inode)
 
 
 # --- reading and writing with fds -----------------------------------------
@@ -215,7 +222,7 @@ class Server:
         self.service = service
         self.config_path = config_path
         self._allowed_uids = settings.resolved_uids()
-        self.listeners: dict[str, tuple[str, socket.socket]] = {}
+        self.listeners: list[Listener] = []
         self._accepting: list[asyncio.Task[None]] = []
         self._inflight: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
@@ -225,14 +232,14 @@ class Server:
         try:
             for proto in self.settings.protocols:
                 path = self.settings.socket_path(proto)
-                self.listeners[proto] = (path, bind_listener(path, self.settings))
+                self.listeners.append(bind_listener(proto, path, self.settings))
         except BaseException:
             self.close_listeners()
             raise
 
     def close_listeners(self) -> None:
-        for path, sock in self.listeners.values():
-            remove_listener(path, sock)
+        for listener in self.listeners:
+            listener.close()
         self.listeners.clear()
 
     def request_stop(self) -> None:
@@ -243,9 +250,9 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        for proto, (path, sock) in self.listeners.items():
-            self._accepting.append(asyncio.create_task(self._accept_loop(proto, sock)))
-            log.info("event=listening protocol=%s socket=%s", proto, path)
+        for lst in self.listeners:
+            self._accepting.append(asyncio.create_task(self._accept_loop(lst.protocol, lst.sock)))
+            log.info("event=listening protocol=%s socket=%s", lst.protocol, lst.path)
         sd_notify("READY=1\nSTATUS=serving")
         try:
             await self._stop.wait()

@@ -67,6 +67,7 @@ class _AddressBase(sa.TypeDecorator[str]):
 
 class IPAddress(_AddressBase):
     pg_type = postgresql.INET
+    cache_ok = True
 
     @staticmethod
     def canonical(value: Any) -> str:
@@ -75,6 +76,7 @@ class IPAddress(_AddressBase):
 
 class IPNetwork(_AddressBase):
     pg_type = postgresql.CIDR
+    cache_ok = True
 
     @staticmethod
     def canonical(value: Any) -> str:

@@ -1,0 +1,114 @@
+"""Shared fixtures: real PostgreSQL (and SQLite) databases.
+
+PostgreSQL comes from LASTLOGIN_TEST_DATABASE_URL (a URL whose user may
+CREATE DATABASE) or from a throw-away server this suite starts itself. If
+neither is possible the tests that need it fail with the reason; nothing is
+skipped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from typing import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from app.db import make_engine
+from app.db.migrate import upgrade
+from app.db.schema import metadata
+from tests.harness.pg import MissingComponent, PgServer, start_server
+
+_counter = itertools.count()
+
+
+class PgCluster:
+    """Creates databases on one server and drops them at the end."""
+
+    def __init__(self, admin_url: str, server: PgServer | None) -> None:
+        self.admin_url = admin_url
+        self.server = server
+        self.admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        self.created: list[str] = []
+
+    def create_database(self) -> str:
+        name = f"lltest_{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
+        with self.admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        self.created.append(name)
+        return self.admin_url.rsplit("/", 1)[0] + "/" + name
+
+    def close(self) -> None:
+        with self.admin.connect() as conn:
+            for name in self.created:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        self.admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    url = os.environ.get("LASTLOGIN_TEST_DATABASE_URL")
+    server = None
+    if not url:
+        try:
+            server = start_server()
+        except MissingComponent as exc:
+            pytest.fail(f"PostgreSQL is required for this test: {exc}", pytrace=False)
+        url = server.url()
+    elif url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    cluster = PgCluster(url, server)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+        if server:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_cluster: PgCluster) -> str:
+    """A PostgreSQL database at head, shared by the session (tables emptied per test)."""
+    url = pg_cluster.create_database()
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'lastlogin.db'}"
+    upgrade(url)
+    return url
+
+
+def empty_tables(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        for table in reversed(metadata.sorted_tables):
+            conn.execute(table.delete())
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A migrated database on each backend, emptied after the test."""
+    url = request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")
+    yield url
+    engine = make_engine(url)
+    empty_tables(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    eng = make_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def empty_db_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    """A database with nothing in it, on each backend."""
+    if request.param == "postgresql":
+        return request.getfixturevalue("pg_cluster").create_database()
+    return f"sqlite:///{tmp_path / 'empty.db'}"

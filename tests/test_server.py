@@ -1,0 +1,256 @@
+"""The daemon as a real process, spoken to the way Dovecot speaks to it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from app.db import make_engine
+from app.db.schema import last_logins, login_events
+from app.protocol import build_reply, parse_reply
+from tests.builders import HOSTILE_USERNAMES, request_bytes, request_fields
+from tests.harness.daemon import make_daemon, wait_for
+from tests.harness.postlogin import send_request
+
+
+@pytest.fixture
+def daemon(db_url):
+    d = make_daemon(db_url, request_timeout="1", protocols="imap,pop3")
+    d.start()
+    yield d
+    d.stop()
+
+
+def rows(db_url, table=login_events):
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        out = conn.execute(sa.select(table)).all()
+    engine.dispose()
+    return out
+
+
+def test_login_is_recorded_and_fields_echoed(daemon, db_url):
+    fields = request_fields()
+    ex = send_request(daemon.sock("imap"), request_bytes(fields=fields))
+    assert ex.reply == build_reply(b"alice@example.com", fields)
+    # the daemon closed its copy of the client fd, and wrote nothing to it
+    assert ex.client_saw() == b""
+    (ev,) = rows(db_url)
+    assert (ev.username, ev.protocol, ev.remote_ip, ev.local_ip, ev.outcome, ev.auth_mech) == (
+        "alice@example.com", "imap", "198.51.100.7", "192.0.2.25", "allowed", "PLAIN")
+    # the record was committed before the reply: it is there the moment we look
+    (last,) = rows(db_url, last_logins)
+    assert last.login_count == 1
+
+
+def test_protocol_comes_from_the_socket_and_count_grows(daemon, db_url):
+    send_request(daemon.sock("imap"), request_bytes())
+    send_request(daemon.sock("pop3"), request_bytes())
+    send_request(daemon.sock("pop3"), request_bytes(remote_ip=b"2001:db8::42", local_ip=b""))
+    by = {(r.protocol): r for r in rows(db_url, last_logins)}
+    assert by["imap"].login_count == 1 and by["pop3"].login_count == 2
+    assert by["pop3"].last_remote_ip == "2001:db8::42" and by["pop3"].last_local_ip is None
+
+
+def test_auth_token_is_never_stored_or_logged(daemon, db_url):
+    token = b"3f2a0c9e5b7d41e08a6c2f1b9d3e7a5c4b8f0e12"
+    ex = send_request(daemon.sock("imap"), request_bytes())
+    assert token in ex.reply              # Dovecot still gets it back
+    (ev,) = rows(db_url)
+    assert token.decode() not in repr(tuple(ev))
+    assert token.decode() not in daemon.logs()
+
+
+@pytest.mark.parametrize("name", HOSTILE_USERNAMES, ids=range(len(HOSTILE_USERNAMES)))
+def test_hostile_usernames_round_trip(daemon, db_url, name):
+    fields = [b"uid=1000", b"home=/h/" + name, b"x=';DROP TABLE last_logins;--\t\\"]
+    ex = send_request(daemon.sock("imap"), request_bytes(name, fields=fields))
+    assert parse_reply(ex.reply) == (name, fields)
+    (ev,) = rows(db_url)
+    assert (ev.username_raw or ev.username.encode()) == name
+    assert len(rows(db_url, last_logins)) == 1
+
+
+@pytest.mark.parametrize("case", ["no_fd", "two_fds", "garbage", "wrong_version",
+                                  "truncated_then_close", "oversized", "silent", "slow_drip"])
+def test_bad_connections_end_without_reply_and_others_go_on(daemon, db_url, case):
+    path = daemon.sock("imap")
+    if case == "no_fd":
+        ex = send_request(path, request_bytes(), fds=0)
+    elif case == "two_fds":
+        ex = send_request(path, request_bytes(), fds=2)
+    elif case == "garbage":
+        ex = send_request(path, os.urandom(3000) + b"\n\n")
+    elif case == "wrong_version":
+        ex = send_request(path, request_bytes().replace(b"\t1\t0\n", b"\t2\t0\n", 1))
+    elif case == "oversized":
+        ex = send_request(path, b"VERSION\tscript-login\t1\t0\n" + b"x" * (1 << 20) + b"\n")
+    if case in ("truncated_then_close", "silent", "slow_drip"):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        s.settimeout(10)
+        started = time.monotonic()
+        if case == "truncated_then_close":
+            s.sendall(request_bytes()[:40])
+            s.shutdown(socket.SHUT_WR)
+        elif case == "slow_drip":
+            try:
+                for b in request_bytes()[:40]:      # 4 s of dripping, bound is 1 s
+                    s.send(bytes([b]))
+                    time.sleep(0.1)
+            except (BrokenPipeError, ConnectionResetError):
+                pass                                # cut off mid-drip, as it should be
+        assert s.recv(100) == b""           # closed, no reply
+        assert time.monotonic() - started < 6   # the 1 s request bound, plus slack
+        s.close()
+    else:
+        assert ex.reply == b"" and ex.client_saw() == b""
+    assert rows(db_url) == []
+    assert "event=connection_refused" in daemon.logs()
+    # the daemon is still there for the next login
+    assert not send_request(path, request_bytes()).refused
+    assert len(rows(db_url)) == 1
+
+
+def test_foreign_uid_is_refused(db_url):
+    d = make_daemon(db_url, protocols="imap", socket_mode="0666", allowed_uids="0")
+    d.start()
+    try:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                      # child: become nobody, then try a login
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(10)
+                s.connect(d.sock("imap"))
+                try:
+                    s.sendall(request_bytes())
+                except BrokenPipeError:
+                    pass                  # refused before it finished sending
+                try:
+                    got = s.recv(100)
+                except ConnectionResetError:
+                    got = b""             # closed with our request unread
+                os.write(w, repr(got).encode())
+            except BaseException as exc:  # noqa: BLE001 - report to the parent
+                os.write(w, repr(exc).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        os.waitpid(pid, 0)
+        assert os.read(r, 100) == b"b''"   # closed without a reply
+        os.close(r)
+        assert "peer uid 65534 is not allowed" in d.logs()
+        assert rows(db_url) == []
+    finally:
+        d.stop()
+
+
+def test_concurrent_logins_share_commits(daemon, db_url):
+    n = 64
+    results = []
+    barrier = threading.Barrier(n)
+
+    def one(i):
+        barrier.wait()
+        results.append(send_request(daemon.sock("imap"),
+                                    request_bytes(f"user{i}@example.com".encode())))
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == n and not any(r.refused for r in results)
+    assert len(rows(db_url)) == n and len(rows(db_url, last_logins)) == n
+    assert daemon.stop() == 0
+    line = [ln for ln in daemon.logs().splitlines() if "event=stopped" in ln][-1]
+    commits = int(line.split("commits=")[1].split()[0])
+    assert commits < n, line      # group commit: logins shared transactions
+
+
+def test_sockets_are_created_with_mode_and_removed_on_exit(daemon):
+    path = daemon.sock("imap")
+    st = os.stat(path)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
+    assert daemon.stop() == 0
+    assert not os.path.exists(path) and not os.path.exists(daemon.sock("pop3"))
+    assert "event=draining" in daemon.logs()
+
+
+def test_stale_socket_is_replaced_but_a_live_one_is_not(db_url):
+    d = make_daemon(db_url, protocols="imap")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(d.sock("imap"))
+    stale.close()                       # a socket file nobody answers on
+    d.start()
+    try:
+        assert not send_request(d.sock("imap"), request_bytes()).refused
+        twin = make_daemon(db_url, protocols="imap")
+        twin.env["LASTLOGIN_SOCKET_DIR"] = d.socket_dir
+        out = subprocess.run([sys.executable, "-m", "app", "serve"], env=twin.env,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2
+        assert "in use by another process" in out.stderr
+        assert not send_request(d.sock("imap"), request_bytes()).refused
+    finally:
+        d.stop()
+
+
+def test_drain_finishes_inflight_login(daemon, db_url):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(daemon.sock("imap"))
+    # half a request, then SIGTERM, then the rest: the login still completes
+    req = request_bytes()
+    a, b = socket.socketpair()
+    import array
+    s.sendmsg([req[:30]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [b.fileno()]))])
+    time.sleep(0.2)
+    daemon.signal(signal.SIGTERM)
+    time.sleep(0.2)
+    s.sendall(req[30:])
+    s.settimeout(10)
+    assert s.recv(65536).endswith(b"\n")
+    assert daemon.proc.wait(20) == 0
+    assert len(rows(db_url)) == 1
+
+
+def test_sighup_reloads_settings(db_url, tmp_path):
+    cfg = tmp_path / "ll.toml"
+    cfg.write_text('allowed_uids = [1]\nprotocols = ["imap"]\n')
+    d = make_daemon(db_url)
+    d.config_path = str(cfg)
+    d.start()
+    try:
+        assert send_request(d.sock("imap"), request_bytes()).refused    # root not allowed
+        cfg.write_text('allowed_uids = [0]\nprotocols = ["imap"]\n')
+        d.signal(signal.SIGHUP)
+        assert wait_for(lambda: "event=reloaded" in d.logs())
+        assert not send_request(d.sock("imap"), request_bytes()).refused
+        cfg.write_text('allowed_uids = [0]\nrequest_timeout = "never"\n')
+        d.signal(signal.SIGHUP)
+        assert wait_for(lambda: "event=reload_failed key=request_timeout" in d.logs())
+        assert not send_request(d.sock("imap"), request_bytes()).refused
+    finally:
+        d.stop()
+
+
+def test_serve_refuses_a_database_not_at_head(pg_cluster):
+    url = pg_cluster.create_database()
+    d = make_daemon(url)
+    out = subprocess.run([sys.executable, "-m", "app", "serve"], env=d.env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 3
+    assert out.stderr.strip().splitlines() == [
+        out.stderr.strip()] and "run `lastlogin db upgrade`" in out.stderr
+    assert not os.path.exists(d.sock("imap"))

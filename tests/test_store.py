@@ -1,0 +1,116 @@
+"""The storage layer on PostgreSQL and SQLite."""
+
+import datetime as dt
+
+import pytest
+import sqlalchemy as sa
+
+from app.db.schema import last_logins, login_events
+from app.db.store import normalize_ip, record_logins, text_form
+from tests.builders import HOSTILE_USERNAMES, T0, record
+
+
+def events(engine):
+    with engine.connect() as conn:
+        return conn.execute(sa.select(login_events).order_by(login_events.c.occurred_at)).all()
+
+
+def lasts(engine):
+    with engine.connect() as conn:
+        return {(r.username, r.protocol): r for r in conn.execute(sa.select(last_logins))}
+
+
+def store(engine, *records):
+    with engine.begin() as conn:
+        return record_logins(conn, list(records))
+
+
+def test_event_and_last_login_are_written(engine):
+    assert store(engine, record(master_user=b"admin", auth_user=b"alice")) == 1
+    (ev,) = events(engine)
+    assert (ev.username, ev.protocol, ev.remote_ip, ev.local_ip) == (
+        "alice@example.com", "imap", "198.51.100.7", "192.0.2.25")
+    assert (ev.outcome, ev.auth_mech, ev.master_user, ev.auth_user) == (
+        "allowed", "PLAIN", "admin", "alice")
+    assert ev.occurred_at == T0 and ev.occurred_at.tzinfo is not None
+    row = lasts(engine)[("alice@example.com", "imap")]
+    assert (row.first_seen, row.last_seen, row.login_count) == (T0, T0, 1)
+
+
+def test_second_login_updates_count_and_last_ip(engine):
+    later = T0 + dt.timedelta(hours=1)
+    store(engine, record())
+    store(engine, record(at=later, remote_ip="2001:db8::7", local_ip=None))
+    row = lasts(engine)[("alice@example.com", "imap")]
+    assert row.login_count == 2
+    assert (row.first_seen, row.last_seen) == (T0, later)
+    assert (row.last_remote_ip, row.last_local_ip) == ("2001:db8::7", None)
+
+
+def test_protocols_are_kept_apart(engine):
+    store(engine, record(protocol="imap"), record(protocol="pop3"), record(protocol="pop3"))
+    rows = lasts(engine)
+    assert rows[("alice@example.com", "imap")].login_count == 1
+    assert rows[("alice@example.com", "pop3")].login_count == 2
+
+
+def test_one_batch_with_many_logins_of_one_user(engine):
+    batch = [record(at=T0 + dt.timedelta(seconds=i), remote_ip=f"10.0.0.{i}") for i in (3, 1, 2)]
+    assert store(engine, *batch) == 3
+    row = lasts(engine)[("alice@example.com", "imap")]
+    assert row.login_count == 3
+    assert row.last_remote_ip == "10.0.0.3"
+    assert row.first_seen == T0 + dt.timedelta(seconds=1)
+
+
+def test_replay_is_idempotent(engine):
+    a, b = record(), record(at=T0 + dt.timedelta(minutes=5))
+    store(engine, a)
+    assert store(engine, a, b) == 1       # a was stored already
+    assert len(events(engine)) == 2
+    assert lasts(engine)[("alice@example.com", "imap")].login_count == 2
+
+
+def test_an_older_event_arriving_late_does_not_move_last_seen(engine):
+    newer = T0 + dt.timedelta(days=1)
+    store(engine, record(at=newer, remote_ip="10.1.1.1"))
+    store(engine, record(at=T0, remote_ip="10.2.2.2"))
+    row = lasts(engine)[("alice@example.com", "imap")]
+    assert (row.first_seen, row.last_seen, row.last_remote_ip) == (T0, newer, "10.1.1.1")
+
+
+def test_denied_logins_are_history_but_not_last_login(engine):
+    store(engine, record(outcome="denied"))
+    assert [e.outcome for e in events(engine)] == ["denied"]
+    assert lasts(engine) == {}
+
+
+@pytest.mark.parametrize("name", HOSTILE_USERNAMES, ids=range(len(HOSTILE_USERNAMES)))
+def test_hostile_usernames_are_stored_verbatim(engine, name):
+    store(engine, record(name))
+    (ev,) = events(engine)
+    text, raw = text_form(name)
+    assert ev.username == text
+    stored = ev.username_raw if ev.username_raw is not None else ev.username.encode()
+    assert stored == name
+    (row,) = lasts(engine).values()
+    assert (row.username_raw or row.username.encode()) == name
+    # the tables are intact
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(login_events)).scalar() == 1
+
+
+def test_text_form():
+    assert text_form(b"alice") == ("alice", None)
+    assert text_form("café".encode()) == ("café", None)
+    assert text_form(b"a\xffb") == ("a\\xffb", b"a\xffb")
+    assert text_form(b"a\x00b") == ("a\\x00b", b"a\x00b")
+
+
+@pytest.mark.parametrize("raw,expected", [
+    (b"", None), (None, None), (b"192.0.2.1", "192.0.2.1"),
+    (b"2001:0db8:0000::1", "2001:db8::1"), (b"fe80::1%eth0", "fe80::1"),
+    (b"not-an-ip", None),
+])
+def test_normalize_ip(raw, expected):
+    assert normalize_ip(raw) == expected
