@@ -212,7 +212,7 @@ class Settings:
                                   doc="seconds a peer has to send its whole request")
     max_request_bytes: int = _opt(_as_positive_int, 1 << 20,
                                   doc="largest request accepted, in bytes")
-    record_timeout: float = _opt(_as_seconds, 10.0,
+    record_timeout: float = _opt(_as_seconds, 5.0,
                                  doc="seconds to wait for a login record to commit")
     client_write_timeout: float = _opt(_as_seconds, 5.0,
                                        doc="seconds to write a message to the client")

@@ -1,0 +1,139 @@
+"""A throw-away Dovecot 2.3 on 127.0.0.1, wired to lastlogin's sockets.
+
+Everything lives in one short directory under /tmp (UNIX socket paths must
+fit in 108 bytes). Dovecot daemonizes; it is stopped by the pid it wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.harness.pg import MissingComponent, free_port
+
+MAIL_UID = MAIL_GID = 65534          # nobody/nogroup owns the test maildirs
+TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "dovecot" / "lastlogin-test.conf"
+
+
+def passwd_escape(name: bytes) -> bytes:
+    """A username as a passwd-file lookup sees it.
+
+    Dovecot expands %u with its str_escape() for the lookup, so the file
+    must hold backslash, double quote and single quote escaped that way.
+    """
+    out = name.replace(b"\\", b"\\\\")
+    return out.replace(b'"', b'\\"').replace(b"'", b"\\'")
+
+
+@dataclass
+class Dovecot:
+    base: str
+    socket_dir: str
+    imap_port: int = 0
+    pop3_port: int = 0
+    users: dict[bytes, bytes] = field(default_factory=dict)
+
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.base, "dovecot.conf")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.base, "dovecot.log")
+
+    def logs(self) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def add_user(self, name: bytes, password: bytes = b"secret") -> None:
+        self.users[name] = password
+        self._write_passwd()
+
+    def _write_passwd(self) -> None:
+        lines = []
+        for i, (name, pw) in enumerate(self.users.items()):
+            home = f"{self.base}/home/u{i}".encode()
+            lines.append(passwd_escape(name) + b":{PLAIN}" + pw +
+                         f":{MAIL_UID}:{MAIL_GID}::".encode() + home + b"::")
+        path = os.path.join(self.base, "passwd")
+        with open(path, "wb") as fh:
+            fh.write(b"\n".join(lines) + b"\n")
+        os.chmod(path, 0o640)
+        shutil.chown(path, "root", "dovecot")
+
+    def write_config(self) -> None:
+        text = TEMPLATE.read_text()
+        values = {"BASE": self.base, "SOCKET_DIR": self.socket_dir,
+                  "IMAP_PORT": str(self.imap_port), "POP3_PORT": str(self.pop3_port),
+                  "MAIL_UID": str(MAIL_UID)}
+        for key, value in values.items():
+            text = text.replace("@" + key + "@", value)
+        Path(self.config_path).write_text(text)
+
+    def start(self) -> None:
+        dovecot = shutil.which("dovecot") or "/usr/sbin/dovecot"
+        if not os.access(dovecot, os.X_OK):
+            raise MissingComponent("dovecot not found: install the Debian packages "
+                                   "dovecot-imapd and dovecot-pop3d")
+        self.write_config()
+        # stdout/stderr to a file: a daemonized Dovecot keeps them open
+        with open(os.path.join(self.base, "start.out"), "wb") as out:
+            rc = subprocess.run([dovecot, "-c", self.config_path], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+        if rc != 0:
+            raise RuntimeError("dovecot did not start: "
+                               + Path(self.base, "start.out").read_text() + self.logs())
+        for port in (self.imap_port, self.pop3_port):
+            _wait_port(port, self.logs)
+
+    def pid(self) -> int | None:
+        try:
+            return int(Path(self.base, "run", "master.pid").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def stop(self) -> None:
+        pid = self.pid()
+        if pid is None:
+            return
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+
+def _wait_port(port: int, logs, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"dovecot is not listening on {port}:\n{logs()}")
+
+
+def make_dovecot(socket_dir: str) -> Dovecot:
+    base = tempfile.mkdtemp(prefix="lldc-", dir="/tmp")
+    os.chmod(base, 0o755)
+    home = os.path.join(base, "home")
+    os.mkdir(home)
+    os.chown(home, MAIL_UID, MAIL_GID)
+    return Dovecot(base=base, socket_dir=socket_dir, imap_port=free_port(),
+                   pop3_port=free_port())

@@ -1,0 +1,153 @@
+"""End to end: a real Dovecot 2.3, real IMAP/POP3 clients, the daemon on PostgreSQL."""
+
+from __future__ import annotations
+
+import imaplib
+import poplib
+import socket
+
+import pytest
+import sqlalchemy as sa
+
+from app.db import make_engine
+from app.db.schema import last_logins, login_events
+from app.db.store import text_form
+from tests.conftest import empty_tables
+from tests.harness.daemon import make_daemon
+from tests.harness.dovecot import make_dovecot
+
+pytestmark = pytest.mark.e2e
+
+# Dovecot's login processes read a command line into a buffer of about 1 KB,
+# so a 4 KB username cannot reach post-login through IMAP or POP3 at all
+# ("Input buffer full"); the 4 KB case is covered at the socket level
+# (test_server.py). Here: the longest that fits, and the hostile bytes.
+HOSTILE_THROUGH_DOVECOT = [
+    b"o'hara;--",
+    b"robert'); DROP TABLE login_events;--",
+    b'back\\slash"quote',
+    b"semi;colon$USER`id`",
+    b"tab\there",
+    b"ctl\x01byte",
+    b"caf\xc3\xa9@example.com",
+    b"latin1-\xe9\xff@example.com",
+    b"L" * 900,
+]
+PLAIN_USERS = [b"alice@example.com", b"bob@example.com", b"carol@example.com"]
+
+
+@pytest.fixture(scope="module")
+def stack(pg_url):
+    engine = make_engine(pg_url)
+    empty_tables(engine)
+    daemon = make_daemon(pg_url, protocols="imap,pop3")
+    daemon.start()
+    dovecot = make_dovecot(daemon.socket_dir)
+    for name in PLAIN_USERS + HOSTILE_THROUGH_DOVECOT:
+        dovecot.add_user(name)
+    try:
+        dovecot.start()
+        yield dovecot, daemon, engine
+    finally:
+        dovecot.stop()
+        daemon.stop()
+        empty_tables(engine)
+        engine.dispose()
+
+
+def imap_quote(value: bytes) -> bytes:
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def imap_login(port: int, user: bytes, password: bytes = b"secret") -> imaplib.IMAP4:
+    client = imaplib.IMAP4("127.0.0.1", port, timeout=20)
+    typ, data = client._simple_command("LOGIN", imap_quote(user), imap_quote(password))
+    text = b" ".join(data)
+    assert typ == "OK" and b"Logged in" in text, (typ, data)
+    assert b"initialization failed" not in text
+    client.state = "AUTH"
+    typ, data = client.select("INBOX")       # the session really works
+    assert typ == "OK", data
+    return client
+
+
+def pop3_login(port: int, user: bytes, password: bytes = b"secret") -> poplib.POP3:
+    client = poplib.POP3("127.0.0.1", port, timeout=20)
+    client._putcmd("USER " + user.decode("latin-1"))   # poplib sends latin-1 as bytes
+    assert client._getresp().startswith(b"+OK")
+    client._putcmd("PASS " + password.decode("latin-1"))
+    assert client._getresp() == b"+OK Logged in."
+    assert client.stat() == (0, 0)          # -ERR [SYS/TEMP] would raise here
+    return client
+
+
+def events_of(engine, user: bytes):
+    text, _ = text_form(user)
+    with engine.connect() as conn:
+        return conn.execute(sa.select(login_events).where(login_events.c.username == text)
+                            .order_by(login_events.c.occurred_at)).all()
+
+
+def last_of(engine, user: bytes, protocol: str):
+    text, _ = text_form(user)
+    with engine.connect() as conn:
+        return conn.execute(sa.select(last_logins).where(
+            last_logins.c.username == text, last_logins.c.protocol == protocol)).one_or_none()
+
+
+def test_imap_login_is_recorded_and_second_login_counts(stack):
+    dovecot, _, engine = stack
+    imap_login(dovecot.imap_port, b"alice@example.com").logout()
+    (ev,) = events_of(engine, b"alice@example.com")
+    assert (ev.protocol, ev.remote_ip, ev.local_ip, ev.outcome, ev.auth_mech) == (
+        "imap", "127.0.0.1", "127.0.0.1", "allowed", "PLAIN")
+    first = last_of(engine, b"alice@example.com", "imap")
+    assert first.login_count == 1
+    imap_login(dovecot.imap_port, b"alice@example.com").logout()
+    second = last_of(engine, b"alice@example.com", "imap")
+    assert second.login_count == 2 and second.last_seen > first.last_seen
+    assert second.first_seen == first.first_seen
+
+
+def test_pop3_login_is_recorded_as_pop3(stack):
+    dovecot, _, engine = stack
+    pop3_login(dovecot.pop3_port, b"bob@example.com").quit()
+    (ev,) = events_of(engine, b"bob@example.com")
+    assert ev.protocol == "pop3" and ev.remote_ip == "127.0.0.1"
+    assert last_of(engine, b"bob@example.com", "pop3").login_count == 1
+    assert last_of(engine, b"bob@example.com", "imap") is None
+
+
+@pytest.mark.parametrize("name", HOSTILE_THROUGH_DOVECOT,
+                         ids=range(len(HOSTILE_THROUGH_DOVECOT)))
+def test_hostile_usernames_through_dovecot(stack, name):
+    dovecot, _, engine = stack
+    imap_login(dovecot.imap_port, name).logout()
+    (ev,) = events_of(engine, name)
+    assert (ev.username_raw or ev.username.encode()) == name
+    assert ev.protocol == "imap"
+    assert last_of(engine, name, "imap").login_count == 1
+    # nothing was dropped by an injected statement
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(last_logins)).scalar() >= 1
+
+
+def test_hostile_username_over_pop3(stack):
+    dovecot, _, engine = stack
+    pop3_login(dovecot.pop3_port, b"o'hara;--").quit()
+    assert [e.protocol for e in events_of(engine, b"o'hara;--")].count("pop3") == 1
+
+
+def test_without_the_daemon_dovecot_refuses_the_login(stack):
+    """The failure mode lastlogin must avoid (issue 7): nobody on the socket."""
+    dovecot, daemon, engine = stack
+    daemon.stop()
+    try:
+        client = imaplib.IMAP4("127.0.0.1", dovecot.imap_port, timeout=20)
+        with pytest.raises((imaplib.IMAP4.abort, OSError, EOFError)):
+            client._simple_command("LOGIN", b'"carol@example.com"', b'"secret"')
+        assert events_of(engine, b"carol@example.com") == []
+    finally:
+        daemon.start()
+    imap_login(dovecot.imap_port, b"carol@example.com").logout()
+    assert len(events_of(engine, b"carol@example.com")) == 1
