@@ -1,0 +1,93 @@
+"""The command line: help everywhere, one-line errors, the db commands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import click
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from app import __version__
+from app.cli import main_group
+from app.db import make_engine
+
+
+def all_commands(group: click.Group, prefix=()):
+    for name, cmd in group.commands.items():
+        yield prefix + (name,), cmd
+        if isinstance(cmd, click.Group):
+            yield from all_commands(cmd, prefix + (name,))
+
+
+def test_every_command_has_help_text():
+    seen = []
+    for path, cmd in all_commands(main_group):
+        assert cmd.help and len(cmd.help.strip()) > 20, path
+        result = CliRunner().invoke(main_group, [*path, "--help"])
+        assert result.exit_code == 0, path
+        seen.append(" ".join(path))
+    assert {"db", "db upgrade", "db downgrade", "db current", "db history", "db check",
+            "serve"} <= set(seen)
+
+
+def lastlogin(*args, env=None):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("LASTLOGIN_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "app", *args], env=full_env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_help_and_version():
+    out = lastlogin("--help")
+    assert out.returncode == 0
+    for word in ("db", "serve"):
+        assert f"  {word} " in out.stdout
+    assert lastlogin("--version").stdout.strip() == f"lastlogin, version {__version__}"
+
+
+def test_bad_setting_is_one_line_and_exit_2():
+    out = lastlogin("db", "current", env={"LASTLOGIN_DATABASE_URL": "mysql://x/y"})
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        "lastlogin: configuration error: database_url: must start with sqlite:/// or "
+        "postgresql+psycopg:// (got scheme 'mysql')"]
+
+
+def test_unreachable_database_is_one_line_and_exit_4():
+    out = lastlogin("db", "current", env={
+        "LASTLOGIN_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"})
+    assert out.returncode == 4
+    assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith("lastlogin: database error:")
+
+
+def test_db_commands_round_trip(empty_db_url):
+    env = {"LASTLOGIN_DATABASE_URL": empty_db_url}
+    current = lastlogin("db", "current", env=env)
+    assert current.returncode == 0 and current.stdout.startswith("base (behind")
+    check = lastlogin("db", "check", env=env)
+    assert check.returncode == 3 and "run `lastlogin db upgrade`" in check.stderr
+    assert lastlogin("db", "upgrade", env=env).returncode == 0
+    assert lastlogin("db", "current", env=env).stdout.endswith("(head)\n")
+    check = lastlogin("db", "check", env=env)
+    assert check.returncode == 0 and "schema matches" in check.stdout
+    assert "create schema v1" in lastlogin("db", "history", env=env).stdout.lower()
+    down = lastlogin("db", "downgrade", "base", env=env)
+    assert down.returncode == 0, down.stderr
+    engine = make_engine(empty_db_url)
+    assert sa.inspect(engine).get_table_names() == []
+    engine.dispose()
+
+
+def test_alembic_itself_uses_the_same_settings(empty_db_url):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LASTLOGIN_")},
+           "LASTLOGIN_DATABASE_URL": empty_db_url}
+    alembic = os.path.join(os.path.dirname(sys.executable), "alembic")
+    out = subprocess.run([alembic, "upgrade", "head"], env=env, capture_output=True,
+                         text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    assert lastlogin("db", "check", env={"LASTLOGIN_DATABASE_URL": empty_db_url}).returncode == 0
