@@ -220,6 +220,10 @@ class Settings:
                                 doc="seconds to finish in-flight logins on shutdown")
     batch_max: int = _opt(_as_positive_int, 1000,
                           doc="most login records in one group commit")
+    default_action: str = _opt(_choice("allow", "deny"), "allow",
+                               doc="what a login gets when no access rule matches")
+    rules_unloaded_action: str = _opt(_choice("allow", "deny"), "allow",
+                                      doc="what a login gets while no rules were ever loaded")
     log_level: str = _opt(_choice("debug", "info", "warning", "error"), "info",
                           doc="log level")
     log_format: str = _opt(_choice("kv", "json"), "kv", doc="log line format")

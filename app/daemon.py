@@ -10,7 +10,8 @@ from .db import make_engine
 from .db.migrate import ensure_at_head
 from .recorder import Recorder
 from .server import Server
-from .service import LoginService
+from .service import LoginService, Policy
+from .snapshot import ConfigCache, Refresher
 
 log = logging.getLogger("lastlogin.daemon")
 
@@ -19,15 +20,21 @@ def run(settings: Settings, config_path: str | None = None) -> None:
     """Serve until SIGTERM/SIGINT. Raises before binding if the schema is old."""
     engine = make_engine(settings.effective_database_url)
     ensure_at_head(engine)
+    cache = ConfigCache()
+    refresher = Refresher(engine, cache)
+    refresher.refresh()             # rules in memory before the first login
     recorder = Recorder(engine, batch_max=settings.batch_max)
-    service = LoginService(recorder, settings.record_timeout)
+    policy = Policy(cache, settings.default_action, settings.rules_unloaded_action)
+    service = LoginService(recorder, policy, settings.record_timeout)
     server = Server(settings, service, config_path)
     server.bind()
     recorder.start()
+    refresher.start()
     try:
         asyncio.run(server.serve())
     finally:
         server.close_listeners()
+        refresher.stop()
         if not recorder.stop(timeout=settings.drain_timeout):
             log.error("event=writer_stuck detail=\"records still queued at exit\"")
         engine.dispose()

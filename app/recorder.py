@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import sqlalchemy as sa
 
 from .db.store import LoginRecord, record_logins
+from .logs import show
 
 log = logging.getLogger("lastlogin.recorder")
 
@@ -87,11 +88,18 @@ class Recorder:
         try:
             with self._engine.begin() as conn:
                 self._writer(conn, [rec for rec, _ in live])
+        except sa.exc.DBAPIError as exc:
+            if len(live) > 1 and not exc.connection_invalidated and not isinstance(
+                    exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+                # One record the database rejects must not sink its batch
+                # mates: write them one by one so only that one fails.
+                for item in live:
+                    self._write_one(item)
+                return
+            self._fail(live, exc)
+            return
         except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
-            log.error("event=record_failed records=%d error=%s", len(live),
-                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            for _, fut in live:
-                fut.set_exception(exc)
+            self._fail(live, exc)
             return
         self.commits += 1
         self.records += len(live)
@@ -99,3 +107,23 @@ class Recorder:
                   (time.monotonic() - started) * 1000)
         for _, fut in live:
             fut.set_result(None)
+
+    def _write_one(self, item: tuple[LoginRecord, concurrent.futures.Future[None]]) -> None:
+        rec, fut = item
+        try:
+            with self._engine.begin() as conn:
+                self._writer(conn, [rec])
+        except Exception as exc:  # noqa: BLE001
+            self._fail([item], exc)
+            return
+        self.commits += 1
+        self.records += 1
+        fut.set_result(None)
+
+    @staticmethod
+    def _fail(items: list[tuple[LoginRecord, concurrent.futures.Future[None]]],
+              exc: Exception) -> None:
+        log.error("event=record_failed records=%d error=%s", len(items),
+                  show(str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__))
+        for _, fut in items:
+            fut.set_exception(exc)

@@ -292,6 +292,8 @@ class Server:
         self.settings = new
         self._allowed_uids = new.resolved_uids()
         self.service.record_timeout = new.record_timeout
+        self.service.policy.default_action = new.default_action
+        self.service.policy.unloaded_action = new.rules_unloaded_action
         logging.getLogger("lastlogin").setLevel(new.log_level.upper())
         log.info("event=reloaded")
 
@@ -359,10 +361,11 @@ class Server:
     def _log_login(self, proto: str, req: LoginRequest, answer: Answer,
                    started: float) -> None:
         rec = answer.record
-        log.info("event=login protocol=%s user=%s rip=%s lip=%s outcome=%s rule=%s ms=%.2f",
+        log.info("event=login protocol=%s user=%s rip=%s lip=%s outcome=%s rule=%s "
+                 "mech=%s ms=%.2f",
                  proto, show(req.username), rec.remote_ip or "-", rec.local_ip or "-",
                  rec.outcome, rec.rule_id if rec.rule_id is not None else "-",
-                 (time.monotonic() - started) * 1000)
+                 show(rec.auth_mech), (time.monotonic() - started) * 1000)
 
     def _log_refused(self, proto: str, peer: Peer | None, req: LoginRequest | None,
                      reason: str) -> None:

@@ -8,9 +8,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
-from .db.store import LoginRecord, normalize_ip
-from .protocol import LoginRequest, build_reply
+from .db.store import LoginRecord, normalize_ip, text_form
+from .policy import ALLOW, Decision, LoginFacts, decide
+from .protocol import DEFAULT_DENY_TEXT, LoginRequest, build_reply, deny_line
 from .recorder import Recorder
+from .snapshot import ConfigCache
 
 
 class RecordError(Exception):
@@ -28,6 +30,7 @@ class Answer:
     record: LoginRecord
     reply: bytes | None
     to_client: bytes | None = None
+    reason: str = ""
 
     @property
     def allowed(self) -> bool:
@@ -51,18 +54,40 @@ def make_record(protocol: str, req: LoginRequest, outcome: str,
     )
 
 
+@dataclass
+class Policy:
+    """What the service decides with: the cache and the two fallbacks."""
+
+    cache: ConfigCache
+    default_action: str = ALLOW
+    unloaded_action: str = ALLOW
+
+    def decide(self, protocol: str, req: LoginRequest, now: dt.datetime) -> Decision:
+        facts = LoginFacts.of(protocol, text_form(req.username)[0],
+                              normalize_ip(req.remote_ip), normalize_ip(req.local_ip), now)
+        return decide(self.cache.rules, facts, self.default_action, self.unloaded_action)
+
+
 class LoginService:
-    def __init__(self, recorder: Recorder, record_timeout: float,
+    def __init__(self, recorder: Recorder, policy: Policy, record_timeout: float,
                  clock: Callable[[], dt.datetime] = utcnow) -> None:
         self.recorder = recorder
+        self.policy = policy
         self.record_timeout = record_timeout
         self.clock = clock
 
     async def login(self, protocol: str, req: LoginRequest) -> Answer:
-        record = make_record(protocol, req, "allowed", self.clock())
-        # The fields go back unchanged: the session starts exactly as it
-        # would without lastlogin.
-        answer = Answer(record, build_reply(req.username, req.fields))
+        now = self.clock()
+        decision = self.policy.decide(protocol, req, now)
+        rule_id = decision.rule.id if decision.rule else None
+        if decision.allowed:
+            record = make_record(protocol, req, "allowed", now, rule_id)
+            answer = Answer(record, build_reply(req.username, req.fields),
+                            reason=decision.reason)
+        else:
+            record = make_record(protocol, req, "denied", now, rule_id)
+            text = decision.message or DEFAULT_DENY_TEXT
+            answer = Answer(record, None, deny_line(protocol, text), reason=decision.reason)
         await self._commit(record)
         return answer
 

@@ -86,7 +86,8 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 def empty_tables(engine: sa.Engine) -> None:
     with engine.begin() as conn:
         for table in reversed(metadata.sorted_tables):
-            conn.execute(table.delete())
+            if table.name != "config_version":      # one row the schema owns
+                conn.execute(table.delete())
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])

@@ -5,12 +5,14 @@ from __future__ import annotations
 import imaplib
 import poplib
 import socket
+import time
 
 import pytest
 import sqlalchemy as sa
 
 from app.db import make_engine
-from app.db.schema import last_logins, login_events
+from app.db.rules import add_rule
+from app.db.schema import access_rules, last_logins, login_events
 from app.db.store import text_form
 from tests.conftest import empty_tables
 from tests.harness.daemon import make_daemon
@@ -33,7 +35,8 @@ HOSTILE_THROUGH_DOVECOT = [
     b"latin1-\xe9\xff@example.com",
     b"L" * 900,
 ]
-PLAIN_USERS = [b"alice@example.com", b"bob@example.com", b"carol@example.com"]
+PLAIN_USERS = [b"alice@example.com", b"bob@example.com", b"carol@example.com",
+               b"dave@example.net", b"erin@example.net", b"mallory@example.com"]
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +154,91 @@ def test_without_the_daemon_dovecot_refuses_the_login(stack):
         daemon.start()
     imap_login(dovecot.imap_port, b"carol@example.com").logout()
     assert len(events_of(engine, b"carol@example.com")) == 1
+
+
+# --- deny rules through the real thing --------------------------------------
+
+def raw_session(port: int, lines: list[bytes]) -> bytes:
+    """Send the lines after the greeting; everything the server said, to EOF."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        f = s.makefile("rb")
+        greeting = f.readline()
+        assert greeting.startswith((b"* OK", b"+OK")), greeting
+        for line in lines:
+            s.sendall(line + b"\r\n")
+            if line.startswith(b"USER"):
+                assert f.readline().startswith(b"+OK")
+        said = b""
+        while line := f.readline():
+            said += line
+            if line.startswith((b"a1 OK", b"+OK Logged in")):   # let in: leave politely
+                s.sendall(b"a2 LOGOUT\r\n" if line.startswith(b"a1") else b"QUIT\r\n")
+        return said
+
+
+@pytest.fixture
+def rules(stack):
+    _, _, engine = stack
+    yield engine
+    with engine.begin() as conn:
+        conn.execute(access_rules.delete())
+
+
+def add(engine, **values):
+    with engine.begin() as conn:
+        return add_rule(conn, **values)
+
+
+def test_denied_imap_user_sees_alert_and_gets_no_session(stack, rules):
+    dovecot, _, engine = stack
+    rid = add(engine, action="deny", username="mallory@example.com",
+              message="Account locked: call the helpdesk")
+    time.sleep(1.2)           # the daemon picks rule changes up within a second
+    said = raw_session(dovecot.imap_port, [b'a1 LOGIN "mallory@example.com" "secret"'])
+    # exactly our line, then EOF: no tagged OK, no session
+    assert said == b"* BYE [ALERT] Account locked: call the helpdesk\r\n"
+    (ev,) = events_of(engine, b"mallory@example.com")
+    assert (ev.outcome, ev.rule_id, ev.protocol) == ("denied", rid, "imap")
+    assert last_of(engine, b"mallory@example.com", "imap") is None
+    assert "Post-login script denied access to user mallory@example.com" in dovecot.logs()
+
+
+def test_denied_pop3_user_sees_err(stack, rules):
+    dovecot, _, engine = stack
+    add(engine, action="deny", username="mallory@example.com", protocol="pop3",
+        message="POP3 is switched off for you")
+    time.sleep(1.2)
+    said = raw_session(dovecot.pop3_port, [b"USER mallory@example.com", b"PASS secret"])
+    assert said == b"-ERR [AUTH] POP3 is switched off for you\r\n"
+    assert events_of(engine, b"mallory@example.com")[-1].outcome == "denied"
+
+
+def test_office_network_rule(stack, rules):
+    """Allow a domain only from the office network: 127.0.0.0/8 is the office here."""
+    dovecot, _, engine = stack
+    add(engine, action="allow", domain="example.net", remote_network="127.0.0.0/8", priority=10)
+    add(engine, action="deny", domain="example.net", priority=20, message="Office network only")
+    add(engine, action="deny", remote_network="192.0.2.0/24", message="not here")
+    time.sleep(1.2)
+    imap_login(dovecot.imap_port, b"dave@example.net").logout()
+    assert events_of(engine, b"dave@example.net")[-1].outcome == "allowed"
+    # the same domain from outside the office is refused (changing only the network)
+    with engine.begin() as conn:
+        conn.execute(access_rules.update().where(access_rules.c.priority == 10)
+                     .values(remote_network="10.9.0.0/16"))
+    time.sleep(1.2)
+    said = raw_session(dovecot.imap_port, [b'a1 LOGIN "erin@example.net" "secret"'])
+    assert said == b"* BYE [ALERT] Office network only\r\n"
+
+
+def test_rule_added_while_running_applies_to_the_next_login(stack, rules):
+    dovecot, _, engine = stack
+    imap_login(dovecot.imap_port, b"carol@example.com").logout()
+    add(engine, action="deny", username="carol@example.com", message="bye")
+    deadline = time.monotonic() + 5
+    while True:
+        said = raw_session(dovecot.imap_port, [b'a1 LOGIN "carol@example.com" "secret"'])
+        if said == b"* BYE [ALERT] bye\r\n" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert said == b"* BYE [ALERT] bye\r\n"

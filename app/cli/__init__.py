@@ -14,6 +14,7 @@ from .. import __version__
 from .common import main_group
 from . import db as _db  # noqa: F401  (registers `db`)
 from . import serve as _serve  # noqa: F401  (registers `serve`)
+from . import rule as _rule  # noqa: F401  (registers `rule`, `check`)
 
 
 def main() -> None:

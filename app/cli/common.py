@@ -12,7 +12,9 @@ from .. import __version__
 from ..config import ConfigError, Settings, load_settings
 from ..db import make_engine
 from ..db.migrate import SchemaNotCurrent, ensure_at_head
+from ..errors import InvalidInput, NotFound
 
+EXIT_PROBLEM = 1        # a check said no, or the thing asked for does not exist
 EXIT_CONFIG = 2         # bad configuration or usage
 EXIT_SCHEMA = 3         # the database is not at the newest migration
 EXIT_DATABASE = 4       # the database could not be reached or said no
@@ -37,6 +39,10 @@ class Context:
             ensure_at_head(engine)
         return engine
 
+    def begin(self):
+        """A transaction on a schema-checked database (context manager)."""
+        return self.engine().begin()
+
 
 def fail(message: str, code: int) -> None:
     click.echo(f"lastlogin: {message}", err=True)
@@ -52,6 +58,10 @@ def edge(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except ConfigError as exc:
             fail(f"configuration error: {exc.key}: {exc.reason}", EXIT_CONFIG)
+        except InvalidInput as exc:
+            fail(f"invalid {exc.field}: {exc.reason}", EXIT_CONFIG)
+        except NotFound as exc:
+            fail(str(exc), EXIT_PROBLEM)
         except SchemaNotCurrent as exc:
             fail(str(exc), EXIT_SCHEMA)
         except sa.exc.OperationalError as exc:

@@ -63,9 +63,7 @@ login_events = sa.Table(
     sa.Column("remote_ip", IPAddress, comment="client address; NULL when unknown"),
     sa.Column("local_ip", IPAddress, comment="server address; NULL when unknown"),
     sa.Column("outcome", sa.String(16), nullable=False, comment="allowed or denied"),
-    sa.Column("rule_id", sa.Integer,
-              sa.ForeignKey("access_rules.id", ondelete="SET NULL"),
-              comment="the access rule that decided, if any"),
+    sa.Column("rule_id", sa.Integer, comment="id of the access rule that decided, if any"),
     sa.Column("auth_mech", sa.Text, comment="SASL mechanism, e.g. PLAIN"),
     sa.Column("master_user", sa.Text, comment="master user who logged in as this user"),
     sa.Column("auth_user", sa.Text, comment="login name, when it differs from username"),
@@ -123,4 +121,14 @@ login_alerts = sa.Table(
                        name="window"),
     sa.Index("ix_login_alerts_scope", "scope", "scope_value"),
     comment="IMAP [ALERT] messages shown at login.",
+)
+
+config_version = sa.Table(
+    "config_version", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False, server_default="1",
+              comment="bumped by triggers on every change to rules, overrides, alerts"),
+    sa.Column("changed_at", UTCDateTime, nullable=False, server_default=NOW),
+    sa.CheckConstraint("id = 1", name="single_row"),
+    comment="One row: the version of what the daemon holds in memory.",
 )

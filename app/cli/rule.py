@@ -1,0 +1,156 @@
+"""`lastlogin rule ...` and `lastlogin check`: access rules from the command line."""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import os
+
+import click
+
+from ..db.rules import add_rule, get_rule, list_rules, load_rules, remove_rule, set_enabled
+from ..errors import InvalidInput
+from ..policy import LoginFacts, decide, parse_ip
+from ..timeparse import parse_duration, parse_time
+from .common import EXIT_PROBLEM, Context, edge, main_group, pass_ctx
+from .output import cell, format_option, render
+
+LIST_COLUMNS = ("id", "action", "priority", "enabled", "username", "domain",
+                "remote_network", "local_network", "protocol", "valid_from",
+                "valid_until", "message")
+
+
+def operator() -> str:
+    return os.environ.get("SUDO_USER") or getpass.getuser()
+
+
+def window(start: str | None, until: str | None, duration: str | None
+           ) -> tuple[dt.datetime | None, dt.datetime | None]:
+    if until and duration:
+        raise InvalidInput("--for", "give --until or --for, not both")
+    begin = parse_time(start, "--from") if start else None
+    end = parse_time(until, "--until") if until else None
+    if duration:
+        end = (begin or dt.datetime.now(dt.timezone.utc)) + parse_duration(duration, "--for")
+    return begin, end
+
+
+@main_group.group()
+def rule() -> None:
+    """Manage access rules: who may log in, from where, over what, and when.
+
+    The first enabled rule that matches, lowest priority number first,
+    decides; when none matches, `default_action` (allow) applies. Changes
+    reach a running daemon within a second.
+    """
+
+
+@rule.command("add")
+@click.argument("action", type=click.Choice(["allow", "deny"]))
+@click.option("--user", help="Exact username to match.")
+@click.option("--domain", help="Domain (the part after the last @) to match.")
+@click.option("--network", help="Client network to match, CIDR (IPv4 or IPv6).")
+@click.option("--local-network", help="Server address/network to match, CIDR.")
+@click.option("--protocol", help="imap, pop3, submission or managesieve.")
+@click.option("--from", "start", metavar="TIME", help="Active from TIME (ISO 8601, local zone).")
+@click.option("--until", metavar="TIME", help="Active until TIME.")
+@click.option("--for", "duration", metavar="DURATION", help="Active for DURATION (30m, 12h, 7d).")
+@click.option("--priority", type=int, default=100, show_default=True,
+              help="Lower numbers are checked first.")
+@click.option("--message", help="Text a refused client sees.")
+@click.option("--comment", help="Why the rule exists (for the next admin).")
+@click.option("--disabled", is_flag=True, help="Add it switched off.")
+@pass_ctx
+@edge
+def rule_add(ctx: Context, action, user, domain, network, local_network, protocol,
+             start, until, duration, priority, message, comment, disabled) -> None:
+    """Add a rule that allows or denies matching logins."""
+    valid_from, valid_until = window(start, until, duration)
+    with ctx.begin() as conn:
+        rule_id = add_rule(
+            conn, action=action, username=user, domain=domain, remote_network=network,
+            local_network=local_network, protocol=protocol, valid_from=valid_from,
+            valid_until=valid_until, priority=priority, message=message, comment=comment,
+            enabled=not disabled, created_by=operator())
+    click.echo(f"added rule {rule_id}")
+
+
+@rule.command("list")
+@format_option
+@pass_ctx
+@edge
+def rule_list(ctx: Context, fmt: str) -> None:
+    """List every rule in the order they are checked."""
+    with ctx.begin() as conn:
+        rows = [dict(r) for r in list_rules(conn)]
+    render(rows, LIST_COLUMNS, fmt)
+
+
+@rule.command("show")
+@click.argument("rule_id", type=int)
+@format_option
+@pass_ctx
+@edge
+def rule_show(ctx: Context, rule_id: int, fmt: str) -> None:
+    """Show one rule with all its fields."""
+    with ctx.begin() as conn:
+        row = dict(get_rule(conn, rule_id))
+    if fmt == "table":
+        for key, value in row.items():
+            click.echo(f"{key:15} {cell(value, fmt)}".rstrip())
+    else:
+        render([row], list(row), fmt)
+
+
+def _simple(name: str, doc: str, fn):
+    @rule.command(name, help=doc)
+    @click.argument("rule_id", type=int)
+    @pass_ctx
+    @edge
+    def command(ctx: Context, rule_id: int) -> None:
+        with ctx.begin() as conn:
+            fn(conn, rule_id)
+        click.echo(f"rule {rule_id}: {name}d" if name != "remove" else f"removed rule {rule_id}")
+    return command
+
+
+_simple("remove", "Delete a rule (its id stays in the login history).", remove_rule)
+_simple("enable", "Switch a rule on.", lambda c, i: set_enabled(c, i, True))
+_simple("disable", "Switch a rule off without deleting it.", lambda c, i: set_enabled(c, i, False))
+
+
+@main_group.command()
+@click.argument("username")
+@click.argument("ip")
+@click.option("--protocol", default="imap", show_default=True,
+              type=click.Choice(["imap", "pop3", "submission", "managesieve"]))
+@click.option("--local-ip", help="The server address the client connected to.")
+@click.option("--at", "at", metavar="TIME", help="Decide as of TIME instead of now.")
+@pass_ctx
+@edge
+def check(ctx: Context, username: str, ip: str, protocol: str, local_ip: str | None,
+          at: str | None) -> None:
+    """Dry run: what would happen to a login of USERNAME from IP, and why.
+
+    Exit status 0 when it would be allowed, 1 when it would be refused.
+    """
+    if parse_ip(ip) is None:
+        raise InvalidInput("IP", f"not an IP address: {ip!r}")
+    if local_ip and parse_ip(local_ip) is None:
+        raise InvalidInput("--local-ip", f"not an IP address: {local_ip!r}")
+    now = parse_time(at, "--at") if at else dt.datetime.now(dt.timezone.utc)
+    with ctx.begin() as conn:
+        rules = load_rules(conn)
+    facts = LoginFacts.of(protocol, username, ip, local_ip, now)
+    s = ctx.settings
+    decision = decide(rules, facts, s.default_action, s.rules_unloaded_action)
+    click.echo(f"decision: {decision.action}")
+    if decision.rule:
+        r = decision.rule
+        click.echo(f"rule:     {r.id} (priority {r.priority})")
+        if not decision.allowed:
+            click.echo(f"message:  {r.message or '(default) Access denied.'}")
+    else:
+        click.echo(f"rule:     none matched; default_action is {s.default_action}")
+    if not decision.allowed:
+        raise SystemExit(EXIT_PROBLEM)

@@ -1,0 +1,136 @@
+"""What the daemon holds in memory (rules, ...) and how it stays current.
+
+A login never waits on the database for a decision: it reads the current
+``Snapshot``. A thread replaces the snapshot when ``config_version`` moves:
+on PostgreSQL it is woken by NOTIFY lastlogin_config at once (and checks
+every few seconds besides); on SQLite it checks twice a second. If the
+database goes away, the last snapshot keeps deciding.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+
+from .db.rules import config_version_of, load_rules
+from .policy import Rule
+
+log = logging.getLogger("lastlogin.snapshot")
+
+NOTIFY_CHANNEL = "lastlogin_config"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    version: int
+    rules: tuple[Rule, ...]
+    loaded_at: float = field(default_factory=time.monotonic)
+
+
+def load_snapshot(conn: sa.Connection) -> Snapshot:
+    # The version is read first: a change committed in between makes the
+    # data newer than the number, which only causes one more reload.
+    version = config_version_of(conn)
+    return Snapshot(version=version, rules=load_rules(conn))
+
+
+class ConfigCache:
+    """Holds the current snapshot; None until one was ever loaded."""
+
+    def __init__(self) -> None:
+        self.snapshot: Snapshot | None = None
+
+    @property
+    def rules(self) -> tuple[Rule, ...] | None:
+        snap = self.snapshot
+        return None if snap is None else snap.rules
+
+    def age(self) -> float | None:
+        snap = self.snapshot
+        return None if snap is None else time.monotonic() - snap.loaded_at
+
+
+class Refresher:
+    """Keeps a ConfigCache current from the database, on a thread of its own."""
+
+    def __init__(self, engine: sa.Engine, cache: ConfigCache,
+                 poll_interval: float = 0.5, heartbeat: float = 5.0) -> None:
+        self.engine = engine
+        self.cache = cache
+        self.poll_interval = poll_interval
+        self.heartbeat = heartbeat
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lastlogin-config",
+                                        daemon=True)
+        self._failing = False
+
+    def refresh(self) -> bool:
+        """Load a new snapshot if the version moved; True if one was loaded."""
+        with self.engine.connect() as conn:
+            current = self.cache.snapshot
+            if current is not None and config_version_of(conn) == current.version:
+                return False
+            snap = load_snapshot(conn)
+        self.cache.snapshot = snap
+        log.info("event=config_loaded version=%d rules=%d", snap.version, len(snap.rules))
+        return True
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        listen = self.engine.dialect.name == "postgresql"
+        while not self._stop.is_set():
+            try:
+                if listen:
+                    self._listen()
+                else:
+                    self._poll()
+            except Exception as exc:  # noqa: BLE001 - keep deciding from the cache
+                if not self._failing:
+                    log.error("event=config_refresh_failed error=%s",
+                              str(exc).strip().splitlines()[0] if str(exc) else
+                              type(exc).__name__)
+                self._failing = True
+                self._stop.wait(1.0)
+
+    def _ok(self) -> None:
+        if self._failing:
+            log.info("event=config_refresh_recovered")
+        self._failing = False
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.refresh()
+            self._ok()
+            self._stop.wait(self.poll_interval)
+
+    def _listen(self) -> None:
+        raw = self.engine.raw_connection()
+        try:
+            pg = raw.driver_connection
+            pg.autocommit = True
+            pg.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            self.refresh()          # anything that changed before LISTEN
+            self._ok()
+            while not self._stop.is_set():
+                # Wakes on a notification, or after the heartbeat, or to
+                # check the stop flag; then one cheap version query.
+                wait = min(self.heartbeat, 0.2)
+                deadline = time.monotonic() + self.heartbeat
+                got = False
+                while not got and not self._stop.is_set() and time.monotonic() < deadline:
+                    got = any(True for _ in pg.notifies(timeout=wait, stop_after=1))
+                if not self._stop.is_set():
+                    self.refresh()
+                    self._ok()
+        finally:
+            raw.invalidate()    # a LISTENing connection must not go back to the pool

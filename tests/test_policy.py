@@ -1,0 +1,90 @@
+"""Decision tables for the pure rule evaluator."""
+
+import datetime as dt
+import ipaddress
+
+import pytest
+
+from app.policy import ALLOW, DENY, LoginFacts, Rule, decide, order, parse_ip
+
+NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.timezone.utc)
+HOUR = dt.timedelta(hours=1)
+
+
+def net(text):
+    return ipaddress.ip_network(text)
+
+
+def facts(user="alice@example.com", ip="198.51.100.7", protocol="imap",
+          local="192.0.2.25", now=NOW):
+    return LoginFacts.of(protocol, user, ip, local, now)
+
+
+def verdict(rules, **kw):
+    d = decide(order(rules), facts(**kw))
+    return d.action, (d.rule.id if d.rule else None)
+
+
+OFFICE = [Rule(1, ALLOW, 10, domain="example.org", remote_network=net("10.1.0.0/16")),
+          Rule(2, DENY, 20, domain="example.org", message="office only")]
+
+
+@pytest.mark.parametrize("rules,kw,expected", [
+    ([], {}, (ALLOW, None)),                                              # default
+    ([Rule(1, DENY, username="alice@example.com")], {}, (DENY, 1)),
+    ([Rule(1, DENY, username="alice@example.com")], {"user": "Alice@example.com"},
+     (ALLOW, None)),                                                      # exact
+    ([Rule(1, DENY, domain="EXAMPLE.com")], {"user": "bob@Example.COM"}, (DENY, 1)),
+    ([Rule(1, DENY, domain="example.com")], {"user": "bob@sub.example.com"}, (ALLOW, None)),
+    ([Rule(1, DENY, domain="example.com")], {"user": "no-domain"}, (ALLOW, None)),
+    (OFFICE, {"user": "ann@example.org", "ip": "10.1.2.3"}, (ALLOW, 1)),
+    (OFFICE, {"user": "ann@example.org", "ip": "10.2.2.3"}, (DENY, 2)),
+    (OFFICE, {"user": "ann@example.com", "ip": "10.2.2.3"}, (ALLOW, None)),
+    # priorities: lower first, then id; order given does not matter
+    ([Rule(5, ALLOW, 50), Rule(3, DENY, 10)], {}, (DENY, 3)),
+    ([Rule(5, DENY, 10), Rule(3, ALLOW, 10)], {}, (ALLOW, 3)),
+    # disabled rules never match
+    ([Rule(1, DENY, enabled=False), Rule(2, DENY, 200)], {}, (DENY, 2)),
+    # protocols
+    ([Rule(1, DENY, protocol="pop3")], {"protocol": "imap"}, (ALLOW, None)),
+    ([Rule(1, DENY, protocol="pop3")], {"protocol": "pop3"}, (DENY, 1)),
+    # IPv4 / IPv6
+    ([Rule(1, DENY, remote_network=net("2001:db8::/32"))], {"ip": "2001:db8:1::5"}, (DENY, 1)),
+    ([Rule(1, DENY, remote_network=net("2001:db8::/32"))], {"ip": "198.51.100.7"},
+     (ALLOW, None)),
+    ([Rule(1, DENY, remote_network=net("198.51.100.0/24"))], {"ip": "::ffff:198.51.100.9"},
+     (DENY, 1)),                                                          # v4-mapped
+    ([Rule(1, DENY, remote_network=net("0.0.0.0/0"))], {"ip": None}, (ALLOW, None)),
+    ([Rule(1, DENY, local_network=net("192.0.2.25/32"))], {}, (DENY, 1)),
+    ([Rule(1, DENY, local_network=net("192.0.2.26/32"))], {}, (ALLOW, None)),
+    # windows: [from, until)
+    ([Rule(1, DENY, valid_from=NOW - HOUR, valid_until=NOW + HOUR)], {}, (DENY, 1)),
+    ([Rule(1, DENY, valid_from=NOW + HOUR)], {}, (ALLOW, None)),
+    ([Rule(1, DENY, valid_until=NOW)], {}, (ALLOW, None)),
+    ([Rule(1, DENY, valid_from=NOW)], {}, (DENY, 1)),
+    # overlaps: a narrow allow before a broad deny
+    ([Rule(1, DENY, 100, remote_network=net("203.0.113.0/24")),
+      Rule(2, ALLOW, 1, username="ops@example.com")],
+     {"user": "ops@example.com", "ip": "203.0.113.5"}, (ALLOW, 2)),
+    ([Rule(1, DENY, 100, remote_network=net("203.0.113.0/24")),
+      Rule(2, ALLOW, 1, username="ops@example.com")],
+     {"user": "dev@example.com", "ip": "203.0.113.5"}, (DENY, 1)),
+])
+def test_decision_table(rules, kw, expected):
+    assert verdict(rules, **kw) == expected
+
+
+def test_unloaded_and_default_actions():
+    assert decide(None, facts(), unloaded=DENY).action == DENY
+    assert decide(None, facts()).reason == "no rules loaded yet"
+    assert decide((), facts(), default=DENY).action == DENY
+
+
+def test_decision_message():
+    d = decide(order(OFFICE), facts(user="x@example.org", ip="192.0.2.9"))
+    assert d.message == "office only" and not d.allowed
+
+
+def test_parse_ip():
+    assert str(parse_ip("fe80::1%eth0")) == "fe80::1"
+    assert parse_ip("") is None and parse_ip("junk") is None

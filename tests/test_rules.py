@@ -1,0 +1,169 @@
+"""Access rules: storage, CLI, reload, and enforcement by the running daemon."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from app.db import make_engine
+from app.db.rules import add_rule, config_version_of, list_rules, load_rules
+from app.db.schema import access_rules, login_events
+from app.errors import InvalidInput
+from app.protocol import deny_line
+from app.snapshot import ConfigCache, Refresher
+from tests.builders import request_bytes
+from tests.harness.daemon import make_daemon, wait_for
+from tests.harness.postlogin import send_request
+from tests.test_cli import lastlogin
+
+
+def test_add_validates(engine):
+    with engine.begin() as conn:
+        for values, field in [
+            (dict(action="deny", remote_network="10.0.0.300/8"), "--network"),
+            (dict(action="deny", local_network="nope"), "--local-network"),
+            (dict(action="deny", protocol="smtp"), "--protocol"),
+            (dict(action="maybe"), "ACTION"),
+            (dict(action="deny", username="  "), "--user"),
+            (dict(action="deny", valid_from=dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc),
+                  valid_until=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)), "--until"),
+        ]:
+            with pytest.raises(InvalidInput) as err:
+                add_rule(conn, **values)
+            assert err.value.field == field
+        rid = add_rule(conn, action="deny", remote_network="2001:db8::1/32", domain="@Example.COM")
+        (row,) = list_rules(conn)
+    assert row["id"] == rid
+    assert row["remote_network"] == "2001:db8::/32" and row["domain"] == "example.com"
+
+
+def test_triggers_bump_the_version_on_any_change(engine):
+    with engine.begin() as conn:
+        v0 = config_version_of(conn)
+        rid = add_rule(conn, action="deny", username="x")
+    with engine.begin() as conn:
+        v1 = config_version_of(conn)
+        # plain SQL counts too
+        conn.execute(sa.text("UPDATE access_rules SET message = 'm' WHERE id = :id"), {"id": rid})
+    with engine.begin() as conn:
+        v2 = config_version_of(conn)
+        conn.execute(access_rules.delete())
+    with engine.begin() as conn:
+        v3 = config_version_of(conn)
+    assert v0 < v1 < v2 < v3
+
+
+def test_refresher_follows_changes_and_keeps_rules_when_db_is_gone(db_url):
+    engine = make_engine(db_url)
+    cache = ConfigCache()
+    refresher = Refresher(engine, cache, poll_interval=0.1, heartbeat=1.0)
+    assert refresher.refresh() and cache.rules == ()
+    assert not refresher.refresh()              # nothing changed: no reload
+    refresher.start()
+    try:
+        with engine.begin() as conn:
+            add_rule(conn, action="deny", username="eve")
+        assert wait_for(lambda: cache.rules and cache.rules[0].username == "eve", timeout=3)
+    finally:
+        refresher.stop()
+    engine.dispose()
+    # a refresher whose database is unreachable keeps the cache it has
+    broken = make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none", connect_timeout=1)
+    keeper = Refresher(broken, cache, poll_interval=0.1)
+    with pytest.raises(sa.exc.OperationalError):
+        keeper.refresh()
+    assert cache.rules[0].username == "eve"
+
+
+def test_rule_cli(db_url):
+    env = {"LASTLOGIN_DATABASE_URL": db_url}
+    out = lastlogin("rule", "add", "deny", "--user", "bob@example.com", "--message",
+                    "Suspended", "--comment", "ticket 42", env=env)
+    assert out.returncode == 0 and out.stdout.startswith("added rule ")
+    rid = int(out.stdout.split()[-1])
+    assert lastlogin("rule", "add", "deny", "--network", "203.0.113.0/24", "--for", "2h",
+                     env=env).returncode == 0
+    listed = json.loads(lastlogin("rule", "list", "--format", "json", env=env).stdout)
+    assert [r["username"] for r in listed] == ["bob@example.com", None]
+    assert listed[1]["valid_until"] is not None
+    csv_out = lastlogin("rule", "list", "--format", "csv", env=env).stdout.splitlines()
+    assert csv_out[0].startswith("id,action,priority") and len(csv_out) == 3
+    shown = lastlogin("rule", "show", str(rid), env=env).stdout
+    assert "ticket 42" in shown and "created_by" in shown
+
+    denied = lastlogin("check", "bob@example.com", "192.0.2.1", env=env)
+    assert denied.returncode == 1
+    assert denied.stdout.splitlines()[:3] == [
+        "decision: deny", f"rule:     {rid} (priority 100)", "message:  Suspended"]
+    assert lastlogin("check", "ann@example.com", "192.0.2.1", env=env).returncode == 0
+    assert lastlogin("check", "x@example.com", "203.0.113.9", "--protocol", "pop3",
+                     env=env).returncode == 1
+
+    assert lastlogin("rule", "disable", str(rid), env=env).returncode == 0
+    assert lastlogin("check", "bob@example.com", "192.0.2.1", env=env).returncode == 0
+    assert lastlogin("rule", "enable", str(rid), env=env).returncode == 0
+    assert lastlogin("rule", "remove", str(rid), env=env).returncode == 0
+    gone = lastlogin("rule", "remove", str(rid), env=env)
+    assert gone.returncode == 1 and gone.stderr == f"lastlogin: no rule with id {rid}\n"
+
+
+@pytest.mark.parametrize("args,line", [
+    (["rule", "add", "deny", "--network", "10.0.0.300/8"],
+     "lastlogin: invalid --network: not an IPv4 or IPv6 network: '10.0.0.300/8'"),
+    (["rule", "add", "deny", "--protocol", "smtp"],
+     "lastlogin: invalid --protocol: unknown protocol 'smtp' "
+     "(known: imap, pop3, submission, managesieve)"),
+    (["rule", "add", "deny", "--from", "2026-12-02", "--until", "2026-12-01"], None),
+    (["rule", "add", "deny", "--for", "soon"],
+     "lastlogin: invalid --for: not a duration like 30m, 12h or 7d: 'soon'"),
+    (["check", "bob", "not-an-ip"], "lastlogin: invalid IP: not an IP address: 'not-an-ip'"),
+])
+def test_rule_cli_errors_are_one_line(sqlite_url, args, line):
+    out = lastlogin(*args, env={"LASTLOGIN_DATABASE_URL": sqlite_url})
+    assert out.returncode == 2
+    assert len(out.stderr.splitlines()) == 1
+    if line:
+        assert out.stderr.strip() == line
+    else:
+        assert out.stderr.startswith("lastlogin: invalid --until: the window ends")
+
+
+# --- enforcement by the daemon, at the socket level -------------------------
+
+def test_daemon_denies_with_message_and_records_the_rule(db_url):
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        rid = add_rule(conn, action="deny", username="bob@example.com",
+                       message="Suspended.\r\n* OK [ALERT] injected")
+    d = make_daemon(db_url, protocols="imap,pop3,submission,managesieve")
+    d.start()
+    try:
+        for proto in ("imap", "pop3", "submission", "managesieve"):
+            ex = send_request(d.sock(proto), request_bytes(b"bob@example.com"))
+            assert ex.refused
+            assert ex.client_saw() == deny_line(proto, "Suspended.\r\n* OK [ALERT] injected")
+        ok = send_request(d.sock("imap"), request_bytes(b"ann@example.com"))
+        assert not ok.refused and ok.client_saw() == b""
+        # added while running: effective on a later login, within a second
+        with engine.begin() as conn:
+            add_rule(conn, action="deny", domain="example.com", protocol="imap")
+        started = time.monotonic()
+        assert wait_for(lambda: send_request(d.sock("imap"),
+                                             request_bytes(b"ann@example.com")).refused,
+                        timeout=5, interval=0.1)
+        assert time.monotonic() - started < 2
+        assert not send_request(d.sock("pop3"), request_bytes(b"ann@example.com")).refused
+    finally:
+        d.stop()
+    with engine.connect() as conn:
+        denied = conn.execute(sa.select(login_events).where(
+            login_events.c.username == "bob@example.com")).all()
+    engine.dispose()
+    assert len(denied) == 4
+    assert {(e.outcome, e.rule_id) for e in denied} == {("denied", rid)}
+    assert "event=login protocol=imap user=bob@example.com" in d.logs()
+    assert "outcome=denied rule=%d" % rid in d.logs()
