@@ -115,8 +115,8 @@ def _simple(name: str, doc: str, fn):
 
 
 _simple("remove", "Delete a rule (its id stays in the login history).", remove_rule)
-_simple("enable", "Switch a rule on.", lambda c, i: set_enabled(c, i, True))
-_simple("disable", "Switch a rule off without deleting it.", lambda c, i: set_enabled(c, i, False))
+_simple("enable", "Switch a rule on again; running daemons follow within a second.", lambda c, i: set_enabled(c, i, True))
+_simple("disable", "Switch a rule off without deleting it; daemons follow within a second.", lambda c, i: set_enabled(c, i, False))
 
 
 @main_group.command()
