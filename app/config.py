@@ -90,6 +90,16 @@ def _as_seconds(v: Any) -> float:
     return x
 
 
+def _as_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(v, str) and v.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be true or false, got {v!r}")
+
+
 def _as_list(v: Any) -> tuple[str, ...]:
     if isinstance(v, str):
         items = [p.strip() for p in v.split(",")]
@@ -224,6 +234,18 @@ class Settings:
                                doc="what a login gets when no access rule matches")
     rules_unloaded_action: str = _opt(_choice("allow", "deny"), "allow",
                                       doc="what a login gets while no rules were ever loaded")
+    dovecot_version: str = _opt(_choice("2.3", "2.4"), "2.3",
+                                doc="Dovecot's version, for override key warnings")
+    acl_groups_from_system: bool = _opt(_as_bool, False,
+                                        doc="add the login user's system groups to acl_groups")
+    next_socket_imap: str = _opt(_as_str, "", doc="next post-login socket for imap")
+    next_socket_pop3: str = _opt(_as_str, "", doc="next post-login socket for pop3")
+    next_socket_submission: str = _opt(_as_str, "",
+                                       doc="next post-login socket for submission")
+    next_socket_managesieve: str = _opt(_as_str, "",
+                                        doc="next post-login socket for managesieve")
+    next_timeout: float = _opt(_as_seconds, 20.0,
+                               doc="seconds the next post-login socket has to answer")
     log_level: str = _opt(_choice("debug", "info", "warning", "error"), "info",
                           doc="log level")
     log_format: str = _opt(_choice("kv", "json"), "kv", doc="log line format")
@@ -237,6 +259,9 @@ class Settings:
     def socket_path(self, protocol: str) -> str:
         explicit = getattr(self, f"socket_{protocol}")
         return explicit or os.path.join(self.socket_dir, f"{protocol}.sock")
+
+    def next_socket(self, protocol: str) -> str:
+        return getattr(self, f"next_socket_{protocol}")
 
     def resolved_uids(self) -> frozenset[int]:
         uids = set()

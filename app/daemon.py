@@ -10,7 +10,7 @@ from .db import make_engine
 from .db.migrate import ensure_at_head
 from .recorder import Recorder
 from .server import Server
-from .service import LoginService, Policy
+from .service import Extras, LoginService, Policy
 from .snapshot import ConfigCache, Refresher
 
 log = logging.getLogger("lastlogin.daemon")
@@ -25,7 +25,7 @@ def run(settings: Settings, config_path: str | None = None) -> None:
     refresher.refresh()             # rules in memory before the first login
     recorder = Recorder(engine, batch_max=settings.batch_max)
     policy = Policy(cache, settings.default_action, settings.rules_unloaded_action)
-    service = LoginService(recorder, policy, settings.record_timeout)
+    service = LoginService(recorder, policy, settings.record_timeout, Extras.from_settings(settings))
     server = Server(settings, service, config_path)
     server.bind()
     recorder.start()
@@ -39,3 +39,4 @@ def run(settings: Settings, config_path: str | None = None) -> None:
             log.error("event=writer_stuck detail=\"records still queued at exit\"")
         engine.dispose()
         log.info("event=stopped records=%d commits=%d", recorder.records, recorder.commits)
+

@@ -9,7 +9,6 @@ which Dovecot treats as a refusal.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import errno
@@ -24,13 +23,12 @@ from dataclasses import dataclass
 
 from .config import Settings, load_settings, ConfigError
 from .logs import show
+from .fdio import PeerError, close_all, read_message, send_all, write_fd
 from .protocol import ProtocolError, LoginRequest, parse_request, request_complete
-from .service import Answer, LoginService, RecordError
+from .service import Answer, Extras, LoginService, RecordError
 
 log = logging.getLogger("lastlogin.server")
 
-MAX_FDS = 4                     # room for more than the one fd Dovecot sends
-RECV_CHUNK = 65536
 _PEERCRED = struct.Struct("3i")
 
 
@@ -134,81 +132,15 @@ def bind_listener(protocol: str, path: str, settings: Settings) -> Listener:
     return Listener(protocol, path, sock, inode)
 
 
-# --- reading and writing with fds -----------------------------------------
+@dataclass
+class ClientFd:
+    """The client connection Dovecot passed us (we only ever write to it)."""
 
-async def _wait(loop: asyncio.AbstractEventLoop, fd: int, writable: bool) -> None:
-    fut = loop.create_future()
+    fd: int
+    timeout: float
 
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    add, remove = ((loop.add_writer, loop.remove_writer) if writable
-                   else (loop.add_reader, loop.remove_reader))
-    add(fd, ready)
-    try:
-        await fut
-    finally:
-        remove(fd)
-
-
-def _take_fds(ancdata: list[tuple[int, int, bytes]], into: list[int]) -> None:
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds = array.array("i")
-            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-            into.extend(fds)
-
-
-async def read_request(conn: socket.socket, limit: int, fds: list[int]) -> bytes:
-    """Read one request; every fd received is appended to ``fds``."""
-    loop = asyncio.get_running_loop()
-    buf = bytearray()
-    anc_size = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
-    while not request_complete(buf):
-        try:
-            data, anc, flags, _ = conn.recvmsg(RECV_CHUNK, anc_size,
-                                               socket.MSG_CMSG_CLOEXEC)
-        except BlockingIOError:
-            await _wait(loop, conn.fileno(), writable=False)
-            continue
-        _take_fds(anc, fds)
-        if flags & socket.MSG_CTRUNC:
-            raise ProtocolError("more fds than a request carries")
-        if not data:
-            raise ProtocolError(f"peer closed after {len(buf)} bytes, before a full request")
-        buf += data
-        if len(buf) > limit:
-            raise ProtocolError(f"request larger than {limit} bytes")
-    return bytes(buf)
-
-
-async def write_client(fd: int, data: bytes, timeout: float) -> None:
-    """Write to the client's connection without blocking and without reading.
-
-    The fd is shared with the mail process, so its flags are left alone:
-    MSG_DONTWAIT makes each send non-blocking by itself.
-    """
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(fileno=fd)
-    try:
-        async with asyncio.timeout(timeout):
-            view = memoryview(data)
-            while view:
-                try:
-                    sent = sock.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-                except BlockingIOError:
-                    await _wait(loop, fd, writable=True)
-                    continue
-                view = view[sent:]
-    finally:
-        sock.detach()
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    async def write(self, data: bytes) -> None:
+        await write_fd(self.fd, data, self.timeout)
 
 
 # --- the server -------------------------------------------------------------
@@ -294,6 +226,7 @@ class Server:
         self.service.record_timeout = new.record_timeout
         self.service.policy.default_action = new.default_action
         self.service.policy.unloaded_action = new.rules_unloaded_action
+        self.service.extras = Extras.from_settings(new)
         logging.getLogger("lastlogin").setLevel(new.log_level.upper())
         log.info("event=reloaded")
 
@@ -324,10 +257,15 @@ class Server:
             if peer.uid not in self._allowed_uids:
                 raise ConnectionRefused(f"peer uid {peer.uid} is not allowed")
             req = await self._receive(conn, fds)
-            answer = await self.service.login(proto, req)
-            await self._answer(conn, fds[0], answer)
+            client = ClientFd(fds[0], self.settings.client_write_timeout)
+            answer = await self.service.login(proto, req, client)
+            if answer.reply_fd is not None:
+                fds.append(answer.reply_fd)         # closed below, once sent
+            if answer.reply is not None:
+                async with asyncio.timeout(self.settings.client_write_timeout):
+                    await send_all(conn, answer.reply, answer.reply_fd)
             self._log_login(proto, req, answer, started)
-        except (ConnectionRefused, ProtocolError, RecordError) as exc:
+        except (ConnectionRefused, ProtocolError, PeerError, RecordError) as exc:
             self._log_refused(proto, peer, req, str(exc))
         except TimeoutError:
             self._log_refused(proto, peer, req, "timed out")
@@ -337,35 +275,27 @@ class Server:
             log.exception("event=internal_error protocol=%s peer=%s", proto, peer)
             self._log_refused(proto, peer, req, f"internal error: {type(exc).__name__}")
         finally:
-            _close_all(fds)
+            close_all(fds)
             conn.close()
 
     async def _receive(self, conn: socket.socket, fds: list[int]) -> LoginRequest:
         async with asyncio.timeout(self.settings.request_timeout):
-            buf = await read_request(conn, self.settings.max_request_bytes, fds)
+            buf = await read_message(conn, self.settings.max_request_bytes, fds,
+                                     request_complete, "request")
         if len(fds) != 1:
             raise ProtocolError(f"expected one client fd, got {len(fds)}")
         return parse_request(buf)
-
-    async def _answer(self, conn: socket.socket, client_fd: int, answer: Answer) -> None:
-        if answer.to_client:
-            # Finish the write to the client before replying: the mail
-            # process writes its tagged OK as soon as it has our reply.
-            await write_client(client_fd, answer.to_client,
-                               self.settings.client_write_timeout)
-        if answer.reply is not None:
-            loop = asyncio.get_running_loop()
-            async with asyncio.timeout(self.settings.client_write_timeout):
-                await loop.sock_sendall(conn, answer.reply)
 
     def _log_login(self, proto: str, req: LoginRequest, answer: Answer,
                    started: float) -> None:
         rec = answer.record
         log.info("event=login protocol=%s user=%s rip=%s lip=%s outcome=%s rule=%s "
-                 "mech=%s ms=%.2f",
+                 "mech=%s alerts=%d ms=%.2f%s",
                  proto, show(req.username), rec.remote_ip or "-", rec.local_ip or "-",
                  rec.outcome, rec.rule_id if rec.rule_id is not None else "-",
-                 show(rec.auth_mech), (time.monotonic() - started) * 1000)
+                 show(rec.auth_mech), len(rec.alerts_shown),
+                 (time.monotonic() - started) * 1000,
+                 "" if answer.allowed else f" reason={show(answer.reason)}")
 
     def _log_refused(self, proto: str, peer: Peer | None, req: LoginRequest | None,
                      reason: str) -> None:

@@ -1,22 +1,40 @@
-"""One login: decide, record, build the answer. No sockets here."""
+"""One login: decide, adjust, alert, record, build the answer.
+
+No sockets here: the server hands in a ``ClientChannel`` for writes to the
+client and takes back an ``Answer``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import uuid
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
+from .config import Settings
 from .db.store import LoginRecord, normalize_ip, text_form
-from .policy import ALLOW, Decision, LoginFacts, decide
-from .protocol import DEFAULT_DENY_TEXT, LoginRequest, build_reply, deny_line
+from .nexthop import forward
+from .overrides import alerts_for, merge_fields, union_list
+from .policy import ALLOW, Decision, LoginFacts, decide, domain_of
+from .protocol import (DEFAULT_DENY_TEXT, LoginRequest, alert_line, build_reply,
+                       deny_line, field_value)
 from .recorder import Recorder
-from .snapshot import ConfigCache
+from .snapshot import ConfigCache, Snapshot
+from .sysgroups import GroupCache
 
 
 class RecordError(Exception):
     """The login could not be recorded in time; it must not be acknowledged."""
+
+
+class ClientChannel(Protocol):
+    """The client's connection, as far as the service may touch it."""
+
+    fd: int
+
+    async def write(self, data: bytes) -> None: ...
 
 
 def utcnow() -> dt.datetime:
@@ -25,11 +43,11 @@ def utcnow() -> dt.datetime:
 
 @dataclass(frozen=True)
 class Answer:
-    """What the server sends: a reply line to Dovecot, or None to refuse."""
+    """What the server sends Dovecot: a reply line (and maybe an fd), or nothing."""
 
     record: LoginRecord
     reply: bytes | None
-    to_client: bytes | None = None
+    reply_fd: int | None = None
     reason: str = ""
 
     @property
@@ -38,7 +56,8 @@ class Answer:
 
 
 def make_record(protocol: str, req: LoginRequest, outcome: str,
-                now: dt.datetime, rule_id: int | None = None) -> LoginRecord:
+                now: dt.datetime, rule_id: int | None = None,
+                alerts_shown: tuple[int, ...] = ()) -> LoginRecord:
     return LoginRecord(
         event_id=uuid.uuid4(),
         occurred_at=now,
@@ -51,6 +70,7 @@ def make_record(protocol: str, req: LoginRequest, outcome: str,
         auth_mech=req.auth_mech,
         master_user=req.master_user,
         auth_user=req.auth_user,
+        alerts_shown=alerts_shown,
     )
 
 
@@ -62,34 +82,117 @@ class Policy:
     default_action: str = ALLOW
     unloaded_action: str = ALLOW
 
-    def decide(self, protocol: str, req: LoginRequest, now: dt.datetime) -> Decision:
-        facts = LoginFacts.of(protocol, text_form(req.username)[0],
-                              normalize_ip(req.remote_ip), normalize_ip(req.local_ip), now)
+    def decide(self, facts: LoginFacts) -> Decision:
         return decide(self.cache.rules, facts, self.default_action, self.unloaded_action)
+
+
+@dataclass
+class Extras:
+    """Optional steps: system groups into acl_groups, next post-login hop."""
+
+    groups: GroupCache | None = None
+    next_sockets: dict[str, str] = field(default_factory=dict)
+    next_timeout: float = 20.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Extras":
+        return cls(
+            groups=GroupCache() if settings.acl_groups_from_system else None,
+            next_sockets={p: settings.next_socket(p) for p in settings.protocols
+                          if settings.next_socket(p)},
+            next_timeout=settings.next_timeout)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a login gets: the fields to send and the alerts to show."""
+
+    fields: list[bytes]
+    alerts: list[int]
+    alert_bytes: bytes
+
+
+async def plan_login(snap: Snapshot | None, groups: GroupCache | None, protocol: str,
+                     req: LoginRequest, user: str, now: dt.datetime) -> Plan:
+    """Fields and alerts for an allowed login (also what `lastlogin check` shows)."""
+    domain = domain_of(user)
+    wanted = snap.overrides.for_login(user, domain) if snap else {}
+    if groups is not None:
+        extra = await groups.groups(user)
+        if extra:
+            base = wanted.get("acl_groups")
+            if base is None:
+                current = field_value(req.fields, b"acl_groups")
+                base = current.decode("utf-8", "replace") if current is not None else None
+            wanted = {**wanted, "acl_groups": union_list(base, extra)}
+    fields = merge_fields(req.fields, wanted)
+    alerts = []
+    if protocol == "imap" and snap is not None:
+        # IMAP only: elsewhere an unsolicited line would break the session.
+        alerts = alerts_for(snap.alerts, snap.delivered, user, domain, now)
+    shown = [a.id for a in alerts if a.show_once]
+    return Plan(fields, shown, b"".join(alert_line(a.message) for a in alerts))
 
 
 class LoginService:
     def __init__(self, recorder: Recorder, policy: Policy, record_timeout: float,
+                 extras: Extras | None = None,
                  clock: Callable[[], dt.datetime] = utcnow) -> None:
         self.recorder = recorder
         self.policy = policy
         self.record_timeout = record_timeout
+        self.extras = extras or Extras()
         self.clock = clock
 
-    async def login(self, protocol: str, req: LoginRequest) -> Answer:
+    async def login(self, protocol: str, req: LoginRequest, client: ClientChannel) -> Answer:
         now = self.clock()
-        decision = self.policy.decide(protocol, req, now)
+        user = text_form(req.username)[0]
+        facts = LoginFacts.of(protocol, user, normalize_ip(req.remote_ip),
+                              normalize_ip(req.local_ip), now)
+        decision = self.policy.decide(facts)
         rule_id = decision.rule.id if decision.rule else None
-        if decision.allowed:
-            record = make_record(protocol, req, "allowed", now, rule_id)
-            answer = Answer(record, build_reply(req.username, req.fields),
-                            reason=decision.reason)
-        else:
-            record = make_record(protocol, req, "denied", now, rule_id)
-            text = decision.message or DEFAULT_DENY_TEXT
-            answer = Answer(record, None, deny_line(protocol, text), reason=decision.reason)
+        if not decision.allowed:
+            return await self._refuse(protocol, req, now, rule_id, decision, client)
+        plan = await self.plan(protocol, req, user, now)
+        if plan.alert_bytes:
+            # Before the reply: imap sends its tagged OK as soon as it has it.
+            await client.write(plan.alert_bytes)
+            self._mark_shown(plan.alerts, user)
+        reply, reply_fd, reason = build_reply(req.username, plan.fields), None, decision.reason
+        hop = self.extras.next_sockets.get(protocol)
+        if hop:
+            got = await forward(hop, req, plan.fields, client.fd, self.extras.next_timeout)
+            if got.line is None:
+                record = make_record(protocol, req, "denied", now, None)
+                await self._commit(record)
+                return Answer(record, None, reason=got.reason)
+            reply, reply_fd = got.line, got.fd
+        record = make_record(protocol, req, "allowed", now, rule_id, tuple(plan.alerts))
+        try:
+            await self._commit(record)
+        except RecordError:
+            if reply_fd is not None:
+                os.close(reply_fd)
+            raise
+        return Answer(record, reply, reply_fd, reason)
+
+    async def plan(self, protocol: str, req: LoginRequest, user: str,
+                   now: dt.datetime) -> Plan:
+        return await plan_login(self.policy.cache.snapshot, self.extras.groups,
+                                protocol, req, user, now)
+
+    def _mark_shown(self, alert_ids: list[int], user: str) -> None:
+        snap = self.policy.cache.snapshot
+        if snap is not None:
+            snap.delivered.update((a, user) for a in alert_ids)
+
+    async def _refuse(self, protocol: str, req: LoginRequest, now: dt.datetime,
+                      rule_id: int | None, decision: Decision,
+                      client: ClientChannel) -> Answer:
+        record = make_record(protocol, req, "denied", now, rule_id)
         await self._commit(record)
-        return answer
+        await client.write(deny_line(protocol, decision.message or DEFAULT_DENY_TEXT))
+        return Answer(record, None, reason=decision.reason)
 
     async def _commit(self, record: LoginRecord) -> None:
         fut = asyncio.wrap_future(self.recorder.submit(record))

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
+from .db.overrides import load_alerts, load_deliveries, load_overrides
 from .db.rules import config_version_of, load_rules
+from .overrides import Alert, Overrides
 from .policy import Rule
 
 log = logging.getLogger("lastlogin.snapshot")
@@ -28,6 +30,11 @@ NOTIFY_CHANNEL = "lastlogin_config"
 class Snapshot:
     version: int
     rules: tuple[Rule, ...]
+    overrides: Overrides = field(default_factory=Overrides)
+    alerts: tuple[Alert, ...] = ()
+    # (alert id, username) of show-once alerts already shown. The daemon adds
+    # to it as it shows them, so this one set is shared, not copied.
+    delivered: set[tuple[int, str]] = field(default_factory=set)
     loaded_at: float = field(default_factory=time.monotonic)
 
 
@@ -35,7 +42,8 @@ def load_snapshot(conn: sa.Connection) -> Snapshot:
     # The version is read first: a change committed in between makes the
     # data newer than the number, which only causes one more reload.
     version = config_version_of(conn)
-    return Snapshot(version=version, rules=load_rules(conn))
+    return Snapshot(version=version, rules=load_rules(conn), overrides=load_overrides(conn),
+                    alerts=load_alerts(conn), delivered=load_deliveries(conn))
 
 
 class ConfigCache:
@@ -75,8 +83,12 @@ class Refresher:
             if current is not None and config_version_of(conn) == current.version:
                 return False
             snap = load_snapshot(conn)
+        if current is not None:
+            # deliveries shown but not yet committed when the copy was read
+            snap.delivered.update(current.delivered)
         self.cache.snapshot = snap
-        log.info("event=config_loaded version=%d rules=%d", snap.version, len(snap.rules))
+        log.info("event=config_loaded version=%d rules=%d overrides=%d alerts=%d",
+                 snap.version, len(snap.rules), snap.overrides.count(), len(snap.alerts))
         return True
 
     def start(self) -> None:

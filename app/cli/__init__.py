@@ -15,6 +15,7 @@ from .common import main_group
 from . import db as _db  # noqa: F401  (registers `db`)
 from . import serve as _serve  # noqa: F401  (registers `serve`)
 from . import rule as _rule  # noqa: F401  (registers `rule`, `check`)
+from . import override as _override  # noqa: F401  (registers `override`, `alert`)
 
 
 def main() -> None:

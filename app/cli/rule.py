@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import getpass
 import os
 
 import click
 
-from ..db.rules import add_rule, get_rule, list_rules, load_rules, remove_rule, set_enabled
+from ..db.rules import add_rule, get_rule, list_rules, remove_rule, set_enabled
 from ..errors import InvalidInput
 from ..policy import LoginFacts, decide, parse_ip
+from ..protocol import LoginRequest
+from ..service import plan_login
+from ..snapshot import load_snapshot
+from ..sysgroups import GroupCache
 from ..timeparse import parse_duration, parse_time
 from .common import EXIT_PROBLEM, Context, edge, main_group, pass_ctx
 from .output import cell, format_option, render
@@ -132,6 +137,8 @@ def check(ctx: Context, username: str, ip: str, protocol: str, local_ip: str | N
           at: str | None) -> None:
     """Dry run: what would happen to a login of USERNAME from IP, and why.
 
+    Prints the decision and the rule that made it; for an allowed login also
+    the userdb fields lastlogin would set and the alerts it would show.
     Exit status 0 when it would be allowed, 1 when it would be refused.
     """
     if parse_ip(ip) is None:
@@ -140,10 +147,10 @@ def check(ctx: Context, username: str, ip: str, protocol: str, local_ip: str | N
         raise InvalidInput("--local-ip", f"not an IP address: {local_ip!r}")
     now = parse_time(at, "--at") if at else dt.datetime.now(dt.timezone.utc)
     with ctx.begin() as conn:
-        rules = load_rules(conn)
+        snap = load_snapshot(conn)
     facts = LoginFacts.of(protocol, username, ip, local_ip, now)
     s = ctx.settings
-    decision = decide(rules, facts, s.default_action, s.rules_unloaded_action)
+    decision = decide(snap.rules, facts, s.default_action, s.rules_unloaded_action)
     click.echo(f"decision: {decision.action}")
     if decision.rule:
         r = decision.rule
@@ -154,3 +161,12 @@ def check(ctx: Context, username: str, ip: str, protocol: str, local_ip: str | N
         click.echo(f"rule:     none matched; default_action is {s.default_action}")
     if not decision.allowed:
         raise SystemExit(EXIT_PROBLEM)
+    req = LoginRequest(b"", b"", username.encode(), [])
+    groups = GroupCache() if s.acl_groups_from_system else None
+    plan = asyncio.run(plan_login(snap, groups, protocol, req, username, now))
+    for f in plan.fields:
+        click.echo(f"field:    {f.decode('utf-8', 'backslashreplace')}")
+    if not plan.fields:
+        click.echo("fields:   Dovecot's own, unchanged")
+    for line in plan.alert_bytes.decode("utf-8", "replace").splitlines():
+        click.echo(f"alert:    {line}")

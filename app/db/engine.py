@@ -19,6 +19,12 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+def dialect_insert(conn: sa.Connection, table: sa.Table):
+    """INSERT with ON CONFLICT support, for the connection's backend."""
+    from sqlalchemy.dialects import postgresql, sqlite
+    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table)
+
+
 def make_engine(url: str, *, connect_timeout: int = 5) -> sa.Engine:
     """An engine for ``url``; the SQLite file's directory is created."""
     parsed = make_url(url)

@@ -132,3 +132,11 @@ config_version = sa.Table(
     sa.CheckConstraint("id = 1", name="single_row"),
     comment="One row: the version of what the daemon holds in memory.",
 )
+
+login_alert_deliveries = sa.Table(
+    "login_alert_deliveries", metadata,
+    sa.Column("alert_id", sa.Integer, primary_key=True),
+    sa.Column("username", sa.Text, primary_key=True),
+    sa.Column("delivered_at", UTCDateTime, nullable=False),
+    comment="Show-once alerts already shown, per user.",
+)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
-from .schema import last_logins, login_events
+from .engine import dialect_insert
+from .schema import last_logins, login_alert_deliveries, login_events
 
 
 def text_form(value: bytes) -> tuple[str, bytes | None]:
@@ -60,6 +60,7 @@ class LoginRecord:
     auth_mech: bytes | None = None
     master_user: bytes | None = None
     auth_user: bytes | None = None
+    alerts_shown: tuple[int, ...] = ()      # show-once alerts this login displayed
 
     def event_row(self) -> dict[str, object]:
         name, raw = text_form(self.username)
@@ -83,12 +84,6 @@ def _opt_text(value: bytes | None) -> str | None:
     return None if value is None else text_form(value)[0]
 
 
-def _insert(conn: sa.Connection, table: sa.Table):
-    if conn.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
-
-
 def record_logins(conn: sa.Connection, records: Sequence[LoginRecord]) -> int:
     """Store the events and fold them into last_logins; return how many were new.
 
@@ -98,12 +93,18 @@ def record_logins(conn: sa.Connection, records: Sequence[LoginRecord]) -> int:
     if not records:
         return 0
     rows = [r.event_row() for r in records]
-    stmt = (_insert(conn, login_events)
+    stmt = (dialect_insert(conn, login_events)
             .on_conflict_do_nothing(index_elements=["event_id"])
             .returning(login_events.c.event_id))
     new_ids = set(conn.execute(stmt, rows).scalars())
     fresh = [row for row in rows if row["event_id"] in new_ids]
     _upsert_last_logins(conn, [r for r in fresh if r["outcome"] == "allowed"])
+    deliveries = [{"alert_id": a, "username": row["username"], "delivered_at": row["occurred_at"]}
+                  for rec, row in zip(records, rows) if row["event_id"] in new_ids
+                  for a in rec.alerts_shown]
+    if deliveries:
+        conn.execute(dialect_insert(conn, login_alert_deliveries).on_conflict_do_nothing(),
+                     deliveries)
     return len(fresh)
 
 
@@ -135,7 +136,7 @@ def _upsert_last_logins(conn: sa.Connection, rows: list[dict[str, object]]) -> N
     if not rows:
         return
     t = last_logins
-    ins = _insert(conn, t)
+    ins = dialect_insert(conn, t)
     newer = ins.excluded.last_seen >= t.c.last_seen
     stmt = ins.on_conflict_do_update(
         index_elements=["username", "protocol"],

@@ -1,0 +1,110 @@
+"""Non-blocking socket I/O with descriptor passing, for the asyncio loop."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import os
+import socket
+from typing import Callable
+
+MAX_FDS = 4                     # room for more than the one fd a peer should send
+RECV_CHUNK = 65536
+_INT = array.array("i").itemsize
+
+
+class PeerError(ValueError):
+    """The peer broke the framing (closed early, sent too much, too many fds)."""
+
+
+async def wait_ready(fd: int, writable: bool) -> None:
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    add, remove = ((loop.add_writer, loop.remove_writer) if writable
+                   else (loop.add_reader, loop.remove_reader))
+    add(fd, ready)
+    try:
+        await fut
+    finally:
+        remove(fd)
+
+
+def take_fds(ancdata: list[tuple[int, int, bytes]], into: list[int]) -> None:
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(data[:len(data) - len(data) % _INT])
+            into.extend(fds)
+
+
+async def read_message(conn: socket.socket, limit: int, fds: list[int],
+                       complete: Callable[[bytearray], bool], what: str) -> bytes:
+    """Read until ``complete(buf)``; every fd received is appended to ``fds``.
+
+    Every read is a recvmsg with room for fds: a plain recv() would make the
+    kernel drop a descriptor that arrives with those bytes.
+    """
+    buf = bytearray()
+    anc_size = socket.CMSG_SPACE(MAX_FDS * _INT)
+    while not complete(buf):
+        try:
+            data, anc, flags, _ = conn.recvmsg(RECV_CHUNK, anc_size, socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            await wait_ready(conn.fileno(), writable=False)
+            continue
+        take_fds(anc, fds)
+        if flags & socket.MSG_CTRUNC:
+            raise PeerError(f"more fds than a {what} carries")
+        if not data:
+            raise PeerError(f"peer closed after {len(buf)} bytes, before a full {what}")
+        buf += data
+        if len(buf) > limit:
+            raise PeerError(f"{what} larger than {limit} bytes")
+    return bytes(buf)
+
+
+async def send_all(conn: socket.socket, data: bytes, fd: int | None = None) -> None:
+    """Send ``data`` on a non-blocking socket; ``fd`` rides on the first byte."""
+    view = memoryview(data)
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
+    while view:
+        try:
+            sent = conn.sendmsg([view], anc, socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            await wait_ready(conn.fileno(), writable=True)
+            continue
+        view, anc = view[sent:], []
+
+
+async def write_fd(fd: int, data: bytes, timeout: float) -> None:
+    """Write to a client connection without blocking and without reading it.
+
+    The fd is shared with Dovecot's mail process, so its flags stay as they
+    are: MSG_DONTWAIT makes each send non-blocking by itself.
+    """
+    sock = socket.socket(fileno=fd)
+    try:
+        async with asyncio.timeout(timeout):
+            view = memoryview(data)
+            while view:
+                try:
+                    sent = sock.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                except BlockingIOError:
+                    await wait_ready(fd, writable=True)
+                    continue
+                view = view[sent:]
+    finally:
+        sock.detach()
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()

@@ -1,0 +1,53 @@
+"""Hand a login on to the next post-login socket, as Dovecot would.
+
+For sites that keep `script-login` scripts or `rawlog` behind lastlogin: the
+request (with lastlogin's merged fields) and the client fd go to the next
+socket; its reply -- and the fd it may send back -- are relayed to Dovecot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass
+
+from .fdio import PeerError, close_all, read_message, send_all
+from .protocol import build_request, LoginRequest
+
+REPLY_LIMIT = 1 << 20
+
+
+@dataclass(frozen=True)
+class HopReply:
+    line: bytes | None      # None: the next hop refused (closed without a full line)
+    fd: int | None          # an fd it sent back (script-login always does)
+    reason: str = ""
+
+
+async def forward(path: str, req: LoginRequest, fields: list[bytes], client_fd: int,
+                  timeout: float) -> HopReply:
+    """Send the login to ``path``; a refusal is a HopReply with line None."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    fds: list[int] = []
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, path)
+            await send_all(sock, build_request(req.local_ip, req.remote_ip, req.username,
+                                               fields), client_fd)
+            try:
+                line = await read_message(sock, REPLY_LIMIT, fds,
+                                          lambda b: b.endswith(b"\n"), "reply")
+            except PeerError as exc:
+                close_all(fds)
+                return HopReply(None, None, f"next hop {path}: {exc}")
+        # keep at most one fd, as Dovecot's own reader does
+        fd = fds.pop(0) if fds else None
+        close_all(fds)
+        return HopReply(line, fd)
+    except (OSError, TimeoutError) as exc:
+        close_all(fds)
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        return HopReply(None, None, f"next hop {path}: {reason}")
+    finally:
+        sock.close()

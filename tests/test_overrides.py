@@ -1,0 +1,284 @@
+"""Userdb overrides and alerts: pure merging, storage, and the daemon's replies."""
+
+from __future__ import annotations
+
+import array
+import datetime as dt
+import os
+import socket
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from app.db import make_engine
+from app.db.overrides import (add_alert, list_overrides, load_overrides, remove_alert,
+                              set_override, unset_override)
+from app.db.schema import login_alert_deliveries, login_events
+from app.errors import InvalidInput, NotFound
+from app.overrides import (Alert, Overrides, alerts_for, merge_fields, union_list,
+                           validate_key, version_warning)
+from app.protocol import alert_line, build_reply, parse_reply
+from app.sysgroups import system_groups
+from tests.builders import request_bytes, request_fields
+from tests.harness.daemon import make_daemon, wait_for
+from tests.harness.postlogin import send_request
+from tests.test_cli import lastlogin
+
+NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.timezone.utc)
+
+
+# --- pure ---------------------------------------------------------------------
+
+def test_merge_replaces_in_place_appends_new_and_never_repeats_a_key():
+    fields = [b"uid=1", b"mail=maildir:~/Maildir", b"mail=dup", b"auth_mech=PLAIN"]
+    merged = merge_fields(fields, {"mail": "mdbox:/srv/x\tweird", "quota_rule": "*:storage=1G"})
+    assert merged == [b"uid=1", b"mail=mdbox:/srv/x\tweird", b"auth_mech=PLAIN",
+                      b"quota_rule=*:storage=1G"]
+    assert merge_fields(fields, {}) is fields
+
+
+def test_precedence_user_over_domain_over_global():
+    o = Overrides(global_={"mail": "g", "quota_rule": "g"},
+                  domains={"example.com": {"mail": "d", "acl_groups": "d"}},
+                  users={"alice@example.com": {"mail": "u"}})
+    assert o.for_login("alice@example.com", "example.com") == {
+        "mail": "u", "quota_rule": "g", "acl_groups": "d"}
+    assert o.for_login("bob@example.com", "example.com")["mail"] == "d"
+    assert o.for_login("carol@example.org", "example.org") == {"mail": "g", "quota_rule": "g"}
+    assert o.count() == 5
+
+
+@pytest.mark.parametrize("key", ["", "a=b", "a\tb", "a\nb", "auth_token", "auth_mech",
+                                 "auth_user"])
+def test_bad_keys(key):
+    with pytest.raises(InvalidInput):
+        validate_key(key)
+
+
+def test_version_warnings():
+    assert version_warning("mail", "2.4") and version_warning("quota_rule2", "2.4")
+    assert version_warning("mail_path", "2.3")
+    assert version_warning("mail", "2.3") is None and version_warning("acl_groups", "2.4") is None
+
+
+def test_union_list():
+    assert union_list("staff, sales", ["sales", "root"]) == "staff,sales,root"
+    assert union_list(None, ["a"]) == "a"
+
+
+def test_alert_selection():
+    alerts = (Alert(1, "global", "", "all"),
+              Alert(2, "domain", "example.com", "dom"),
+              Alert(3, "user", "alice@example.com", "once", show_once=True),
+              Alert(4, "global", "", "later", valid_from=NOW + dt.timedelta(hours=1)),
+              Alert(5, "global", "", "over", valid_until=NOW))
+    ids = lambda *a: [x.id for x in alerts_for(alerts, *a)]   # noqa: E731
+    assert ids(set(), "alice@example.com", "example.com", NOW) == [1, 2, 3]
+    assert ids({(3, "alice@example.com")}, "alice@example.com", "example.com", NOW) == [1, 2]
+    assert ids(set(), "bob@example.org", "example.org", NOW) == [1]
+
+
+def test_system_groups_of_root():
+    assert "root" in system_groups("root")
+    assert system_groups("no-such-user-here") == []
+
+
+# --- storage --------------------------------------------------------------------
+
+def test_override_storage(engine):
+    with engine.begin() as conn:
+        set_override(conn, "global", None, "quota_rule", "*:storage=1G")
+        set_override(conn, "domain", "@Example.COM", "mail", "maildir:/srv/%d/%n")
+        set_override(conn, "user", "alice@example.com", "mail", "maildir:/tmp/test")
+        set_override(conn, "user", "alice@example.com", "mail", "maildir:/tmp/test2")  # update
+        with pytest.raises(InvalidInput):
+            set_override(conn, "user", "", "mail", "x")
+        with pytest.raises(InvalidInput):
+            set_override(conn, "planet", "x", "mail", "x")
+        loaded = load_overrides(conn)
+        assert loaded.users == {"alice@example.com": {"mail": "maildir:/tmp/test2"}}
+        assert loaded.domains == {"example.com": {"mail": "maildir:/srv/%d/%n"}}
+        assert [r["key"] for r in list_overrides(conn, "global", None)] == ["quota_rule"]
+        unset_override(conn, "global", None, "quota_rule")
+        with pytest.raises(NotFound):
+            unset_override(conn, "global", None, "quota_rule")
+
+
+# --- the daemon -------------------------------------------------------------------
+
+@pytest.fixture
+def daemon_with(db_url):
+    started = []
+
+    def start(**settings):
+        d = make_daemon(db_url, protocols="imap,pop3", **settings)
+        d.start()
+        started.append(d)
+        return d
+    yield start
+    for d in started:
+        d.stop()
+
+
+def test_overrides_reach_the_reply(db_url, daemon_with):
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        set_override(conn, "domain", "example.com", "mail", "maildir:/srv/example.com/%n")
+        set_override(conn, "user", "alice@example.com", "quota_rule", "*:storage=2G")
+        set_override(conn, "global", None, "note", "tab\there;'quoted'")
+    d = daemon_with()
+    user, fields = parse_reply(send_request(d.sock("imap"), request_bytes()).reply)
+    assert user == b"alice@example.com"
+    assert fields == [b"uid=5000", b"gid=5000", b"home=/var/vmail/alice",
+                      b"mail=maildir:/srv/example.com/%n", b"auth_mech=PLAIN",
+                      b"auth_token=3f2a0c9e5b7d41e08a6c2f1b9d3e7a5c4b8f0e12",
+                      b"note=tab\there;'quoted'", b"quota_rule=*:storage=2G"]
+    # changed while running: the next login gets the new value
+    with engine.begin() as conn:
+        unset_override(conn, "global", None, "note")
+    assert wait_for(lambda: b"note=" not in send_request(d.sock("imap"), request_bytes()).reply,
+                    timeout=5)
+    engine.dispose()
+
+
+def test_alerts_imap_only_and_show_once_survives_restart(db_url, daemon_with):
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        a_always = add_alert(conn, "user", "alice@example.com", "Out of office until Monday")
+        a_once = add_alert(conn, "global", None, "New webmail\r\n* OK fake", show_once=True)
+    d = daemon_with()
+    first = send_request(d.sock("imap"), request_bytes())
+    assert not first.refused
+    assert first.client_saw() == (alert_line("Out of office until Monday")
+                                  + alert_line("New webmail\r\n* OK fake"))
+    second = send_request(d.sock("imap"), request_bytes())
+    assert second.client_saw() == alert_line("Out of office until Monday")
+    pop = send_request(d.sock("pop3"), request_bytes())
+    assert not pop.refused and pop.client_saw() == b""          # never for POP3
+    d.stop()
+    with engine.connect() as conn:
+        seen = conn.execute(sa.select(login_alert_deliveries)).all()
+    assert [(r.alert_id, r.username) for r in seen] == [(a_once, "alice@example.com")]
+    d2 = daemon_with()
+    assert send_request(d2.sock("imap"), request_bytes()).client_saw() == alert_line(
+        "Out of office until Monday")
+    with engine.begin() as conn:
+        remove_alert(conn, a_always)
+        remove_alert(conn, a_once)
+        assert conn.execute(sa.select(sa.func.count()).select_from(
+            login_alert_deliveries)).scalar() == 0
+    engine.dispose()
+
+
+def test_acl_groups_from_system_groups(db_url, daemon_with):
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        set_override(conn, "user", "root", "acl_groups", "staff")
+    engine.dispose()
+    d = daemon_with(acl_groups_from_system="true")
+    _, fields = parse_reply(send_request(d.sock("imap"), request_bytes(b"root")).reply)
+    acl = [f for f in fields if f.startswith(b"acl_groups=")]
+    assert len(acl) == 1
+    groups = acl[0].split(b"=", 1)[1].split(b",")
+    assert groups[0] == b"staff" and b"root" in groups
+    # a user the system does not know keeps what Dovecot sent
+    _, fields = parse_reply(send_request(d.sock("imap"), request_bytes(b"x@example.com")).reply)
+    assert not any(f.startswith(b"acl_groups=") for f in fields)
+
+
+class NextHop(threading.Thread):
+    """A stand-in for a next post-login socket: records what it got, answers."""
+
+    def __init__(self, path: str, answer: bytes | None, send_fd: bool = True):
+        super().__init__(daemon=True)
+        self.path, self.answer, self.send_fd = path, answer, send_fd
+        self.requests: list[tuple[bytes, int]] = []
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(path)
+        self.sock.listen(8)
+
+    def run(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                data, anc, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(16))
+                fds = array.array("i")
+                for level, kind, raw in anc:
+                    fds.frombytes(raw[:len(raw) - len(raw) % 4])
+                self.requests.append((data, len(fds)))
+                if self.answer is not None:
+                    anc_out = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds[:1])] \
+                        if self.send_fd and fds else []
+                    conn.sendmsg([self.answer], anc_out)
+                for fd in fds:
+                    os.close(fd)
+
+
+def test_next_hop_gets_merged_fields_and_its_answer_is_relayed(db_url, daemon_with, tmp_path):
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        set_override(conn, "global", None, "mail", "maildir:/srv/%u")
+    hop_path = str(tmp_path / "hop.sock")
+    hop_reply = build_reply(b"alice@example.com", [b"uid=5000", b"extra=from-script"])
+    hop = NextHop(hop_path, hop_reply)
+    hop.start()
+    d = daemon_with(next_socket_imap=hop_path)
+    ex = send_request(d.sock("imap"), request_bytes())
+    assert ex.reply == hop_reply
+    (sent, nfds), = hop.requests
+    assert nfds == 1 and b"\tmail=maildir:/srv/%u" in sent
+    assert sent.startswith(b"VERSION\tscript-login\t1\t0\n")
+    # pop3 has no next hop configured: answered by lastlogin itself
+    assert parse_reply(send_request(d.sock("pop3"), request_bytes()).reply)[1][3] == \
+        b"mail=maildir:/srv/%u"
+    hop.sock.close()
+    with engine.connect() as conn:
+        outcomes = [r.outcome for r in conn.execute(sa.select(login_events))]
+    assert outcomes == ["allowed", "allowed"]
+    engine.dispose()
+
+
+def test_refusal_by_the_next_hop_is_recorded_as_denied(db_url, daemon_with, tmp_path):
+    hop_path = str(tmp_path / "hop.sock")
+    hop = NextHop(hop_path, None)          # closes without a reply: a refusal
+    hop.start()
+    d = daemon_with(next_socket_imap=hop_path)
+    assert send_request(d.sock("imap"), request_bytes()).refused
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        (ev,) = conn.execute(sa.select(login_events)).all()
+    engine.dispose()
+    assert ev.outcome == "denied" and ev.rule_id is None
+    assert "reason=\"next hop" in d.logs()
+    hop.sock.close()
+
+
+def test_override_and_alert_cli(db_url):
+    env = {"LASTLOGIN_DATABASE_URL": db_url}
+    assert lastlogin("override", "set", "mail", "maildir:/tmp/test", "--user", "alice@example.com",
+                     env=env).returncode == 0
+    warn = lastlogin("override", "set", "mail", "x", "--global",
+                     env={**env, "LASTLOGIN_DOVECOT_VERSION": "2.4"})
+    assert warn.returncode == 0 and "2.4 ignores it" in warn.stderr
+    both = lastlogin("override", "set", "mail", "x", "--user", "a", "--domain", "b", env=env)
+    assert both.returncode == 2 and both.stderr.strip() == (
+        "lastlogin: invalid scope: give one of --user, --domain, --global")
+    listed = lastlogin("override", "list", "--user", "alice@example.com", "--format", "csv",
+                       env=env).stdout.splitlines()
+    assert listed == ["scope,scope_value,key,value", "user,alice@example.com,mail,maildir:/tmp/test"]
+    assert lastlogin("alert", "add", "Out of office", "--user", "alice@example.com",
+                     env=env).returncode == 0
+    check = lastlogin("check", "alice@example.com", "192.0.2.1", env=env).stdout
+    assert "field:    mail=maildir:/tmp/test" in check
+    assert "alert:    * OK [ALERT] Out of office" in check
+    pop = lastlogin("check", "alice@example.com", "192.0.2.1", "--protocol", "pop3", env=env)
+    assert "alert:" not in pop.stdout
+    assert lastlogin("override", "unset", "mail", "--user", "alice@example.com",
+                     env=env).returncode == 0
+    gone = lastlogin("override", "unset", "mail", "--user", "alice@example.com", env=env)
+    assert gone.returncode == 1
+    assert lastlogin("alert", "remove", "999", env=env).returncode == 1
