@@ -119,7 +119,7 @@ def alert_add(ctx: Context, message: str, user, domain, is_global, start, until,
 @pass_ctx
 @edge
 def alert_list(ctx: Context, fmt: str) -> None:
-    """List the alerts."""
+    """List the alerts with their scope, window and show-once flag."""
     with ctx.begin() as conn:
         rows = [dict(r) for r in list_alerts(conn)]
     render(rows, ("id", "scope", "scope_value", "show_once", "valid_from", "valid_until",
