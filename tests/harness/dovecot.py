@@ -39,6 +39,7 @@ class Dovecot:
     imap_port: int = 0
     pop3_port: int = 0
     users: dict[bytes, bytes] = field(default_factory=dict)
+    extra: str = ""
 
     @property
     def config_path(self) -> str:
@@ -74,7 +75,7 @@ class Dovecot:
         text = TEMPLATE.read_text()
         values = {"BASE": self.base, "SOCKET_DIR": self.socket_dir,
                   "IMAP_PORT": str(self.imap_port), "POP3_PORT": str(self.pop3_port),
-                  "MAIL_UID": str(MAIL_UID)}
+                  "MAIL_UID": str(MAIL_UID), "EXTRA": self.extra}
         for key, value in values.items():
             text = text.replace("@" + key + "@", value)
         Path(self.config_path).write_text(text)
