@@ -254,3 +254,16 @@ def test_serve_refuses_a_database_not_at_head(pg_cluster):
     assert out.stderr.strip().splitlines() == [
         out.stderr.strip()] and "run `lastlogin db upgrade`" in out.stderr
     assert not os.path.exists(d.sock("imap"))
+
+
+def test_socket_owner_group_and_mode_are_applied(db_url):
+    import grp
+    d = make_daemon(db_url, protocols="imap", socket_mode="0600", socket_group="dovecot",
+                    socket_owner="root")
+    d.start()
+    try:
+        st = os.stat(d.sock("imap"))
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        assert st.st_uid == 0 and st.st_gid == grp.getgrnam("dovecot").gr_gid
+    finally:
+        d.stop()
