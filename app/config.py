@@ -70,6 +70,13 @@ def _as_int(v: Any) -> int:
     raise ValueError(f"must be an integer, got {v!r}")
 
 
+def _as_days(v: Any) -> int:
+    n = _as_int(v)
+    if n < 0:
+        raise ValueError(f"must be 0 (keep forever) or a number of days, got {n}")
+    return n
+
+
 def _as_positive_int(v: Any) -> int:
     n = _as_int(v)
     if n <= 0:
@@ -246,6 +253,8 @@ class Settings:
                                         doc="next post-login socket for managesieve")
     next_timeout: float = _opt(_as_seconds, 20.0,
                                doc="seconds the next post-login socket has to answer")
+    retention_days: int = _opt(_as_days, 0,
+                               doc="days of login history the daemon keeps (0: forever)")
     log_level: str = _opt(_choice("debug", "info", "warning", "error"), "info",
                           doc="log level")
     log_format: str = _opt(_choice("kv", "json"), "kv", doc="log line format")

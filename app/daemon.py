@@ -8,6 +8,7 @@ import logging
 from .config import Settings
 from .db import make_engine
 from .db.migrate import ensure_at_head
+from .maintenance import Maintenance
 from .recorder import Recorder
 from .server import Server
 from .service import Extras, LoginService, Policy
@@ -28,13 +29,16 @@ def run(settings: Settings, config_path: str | None = None) -> None:
     service = LoginService(recorder, policy, settings.record_timeout, Extras.from_settings(settings))
     server = Server(settings, service, config_path)
     server.bind()
+    maintenance = Maintenance(engine, settings.retention_days)
     recorder.start()
     refresher.start()
+    maintenance.start()
     try:
         asyncio.run(server.serve())
     finally:
         server.close_listeners()
         refresher.stop()
+        maintenance.stop()
         if not recorder.stop(timeout=settings.drain_timeout):
             log.error("event=writer_stuck detail=\"records still queued at exit\"")
         engine.dispose()

@@ -10,7 +10,7 @@ from alembic import context
 from sqlalchemy import create_engine, event
 
 from app.config import load_settings
-from app.db.schema import metadata
+from app.db.schema import include_name, metadata
 
 config = context.config
 target_metadata = metadata
@@ -27,6 +27,7 @@ def _configure(connection) -> None:
         target_metadata=target_metadata,
         compare_type=True,
         compare_server_default=False,
+        include_name=include_name,
         # SQLite cannot ALTER most things: batch mode copies the table.
         render_as_batch=connection.dialect.name == "sqlite",
         transaction_per_migration=True,

@@ -8,7 +8,7 @@ from app.db import make_engine
 from app.db.migrate import (current_revision, downgrade, ensure_at_head,
                             head_revision, SchemaNotCurrent, schema_differences,
                             script_location, upgrade)
-from app.db.schema import metadata
+from app.db.schema import is_partition, metadata
 
 
 def revisions():
@@ -42,12 +42,13 @@ def test_migration_files_stand_alone():
         assert "from app" not in text and "import app" not in text, path.name
 
 
-def tables(url):
+def tables(url, partitions=False):
     engine = make_engine(url)
     try:
-        return set(sa.inspect(engine).get_table_names())
+        names = set(sa.inspect(engine).get_table_names())
     finally:
         engine.dispose()
+    return names if partitions else {n for n in names if not is_partition(n)}
 
 
 def test_empty_to_head_to_base_to_head(empty_db_url):
@@ -59,7 +60,7 @@ def test_empty_to_head_to_base_to_head(empty_db_url):
     assert schema_differences(engine) == []
     downgrade(empty_db_url, "base")
     # base means no table at all, Alembic's bookkeeping included
-    assert tables(empty_db_url) == set()
+    assert tables(empty_db_url, partitions=True) == set()
     upgrade(empty_db_url)
     assert current_revision(engine) == head_revision()
     engine.dispose()
@@ -90,3 +91,29 @@ def test_postgresql_uses_native_address_types(pg_url):
     assert type(cols["remote_ip"]).__name__ == "INET"
     assert type(rules["remote_network"]).__name__ == "CIDR"
     assert cols["occurred_at"].timezone is True
+
+
+def test_login_events_are_partitioned_by_month_on_postgresql(pg_cluster):
+    import datetime as dt
+    url = pg_cluster.create_database()
+    # data written before the partitioning migration lands in its month
+    upgrade(url, "10193d525acb")
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO login_events (event_id, occurred_at, username, protocol, outcome) "
+            "VALUES (gen_random_uuid(), '2024-03-15 10:00+00', 'old', 'imap', 'allowed')")
+    upgrade(url)
+    parts = {n for n in tables(url, partitions=True) if is_partition(n)}
+    this_month = dt.date.today().strftime("%Y%m")
+    assert {"login_events_p202403", f"login_events_p{this_month}",
+            "login_events_pdefault"} <= parts
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql(
+            "SELECT username FROM login_events_p202403").scalars().all() == ["old"]
+    assert schema_differences(engine) == []
+    downgrade(url, "10193d525acb")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM login_events").scalar() == 1
+    assert not any(is_partition(n) for n in tables(url, partitions=True))
+    engine.dispose()

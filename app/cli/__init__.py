@@ -16,6 +16,8 @@ from . import db as _db  # noqa: F401  (registers `db`)
 from . import serve as _serve  # noqa: F401  (registers `serve`)
 from . import rule as _rule  # noqa: F401  (registers `rule`, `check`)
 from . import override as _override  # noqa: F401  (registers `override`, `alert`)
+from . import report as _report  # noqa: F401  (registers `report`, `prune`)
+from . import importing as _importing  # noqa: F401  (registers `import`)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ import csv
 import datetime as dt
 import json
 import sys
+from decimal import Decimal
 from typing import Any, Iterable, Sequence
 
 import click
@@ -18,6 +19,8 @@ format_option = click.option(
 
 
 def cell(value: Any, fmt: str) -> Any:
+    if isinstance(value, Decimal):      # PostgreSQL's sum() of integers
+        value = int(value) if value == value.to_integral_value() else float(value)
     if value is None:
         return "" if fmt != "json" else None
     if isinstance(value, dt.datetime):

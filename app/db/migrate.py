@@ -13,7 +13,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from .schema import metadata
+from .schema import include_name, metadata
 
 FILE_TEMPLATE = ("%%(year)d_%%(month).2d_%%(day).2d_%%(hour).2d%%(minute).2d"
                  "-%%(rev)s_%%(slug)s")
@@ -95,5 +95,6 @@ def schema_differences(engine: sa.Engine) -> list[object]:
     """What differs between the tables in the database and app.db.schema."""
     with engine.connect() as conn:
         ctx = MigrationContext.configure(
-            conn, opts={"compare_type": True, "target_metadata": metadata})
+            conn, opts={"compare_type": True, "target_metadata": metadata,
+                        "include_name": include_name})
         return compare_metadata(ctx, metadata)

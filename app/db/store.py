@@ -94,7 +94,7 @@ def record_logins(conn: sa.Connection, records: Sequence[LoginRecord]) -> int:
         return 0
     rows = [r.event_row() for r in records]
     stmt = (dialect_insert(conn, login_events)
-            .on_conflict_do_nothing(index_elements=["event_id"])
+            .on_conflict_do_nothing(index_elements=["event_id", "occurred_at"])
             .returning(login_events.c.event_id))
     new_ids = set(conn.execute(stmt, rows).scalars())
     fresh = [row for row in rows if row["event_id"] in new_ids]

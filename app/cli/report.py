@@ -1,0 +1,188 @@
+"""`lastlogin report ...` and `lastlogin prune`: answers from the history."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from typing import Any, Callable
+
+import click
+
+from ..db import reports
+from ..db.retention import prune as do_prune
+from ..errors import InvalidInput
+from ..timeparse import parse_duration, parse_time
+from .common import EXIT_PROBLEM, Context, edge, main_group, pass_ctx
+from .output import format_option, render
+
+
+def now_utc() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def report_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--utc", is_flag=True, help="Show times in UTC, not the local zone.")(fn)
+    return format_option(fn)
+
+
+def show(rows: list[dict[str, Any]], columns: tuple[str, ...], fmt: str, utc: bool) -> None:
+    """Print rows (times in the local zone unless --utc); exit 1 if there are none."""
+    zone = dt.timezone.utc if utc else None
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, dt.datetime):
+                row[key] = value.astimezone(zone)
+    render(rows, columns, fmt)
+    if not rows:
+        raise SystemExit(EXIT_PROBLEM)
+
+
+def since_option(fn):
+    return click.option("--since", metavar="TIME|DURATION",
+                        help="From TIME (ISO 8601) or DURATION ago (7d, 12h).")(fn)
+
+
+def parse_since(text: str | None, default: dt.timedelta | None) -> dt.datetime | None:
+    if not text:
+        return now_utc() - default if default else None
+    try:
+        return now_utc() - parse_duration(text, "--since")
+    except InvalidInput:
+        return parse_time(text, "--since")
+
+
+@main_group.group()
+def report() -> None:
+    """Who logged in, from where, who stopped, who was refused.
+
+    Exit status: 0 when the report has rows, 1 when it has none, 2 and more
+    on errors. Times are in the local zone unless --utc.
+    """
+
+
+@report.command("last")
+@click.option("--user", help="Only this user.")
+@click.option("--domain", help="Only users of this domain.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many rows.")
+@report_options
+@pass_ctx
+@edge
+def report_last(ctx: Context, user, domain, limit, fmt, utc) -> None:
+    """Each user's last login over all protocols, newest first."""
+    with ctx.begin() as conn:
+        rows = reports.last(conn, user, domain, limit)
+    show(rows, reports.LAST_COLUMNS, fmt, utc)
+
+
+@report.command("inactive")
+@click.option("--days", type=click.IntRange(min=1), required=True,
+              help="Report users whose last login is older than this.")
+@click.option("--accounts", type=click.File("r"),
+              help="File (or - for stdin) with every account, one per line, e.g. from "
+                   "`doveadm user '*'`; accounts that never logged in are reported too.")
+@report_options
+@pass_ctx
+@edge
+def report_inactive(ctx: Context, days, accounts, fmt, utc) -> None:
+    """Accounts with no login for more than --days days."""
+    names = None
+    if accounts is not None:
+        names = [ln.strip() for ln in accounts if ln.strip() and not ln.startswith("#")]
+    with ctx.begin() as conn:
+        rows = reports.inactive(conn, days, now_utc(), names)
+    show(rows, reports.INACTIVE_COLUMNS, fmt, utc)
+
+
+@report.command("history")
+@click.argument("username")
+@since_option
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
+@report_options
+@pass_ctx
+@edge
+def report_history(ctx: Context, username, since, limit, fmt, utc) -> None:
+    """One user's logins, allowed and refused, newest first."""
+    with ctx.begin() as conn:
+        rows = reports.history(conn, username, parse_since(since, None), limit)
+    show(rows, reports.HISTORY_COLUMNS, fmt, utc)
+
+
+@report.command("ips")
+@click.argument("username")
+@report_options
+@pass_ctx
+@edge
+def report_ips(ctx: Context, username, fmt, utc) -> None:
+    """The client addresses a user logged in from, with first and last use."""
+    with ctx.begin() as conn:
+        rows = reports.ips(conn, username)
+    show(rows, reports.IPS_COLUMNS, fmt, utc)
+
+
+@report.command("refused")
+@since_option
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
+@report_options
+@pass_ctx
+@edge
+def report_refused(ctx: Context, since, limit, fmt, utc) -> None:
+    """Refused logins (default: the last 7 days) with the rule and its message."""
+    with ctx.begin() as conn:
+        rows = reports.refused(conn, parse_since(since, dt.timedelta(days=7)), limit)
+    show(rows, reports.REFUSED_COLUMNS, fmt, utc)
+
+
+@report.command("daily")
+@click.option("--days", type=click.IntRange(min=1, max=3660), default=7, show_default=True)
+@report_options
+@pass_ctx
+@edge
+def report_daily(ctx: Context, days, fmt, utc) -> None:
+    """Logins per day and protocol, allowed and refused."""
+    zone = dt.timezone.utc if utc else dt.datetime.now().astimezone().tzinfo
+    with ctx.begin() as conn:
+        rows = reports.daily(conn, days, now_utc(), zone)
+    show(rows, reports.DAILY_COLUMNS, fmt, utc)
+
+
+@main_group.command()
+@click.option("--older-than", "older_than", required=True, metavar="DURATION",
+              help="Remove login history older than this (e.g. 180d).")
+@click.option("--batch", type=click.IntRange(min=100), default=10_000, show_default=True,
+              help="Rows deleted per transaction.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar (default: when stderr is a terminal).")
+@pass_ctx
+@edge
+def prune(ctx: Context, older_than: str, batch: int, progress: bool | None) -> None:
+    """Remove old login history in bounded batches (last_logins is kept).
+
+    On PostgreSQL whole months go at once (the table is partitioned by
+    month); the rest is deleted in short transactions of --batch rows, so
+    the daemon keeps recording logins meanwhile.
+    """
+    cutoff = now_utc() - parse_duration(older_than, "--older-than")
+    engine = ctx.engine()
+    show_bar = sys.stderr.isatty() if progress is None else progress
+    bar_holder: dict[str, Any] = {}
+
+    def on_total(total: int) -> None:
+        if show_bar:
+            bar_holder["bar"] = click.progressbar(length=total, label="deleting",
+                                                  file=sys.stderr)
+            bar_holder["bar"].__enter__()
+
+    def step(n: int) -> None:
+        if "bar" in bar_holder:
+            bar_holder["bar"].update(n)
+
+    try:
+        result = do_prune(engine, cutoff, batch, step, on_total)
+    finally:
+        if "bar" in bar_holder:
+            bar_holder["bar"].__exit__(None, None, None)
+        engine.dispose()
+    click.echo(f"removed {result.rows_dropped + result.rows_deleted} login events older "
+               f"than {cutoff.astimezone().isoformat(timespec='seconds')} "
+               f"({len(result.partitions)} monthly partitions dropped, "
+               f"{result.rows_deleted} rows deleted in batches)")

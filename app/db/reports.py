@@ -1,0 +1,137 @@
+"""The reports operators ask for, as named queries over the views and tables.
+
+Every function returns a list of dicts with UTC datetimes; the CLI turns
+them into the operator's zone and format.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Iterable
+
+import sqlalchemy as sa
+
+from .schema import last_logins, login_events
+from .types import IPAddress, UTCDateTime
+
+# The views, as far as queries need to know them (they are made by migrations).
+v_last_login = sa.table(
+    "v_last_login", sa.column("username"), sa.column("last_protocol"),
+    sa.column("last_seen", UTCDateTime), sa.column("last_remote_ip", IPAddress),
+    sa.column("first_seen", UTCDateTime), sa.column("logins", sa.BigInteger))
+v_user_ips = sa.table(
+    "v_user_ips", sa.column("username"), sa.column("remote_ip", IPAddress),
+    sa.column("first_seen", UTCDateTime), sa.column("last_seen", UTCDateTime),
+    sa.column("logins", sa.BigInteger), sa.column("refused", sa.BigInteger))
+v_refused_logins = sa.table(
+    "v_refused_logins", sa.column("occurred_at", UTCDateTime), sa.column("username"),
+    sa.column("protocol"), sa.column("remote_ip", IPAddress),
+    sa.column("local_ip", IPAddress), sa.column("rule_id", sa.Integer),
+    sa.column("message"), sa.column("comment"))
+
+LAST_COLUMNS = ("username", "last_seen", "last_protocol", "last_remote_ip", "logins",
+                "first_seen")
+INACTIVE_COLUMNS = ("username", "last_seen", "last_protocol", "idle_days")
+HISTORY_COLUMNS = ("occurred_at", "protocol", "outcome", "remote_ip", "local_ip", "rule_id",
+                   "auth_mech", "master_user")
+IPS_COLUMNS = ("remote_ip", "first_seen", "last_seen", "logins", "refused")
+REFUSED_COLUMNS = ("occurred_at", "username", "protocol", "remote_ip", "rule_id", "message")
+DAILY_COLUMNS = ("day", "protocol", "allowed", "denied")
+
+
+def _rows(conn: sa.Connection, query: sa.Select) -> list[dict[str, object]]:
+    return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def last(conn: sa.Connection, user: str | None = None, domain: str | None = None,
+         limit: int | None = None) -> list[dict[str, object]]:
+    v = v_last_login
+    q = sa.select(*(v.c[c] for c in LAST_COLUMNS)).order_by(v.c.last_seen.desc())
+    if user:
+        q = q.where(v.c.username == user)
+    if domain:
+        q = q.where(sa.func.lower(v.c.username).endswith("@" + domain.lower().lstrip("@"),
+                                                       autoescape=True))
+    return _rows(conn, q.limit(limit) if limit else q)
+
+
+def inactive(conn: sa.Connection, days: int, now: dt.datetime,
+             accounts: Iterable[str] | None = None) -> list[dict[str, object]]:
+    """Users whose last login is more than ``days`` ago.
+
+    With ``accounts`` (every account that exists), those that never logged
+    in at all are reported too, and only listed accounts are reported.
+    """
+    cutoff = now - dt.timedelta(days=days)
+    t = last_logins
+    per_user = (sa.select(t.c.username, sa.func.max(t.c.last_seen).label("last_seen"))
+                .group_by(t.c.username))
+    if accounts is None:
+        v = v_last_login
+        q = (sa.select(v.c.username, v.c.last_seen, v.c.last_protocol)
+             .where(v.c.last_seen < cutoff).order_by(v.c.last_seen))
+        rows = _rows(conn, q)
+    else:
+        seen = {r.username: r.last_seen for r in conn.execute(per_user)}
+        wanted = list(dict.fromkeys(a for a in accounts if a))
+        rows = [{"username": a, "last_seen": _utc(seen.get(a)), "last_protocol": None}
+                for a in wanted if a not in seen or _utc(seen[a]) < cutoff]
+        rows.sort(key=lambda r: (r["last_seen"] is not None, r["last_seen"] or now))
+    for r in rows:
+        r["idle_days"] = (now - r["last_seen"]).days if r["last_seen"] else None
+    return rows
+
+
+def _utc(value):
+    return UTCDateTime().process_result_value(value, None) if value is not None else None
+
+
+def history(conn: sa.Connection, user: str, since: dt.datetime | None = None,
+            limit: int = 1000) -> list[dict[str, object]]:
+    e = login_events
+    q = (sa.select(*(e.c[c] for c in HISTORY_COLUMNS)).where(e.c.username == user)
+         .order_by(e.c.occurred_at.desc()).limit(limit))
+    if since:
+        q = q.where(e.c.occurred_at >= since)
+    return _rows(conn, q)
+
+
+def ips(conn: sa.Connection, user: str) -> list[dict[str, object]]:
+    v = v_user_ips
+    q = (sa.select(*(v.c[c] for c in IPS_COLUMNS)).where(v.c.username == user)
+         .order_by(v.c.last_seen.desc()))
+    return _rows(conn, q)
+
+
+def refused(conn: sa.Connection, since: dt.datetime, limit: int = 1000
+            ) -> list[dict[str, object]]:
+    v = v_refused_logins
+    q = (sa.select(*(v.c[c] for c in REFUSED_COLUMNS)).where(v.c.occurred_at >= since)
+         .order_by(v.c.occurred_at.desc()).limit(limit))
+    return _rows(conn, q)
+
+
+def daily(conn: sa.Connection, days: int, now: dt.datetime,
+          tz: dt.tzinfo = dt.timezone.utc) -> list[dict[str, object]]:
+    """Logins per day (in ``tz``) and protocol, for the last ``days`` days.
+
+    The database counts per UTC hour; the hours are put into days here, so
+    a day is the operator's day whatever zone the database runs in.
+    """
+    start_day = now.astimezone(tz).date() - dt.timedelta(days=days - 1)
+    start = dt.datetime.combine(start_day, dt.time(), tz).astimezone(dt.timezone.utc)
+    e = login_events
+    if conn.dialect.name == "postgresql":
+        hour = sa.func.date_trunc("hour", sa.func.timezone("UTC", e.c.occurred_at))
+    else:
+        hour = sa.func.strftime("%Y-%m-%d %H:00:00", e.c.occurred_at)
+    q = (sa.select(hour.label("hour"), e.c.protocol, e.c.outcome, sa.func.count().label("n"))
+         .where(e.c.occurred_at >= start).group_by(hour, e.c.protocol, e.c.outcome))
+    buckets: dict[tuple[dt.date, str], dict[str, object]] = {}
+    for r in conn.execute(q):
+        h = r.hour if isinstance(r.hour, dt.datetime) else dt.datetime.fromisoformat(r.hour)
+        day = h.replace(tzinfo=dt.timezone.utc).astimezone(tz).date()
+        row = buckets.setdefault((day, r.protocol), {"day": day, "protocol": r.protocol,
+                                                     "allowed": 0, "denied": 0})
+        row[r.outcome] += r.n
+    return sorted(buckets.values(), key=lambda r: (r["day"], r["protocol"]))

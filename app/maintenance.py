@@ -1,0 +1,48 @@
+"""The daemon's daily job: monthly partitions ahead, retention if configured."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+
+import sqlalchemy as sa
+
+from .db.retention import maintain
+
+log = logging.getLogger("lastlogin.maintenance")
+
+DAY = 24 * 3600.0
+
+
+class Maintenance:
+    def __init__(self, engine: sa.Engine, retention_days: int, interval: float = DAY) -> None:
+        self.engine = engine
+        self.retention_days = retention_days
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lastlogin-maintenance",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def run_once(self) -> None:
+        result = maintain(self.engine, dt.datetime.now(dt.timezone.utc), self.retention_days)
+        if result is not None:
+            log.info("event=retention days=%d partitions_dropped=%d rows=%d",
+                     self.retention_days, len(result.partitions),
+                     result.rows_dropped + result.rows_deleted)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception as exc:  # noqa: BLE001 - try again next time
+                log.error("event=maintenance_failed error=%s",
+                          str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__)
+            self._stop.wait(self.interval)
