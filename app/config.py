@@ -229,8 +229,13 @@ class Settings:
                                   doc="seconds a peer has to send its whole request")
     max_request_bytes: int = _opt(_as_positive_int, 1 << 20,
                                   doc="largest request accepted, in bytes")
-    record_timeout: float = _opt(_as_seconds, 5.0,
-                                 doc="seconds to wait for a login record to commit")
+    record_timeout: float = _opt(_as_seconds, 2.0,
+                                 doc="seconds a commit may take before the record is spooled")
+    spool_dir: str = _opt(_as_str, "", doc="outage spool directory; default data_dir/spool")
+    spool_max_bytes: int = _opt(_as_positive_int, 256 << 20,
+                                doc="largest the outage spool may grow, in bytes")
+    spool_full_action: str = _opt(_choice("allow", "refuse"), "allow",
+                                  doc="when the spool is full: allow unrecorded, or refuse")
     client_write_timeout: float = _opt(_as_seconds, 5.0,
                                        doc="seconds to write a message to the client")
     drain_timeout: float = _opt(_as_seconds, 15.0,
@@ -268,6 +273,10 @@ class Settings:
     def socket_path(self, protocol: str) -> str:
         explicit = getattr(self, f"socket_{protocol}")
         return explicit or os.path.join(self.socket_dir, f"{protocol}.sock")
+
+    @property
+    def effective_spool_dir(self) -> str:
+        return self.spool_dir or os.path.join(self.data_dir, "spool")
 
     def next_socket(self, protocol: str) -> str:
         return getattr(self, f"next_socket_{protocol}")

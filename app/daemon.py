@@ -4,43 +4,63 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+
+import sqlalchemy as sa
 
 from .config import Settings
 from .db import make_engine
 from .db.migrate import ensure_at_head
 from .maintenance import Maintenance
-from .recorder import Recorder
+from .recorder import Recorder, Replayer, first_line
 from .server import Server
 from .service import Extras, LoginService, Policy
 from .snapshot import ConfigCache, Refresher
+from .spool import Spool
 
 log = logging.getLogger("lastlogin.daemon")
 
 
 def run(settings: Settings, config_path: str | None = None) -> None:
-    """Serve until SIGTERM/SIGINT. Raises before binding if the schema is old."""
-    engine = make_engine(settings.effective_database_url)
-    ensure_at_head(engine)
+    """Serve until SIGTERM/SIGINT. Raises before binding if the schema is old.
+
+    A database that cannot be reached at start is not fatal: logins are
+    spooled and decided by `rules_unloaded_action` until it answers.
+    """
+    engine = make_engine(settings.effective_database_url,
+                         connect_timeout=max(1, math.ceil(settings.record_timeout)),
+                         write_bound=settings.record_timeout)
     cache = ConfigCache()
     refresher = Refresher(engine, cache)
-    refresher.refresh()             # rules in memory before the first login
-    recorder = Recorder(engine, batch_max=settings.batch_max)
+    spool = Spool(settings.effective_spool_dir, settings.spool_max_bytes)
+    recorder = Recorder(engine, batch_max=settings.batch_max, spool=spool,
+                        spool_full_action=settings.spool_full_action)
+    try:
+        ensure_at_head(engine)
+        refresher.refresh()             # rules in memory before the first login
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        log.error("event=database_unreachable_at_start action=spooling error=%s",
+                  first_line(exc).replace(" ", "_")[:200])
+        recorder.down = True
+    replayer = Replayer(engine, recorder, stuck_after=settings.record_timeout)
     policy = Policy(cache, settings.default_action, settings.rules_unloaded_action)
-    service = LoginService(recorder, policy, settings.record_timeout, Extras.from_settings(settings))
+    service = LoginService(recorder, policy, settings.record_timeout,
+                           Extras.from_settings(settings))
     server = Server(settings, service, config_path)
     server.bind()
     maintenance = Maintenance(engine, settings.retention_days)
-    recorder.start()
-    refresher.start()
-    maintenance.start()
+    threads = (recorder, refresher, replayer, maintenance)
+    for t in threads:
+        t.start()
     try:
         asyncio.run(server.serve())
     finally:
         server.close_listeners()
         refresher.stop()
         maintenance.stop()
+        replayer.stop()
         if not recorder.stop(timeout=settings.drain_timeout):
             log.error("event=writer_stuck detail=\"records still queued at exit\"")
         engine.dispose()
-        log.info("event=stopped records=%d commits=%d", recorder.records, recorder.commits)
-
+        log.info("event=stopped records=%d commits=%d spooled=%d dropped=%d",
+                 recorder.records, recorder.commits, recorder.spooled, recorder.dropped)

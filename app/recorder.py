@@ -1,9 +1,14 @@
-"""The login writer: group commit on one thread of its own.
+"""The login writer: group commit on one thread, and the outage spool.
 
 Logins hand their record to ``submit`` and wait on the returned future. The
 writer thread takes everything that queued up while the previous commit was
 running and stores it in one transaction, so under load many logins share
 one commit (and one fsync) instead of paying for one each.
+
+When the database fails, the batch goes to the local spool instead (fsync'ed
+before the futures resolve) and the recorder is marked down: until the
+replayer sees the database again, logins spool directly and no login waits
+on a database that is not there.
 """
 
 from __future__ import annotations
@@ -19,31 +24,48 @@ import sqlalchemy as sa
 
 from .db.store import LoginRecord, record_logins
 from .logs import show
+from .spool import Spool, SpoolFull
 
 log = logging.getLogger("lastlogin.recorder")
 
 _STOP = object()
 
 Writer = Callable[[sa.Connection, Sequence[LoginRecord]], int]
+Item = tuple[LoginRecord, "concurrent.futures.Future[str]"]
+
+COMMITTED, SPOOLED, DROPPED = "committed", "spooled", "dropped"
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class Recorder:
     def __init__(self, engine: sa.Engine, batch_max: int = 1000,
-                 writer: Writer = record_logins) -> None:
+                 writer: Writer = record_logins, spool: Spool | None = None,
+                 spool_full_action: str = "allow") -> None:
         self._engine = engine
         self._batch_max = batch_max
         self._writer = writer
+        self.spool = spool
+        self.spool_full_action = spool_full_action
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="lastlogin-writer",
                                         daemon=True)
+        self._spool_lock = threading.Lock()
+        self.down = False           # the database failed; cleared by the replayer
+        self.busy_since: float | None = None    # when the current commit began
         self.commits = 0
         self.records = 0
+        self.spooled = 0
+        self.dropped = 0
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, record: LoginRecord) -> concurrent.futures.Future[None]:
-        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+    def submit(self, record: LoginRecord) -> concurrent.futures.Future[str]:
+        fut: concurrent.futures.Future[str] = concurrent.futures.Future()
         self._queue.put((record, fut))
         return fut
 
@@ -55,7 +77,44 @@ class Recorder:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    def _take_batch(self) -> tuple[list[tuple[LoginRecord, concurrent.futures.Future[None]]], bool]:
+    # --- the spool side ---------------------------------------------------
+
+    def mark_down(self, why: str) -> None:
+        if not self.down:
+            log.error("event=database_down action=spooling reason=%s", show(why))
+        self.down = True
+
+    def stuck(self, after: float) -> bool:
+        """The writer has been inside one commit for longer than ``after`` seconds."""
+        since = self.busy_since
+        return since is not None and time.monotonic() - since > after
+
+    def mark_up(self) -> None:
+        if self.down:
+            log.info("event=database_up")
+        self.down = False
+
+    def spool_records(self, records: list[LoginRecord]) -> str:
+        """Keep records on disk; SPOOLED, or DROPPED/SpoolFull when it is full."""
+        if self.spool is None:
+            raise SpoolFull("no spool configured")
+        try:
+            self.spool.append(records)
+        except SpoolFull as exc:
+            if self.spool_full_action == "refuse":
+                raise
+            with self._spool_lock:
+                self.dropped += len(records)
+            log.error("event=spool_full action=allow_unrecorded records=%d detail=%s",
+                      len(records), show(str(exc)))
+            return DROPPED
+        with self._spool_lock:
+            self.spooled += len(records)
+        return SPOOLED
+
+    # --- the writer thread ----------------------------------------------
+
+    def _take_batch(self) -> tuple[list[Item], bool]:
         first = self._queue.get()
         if first is _STOP:
             return [], True
@@ -76,19 +135,22 @@ class Recorder:
         while True:
             batch, stopping = self._take_batch()
             if batch:
-                self._write(batch)
+                self._write([(r, f) for r, f in batch if f.set_running_or_notify_cancel()])
             if stopping:
                 return
 
-    def _write(self, batch: list[tuple[LoginRecord, concurrent.futures.Future[None]]]) -> None:
-        live = [(rec, fut) for rec, fut in batch if fut.set_running_or_notify_cancel()]
+    def _write(self, live: list[Item]) -> None:
         if not live:
             return
-        started = time.monotonic()
+        if self.down:
+            self._to_spool(live)
+            return
+        started = self.busy_since = time.monotonic()
         try:
             with self._engine.begin() as conn:
                 self._writer(conn, [rec for rec, _ in live])
         except sa.exc.DBAPIError as exc:
+            self.busy_since = None
             if len(live) > 1 and not exc.connection_invalidated and not isinstance(
                     exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
                 # One record the database rejects must not sink its batch
@@ -96,34 +158,109 @@ class Recorder:
                 for item in live:
                     self._write_one(item)
                 return
-            self._fail(live, exc)
+            self._failed(live, exc)
             return
         except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
-            self._fail(live, exc)
+            self.busy_since = None
+            self._failed(live, exc)
             return
+        self.busy_since = None
         self.commits += 1
         self.records += len(live)
         log.debug("event=commit records=%d ms=%.2f", len(live),
                   (time.monotonic() - started) * 1000)
         for _, fut in live:
-            fut.set_result(None)
+            fut.set_result(COMMITTED)
 
-    def _write_one(self, item: tuple[LoginRecord, concurrent.futures.Future[None]]) -> None:
+    def _failed(self, items: list[Item], exc: Exception) -> None:
+        """The database said no or is gone: spool if we can, else fail the waiters."""
+        if self.spool is not None and isinstance(exc, (sa.exc.OperationalError,
+                                                       sa.exc.InterfaceError,
+                                                       sa.exc.DBAPIError)):
+            self.mark_down(first_line(exc))
+            self._to_spool(items)
+            return
+        log.error("event=record_failed records=%d error=%s", len(items), show(first_line(exc)))
+        for _, fut in items:
+            fut.set_exception(exc)
+
+    def _to_spool(self, items: list[Item]) -> None:
+        try:
+            outcome = self.spool_records([rec for rec, _ in items])
+        except Exception as exc:  # noqa: BLE001 - SpoolFull with refuse, or a disk error
+            log.error("event=spool_failed records=%d error=%s", len(items),
+                      show(first_line(exc)))
+            for _, fut in items:
+                fut.set_exception(exc)
+            return
+        for _, fut in items:
+            fut.set_result(outcome)
+
+    def _write_one(self, item: Item) -> None:
         rec, fut = item
         try:
             with self._engine.begin() as conn:
                 self._writer(conn, [rec])
         except Exception as exc:  # noqa: BLE001
-            self._fail([item], exc)
+            log.error("event=record_failed records=1 error=%s", show(first_line(exc)))
+            fut.set_exception(exc)
             return
         self.commits += 1
         self.records += 1
-        fut.set_result(None)
+        fut.set_result(COMMITTED)
 
-    @staticmethod
-    def _fail(items: list[tuple[LoginRecord, concurrent.futures.Future[None]]],
-              exc: Exception) -> None:
-        log.error("event=record_failed records=%d error=%s", len(items),
-                  show(str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__))
-        for _, fut in items:
-            fut.set_exception(exc)
+
+class Replayer:
+    """Stores spooled records once the database answers again, oldest first."""
+
+    def __init__(self, engine: sa.Engine, recorder: Recorder, interval: float = 1.0,
+                 chunk: int = 1000, writer: Writer = record_logins,
+                 stuck_after: float = 2.0) -> None:
+        assert recorder.spool is not None
+        self.engine = engine
+        self.recorder = recorder
+        self.spool = recorder.spool
+        self.interval = interval
+        self.chunk = chunk
+        self.writer = writer
+        self.stuck_after = stuck_after
+        self.replayed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lastlogin-replay",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.run_once()
+            except Exception as exc:  # noqa: BLE001 - the database is still away
+                self.recorder.mark_down(first_line(exc))
+
+    def run_once(self) -> int:
+        """Probe the database; if it answers, replay every closed segment."""
+        if not self.recorder.down and not self.spool.segments():
+            return 0
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        if self.recorder.stuck(self.stuck_after):
+            return 0            # it answers, but writes still hang (a held lock)
+        self.recorder.mark_up()
+        self.spool.close_segment()
+        done = 0
+        for segment in self.spool.closed_segments():
+            records = list(self.spool.read(segment))
+            for i in range(0, len(records), self.chunk):
+                with self.engine.begin() as conn:
+                    self.writer(conn, records[i:i + self.chunk])
+            self.spool.remove(segment)
+            done += len(records)
+            log.info("event=spool_replayed segment=%s records=%d", segment.name, len(records))
+        self.replayed += done
+        return done

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 import signal
@@ -88,15 +89,43 @@ class Listener:
     path: str
     sock: socket.socket
     inode: int          # of the socket file, to unlink only our own
+    owned: bool = True  # False: systemd's (socket activation) or handed to a successor
 
     def close(self) -> None:
         """Unlink the path only if it is still our socket (not a successor's)."""
         try:
-            if os.stat(self.path).st_ino == self.inode:
+            if self.owned and os.stat(self.path).st_ino == self.inode:
                 os.unlink(self.path)
         except OSError:
             pass
         self.sock.close()
+
+
+SD_LISTEN_FDS_START = 3
+HANDOVER_ENV = "LASTLOGIN_HANDOVER_FDS"
+
+
+def inherited_sockets() -> list[tuple[socket.socket, bool]]:
+    """Listening sockets handed to us: (socket, do we own its path).
+
+    systemd socket activation (LISTEN_FDS/LISTEN_PID: systemd keeps the
+    path), or a predecessor's graceful restart (LASTLOGIN_HANDOVER_FDS: the
+    path becomes ours). The variables are removed so children do not see them.
+    """
+    fds: list[tuple[int, bool]] = []
+    if os.environ.get("LISTEN_PID") == str(os.getpid()):
+        count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+        fds += [(fd, False) for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)]
+    if os.environ.get(HANDOVER_ENV):
+        fds += [(int(fd), True) for fd in os.environ[HANDOVER_ENV].split(",") if fd.isdigit()]
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", HANDOVER_ENV):
+        os.environ.pop(var, None)
+    out = []
+    for fd, owned in fds:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        out.append((sock, owned))
+    return out
 
 
 def bind_listener(protocol: str, path: str, settings: Settings) -> Listener:
@@ -161,13 +190,34 @@ class Server:
 
     # lifecycle
     def bind(self) -> None:
+        """Take over inherited sockets by their path; bind the others."""
+        inherited = {}
+        for sock, owned in inherited_sockets():
+            try:
+                name = sock.getsockname()
+            except OSError:
+                name = None
+            if isinstance(name, str) and name:
+                inherited[os.path.abspath(name)] = (sock, owned)
+            else:
+                log.warning("event=inherited_fd_ignored fd=%d", sock.fileno())
+                sock.close()
         try:
             for proto in self.settings.protocols:
                 path = self.settings.socket_path(proto)
-                self.listeners.append(bind_listener(proto, path, self.settings))
+                found = inherited.pop(os.path.abspath(path), None)
+                if found:
+                    sock, owned = found
+                    self.listeners.append(Listener(proto, path, sock, os.stat(path).st_ino, owned))
+                    log.info("event=socket_inherited protocol=%s socket=%s", proto, path)
+                else:
+                    self.listeners.append(bind_listener(proto, path, self.settings))
         except BaseException:
             self.close_listeners()
             raise
+        for path, (sock, _) in inherited.items():
+            log.warning("event=inherited_socket_unused socket=%s", path)
+            sock.close()
 
     def close_listeners(self) -> None:
         for listener in self.listeners:
@@ -182,15 +232,18 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR2, self._start_handover)
         for lst in self.listeners:
             self._accepting.append(asyncio.create_task(self._accept_loop(lst.protocol, lst.sock)))
             log.info("event=listening protocol=%s socket=%s", lst.protocol, lst.path)
         sd_notify("READY=1\nSTATUS=serving")
+        status = asyncio.create_task(self._write_status())
         try:
             await self._stop.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
                 loop.remove_signal_handler(sig)
+            status.cancel()
             await self._drain()
 
     async def _drain(self) -> None:
@@ -207,6 +260,70 @@ class Server:
             if late:
                 log.warning("event=drain_timeout abandoned=%d", len(late))
                 await asyncio.wait(late, timeout=1)
+
+    async def _write_status(self, every: float = 2.0) -> None:
+        """Keep <socket_dir>/status.json current for `lastlogin status`."""
+        path = os.path.join(self.settings.socket_dir, "status.json")
+        while True:
+            doc = self.service.status()
+            doc.update(pid=os.getpid(), written_at=time.time(),
+                       inflight=len(self._inflight))
+            tmp = f"{path}.{os.getpid()}"
+            try:
+                with open(tmp, "w") as fh:
+                    json.dump(doc, fh)
+                os.replace(tmp, path)
+            except OSError as exc:
+                log.warning("event=status_write_failed error=%s", show(str(exc)))
+            await asyncio.sleep(every)
+
+    def _start_handover(self) -> None:
+        if getattr(self, "_handover", None) is None or self._handover.done():
+            self._handover = asyncio.ensure_future(self.handover())
+
+    async def handover(self, ready_timeout: float = 30.0) -> bool:
+        """SIGUSR2: start a successor on our listening sockets, then step down.
+
+        The sockets never close, so no login is refused while the daemon is
+        replaced (a new version, new settings). The successor inherits them
+        (LASTLOGIN_HANDOVER_FDS) and says READY=1 on a private notify socket;
+        then this process stops accepting, drains and exits. If it never says
+        so, this process terminates it and goes on serving.
+        """
+        import subprocess
+        import sys
+        loop = asyncio.get_running_loop()
+        fds = [lst.sock.fileno() for lst in self.listeners]
+        notify_path = os.path.join(self.settings.socket_dir, f".handover-{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(notify_path)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        notify.bind(notify_path)
+        env = dict(os.environ, NOTIFY_SOCKET=notify_path, **{HANDOVER_ENV: ",".join(map(str, fds))})
+        args = [sys.executable, "-m", "app"]
+        if self.config_path:
+            args += ["--config", self.config_path]
+        try:
+            child = subprocess.Popen(args + ["serve"], env=env, pass_fds=fds)
+            log.info("event=handover_started child_pid=%d", child.pid)
+            try:
+                async with asyncio.timeout(ready_timeout):
+                    while not (await loop.sock_recv(notify, 4096)).startswith(b"READY=1"):
+                        pass
+            except TimeoutError:
+                log.error("event=handover_failed child_pid=%d reason=not_ready", child.pid)
+                child.terminate()
+                await loop.run_in_executor(None, child.wait)
+                return False
+        finally:
+            notify.close()
+            with contextlib.suppress(OSError):
+                os.unlink(notify_path)
+        for lst in self.listeners:
+            lst.owned = False           # the successor unlinks them when it is done
+        log.info("event=handover_done child_pid=%d", child.pid)
+        self.request_stop()
+        return True
 
     def reload(self) -> None:
         """SIGHUP: re-read the settings; keep the old ones if the new are bad."""
@@ -265,7 +382,12 @@ class Server:
                 async with asyncio.timeout(self.settings.client_write_timeout):
                     await send_all(conn, answer.reply, answer.reply_fd)
             self._log_login(proto, req, answer, started)
-        except (ConnectionRefused, ProtocolError, PeerError, RecordError) as exc:
+        except PeerError as exc:
+            if str(exc).startswith("peer closed after 0 bytes"):
+                log.debug("event=probe protocol=%s peer=%s", proto, peer)   # `lastlogin status`
+            else:
+                self._log_refused(proto, peer, req, str(exc))
+        except (ConnectionRefused, ProtocolError, RecordError) as exc:
             self._log_refused(proto, peer, req, str(exc))
         except TimeoutError:
             self._log_refused(proto, peer, req, "timed out")

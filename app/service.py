@@ -20,7 +20,7 @@ from .overrides import alerts_for, merge_fields, union_list
 from .policy import ALLOW, Decision, LoginFacts, decide, domain_of
 from .protocol import (DEFAULT_DENY_TEXT, LoginRequest, alert_line, build_reply,
                        deny_line, field_value)
-from .recorder import Recorder
+from .recorder import Recorder, first_line
 from .snapshot import ConfigCache, Snapshot
 from .sysgroups import GroupCache
 
@@ -144,6 +144,19 @@ class LoginService:
         self.extras = extras or Extras()
         self.clock = clock
 
+    def status(self) -> dict[str, object]:
+        """What `lastlogin status` reads (through the daemon's status file)."""
+        snap = self.policy.cache.snapshot
+        rec = self.recorder
+        return {
+            "database_down": rec.down,
+            "config_version": snap.version if snap else None,
+            "rules": len(snap.rules) if snap else None,
+            "config_checked_age": self.policy.cache.checked_age(),
+            "spool_bytes": rec.spool.size if rec.spool else 0,
+            "committed": rec.records, "spooled": rec.spooled, "dropped": rec.dropped,
+        }
+
     async def login(self, protocol: str, req: LoginRequest, client: ClientChannel) -> Answer:
         now = self.clock()
         user = text_form(req.username)[0]
@@ -195,11 +208,27 @@ class LoginService:
         return Answer(record, None, reason=decision.reason)
 
     async def _commit(self, record: LoginRecord) -> None:
-        fut = asyncio.wrap_future(self.recorder.submit(record))
+        """Durable before the answer: committed, or spooled while the database is away."""
+        rec = self.recorder
+        if rec.down and rec.spool is not None:
+            await self._spool(record)
+            return
+        fut = asyncio.wrap_future(rec.submit(record))
         try:
-            await asyncio.wait_for(fut, self.record_timeout)
+            # shield: on a timeout the record stays in its batch; if that
+            # commit lands later, replaying the spooled copy is a no-op
+            await asyncio.wait_for(asyncio.shield(fut), self.record_timeout)
         except asyncio.TimeoutError:
-            raise RecordError(f"not committed within {self.record_timeout:g}s") from None
-        except Exception as exc:  # noqa: BLE001 - the database said no
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise RecordError(first) from exc
+            if rec.spool is None:
+                raise RecordError(f"not committed within {self.record_timeout:g}s") from None
+            rec.mark_down(f"commit took longer than {self.record_timeout:g}s")
+            await self._spool(record)
+        except Exception as exc:  # noqa: BLE001 - the database (or the spool) said no
+            raise RecordError(first_line(exc)) from exc
+
+    async def _spool(self, record: LoginRecord) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self.recorder.spool_records, [record])
+        except Exception as exc:  # noqa: BLE001 - full (with refuse) or a disk error
+            raise RecordError(f"spool: {first_line(exc)}") from exc

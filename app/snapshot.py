@@ -51,6 +51,7 @@ class ConfigCache:
 
     def __init__(self) -> None:
         self.snapshot: Snapshot | None = None
+        self.checked_at: float | None = None    # last time the database was asked
 
     @property
     def rules(self) -> tuple[Rule, ...] | None:
@@ -60,6 +61,10 @@ class ConfigCache:
     def age(self) -> float | None:
         snap = self.snapshot
         return None if snap is None else time.monotonic() - snap.loaded_at
+
+    def checked_age(self) -> float | None:
+        """Seconds since the snapshot was last known to be current."""
+        return None if self.checked_at is None else time.monotonic() - self.checked_at
 
 
 class Refresher:
@@ -81,8 +86,10 @@ class Refresher:
         with self.engine.connect() as conn:
             current = self.cache.snapshot
             if current is not None and config_version_of(conn) == current.version:
+                self.cache.checked_at = time.monotonic()
                 return False
             snap = load_snapshot(conn)
+        self.cache.checked_at = time.monotonic()
         if current is not None:
             # deliveries shown but not yet committed when the copy was read
             snap.delivered.update(current.delivered)

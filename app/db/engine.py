@@ -25,7 +25,8 @@ def dialect_insert(conn: sa.Connection, table: sa.Table):
     return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table)
 
 
-def make_engine(url: str, *, connect_timeout: int = 5) -> sa.Engine:
+def make_engine(url: str, *, connect_timeout: int = 5,
+                write_bound: float | None = None) -> sa.Engine:
     """An engine for ``url``; the SQLite file's directory is created."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -34,7 +35,10 @@ def make_engine(url: str, *, connect_timeout: int = 5) -> sa.Engine:
         engine = sa.create_engine(url, connect_args={"timeout": 5})
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return sa.create_engine(
-        url, pool_pre_ping=True,
-        connect_args={"connect_timeout": connect_timeout,
-                      "application_name": "lastlogin"})
+    args: dict[str, object] = {"connect_timeout": connect_timeout,
+                               "application_name": "lastlogin"}
+    if write_bound:
+        # The daemon's statements give up instead of hanging behind a lock.
+        ms = int(write_bound * 1000)
+        args["options"] = f"-c lock_timeout={ms} -c statement_timeout={ms * 4}"
+    return sa.create_engine(url, pool_pre_ping=True, connect_args=args)
