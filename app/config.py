@@ -18,6 +18,8 @@ from typing import Any, Callable, Mapping
 DEFAULT_CONFIG_PATH = Path("/etc/lastlogin/lastlogin.toml")
 ENV_PREFIX = "LASTLOGIN_"
 PROTOCOLS = ("imap", "pop3", "submission", "managesieve")
+# Variables the daemon sets for itself (graceful restart), not settings.
+INTERNAL_ENV = frozenset({"handover_fds"})
 
 
 class ConfigError(Exception):
@@ -336,7 +338,7 @@ def load_settings(path: str | os.PathLike[str] | None = None,
         key = name[len(ENV_PREFIX):].lower()
         if key in fields:
             raw[key] = value
-        elif not key.startswith("test_"):
+        elif not key.startswith(("test_", "bench_")) and key not in INTERNAL_ENV:
             raise ConfigError(name, "unknown setting")
 
     values = {}

@@ -105,26 +105,30 @@ SD_LISTEN_FDS_START = 3
 HANDOVER_ENV = "LASTLOGIN_HANDOVER_FDS"
 
 
-def inherited_sockets() -> list[tuple[socket.socket, bool]]:
-    """Listening sockets handed to us: (socket, do we own its path).
+def inherited_sockets() -> list[tuple[socket.socket, str | None, bool]]:
+    """Listening sockets handed to us: (socket, its path if known, owned).
 
-    systemd socket activation (LISTEN_FDS/LISTEN_PID: systemd keeps the
-    path), or a predecessor's graceful restart (LASTLOGIN_HANDOVER_FDS: the
-    path becomes ours). The variables are removed so children do not see them.
+    systemd socket activation (LISTEN_FDS/LISTEN_PID; the path is the
+    socket's own name and stays systemd's), or a predecessor's graceful
+    restart (LASTLOGIN_HANDOVER_FDS="path=fd,..."; the paths become ours).
+    The variables are removed so that children do not see them.
     """
-    fds: list[tuple[int, bool]] = []
+    found: list[tuple[int, str | None, bool]] = []
     if os.environ.get("LISTEN_PID") == str(os.getpid()):
         count = int(os.environ.get("LISTEN_FDS", "0") or 0)
-        fds += [(fd, False) for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)]
-    if os.environ.get(HANDOVER_ENV):
-        fds += [(int(fd), True) for fd in os.environ[HANDOVER_ENV].split(",") if fd.isdigit()]
+        found += [(fd, None, False)
+                  for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)]
+    for item in filter(None, os.environ.get(HANDOVER_ENV, "").split(",")):
+        path, _, fd = item.rpartition("=")
+        if fd.isdigit():
+            found.append((int(fd), path, True))
     for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", HANDOVER_ENV):
         os.environ.pop(var, None)
     out = []
-    for fd, owned in fds:
+    for fd, path, owned in found:
         sock = socket.socket(fileno=fd)
         sock.setblocking(False)
-        out.append((sock, owned))
+        out.append((sock, path, owned))
     return out
 
 
@@ -192,11 +196,12 @@ class Server:
     def bind(self) -> None:
         """Take over inherited sockets by their path; bind the others."""
         inherited = {}
-        for sock, owned in inherited_sockets():
-            try:
-                name = sock.getsockname()
-            except OSError:
-                name = None
+        for sock, name, owned in inherited_sockets():
+            if name is None:
+                try:
+                    name = sock.getsockname()
+                except OSError:
+                    name = None
             if isinstance(name, str) and name:
                 inherited[os.path.abspath(name)] = (sock, owned)
             else:
@@ -294,12 +299,13 @@ class Server:
         import sys
         loop = asyncio.get_running_loop()
         fds = [lst.sock.fileno() for lst in self.listeners]
+        handed = ",".join(f"{lst.path}={lst.sock.fileno()}" for lst in self.listeners)
         notify_path = os.path.join(self.settings.socket_dir, f".handover-{os.getpid()}")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(notify_path)
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         notify.bind(notify_path)
-        env = dict(os.environ, NOTIFY_SOCKET=notify_path, **{HANDOVER_ENV: ",".join(map(str, fds))})
+        env = dict(os.environ, NOTIFY_SOCKET=notify_path, **{HANDOVER_ENV: handed})
         args = [sys.executable, "-m", "app"]
         if self.config_path:
             args += ["--config", self.config_path]

@@ -51,6 +51,16 @@ class Daemon:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
+    def forget(self) -> None:
+        """After the process died on its own (kill -9): release what start() made."""
+        self.proc = None
+        self.log.close()
+        if self._notify:
+            name = self._notify.getsockname()
+            self._notify.close()
+            os.unlink(name)
+            self._notify = None
+
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc is None:
             return 0

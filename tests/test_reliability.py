@@ -1,0 +1,190 @@
+"""Faults: the database goes away, slows down, the daemon dies or restarts.
+
+Every test is bounded in time and talks to addresses on this machine only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from app.db import make_engine
+from app.db.migrate import upgrade
+from app.db.schema import last_logins, login_events
+from app.spool import Spool, SpoolFull, decode, encode
+from tests.builders import HOSTILE_USERNAMES, record, request_bytes
+from tests.harness.daemon import make_daemon, wait_for
+from tests.harness.pg import start_server
+from tests.harness.postlogin import send_request
+from tests.harness.stream import Stream
+
+
+# --- the spool on its own -----------------------------------------------------
+
+@pytest.mark.parametrize("name", HOSTILE_USERNAMES, ids=range(len(HOSTILE_USERNAMES)))
+def test_spool_codec_round_trip(name):
+    rec = record(name, master_user=b"m\xff", alerts_shown=(3, 4))
+    assert decode(encode(rec)) == rec
+
+
+def test_spool_segments_bound_and_torn_lines(tmp_path):
+    spool = Spool(tmp_path / "spool", max_bytes=2000)
+    a, b = record(b"a"), record(b"b")
+    spool.append([a])
+    spool.close_segment()
+    spool.append([b])
+    (first,) = spool.closed_segments()
+    assert list(spool.read(first)) == [a]
+    with open(first, "ab") as fh:
+        fh.write(b'{"event_id": "torn')           # a crash in the middle of a write
+    assert list(spool.read(first)) == [a]
+    with pytest.raises(SpoolFull):
+        spool.append([record(b"x" * 3000)])
+    assert Spool(tmp_path / "spool", 2000).depth() == 3   # what a restart sees
+
+
+# --- the daemon against a PostgreSQL of its own ---------------------------------
+
+@pytest.fixture
+def own_pg():
+    server = start_server()
+    url = server.url("postgres")
+    upgrade(url)
+    yield server, url
+    server.stop()
+
+
+def stored(url) -> list[str]:
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        names = conn.execute(sa.select(login_events.c.username)).scalars().all()
+    engine.dispose()
+    return names
+
+
+def exactly_once(url, acked) -> bool:
+    names = stored(url)
+    return sorted(names) == sorted(acked)
+
+
+def pg_ctl(server, action):
+    subprocess.run(server._cmd("pg_ctl", "-D", server.datadir, "-m", "fast", "-w", action,
+                               *(["-o", f"-c listen_addresses=127.0.0.1 -p {server.port} "
+                                        f"-k {server.base}"] if action == "start" else []),
+                               "-l", os.path.join(server.base, "log")),
+                   check=True, capture_output=True, timeout=60)
+
+
+def test_postgresql_stops_during_a_stream(own_pg, tmp_path):
+    server, url = own_pg
+    d = make_daemon(url, protocols="imap", record_timeout="1", data_dir=str(tmp_path))
+    d.start()
+    try:
+        stream = Stream(lambda: d.sock("imap"))
+        t = stream.start(6.0)
+        time.sleep(1.0)
+        pg_ctl(server, "stop")
+        time.sleep(2.0)
+        pg_ctl(server, "start")
+        t.join(30)
+        assert stream.refused == []                  # mail kept flowing
+        assert max(stream.latencies) < 3.0           # within the bound (+ slack)
+        assert "event=database_down" in d.logs()
+        # the spool is replayed: every acknowledged login, exactly once
+        assert wait_for(lambda: exactly_once(url, stream.acked), timeout=20), (
+            len(stored(url)), len(stream.acked))
+        assert "event=spool_replayed" in d.logs()
+    finally:
+        d.stop()
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.sum(last_logins.c.login_count))).scalar() == \
+            len(stream.acked)
+    engine.dispose()
+
+
+def test_kill_9_mid_stream_loses_no_acknowledged_login(own_pg, tmp_path):
+    server, url = own_pg
+    d = make_daemon(url, protocols="imap", record_timeout="1", data_dir=str(tmp_path))
+    d.start()
+    stream = Stream(lambda: d.sock("imap"), interval=0.005)
+    t = stream.start(4.0)
+    time.sleep(1.0)
+    pg_ctl(server, "stop")              # so some acknowledged logins are only in the spool
+    time.sleep(1.0)
+    os.kill(d.proc.pid, signal.SIGKILL)   # our own child, by its pid
+    d.proc.wait(10)
+    pg_ctl(server, "start")
+    d.forget()
+    d.start()                           # replaces the dead daemon's stale sockets
+    t.join(30)
+    try:
+        assert len(stream.acked) > 50 and stream.refused   # refused while it was dead
+        assert wait_for(lambda: exactly_once(url, stream.acked), timeout=20), (
+            len(stored(url)), len(stream.acked))
+    finally:
+        d.stop()
+
+
+def test_a_held_lock_does_not_hold_logins(own_pg, tmp_path):
+    server, url = own_pg
+    d = make_daemon(url, protocols="imap", record_timeout="1", data_dir=str(tmp_path))
+    d.start()
+    locker = make_engine(url)
+    try:
+        send_request(d.sock("imap"), request_bytes(b"warm@example.com"))
+        conn = locker.connect()
+        tx = conn.begin()
+        conn.exec_driver_sql("LOCK TABLE last_logins IN ACCESS EXCLUSIVE MODE")
+        stream = Stream(lambda: d.sock("imap"), prefix="locked")
+        stream.run(4.0)
+        tx.rollback()
+        conn.close()
+        assert stream.refused == []
+        assert max(stream.latencies) < 2.5, max(stream.latencies)   # bound 1 s, + slack
+        assert wait_for(lambda: exactly_once(url, stream.acked + ["warm@example.com"]),
+                        timeout=20)
+    finally:
+        d.stop()
+        locker.dispose()
+
+
+@pytest.mark.parametrize("action", ["refuse", "allow"])
+def test_full_spool(tmp_path, action):
+    # a database that is not there at all, and room for about three records
+    d = make_daemon("postgresql+psycopg://nobody@127.0.0.1:1/none", protocols="imap",
+                    data_dir=str(tmp_path), spool_max_bytes="1200", spool_full_action=action)
+    d.start()
+    try:
+        results = [send_request(d.sock("imap"), request_bytes(f"u{i}".encode())).refused
+                   for i in range(8)]
+    finally:
+        d.stop()
+    assert results[:3] == [False] * 3
+    if action == "refuse":
+        assert all(results[4:])
+        assert "reason=\"spool: spool holds" in d.logs()
+    else:
+        assert not any(results)
+        assert "event=spool_full action=allow_unrecorded" in d.logs()
+    assert Spool(tmp_path / "spool", 1200).depth() >= 3
+
+
+def test_database_away_at_start_is_not_fatal(tmp_path):
+    d = make_daemon("postgresql+psycopg://nobody@127.0.0.1:1/none", protocols="imap",
+                    data_dir=str(tmp_path), rules_unloaded_action="deny")
+    d.start()
+    try:
+        ex = send_request(d.sock("imap"), request_bytes())
+        # no rules were ever loaded, and the setting says deny
+        assert ex.refused and b"BYE" in ex.client_saw()
+        assert "event=database_unreachable_at_start" in d.logs()
+    finally:
+        d.stop()

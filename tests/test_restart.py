@@ -1,0 +1,124 @@
+"""Restarting the daemon refuses no login: graceful handover, socket activation."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from app.db import make_engine
+from app.db.schema import login_events
+from tests.conftest import empty_tables
+from tests.harness.daemon import make_daemon, wait_for
+from tests.harness.dovecot import make_dovecot
+from tests.harness.postlogin import send_request
+from tests.builders import request_bytes
+from tests.test_e2e_dovecot import imap_login
+
+pytestmark = pytest.mark.e2e
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_graceful_restart_during_real_logins_refuses_none(pg_url):
+    engine = make_engine(pg_url)
+    empty_tables(engine)
+    daemon = make_daemon(pg_url, protocols="imap,pop3")
+    dovecot = make_dovecot(daemon.socket_dir)
+    users = [f"r{i}@example.com".encode() for i in range(4)]
+    for u in users:
+        dovecot.add_user(u)
+    successor = None
+    try:
+        dovecot.start()
+        daemon.start()
+        ok, failed = [], []
+        stop = threading.Event()
+
+        def stream():
+            i = 0
+            while not stop.is_set():
+                user = users[i % len(users)]
+                try:
+                    imap_login(dovecot.imap_port, user).logout()
+                    ok.append(user)
+                except Exception as exc:  # noqa: BLE001 - counted, then asserted on
+                    failed.append(repr(exc))
+                i += 1
+
+        t = threading.Thread(target=stream, daemon=True)
+        t.start()
+        time.sleep(1.0)
+        old_pid = daemon.proc.pid
+        daemon.signal(signal.SIGUSR2)
+        assert daemon.proc.wait(30) == 0                 # the old one stepped down
+        m = re.search(r"event=handover_done child_pid=(\d+)", daemon.logs())
+        assert m, daemon.logs()
+        successor = int(m.group(1))
+        assert successor != old_pid and alive(successor)
+        time.sleep(1.5)                                  # the successor serves alone
+        stop.set()
+        t.join(30)
+        assert failed == [] and len(ok) > 20
+        assert "event=socket_inherited protocol=imap" in daemon.logs()
+        with engine.connect() as conn:
+            n = conn.execute(sa.select(sa.func.count()).select_from(login_events)).scalar()
+        assert n == len(ok)                              # every one recorded, once
+    finally:
+        dovecot.stop()
+        if successor and alive(successor):
+            os.kill(successor, signal.SIGTERM)           # started by our daemon, by its pid
+            assert wait_for(lambda: not alive(successor), timeout=30)
+        daemon.stop()
+        empty_tables(engine)
+        engine.dispose()
+    # the successor removed the sockets when it stopped
+    assert not os.path.exists(daemon.sock("imap"))
+
+
+def test_systemd_socket_activation(db_url, tmp_path):
+    d = make_daemon(db_url, protocols="imap")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(d.sock("imap"))
+    listener.listen(64)
+    # as systemd does it: the socket on fd 3, LISTEN_PID = the daemon's pid
+    wrapper = ("import os, sys; os.dup2(int(sys.argv[1]), 3); "
+               "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
+               "os.execv(sys.executable, [sys.executable, '-m', 'app', 'serve'])")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(os.path.join(d.socket_dir, "notify"))
+    notify.settimeout(20)
+    log = open(d.log_path, "ab")
+    proc = subprocess.Popen([sys.executable, "-c", wrapper, str(listener.fileno())],
+                            env={**d.env, "NOTIFY_SOCKET": notify.getsockname()},
+                            pass_fds=[listener.fileno()], stdout=log, stderr=log)
+    try:
+        assert notify.recv(100).startswith(b"READY=1")
+        # a login queued on systemd's socket before we even looked is served
+        assert not send_request(d.sock("imap"), request_bytes()).refused
+        assert "event=socket_inherited protocol=imap" in d.logs()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        log.close()
+        notify.close()
+    # systemd owns the path: it is still there, and still accepts connections
+    assert os.path.exists(d.sock("imap"))
+    probe = socket.socket(socket.AF_UNIX)
+    probe.connect(d.sock("imap"))
+    probe.close()
+    listener.close()
