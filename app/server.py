@@ -249,6 +249,8 @@ class Server:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
                 loop.remove_signal_handler(sig)
             status.cancel()
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.settings.socket_dir, "status.json"))
             await self._drain()
 
     async def _drain(self) -> None:

@@ -94,8 +94,8 @@ def cases(now: dt.datetime, users: int):
     return [
         ("report last --user U", lambda c: reports.last(c, user=someone)),
         ("report last --domain D", lambda c: reports.last(c, domain="d42.example")),
-        ("report last --limit 100", lambda c: reports.last(c, limit=100)),
-        ("report last (all users)", lambda c: reports.last(c)),
+        ("report last (default --limit 1000)", lambda c: reports.last(c, limit=1000)),
+        ("report last --limit 0 (every user)", lambda c: reports.last(c)),
         ("report inactive --days 180", lambda c: reports.inactive(c, 180, now)),
         ("report history U", lambda c: reports.history(c, someone)),
         ("report ips U", lambda c: reports.ips(c, someone)),

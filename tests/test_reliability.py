@@ -188,3 +188,35 @@ def test_database_away_at_start_is_not_fatal(tmp_path):
         assert "event=database_unreachable_at_start" in d.logs()
     finally:
         d.stop()
+
+
+def test_status_command(db_url, tmp_path):
+    from tests.test_cli import lastlogin
+    d = make_daemon(db_url, protocols="imap,pop3", data_dir=str(tmp_path))
+    env = {k: v for k, v in d.env.items() if k.startswith("LASTLOGIN_")}
+    down = lastlogin("status", env=env)
+    assert down.returncode == 2 and "critical socket imap" in down.stdout
+    d.start()
+    try:
+        assert wait_for(lambda: lastlogin("status", env=env).returncode == 0, timeout=10)
+        out = lastlogin("status", "--format", "json", env=env)
+        import json
+        doc = json.loads(out.stdout)
+        assert doc["status"] == "ok"
+        assert {c["check"] for c in doc["checks"]} >= {
+            "socket imap", "socket pop3", "daemon", "rules", "database", "spool"}
+        # a record left in the spool (by a crashed predecessor, say) is
+        # replayed by the running daemon, and status is ok again after it
+        Spool(tmp_path / "spool", 1 << 20).append([record(b"late@example.com")])
+        assert wait_for(lambda: "late@example.com" in stored(db_url), timeout=10)
+        assert wait_for(lambda: lastlogin("status", env=env).returncode == 0, timeout=10)
+        assert "event=probe" in d.logs() and "connection_refused" not in d.logs()
+    finally:
+        d.stop()
+    # no daemon, but the sockets' files are gone and a record waits: critical
+    Spool(tmp_path / "spool", 1 << 20).append([record(b"later@example.com")])
+    out = lastlogin("status", env=env)
+    assert out.returncode == 2
+    assert "warning  spool            1 records waiting" in out.stdout
+    assert "critical daemon" in out.stdout
+

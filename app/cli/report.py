@@ -63,14 +63,15 @@ def report() -> None:
 @report.command("last")
 @click.option("--user", help="Only this user.")
 @click.option("--domain", help="Only users of this domain.")
-@click.option("--limit", type=click.IntRange(min=1), help="At most this many rows.")
+@click.option("--limit", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="At most this many rows (0: every user).")
 @report_options
 @pass_ctx
 @edge
 def report_last(ctx: Context, user, domain, limit, fmt, utc) -> None:
     """Each user's last login over all protocols, newest first."""
     with ctx.begin() as conn:
-        rows = reports.last(conn, user, domain, limit)
+        rows = reports.last(conn, user, domain, limit or None)
     show(rows, reports.LAST_COLUMNS, fmt, utc)
 
 

@@ -79,6 +79,12 @@ def _daemon_state(settings) -> dict | None:
         return None
     if time.time() - doc.get("written_at", 0) > STATUS_MAX_AGE:
         return None
+    try:
+        os.kill(int(doc["pid"]), 0)
+    except (ProcessLookupError, KeyError, ValueError):
+        return None
+    except PermissionError:
+        pass                        # alive, run by another user
     return doc
 
 
