@@ -109,6 +109,16 @@ def _as_bool(v: Any) -> bool:
     raise ValueError(f"must be true or false, got {v!r}")
 
 
+def _listen_address(v: Any) -> str:
+    s = _as_str(v).strip()
+    if not s:
+        return s
+    host, sep, port = s.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be host:port like 127.0.0.1:9464, got {v!r}")
+    return s
+
+
 def _as_list(v: Any) -> tuple[str, ...]:
     if isinstance(v, str):
         items = [p.strip() for p in v.split(",")]
@@ -262,6 +272,9 @@ class Settings:
                                doc="seconds the next post-login socket has to answer")
     retention_days: int = _opt(_as_days, 0,
                                doc="days of login history the daemon keeps (0: forever)")
+    metrics_listen: str = _opt(_listen_address, "",
+                               doc="host:port for Prometheus metrics, e.g. 127.0.0.1:9464 "
+                                   "(empty: off)")
     log_level: str = _opt(_choice("debug", "info", "warning", "error"), "info",
                           doc="log level")
     log_format: str = _opt(_choice("kv", "json"), "kv", doc="log line format")

@@ -12,6 +12,7 @@ from .config import Settings
 from .db import make_engine
 from .db.migrate import ensure_at_head
 from .maintenance import Maintenance
+from .metrics import Metrics
 from .recorder import Recorder, Replayer, first_line
 from .server import Server
 from .service import Extras, LoginService, Policy
@@ -48,6 +49,12 @@ def run(settings: Settings, config_path: str | None = None) -> None:
                            Extras.from_settings(settings))
     server = Server(settings, service, config_path)
     server.bind()
+    if settings.metrics_listen:
+        metrics = Metrics()
+        metrics.watch(service.status)
+        metrics.serve(settings.metrics_listen)
+        service.metrics = metrics
+        log.info("event=metrics_listening address=%s", settings.metrics_listen)
     maintenance = Maintenance(engine, settings.retention_days)
     threads = (recorder, refresher, replayer, maintenance)
     for t in threads:

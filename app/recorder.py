@@ -60,6 +60,7 @@ class Recorder:
         self.records = 0
         self.spooled = 0
         self.dropped = 0
+        self.db_errors = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -80,6 +81,7 @@ class Recorder:
     # --- the spool side ---------------------------------------------------
 
     def mark_down(self, why: str) -> None:
+        self.db_errors += 1
         if not self.down:
             log.error("event=database_down action=spooling reason=%s", show(why))
         self.down = True

@@ -418,6 +418,8 @@ class Server:
 
     def _log_login(self, proto: str, req: LoginRequest, answer: Answer,
                    started: float) -> None:
+        if self.service.metrics:
+            self.service.metrics.logins.labels(proto, answer.record.outcome).inc()
         rec = answer.record
         log.info("event=login protocol=%s user=%s rip=%s lip=%s outcome=%s rule=%s "
                  "mech=%s alerts=%d ms=%.2f%s",
@@ -429,6 +431,8 @@ class Server:
 
     def _log_refused(self, proto: str, peer: Peer | None, req: LoginRequest | None,
                      reason: str) -> None:
+        if self.service.metrics:
+            self.service.metrics.refused_connections.inc()
         user = show(req.username) if req else "-"
         log.warning("event=connection_refused protocol=%s peer=%s user=%s reason=%s",
                     proto, show(str(peer) if peer else "-"), user, show(reason))

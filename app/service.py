@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from .config import Settings
 from .db.store import LoginRecord, normalize_ip, text_form
+from .metrics import Metrics
 from .nexthop import forward
 from .overrides import alerts_for, merge_fields, union_list
 from .policy import ALLOW, Decision, LoginFacts, decide, domain_of
@@ -143,6 +145,7 @@ class LoginService:
         self.record_timeout = record_timeout
         self.extras = extras or Extras()
         self.clock = clock
+        self.metrics: "Metrics | None" = None
 
     def status(self) -> dict[str, object]:
         """What `lastlogin status` reads (through the daemon's status file)."""
@@ -155,9 +158,11 @@ class LoginService:
             "config_checked_age": self.policy.cache.checked_age(),
             "spool_bytes": rec.spool.size if rec.spool else 0,
             "committed": rec.records, "spooled": rec.spooled, "dropped": rec.dropped,
+            "database_errors": rec.db_errors,
         }
 
     async def login(self, protocol: str, req: LoginRequest, client: ClientChannel) -> Answer:
+        started = time.perf_counter()
         now = self.clock()
         user = text_form(req.username)[0]
         facts = LoginFacts.of(protocol, user, normalize_ip(req.remote_ip),
@@ -165,8 +170,12 @@ class LoginService:
         decision = self.policy.decide(facts)
         rule_id = decision.rule.id if decision.rule else None
         if not decision.allowed:
+            if self.metrics:
+                self.metrics.decision_seconds.observe(time.perf_counter() - started)
             return await self._refuse(protocol, req, now, rule_id, decision, client)
         plan = await self.plan(protocol, req, user, now)
+        if self.metrics:
+            self.metrics.decision_seconds.observe(time.perf_counter() - started)
         if plan.alert_bytes:
             # Before the reply: imap sends its tagged OK as soon as it has it.
             await client.write(plan.alert_bytes)
@@ -209,6 +218,14 @@ class LoginService:
 
     async def _commit(self, record: LoginRecord) -> None:
         """Durable before the answer: committed, or spooled while the database is away."""
+        started = time.perf_counter()
+        try:
+            await self._durable(record)
+        finally:
+            if self.metrics:
+                self.metrics.record_seconds.observe(time.perf_counter() - started)
+
+    async def _durable(self, record: LoginRecord) -> None:
         rec = self.recorder
         if rec.down and rec.spool is not None:
             await self._spool(record)

@@ -75,7 +75,7 @@ class Dovecot:
         text = TEMPLATE.read_text()
         values = {"BASE": self.base, "SOCKET_DIR": self.socket_dir,
                   "IMAP_PORT": str(self.imap_port), "POP3_PORT": str(self.pop3_port),
-                  "MAIL_UID": str(MAIL_UID), "EXTRA": self.extra}
+                  "MAIL_UID": str(MAIL_UID), "EXTRA": self.extra, "LISTEN": "127.0.0.1"}
         for key, value in values.items():
             text = text.replace("@" + key + "@", value)
         Path(self.config_path).write_text(text)

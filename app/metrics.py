@@ -1,0 +1,63 @@
+"""Opt-in Prometheus metrics (prometheus-client), served on loopback by default.
+
+A registry of its own, so nothing else in the process shows up, and a
+collector that reads the daemon's state at scrape time (spool size, rules
+age, database state) instead of a thread keeping gauges current.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.logins = Counter("lastlogin_logins", "Logins answered, by protocol and outcome",
+                              ["protocol", "outcome"], registry=self.registry)
+        self.refused_connections = Counter(
+            "lastlogin_refused_connections", "Connections ended without a reply "
+            "(malformed, foreign, too slow, not recordable)", registry=self.registry)
+        self.decision_seconds = Histogram(
+            "lastlogin_decision_seconds", "Time to decide a login (rules, overrides, alerts)",
+            buckets=BUCKETS, registry=self.registry)
+        self.record_seconds = Histogram(
+            "lastlogin_record_seconds", "Time until a login's record was durable",
+            buckets=BUCKETS, registry=self.registry)
+
+    def watch(self, state: Callable[[], dict[str, object]]) -> None:
+        """Gauges read from ``state()`` at every scrape."""
+        self.registry.register(_StateCollector(state))
+
+    def serve(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1",
+                          registry=self.registry)
+
+
+class _StateCollector:
+    def __init__(self, state: Callable[[], dict[str, object]]) -> None:
+        self.state = state
+
+    def collect(self):
+        s = self.state()
+        yield GaugeMetricFamily("lastlogin_spool_bytes", "Bytes waiting in the outage spool",
+                                value=float(s.get("spool_bytes") or 0))
+        yield GaugeMetricFamily("lastlogin_database_down",
+                                "1 while records go to the spool instead of the database",
+                                value=1.0 if s.get("database_down") else 0.0)
+        yield CounterMetricFamily("lastlogin_database_errors",
+                                  "Commits that failed or took longer than record_timeout",
+                                  value=float(s.get("database_errors") or 0))
+        age = s.get("config_checked_age")
+        yield GaugeMetricFamily("lastlogin_rules_age_seconds",
+                                "Seconds since the rules in memory were confirmed current "
+                                "(-1: never loaded)", value=float(-1 if age is None else age))
+
+    def describe(self):
+        return []
