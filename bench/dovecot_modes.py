@@ -1,0 +1,395 @@
+"""Through a real Dovecot 2.3: what each way of tracking logins costs.
+
+    python -m bench.dovecot_modes [--seconds 5] [--rounds 3] [--users 64]
+
+Modes, interleaved round by round (floor, exec, wiki, plugin, lastlogin-pg,
+lastlogin-sqlite, floor, ...):
+  floor             no post-login at all
+  exec              script-login running a shell script that only does exec "$@"
+  wiki              script-login with the wiki's script: psql -c "UPDATE ... '$USER'"
+  plugin            Dovecot's last_login plugin writing to PostgreSQL via dict-sql
+  lastlogin-pg      lastlogin on PostgreSQL (every login committed before the reply)
+  lastlogin-sqlite  lastlogin on its embedded SQLite default
+The load generator does real IMAP (greeting, LOGIN, tagged OK with the full
+"Logged in" text, LOGOUT) and POP3 (USER, PASS, "+OK Logged in.", QUIT) at
+concurrency 1 and 16, one user per worker (Dovecot limits connections per
+user and address). Every mode's database writes are counted afterwards: a
+mode that drops writes is broken, not fast. Needs the Debian packages
+dovecot-imapd, dovecot-pop3d, dovecot-pgsql and postgresql-client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.db import make_engine  # noqa: E402
+from app.db.migrate import upgrade  # noqa: E402
+from bench.handler import start_lastlogin  # noqa: E402
+from tests.harness.dovecot import MAIL_UID, Dovecot, _wait_port  # noqa: E402
+from tests.harness.pg import free_port, start_server  # noqa: E402
+
+DOC = ROOT / "docs" / "performance.md"
+BEGIN, END = "<!-- DOVECOT:BEGIN -->", "<!-- DOVECOT:END -->"
+MODES = ["floor", "exec", "wiki", "plugin", "lastlogin-pg", "lastlogin-sqlite"]
+
+NOOP = '#!/bin/sh\nexec "$@"\n'
+WIKI = """#!/bin/sh
+# the wiki's approach, as sites run it (a fork, a shell and a psql per login)
+echo "UPDATE mailbox SET modified = now(), logins = logins + 1 WHERE username = '$USER'" \\
+  | psql -q -h 127.0.0.1 -p {port} -U postgres wiki >/dev/null 2>&1
+exec "$@"
+"""
+SCRIPT_SERVICE = """
+service {proto}-postlogin {{
+  executable = script-login {script}
+  user = dovecot
+  unix_listener {proto}-postlogin {{
+  }}
+}}
+"""
+PLUGIN = """
+protocol imap {{
+  mail_plugins = $mail_plugins last_login
+}}
+protocol pop3 {{
+  mail_plugins = $mail_plugins last_login
+}}
+plugin {{
+  last_login_dict = proxy::lastlogin
+  last_login_key = last-login/%u
+}}
+dict {{
+  lastlogin = pgsql:{base}/dict-sql.conf.ext
+}}
+service dict {{
+  unix_listener dict {{
+    mode = 0666
+  }}
+}}
+"""
+DICT_SQL = """connect = host=127.0.0.1 port={port} dbname=plugin user=postgres
+map {{
+  pattern = shared/last-login/$user
+  table = last_login
+  value_field = last_login
+  value_type = uint
+  fields {{
+    userid = $user
+  }}
+}}
+"""
+
+
+@dataclass
+class Result:
+    mode: str
+    proto: str
+    concurrency: int
+    logins: int = 0
+    failures: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.logins / self.seconds if self.seconds else 0.0
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.latencies) * 1000 if self.latencies else float("nan")
+
+
+def recv_until(s: socket.socket, done) -> bytes:
+    buf = b""
+    while not done(buf):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def imap_login(port: int, user: str) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        recv_until(s, lambda b: b.endswith(b"\r\n"))
+        s.sendall(f'a LOGIN "{user}" "secret"\r\n'.encode())
+        reply = recv_until(s, lambda b: b"\r\na " in b"\r\n" + b and b.endswith(b"\r\n")
+                           and b.rsplit(b"\r\n", 2)[-2].startswith(b"a "))
+        ok = b"a OK" in reply and b"Logged in" in reply and b"initialization failed" not in reply
+        s.sendall(b"b LOGOUT\r\n")
+        recv_until(s, lambda b: b"b OK" in b)
+        return ok
+
+
+def pop3_login(port: int, user: str) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        recv_until(s, lambda b: b.endswith(b"\r\n"))
+        s.sendall(f"USER {user}\r\n".encode())
+        recv_until(s, lambda b: b.endswith(b"\r\n"))
+        s.sendall(b"PASS secret\r\n")
+        ok = recv_until(s, lambda b: b.endswith(b"\r\n")).startswith(b"+OK Logged in.")
+        s.sendall(b"QUIT\r\n")
+        recv_until(s, lambda b: b.endswith(b"\r\n"))
+        return ok
+
+
+def drive(login, port: int, users: list[str], concurrency: int, seconds: float,
+          result: Result) -> Result:
+    lock = threading.Lock()
+    barrier = threading.Barrier(concurrency + 1)
+    deadline = [0.0]
+
+    def worker(n: int) -> None:
+        user = users[n]
+        lat, ok, bad = [], 0, 0
+        barrier.wait()
+        while time.monotonic() < deadline[0]:
+            t0 = time.perf_counter()
+            try:
+                good = login(port, user)
+            except OSError:
+                good = False
+            if good:
+                ok += 1
+                lat.append(time.perf_counter() - t0)
+            else:
+                bad += 1
+        with lock:
+            result.logins += ok
+            result.failures += bad
+            result.latencies += lat
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(concurrency)]
+    for t in threads:
+        t.start()
+    deadline[0] = time.monotonic() + seconds
+    barrier.wait()
+    t0 = time.monotonic()
+    for t in threads:
+        t.join()
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+class Bench:
+    def __init__(self, users: int) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="lldb-", dir="/tmp"))
+        os.chmod(self.dir, 0o755)
+        self.users = [f"u{i}@example.com" for i in range(users)]
+        self.pg = start_server()
+        self.admin = sa.create_engine(self.pg.url(), isolation_level="AUTOCOMMIT")
+        with self.admin.connect() as conn:
+            for db in ("lastlogin", "wiki", "plugin"):
+                conn.exec_driver_sql(f"CREATE DATABASE {db}")
+        self.ll_pg_url = self.pg.url("lastlogin")
+        upgrade(self.ll_pg_url)
+        self.ll_sqlite_url = f"sqlite:///{self.dir / 'lastlogin.db'}"
+        upgrade(self.ll_sqlite_url)
+        self.wiki = make_engine(self.pg.url("wiki"))
+        with self.wiki.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE mailbox (username text PRIMARY KEY, "
+                                 "modified timestamptz, logins bigint NOT NULL DEFAULT 0)")
+            conn.execute(sa.text("INSERT INTO mailbox (username) VALUES (:u)"),
+                         [{"u": u} for u in self.users])
+        self.plugin = make_engine(self.pg.url("plugin"))
+        with self.plugin.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE last_login (userid varchar(255) PRIMARY KEY, "
+                                 "last_login bigint NOT NULL)")
+        (self.dir / "noop.sh").write_text(NOOP)
+        (self.dir / "wiki.sh").write_text(WIKI.format(port=self.pg.port))
+        (self.dir / "dict-sql.conf.ext").write_text(DICT_SQL.format(port=self.pg.port))
+        for f in ("noop.sh", "wiki.sh"):
+            os.chmod(self.dir / f, 0o755)
+        os.chmod(self.dir / "dict-sql.conf.ext", 0o644)
+        home = self.dir / "home"
+        home.mkdir()
+        os.chown(home, MAIL_UID, MAIL_UID)
+        self.dovecot = Dovecot(base=str(self.dir), socket_dir=str(self.dir / "ll"),
+                               imap_port=free_port(), pop3_port=free_port())
+        for u in self.users:
+            self.dovecot.add_user(u.encode())
+        self.daemon = None
+
+    def config(self, mode: str) -> None:
+        template = (ROOT / "deploy" / "dovecot" / "lastlogin-test.conf").read_text()
+        template = template.replace("mail_debug = yes", "mail_debug = no")
+        extra = ""
+        if mode in ("floor", "plugin"):
+            for proto in ("imap", "pop3"):
+                template = template.replace(f"executable = {proto} @SOCKET_DIR@/{proto}.sock",
+                                            f"executable = {proto}")
+            if mode == "plugin":
+                extra = PLUGIN.format(base=self.dir)
+        elif mode in ("exec", "wiki"):
+            script = self.dir / ("noop.sh" if mode == "exec" else "wiki.sh")
+            for proto in ("imap", "pop3"):
+                template = template.replace(f"executable = {proto} @SOCKET_DIR@/{proto}.sock",
+                                            f"executable = {proto} {proto}-postlogin")
+                extra += SCRIPT_SERVICE.format(proto=proto, script=script)
+        values = {"BASE": str(self.dir), "SOCKET_DIR": str(self.dir / "ll"),
+                  "IMAP_PORT": str(self.dovecot.imap_port), "LISTEN": "127.0.0.1",
+                  "POP3_PORT": str(self.dovecot.pop3_port), "MAIL_UID": str(MAIL_UID),
+                  "EXTRA": extra}
+        for key, value in values.items():
+            template = template.replace("@" + key + "@", value)
+        Path(self.dovecot.config_path).write_text(template)
+
+    def start(self, mode: str) -> None:
+        if mode.startswith("lastlogin"):
+            url = self.ll_pg_url if mode == "lastlogin-pg" else self.ll_sqlite_url
+            self.daemon = start_lastlogin(url, self.dir, protocols="imap,pop3")
+        self.config(mode)
+        with open(self.dir / "start.out", "wb") as out:
+            subprocess.run([shutil.which("dovecot") or "/usr/sbin/dovecot", "-c",
+                            self.dovecot.config_path], stdout=out, stderr=out, check=True,
+                           stdin=subprocess.DEVNULL)
+        for port in (self.dovecot.imap_port, self.dovecot.pop3_port):
+            _wait_port(port, self.dovecot.logs)
+
+    def stop(self) -> None:
+        self.dovecot.stop()
+        if self.daemon:
+            self.daemon.stop()
+            self.daemon = None
+
+    def writes(self, mode: str) -> int:
+        if mode == "lastlogin-pg" or mode == "lastlogin-sqlite":
+            url = self.ll_pg_url if mode == "lastlogin-pg" else self.ll_sqlite_url
+            engine = make_engine(url)
+            with engine.connect() as conn:
+                n = conn.execute(sa.text("SELECT count(*) FROM login_events")).scalar_one()
+            engine.dispose()
+            return n
+        if mode == "wiki":
+            with self.wiki.connect() as conn:
+                return conn.execute(sa.text("SELECT sum(logins) FROM mailbox")).scalar_one()
+        if mode == "plugin":
+            time.sleep(1.5)                  # table statistics are flushed once a second
+            with self.plugin.connect() as conn:
+                conn.exec_driver_sql("SELECT pg_stat_clear_snapshot()")
+                return conn.execute(sa.text(
+                    "SELECT n_tup_ins + n_tup_upd FROM pg_stat_user_tables "
+                    "WHERE relname = 'last_login'")).scalar_one()
+        return 0
+
+    def close(self) -> None:
+        self.stop()
+        self.wiki.dispose()
+        self.plugin.dispose()
+        self.admin.dispose()
+        self.pg.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--users", type=int, default=64)
+    ap.add_argument("--modes", default=",".join(MODES))
+    args = ap.parse_args()
+    modes = args.modes.split(",")
+    bench = Bench(args.users)
+    results: list[Result] = []
+    checks: list[str] = []
+    try:
+        bench.start("floor")                 # every user's maildir exists before timing
+        for u in bench.users:
+            assert imap_login(bench.dovecot.imap_port, u) and pop3_login(bench.dovecot.pop3_port, u)
+        bench.stop()
+        for rnd in range(args.rounds):
+            for mode in modes:
+                before = bench.writes(mode)
+                bench.start(mode)
+                try:
+                    done = 0
+                    for proto, login, port in (("imap", imap_login, bench.dovecot.imap_port),
+                                               ("pop3", pop3_login, bench.dovecot.pop3_port)):
+                        for c in (1, 16):
+                            r = drive(login, port, bench.users, c, args.seconds,
+                                      Result(mode, proto, c))
+                            results.append(r)
+                            done += r.logins
+                            print(f"round {rnd + 1} {mode:17} {proto} c={c:<2} "
+                                  f"{r.rate:7.0f}/s p50 {r.p50:6.2f} ms fail {r.failures}",
+                                  flush=True)
+                finally:
+                    bench.stop()
+                # counted once Dovecot is stopped: its dict process's database
+                # session has then ended and flushed its table statistics
+                wrote = bench.writes(mode) - before
+                expect = 0 if mode in ("floor", "exec") else done
+                verdict = "ok" if wrote == expect else "MISMATCH"
+                checks.append(f"round {rnd + 1} {mode}: {done} logins, {wrote} writes "
+                              f"counted ({verdict})")
+                print(checks[-1], flush=True)
+    finally:
+        bench.close()
+    write_doc(results, modes, checks, args)
+
+
+def write_doc(results: list[Result], modes: list[str], checks: list[str], args) -> None:
+    def med(mode, proto, c, attr):
+        xs = [getattr(r, attr) for r in results if (r.mode, r.proto, r.concurrency) ==
+              (mode, proto, c)]
+        return statistics.median(xs) if xs else float("nan")
+
+    version = subprocess.run(["dovecot", "--version"], capture_output=True,
+                             text=True).stdout.strip()
+    lines = [BEGIN,
+             f"Measured {dt.date.today().isoformat()} on {platform.node()} "
+             f"({os.cpu_count()} cores, Dovecot {version}, Python "
+             f"{platform.python_version()}); `python -m bench.dovecot_modes`: {args.rounds} "
+             f"rounds, modes interleaved, {args.seconds:g} s per protocol and concurrency, "
+             f"{args.users} users; medians over rounds. Client, Dovecot, PostgreSQL and the "
+             "handler share the 2 cores.", ""]
+    for proto in ("imap", "pop3"):
+        lines += [f"**{proto.upper()}**", "",
+                  "| mode | logins/s c=1 | p50 c=1 | logins/s c=16 | vs floor c=16 | "
+                  "p50 c=1 above floor | failures |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        floor16, floor_p50 = med("floor", proto, 16, "rate"), med("floor", proto, 1, "p50")
+        for mode in modes:
+            fails = sum(r.failures for r in results if (r.mode, r.proto) == (mode, proto))
+            lines.append(
+                f"| {mode} | {med(mode, proto, 1, 'rate'):,.0f} | "
+                f"{med(mode, proto, 1, 'p50'):.2f} ms | {med(mode, proto, 16, 'rate'):,.0f} | "
+                f"{med(mode, proto, 16, 'rate') / floor16:.2f} | "
+                f"{med(mode, proto, 1, 'p50') - floor_p50:+.2f} ms | {fails} |")
+        if "wiki" in modes and "lastlogin-pg" in modes:
+            ratio = med("lastlogin-pg", proto, 16, "rate") / med("wiki", proto, 16, "rate")
+            lines += ["", f"lastlogin-pg / wiki at c=16: {ratio:.1f} x", ""]
+    lines += ["Writes counted after each mode and round (login_events rows for lastlogin, "
+              "sum of the counter the wiki script bumps, the plugin table's inserts + "
+              "updates from pg_stat_user_tables):", ""]
+    lines += [f"- {c}" for c in checks]
+    lines.append(END)
+    text = DOC.read_text() if DOC.exists() else "# Performance\n"
+    if BEGIN in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + "\n".join(lines) + rest.split(END, 1)[1]
+    else:
+        text += "\n## Through Dovecot\n\n" + "\n".join(lines) + "\n"
+    DOC.write_text(text)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

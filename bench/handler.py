@@ -1,0 +1,317 @@
+"""Handler-only benchmark: lastlogin against a do-nothing handler, no Dovecot.
+
+    python -m bench.handler [--seconds 5] [--rounds 3] [--concurrency 1,8,64]
+                            [--memory-logins 100000] [--profile] [--smoke]
+
+A client speaks the post-login protocol exactly as Dovecot's mail process
+does (request line + one real socket fd via SCM_RIGHTS, one request per
+connection) from threads, at each concurrency, against (A) the do-nothing
+handler in bench/null_handler.py and (B) `lastlogin serve` on PostgreSQL,
+interleaved round by round (A B A B ...). Every login lastlogin answered is
+counted in the database afterwards. Results (logins/s, p50/p95/p99 from send
+to reply, ratios of medians) go into docs/performance.md between the
+HANDLER markers. --smoke: a few hundred logins, correctness only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from app.db import make_engine
+from app.db.migrate import upgrade
+from app.protocol import build_request
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "performance.md"
+BEGIN, END = "<!-- HANDLER:BEGIN -->", "<!-- HANDLER:END -->"
+FIELDS = [b"uid=5000", b"gid=5000", b"home=/var/vmail/example.com/user",
+          b"mail=maildir:~/Maildir", b"auth_mech=PLAIN",
+          b"auth_token=3f2a0c9e5b7d41e08a6c2f1b9d3e7a5c4b8f0e12"]
+
+
+@dataclass
+class Run:
+    mode: str
+    concurrency: int
+    logins: int = 0
+    failures: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.logins / self.seconds if self.seconds else 0.0
+
+    def pct(self, p: float) -> float:
+        xs = sorted(self.latencies)
+        return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] * 1000 if xs else float("nan")
+
+
+def one_login(path: str, username: bytes) -> bool:
+    """One exchange exactly as Dovecot does it; True if a reply line came back."""
+    client, remote = socket.socketpair()
+    conn = socket.socket(socket.AF_UNIX)
+    try:
+        conn.settimeout(30)
+        conn.connect(path)
+        req = build_request(b"192.0.2.25", b"198.51.100.7", username, FIELDS)
+        conn.sendmsg([req], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                              memoryview(remote.fileno().to_bytes(4, sys.byteorder)))])
+        remote.close()
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = conn.recv(4096)
+            if not chunk:
+                return False
+            reply += chunk
+        return True
+    except OSError:
+        return False
+    finally:
+        conn.close()
+        client.close()
+        if remote.fileno() >= 0:
+            remote.close()
+
+
+def drive(path: str, mode: str, concurrency: int, seconds: float | None, count: int | None,
+          prefix: str) -> Run:
+    run = Run(mode, concurrency)
+    lock = threading.Lock()
+    deadline = time.monotonic() + (seconds or 1e9)
+    per_thread = (count // concurrency) if count else None
+    start = threading.Barrier(concurrency + 1)
+
+    def worker(n: int) -> None:
+        lat, ok, bad, i = [], 0, 0, 0
+        start.wait()
+        while time.monotonic() < deadline and (per_thread is None or i < per_thread):
+            t0 = time.perf_counter()
+            if one_login(path, f"{prefix}{n}-{i}@example.com".encode()):
+                ok += 1
+                lat.append(time.perf_counter() - t0)
+            else:
+                bad += 1
+            i += 1
+        with lock:
+            run.logins += ok
+            run.failures += bad
+            run.latencies += lat
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(concurrency)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.monotonic()
+    for t in threads:
+        t.join()
+    run.seconds = time.monotonic() - t0
+    return run
+
+
+class Proc:
+    """A server process we start and end by its pid."""
+
+    def __init__(self, args: list[str], env: dict[str, str], ready: str, log: Path) -> None:
+        self.log = open(log, "ab")
+        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=self.log,
+                                     cwd=ROOT)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if ready not in line:
+            raise RuntimeError(f"{args} did not start: {line!r}; see {log}")
+
+    def rss_kib(self) -> int:
+        for ln in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if ln.startswith("VmRSS:"):
+                return int(ln.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+        self.log.close()
+
+
+def start_lastlogin(url: str, workdir: Path, env_extra: dict[str, str] | None = None,
+                    protocols: str = "imap") -> Proc:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LASTLOGIN_")}
+    env.update(LASTLOGIN_DATABASE_URL=url, LASTLOGIN_SOCKET_DIR=str(workdir / "ll"),
+               LASTLOGIN_DATA_DIR=str(workdir / "data"), LASTLOGIN_PROTOCOLS=protocols,
+               LASTLOGIN_LOG_LEVEL="warning", PYTHONPATH=str(ROOT),
+               **(env_extra or {}))
+    # `serve` logs to stderr; readiness is the socket answering
+    proc = Proc([sys.executable, "-c",
+                 "import sys; from app.cli import main; print('READY', flush=True); "
+                 "sys.argv=['lastlogin','serve']; main()"], env, "READY", workdir / "ll.log")
+    sock = workdir / "ll" / "imap.sock"
+    for _ in range(200):
+        if sock.exists():
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(str(sock))
+                probe.close()
+                return proc
+            except OSError:
+                probe.close()
+        time.sleep(0.05)
+    raise RuntimeError("lastlogin did not listen")
+
+
+def start_null(workdir: Path) -> tuple[Proc, str]:
+    path = str(workdir / "null.sock")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return Proc([sys.executable, "-m", "bench.null_handler", path], env, "READY",
+                workdir / "null.log"), path
+
+
+def database() -> tuple[str, object]:
+    url = os.environ.get("LASTLOGIN_BENCH_DATABASE_URL")
+    server = None
+    if not url:
+        sys.path.insert(0, str(ROOT))
+        from tests.harness.pg import start_server
+        server = start_server()
+        url = server.url()
+    url = url.replace("postgresql://", "postgresql+psycopg://", 1)
+    upgrade(url)
+    return url, server
+
+
+def stored_events(url: str, prefix: str) -> int:
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        n = conn.execute(sa.text("SELECT count(*) FROM login_events WHERE username LIKE :p"),
+                         {"p": prefix + "%"}).scalar_one()
+    engine.dispose()
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--concurrency", default="1,8,64")
+    ap.add_argument("--memory-logins", type=int, default=100_000)
+    ap.add_argument("--profile", action="store_true", help="py-spy the daemon at c=64")
+    ap.add_argument("--smoke", action="store_true", help="few logins, correctness only")
+    args = ap.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    workdir = Path(tempfile.mkdtemp(prefix="llbench-", dir="/tmp"))
+    url, server = database()
+    runs: list[Run] = []
+    try:
+        null, null_path = start_null(workdir)
+        ll = start_lastlogin(url, workdir)
+        ll_path = str(workdir / "ll" / "imap.sock")
+        try:
+            if args.smoke:
+                smoke(null_path, ll_path, url)
+                return
+            for rnd in range(args.rounds):
+                for c in levels:
+                    runs.append(drive(null_path, "null", c, args.seconds, None, f"n{rnd}c{c}-"))
+                    prefix = f"b{rnd}c{c}-"
+                    run = drive(ll_path, "lastlogin", c, args.seconds, None, prefix)
+                    stored = stored_events(url, prefix)
+                    if stored != run.logins:
+                        raise SystemExit(f"{prefix}: {run.logins} answered but {stored} stored")
+                    runs.append(run)
+                    print(f"round {rnd + 1} c={c}: null {runs[-2].rate:.0f}/s, "
+                          f"lastlogin {run.rate:.0f}/s (stored {stored})", flush=True)
+            if args.profile:
+                profile(ll, ll_path, workdir)
+            memory = memory_run(ll, ll_path, args.memory_logins)
+        finally:
+            null.stop()
+            ll.stop()
+        write_doc(runs, levels, memory, args)
+    finally:
+        if server:
+            server.stop()
+
+
+def smoke(null_path: str, ll_path: str, url: str) -> None:
+    for c in (1, 8):
+        base = drive(null_path, "null", c, None, 96, f"sn{c}-")
+        run = drive(ll_path, "lastlogin", c, None, 96, f"sl{c}-")
+        stored = stored_events(url, f"sl{c}-")
+        assert base.failures == 0 and run.failures == 0, (base.failures, run.failures)
+        assert run.logins == 96 and stored == 96, (run.logins, stored)
+    print("smoke: 2 x 96 logins answered by both handlers, every lastlogin login stored once")
+
+
+def profile(ll: Proc, path: str, workdir: Path) -> None:
+    out = ROOT / "bench" / "out"
+    out.mkdir(exist_ok=True)
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(ll.proc.pid), "--duration", "8",
+                            "--rate", "200", "--format", "speedscope", "-o",
+                            str(out / "handler-c64.speedscope.json")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    drive(path, "lastlogin", 64, 8.0, None, "prof-")
+    spy.wait(60)
+    top = subprocess.run(["py-spy", "dump", "--pid", str(ll.proc.pid)], capture_output=True,
+                         text=True)
+    (out / "handler-dump.txt").write_text(top.stdout)
+
+
+def memory_run(ll: Proc, path: str, total: int) -> tuple[int, int, int]:
+    """RSS after the first tenth of ``total`` logins and after all of them."""
+    first = total // 10
+    drive(path, "lastlogin", 16, None, first, "memA-")
+    early = ll.rss_kib()
+    drive(path, "lastlogin", 16, None, total - first, "memB-")
+    late = ll.rss_kib()
+    return total, early, late
+
+
+def write_doc(runs: list[Run], levels: list[int], memory, args) -> None:
+    lines = [BEGIN,
+             f"Measured {dt.date.today().isoformat()} on {platform.node()} ({os.cpu_count()} "
+             f"cores, Python {platform.python_version()}); `python -m bench.handler`: "
+             f"{args.rounds} rounds x {args.seconds:g} s per mode and concurrency, interleaved "
+             "(null, lastlogin, null, lastlogin, ...), medians over rounds. lastlogin on "
+             "PostgreSQL, every login committed before its reply; the null handler does no "
+             "work at all. Client and servers share the 2 cores.", "",
+             "| concurrency | null handler logins/s | lastlogin logins/s | ratio | "
+             "lastlogin p50 | p95 | p99 | null p50 | spread (lastlogin rates) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for c in levels:
+        null = [r for r in runs if r.mode == "null" and r.concurrency == c]
+        ll = [r for r in runs if r.mode == "lastlogin" and r.concurrency == c]
+        nr, lr = statistics.median(r.rate for r in null), statistics.median(r.rate for r in ll)
+        med = lambda rs, p: statistics.median(r.pct(p) for r in rs)   # noqa: E731
+        lines.append(f"| {c} | {nr:,.0f} | {lr:,.0f} | {lr / nr:.2f} | {med(ll, 50):.2f} ms | "
+                     f"{med(ll, 95):.2f} ms | {med(ll, 99):.2f} ms | {med(null, 50):.2f} ms | "
+                     f"{', '.join(f'{r.rate:,.0f}' for r in ll)} |")
+    total, early, late = memory
+    lines += ["", f"Memory: resident size {early / 1024:.1f} MiB after {total // 10:,} logins, "
+                  f"{late / 1024:.1f} MiB after {total:,} ({(late - early) / early * 100:+.1f} %).",
+              END]
+    text = DOC.read_text() if DOC.exists() else "# Performance\n"
+    if BEGIN in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + "\n".join(lines) + rest.split(END, 1)[1]
+    else:
+        text += "\n## Handler only (no Dovecot)\n\n" + "\n".join(lines) + "\n"
+    DOC.write_text(text)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
