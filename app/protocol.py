@@ -7,6 +7,7 @@ re-encoded on its way back to Dovecot.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 VERSION_PREFIX = b"VERSION\tscript-login\t"
@@ -24,8 +25,11 @@ class ProtocolError(ValueError):
     """The peer sent something that is not a post-login request."""
 
 
+_SPECIAL = re.compile(rb"[\x01\t\r\n]")
+
+
 def tab_escape(value: bytes) -> bytes:
-    if not any(c in value for c in (b"\x01", b"\t", b"\r", b"\n")):
+    if _SPECIAL.search(value) is None:
         return value
     return b"".join(_ESC.get(c, bytes((c,))) for c in value)
 

@@ -13,6 +13,7 @@ on a database that is not there.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import queue
@@ -22,7 +23,10 @@ from typing import Callable, Sequence
 
 import sqlalchemy as sa
 
+import psycopg
+
 from .db.store import LoginRecord, record_logins
+from .db.writers import writer_for
 from .logs import show
 from .spool import Spool, SpoolFull
 
@@ -32,6 +36,10 @@ _STOP = object()
 
 Writer = Callable[[sa.Connection, Sequence[LoginRecord]], int]
 Item = tuple[LoginRecord, "concurrent.futures.Future[str]"]
+# What the database says about one record (not about itself): retry the
+# batch record by record so only that one fails.
+DATA_ERRORS = (sa.exc.IntegrityError, sa.exc.DataError, psycopg.errors.IntegrityError,
+               psycopg.errors.DataError)
 
 COMMITTED, SPOOLED, DROPPED = "committed", "spooled", "dropped"
 
@@ -43,11 +51,11 @@ def first_line(exc: BaseException) -> str:
 
 class Recorder:
     def __init__(self, engine: sa.Engine, batch_max: int = 1000,
-                 writer: Writer = record_logins, spool: Spool | None = None,
+                 writer=None, spool: Spool | None = None,
                  spool_full_action: str = "allow") -> None:
         self._engine = engine
         self._batch_max = batch_max
-        self._writer = writer
+        self._writer = writer or writer_for(engine)
         self.spool = spool
         self.spool_full_action = spool_full_action
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -66,8 +74,17 @@ class Recorder:
         self._thread.start()
 
     def submit(self, record: LoginRecord) -> concurrent.futures.Future[str]:
+        """For threads: a concurrent future."""
         fut: concurrent.futures.Future[str] = concurrent.futures.Future()
         self._queue.put((record, fut))
+        return fut
+
+    def submit_async(self, record: LoginRecord) -> "asyncio.Future[str]":
+        """For the event loop: an asyncio future, settled with its batch mates
+        in one wake-up of the loop (not one per login)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.put((record, _LoopWaiter(loop, fut)))
         return fut
 
     def stop(self, timeout: float) -> bool:
@@ -76,6 +93,8 @@ class Recorder:
             return True
         self._queue.put(_STOP)
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._writer.close()
         return not self._thread.is_alive()
 
     # --- the spool side ---------------------------------------------------
@@ -137,7 +156,7 @@ class Recorder:
         while True:
             batch, stopping = self._take_batch()
             if batch:
-                self._write([(r, f) for r, f in batch if f.set_running_or_notify_cancel()])
+                self._write([(r, f) for r, f in batch if _claim(f)])
             if stopping:
                 return
 
@@ -149,18 +168,16 @@ class Recorder:
             return
         started = self.busy_since = time.monotonic()
         try:
-            with self._engine.begin() as conn:
-                self._writer(conn, [rec for rec, _ in live])
-        except sa.exc.DBAPIError as exc:
+            self._writer.write([rec for rec, _ in live])
+        except DATA_ERRORS as exc:
             self.busy_since = None
-            if len(live) > 1 and not exc.connection_invalidated and not isinstance(
-                    exc, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+            if len(live) > 1:
                 # One record the database rejects must not sink its batch
                 # mates: write them one by one so only that one fails.
                 for item in live:
                     self._write_one(item)
                 return
-            self._failed(live, exc)
+            self._rejected(live, exc)
             return
         except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
             self.busy_since = None
@@ -171,20 +188,20 @@ class Recorder:
         self.records += len(live)
         log.debug("event=commit records=%d ms=%.2f", len(live),
                   (time.monotonic() - started) * 1000)
-        for _, fut in live:
-            fut.set_result(COMMITTED)
+        settle(live, COMMITTED)
 
     def _failed(self, items: list[Item], exc: Exception) -> None:
-        """The database said no or is gone: spool if we can, else fail the waiters."""
-        if self.spool is not None and isinstance(exc, (sa.exc.OperationalError,
-                                                       sa.exc.InterfaceError,
-                                                       sa.exc.DBAPIError)):
+        """The database is gone, slow or broken: spool if we can, else fail the waiters."""
+        if self.spool is not None:
             self.mark_down(first_line(exc))
             self._to_spool(items)
             return
+        self._rejected(items, exc)
+
+    @staticmethod
+    def _rejected(items: list[Item], exc: Exception) -> None:
         log.error("event=record_failed records=%d error=%s", len(items), show(first_line(exc)))
-        for _, fut in items:
-            fut.set_exception(exc)
+        settle(items, exc=exc)
 
     def _to_spool(self, items: list[Item]) -> None:
         try:
@@ -192,24 +209,66 @@ class Recorder:
         except Exception as exc:  # noqa: BLE001 - SpoolFull with refuse, or a disk error
             log.error("event=spool_failed records=%d error=%s", len(items),
                       show(first_line(exc)))
-            for _, fut in items:
-                fut.set_exception(exc)
+            settle(items, exc=exc)
             return
-        for _, fut in items:
-            fut.set_result(outcome)
+        settle(items, outcome)
 
     def _write_one(self, item: Item) -> None:
-        rec, fut = item
+        rec, _ = item
         try:
-            with self._engine.begin() as conn:
-                self._writer(conn, [rec])
-        except Exception as exc:  # noqa: BLE001
-            log.error("event=record_failed records=1 error=%s", show(first_line(exc)))
-            fut.set_exception(exc)
+            self._writer.write([rec])
+        except DATA_ERRORS as exc:
+            self._rejected([item], exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - the database went away meanwhile
+            self._failed([item], exc)
             return
         self.commits += 1
         self.records += 1
-        fut.set_result(COMMITTED)
+        settle([item], COMMITTED)
+
+
+class _LoopWaiter:
+    __slots__ = ("loop", "fut")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fut: "asyncio.Future[str]") -> None:
+        self.loop = loop
+        self.fut = fut
+
+
+def _claim(waiter) -> bool:
+    if isinstance(waiter, _LoopWaiter):
+        return True         # a cancelled one (timed out) is still written: see settle
+    return waiter.set_running_or_notify_cancel()
+
+
+def _settle_on_loop(futs: list["asyncio.Future[str]"], result: str | None,
+                    exc: BaseException | None) -> None:
+    for fut in futs:
+        if fut.done():
+            continue            # timed out and spooled meanwhile
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+
+
+def settle(items: list[Item], result: str | None = None,
+           exc: BaseException | None = None) -> None:
+    """Tell the waiters; one thread-safe call per event loop for a whole batch."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[str]]] = {}
+    for _, waiter in items:
+        if isinstance(waiter, _LoopWaiter):
+            by_loop.setdefault(waiter.loop, []).append(waiter.fut)
+        elif exc is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(result)
+    for loop, futs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_on_loop, futs, result, exc)
+        except RuntimeError:
+            pass                # the loop is closed: nobody waits any more
 
 
 class Replayer:

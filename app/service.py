@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -39,6 +40,18 @@ class ClientChannel(Protocol):
     async def write(self, data: bytes) -> None: ...
 
 
+_random = random.Random()     # seeded from os.urandom when the module loads
+
+
+def new_event_id() -> uuid.UUID:
+    """A random (version 4) UUID without a system call per login.
+
+    Event ids need to be unique, not secret: a PRNG seeded from the OS per
+    process gives 122 random bits, as uuid4() does with os.urandom.
+    """
+    return uuid.UUID(int=_random.getrandbits(128), version=4)
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -61,7 +74,7 @@ def make_record(protocol: str, req: LoginRequest, outcome: str,
                 now: dt.datetime, rule_id: int | None = None,
                 alerts_shown: tuple[int, ...] = ()) -> LoginRecord:
     return LoginRecord(
-        event_id=uuid.uuid4(),
+        event_id=new_event_id(),
         occurred_at=now,
         username=req.username,
         protocol=protocol,
@@ -230,12 +243,13 @@ class LoginService:
         if rec.down and rec.spool is not None:
             await self._spool(record)
             return
-        fut = asyncio.wrap_future(rec.submit(record))
+        fut = rec.submit_async(record)
         try:
-            # shield: on a timeout the record stays in its batch; if that
-            # commit lands later, replaying the spooled copy is a no-op
-            await asyncio.wait_for(asyncio.shield(fut), self.record_timeout)
-        except asyncio.TimeoutError:
+            # On a timeout the record stays in its batch; if that commit
+            # lands later, replaying the spooled copy is a no-op.
+            async with asyncio.timeout(self.record_timeout):
+                await fut
+        except TimeoutError:
             if rec.spool is None:
                 raise RecordError(f"not committed within {self.record_timeout:g}s") from None
             rec.mark_down(f"commit took longer than {self.record_timeout:g}s")

@@ -7,6 +7,7 @@ import sqlalchemy as sa
 
 from app.db.schema import last_logins, login_events
 from app.db.store import normalize_ip, record_logins, text_form
+from app.db.writers import writer_for
 from tests.builders import HOSTILE_USERNAMES, T0, record
 
 
@@ -20,12 +21,22 @@ def lasts(engine):
         return {(r.username, r.protocol): r for r in conn.execute(sa.select(last_logins))}
 
 
-def store(engine, *records):
-    with engine.begin() as conn:
-        return record_logins(conn, list(records))
+@pytest.fixture(params=["core", "writer"])
+def store(request, engine):
+    """Both write paths: record_logins (imports, replays) and the daemon's batch writer
+    (on PostgreSQL the one-statement fast path); they must store the same rows."""
+    if request.param == "core":
+        def write(_engine, *records):
+            with engine.begin() as conn:
+                return record_logins(conn, list(records))
+        yield write
+        return
+    writer = writer_for(engine)
+    yield lambda _engine, *records: writer.write(list(records))
+    writer.close()
 
 
-def test_event_and_last_login_are_written(engine):
+def test_event_and_last_login_are_written(engine, store):
     assert store(engine, record(master_user=b"admin", auth_user=b"alice")) == 1
     (ev,) = events(engine)
     assert (ev.username, ev.protocol, ev.remote_ip, ev.local_ip) == (
@@ -37,7 +48,7 @@ def test_event_and_last_login_are_written(engine):
     assert (row.first_seen, row.last_seen, row.login_count) == (T0, T0, 1)
 
 
-def test_second_login_updates_count_and_last_ip(engine):
+def test_second_login_updates_count_and_last_ip(engine, store):
     later = T0 + dt.timedelta(hours=1)
     store(engine, record())
     store(engine, record(at=later, remote_ip="2001:db8::7", local_ip=None))
@@ -47,14 +58,14 @@ def test_second_login_updates_count_and_last_ip(engine):
     assert (row.last_remote_ip, row.last_local_ip) == ("2001:db8::7", None)
 
 
-def test_protocols_are_kept_apart(engine):
+def test_protocols_are_kept_apart(engine, store):
     store(engine, record(protocol="imap"), record(protocol="pop3"), record(protocol="pop3"))
     rows = lasts(engine)
     assert rows[("alice@example.com", "imap")].login_count == 1
     assert rows[("alice@example.com", "pop3")].login_count == 2
 
 
-def test_one_batch_with_many_logins_of_one_user(engine):
+def test_one_batch_with_many_logins_of_one_user(engine, store):
     batch = [record(at=T0 + dt.timedelta(seconds=i), remote_ip=f"10.0.0.{i}") for i in (3, 1, 2)]
     assert store(engine, *batch) == 3
     row = lasts(engine)[("alice@example.com", "imap")]
@@ -63,7 +74,7 @@ def test_one_batch_with_many_logins_of_one_user(engine):
     assert row.first_seen == T0 + dt.timedelta(seconds=1)
 
 
-def test_replay_is_idempotent(engine):
+def test_replay_is_idempotent(engine, store):
     a, b = record(), record(at=T0 + dt.timedelta(minutes=5))
     store(engine, a)
     assert store(engine, a, b) == 1       # a was stored already
@@ -71,7 +82,7 @@ def test_replay_is_idempotent(engine):
     assert lasts(engine)[("alice@example.com", "imap")].login_count == 2
 
 
-def test_an_older_event_arriving_late_does_not_move_last_seen(engine):
+def test_an_older_event_arriving_late_does_not_move_last_seen(engine, store):
     newer = T0 + dt.timedelta(days=1)
     store(engine, record(at=newer, remote_ip="10.1.1.1"))
     store(engine, record(at=T0, remote_ip="10.2.2.2"))
@@ -79,14 +90,14 @@ def test_an_older_event_arriving_late_does_not_move_last_seen(engine):
     assert (row.first_seen, row.last_seen, row.last_remote_ip) == (T0, newer, "10.1.1.1")
 
 
-def test_denied_logins_are_history_but_not_last_login(engine):
+def test_denied_logins_are_history_but_not_last_login(engine, store):
     store(engine, record(outcome="denied"))
     assert [e.outcome for e in events(engine)] == ["denied"]
     assert lasts(engine) == {}
 
 
 @pytest.mark.parametrize("name", HOSTILE_USERNAMES, ids=range(len(HOSTILE_USERNAMES)))
-def test_hostile_usernames_are_stored_verbatim(engine, name):
+def test_hostile_usernames_are_stored_verbatim(engine, store, name):
     store(engine, record(name))
     (ev,) = events(engine)
     text, raw = text_form(name)
@@ -114,3 +125,14 @@ def test_text_form():
 ])
 def test_normalize_ip(raw, expected):
     assert normalize_ip(raw) == expected
+
+
+def test_alert_deliveries_are_written_with_the_login(engine, store):
+    from app.db.schema import login_alert_deliveries
+    rec = record(alerts_shown=(7, 9))
+    store(engine, rec, record(b"bob@example.com"))
+    store(engine, rec)                         # a replay adds nothing
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(login_alert_deliveries)).all()
+    assert sorted((r.alert_id, r.username) for r in rows) == [
+        (7, "alice@example.com"), (9, "alice@example.com")]
