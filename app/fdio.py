@@ -18,8 +18,14 @@ class PeerError(ValueError):
     """The peer broke the framing (closed early, sent too much, too many fds)."""
 
 
-async def wait_ready(fd: int, writable: bool) -> None:
+async def wait_ready(fd: int, writable: bool, deadline: float | None = None) -> None:
+    """Wait until ``fd`` is readable (writable); TimeoutError past ``deadline``
+    (event-loop time). Only a peer that makes us wait pays for the timer."""
     loop = asyncio.get_running_loop()
+    if deadline is not None:
+        async with asyncio.timeout_at(deadline):
+            await wait_ready(fd, writable)
+        return
     fut = loop.create_future()
 
     def ready() -> None:
@@ -44,7 +50,8 @@ def take_fds(ancdata: list[tuple[int, int, bytes]], into: list[int]) -> None:
 
 
 async def read_message(conn: socket.socket, limit: int, fds: list[int],
-                       complete: Callable[[bytearray], bool], what: str) -> bytes:
+                       complete: Callable[[bytearray], bool], what: str,
+                       deadline: float | None = None) -> bytes:
     """Read until ``complete(buf)``; every fd received is appended to ``fds``.
 
     Every read is a recvmsg with room for fds: a plain recv() would make the
@@ -56,7 +63,7 @@ async def read_message(conn: socket.socket, limit: int, fds: list[int],
         try:
             data, anc, flags, _ = conn.recvmsg(RECV_CHUNK, anc_size, socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
-            await wait_ready(conn.fileno(), writable=False)
+            await wait_ready(conn.fileno(), False, deadline)
             continue
         take_fds(anc, fds)
         if flags & socket.MSG_CTRUNC:
@@ -69,7 +76,8 @@ async def read_message(conn: socket.socket, limit: int, fds: list[int],
     return bytes(buf)
 
 
-async def send_all(conn: socket.socket, data: bytes, fd: int | None = None) -> None:
+async def send_all(conn: socket.socket, data: bytes, fd: int | None = None,
+                   deadline: float | None = None) -> None:
     """Send ``data`` on a non-blocking socket; ``fd`` rides on the first byte."""
     view = memoryview(data)
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
@@ -77,7 +85,7 @@ async def send_all(conn: socket.socket, data: bytes, fd: int | None = None) -> N
         try:
             sent = conn.sendmsg([view], anc, socket.MSG_NOSIGNAL)
         except BlockingIOError:
-            await wait_ready(conn.fileno(), writable=True)
+            await wait_ready(conn.fileno(), True, deadline)
             continue
         view, anc = view[sent:], []
 
@@ -89,16 +97,16 @@ async def write_fd(fd: int, data: bytes, timeout: float) -> None:
     are: MSG_DONTWAIT makes each send non-blocking by itself.
     """
     sock = socket.socket(fileno=fd)
+    deadline = asyncio.get_running_loop().time() + timeout
     try:
-        async with asyncio.timeout(timeout):
-            view = memoryview(data)
-            while view:
-                try:
-                    sent = sock.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-                except BlockingIOError:
-                    await wait_ready(fd, writable=True)
-                    continue
-                view = view[sent:]
+        view = memoryview(data)
+        while view:
+            try:
+                sent = sock.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                await wait_ready(fd, True, deadline)
+                continue
+            view = view[sent:]
     finally:
         sock.detach()
 

@@ -7,6 +7,7 @@ matches, the default action applies.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, Union
@@ -56,6 +57,7 @@ def _in(addr: IPAddr | None, net: IPNet | None) -> bool:
     return addr in net
 
 
+@functools.lru_cache(maxsize=65536)      # addresses repeat; parsing them is not cheap
 def parse_ip(text: str | None) -> IPAddr | None:
     """An address for matching; an IPv4-mapped IPv6 address counts as IPv4."""
     if not text:

@@ -387,8 +387,8 @@ class Server:
             if answer.reply_fd is not None:
                 fds.append(answer.reply_fd)         # closed below, once sent
             if answer.reply is not None:
-                async with asyncio.timeout(self.settings.client_write_timeout):
-                    await send_all(conn, answer.reply, answer.reply_fd)
+                deadline = asyncio.get_running_loop().time() + self.settings.client_write_timeout
+                await send_all(conn, answer.reply, answer.reply_fd, deadline)
             self._log_login(proto, req, answer, started)
         except PeerError as exc:
             if str(exc).startswith("peer closed after 0 bytes"):
@@ -409,9 +409,9 @@ class Server:
             conn.close()
 
     async def _receive(self, conn: socket.socket, fds: list[int]) -> LoginRequest:
-        async with asyncio.timeout(self.settings.request_timeout):
-            buf = await read_message(conn, self.settings.max_request_bytes, fds,
-                                     request_complete, "request")
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
+        buf = await read_message(conn, self.settings.max_request_bytes, fds,
+                                 request_complete, "request", deadline)
         if len(fds) != 1:
             raise ProtocolError(f"expected one client fd, got {len(fds)}")
         return parse_request(buf)
@@ -420,6 +420,8 @@ class Server:
                    started: float) -> None:
         if self.service.metrics:
             self.service.metrics.logins.labels(proto, answer.record.outcome).inc()
+        if not log.isEnabledFor(logging.INFO):
+            return
         rec = answer.record
         log.info("event=login protocol=%s user=%s rip=%s lip=%s outcome=%s rule=%s "
                  "mech=%s alerts=%d ms=%.2f%s",

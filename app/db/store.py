@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import uuid
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ def text_form(value: bytes) -> tuple[str, bytes | None]:
     return text, None
 
 
+@functools.lru_cache(maxsize=65536)
 def normalize_ip(value: bytes | None) -> str | None:
     """An address from the request as canonical text; NULL when unknown.
 
