@@ -98,6 +98,30 @@ map {{
 """
 
 
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (from /proc), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
+def cpu_of_tree(root: int) -> float:
+    """CPU of ``root`` and its direct children (PostgreSQL's backends)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry.name) == root or int(fields[1]) == root:
+            total += (int(fields[11]) + int(fields[12])) / CLK
+    return total
+
+
 @dataclass
 class Result:
     mode: str
@@ -264,6 +288,9 @@ class Bench:
         for port in (self.dovecot.imap_port, self.dovecot.pop3_port):
             _wait_port(port, self.dovecot.logs)
 
+    def pg_pid(self) -> int:
+        return int(Path(self.pg.datadir, "postmaster.pid").read_text().split()[0])
+
     def stop(self) -> None:
         self.dovecot.stop()
         if self.daemon:
@@ -309,6 +336,7 @@ def main() -> None:
     bench = Bench(args.users)
     results: list[Result] = []
     checks: list[str] = []
+    cpu: list[tuple[str, int, float, float]] = []
     try:
         bench.start("floor")                 # every user's maildir exists before timing
         for u in bench.users:
@@ -318,6 +346,7 @@ def main() -> None:
             for mode in modes:
                 before = bench.writes(mode)
                 bench.start(mode)
+                pg_cpu0 = cpu_of_tree(bench.pg_pid())
                 try:
                     done = 0
                     for proto, login, port in (("imap", imap_login, bench.dovecot.imap_port),
@@ -330,6 +359,9 @@ def main() -> None:
                             print(f"round {rnd + 1} {mode:17} {proto} c={c:<2} "
                                   f"{r.rate:7.0f}/s p50 {r.p50:6.2f} ms fail {r.failures}",
                                   flush=True)
+                    daemon_cpu = cpu_seconds(bench.daemon.proc.pid) if bench.daemon else 0.0
+                    pg_cpu = cpu_of_tree(bench.pg_pid()) - pg_cpu0
+                    cpu.append((mode, done, daemon_cpu, pg_cpu))
                 finally:
                     bench.stop()
                 # counted once Dovecot is stopped: its dict process's database
@@ -342,10 +374,10 @@ def main() -> None:
                 print(checks[-1], flush=True)
     finally:
         bench.close()
-    write_doc(results, modes, checks, args)
+    write_doc(results, modes, checks, cpu, args)
 
 
-def write_doc(results: list[Result], modes: list[str], checks: list[str], args) -> None:
+def write_doc(results: list[Result], modes: list[str], checks: list[str], cpu, args) -> None:
     def med(mode, proto, c, attr):
         xs = [getattr(r, attr) for r in results if (r.mode, r.proto, r.concurrency) ==
               (mode, proto, c)]
@@ -376,7 +408,16 @@ def write_doc(results: list[Result], modes: list[str], checks: list[str], args) 
         if "wiki" in modes and "lastlogin-pg" in modes:
             ratio = med("lastlogin-pg", proto, 16, "rate") / med("wiki", proto, 16, "rate")
             lines += ["", f"lastlogin-pg / wiki at c=16: {ratio:.1f} x", ""]
-    lines += ["Writes counted after each mode and round (login_events rows for lastlogin, "
+    lines += ["CPU per login, medians over rounds (the handler process; PostgreSQL's "
+              "server processes, which serve the plugin's dict writes, the wiki's psql and "
+              "lastlogin's commits alike):", "",
+              "| mode | handler CPU per login | PostgreSQL CPU per login |", "|---|---:|---:|"]
+    for mode in modes:
+        rows = [(d, dc, pc) for m, d, dc, pc in cpu if m == mode and d]
+        if rows:
+            lines.append(f"| {mode} | {statistics.median(dc / d for d, dc, _ in rows) * 1000:.2f}"
+                         f" ms | {statistics.median(pc / d for d, _, pc in rows) * 1000:.2f} ms |")
+    lines += ["", "Writes counted after each mode and round (login_events rows for lastlogin, "
               "sum of the counter the wiki script bumps, the plugin table's inserts + "
               "updates from pg_stat_user_tables):", ""]
     lines += [f"- {c}" for c in checks]
