@@ -259,15 +259,14 @@ def smoke(null_path: str, ll_path: str, url: str) -> None:
 def profile(ll: Proc, path: str, workdir: Path) -> None:
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)
-    spy = subprocess.Popen(["py-spy", "record", "--pid", str(ll.proc.pid), "--duration", "8",
+    pyspy = str(Path(sys.executable).with_name("py-spy"))
+    spy = subprocess.Popen([pyspy, "record", "--pid", str(ll.proc.pid), "--duration", "8",
                             "--rate", "200", "--format", "speedscope", "-o",
                             str(out / "handler-c64.speedscope.json")],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     drive(path, "lastlogin", 64, 8.0, None, "prof-")
     spy.wait(60)
-    top = subprocess.run(["py-spy", "dump", "--pid", str(ll.proc.pid)], capture_output=True,
-                         text=True)
-    (out / "handler-dump.txt").write_text(top.stdout)
+
 
 
 def memory_run(ll: Proc, path: str, total: int) -> tuple[int, int, int]:

@@ -1,0 +1,27 @@
+"""The whole comparison, one command:
+
+    python -m bench              # through Dovecot (all modes), then handler-only
+    python -m bench --reports    # ... and reports at 10 million events (~10 min more)
+
+Installs nothing itself: needs the Debian packages dovecot-imapd,
+dovecot-pop3d, dovecot-pgsql, postgresql and postgresql-client (scripts/bench
+installs them). Every part writes its table into docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def main() -> None:
+    parts = [["bench.dovecot_modes"], ["bench.handler", "--profile"]]
+    if "--reports" in sys.argv[1:]:
+        parts.append(["bench.reports_at_scale"])
+    for part in parts:
+        print(f"== python -m {' '.join(part)}", flush=True)
+        subprocess.run([sys.executable, "-m", *part], check=True)
+
+
+if __name__ == "__main__":
+    main()
