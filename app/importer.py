@@ -1,7 +1,7 @@
 """Backfill: Dovecot's own log lines, and the last_login plugin's table.
 
 Log import reads `<proto>-login: Login: user=<...>, method=..., rip=..., lip=...`
-lines; a login that post-login refused is followed by the mail process's
+lines (2.4 writes `Logged in: user=<...>`); a login that post-login refused is followed by the mail process's
 `Post-login script denied access to user ...` line and is counted as refused.
 Event ids are derived from the line's content, so importing the same file
 twice stores nothing the second time.
@@ -36,7 +36,7 @@ _SYSLOG = re.compile(rb"^(?P<mon>[A-Z][a-z]{2}) +(?P<day>\d{1,2}) "
 _ISO = re.compile(rb"^(?P<iso>\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:\.\d+)?"
                   rb"(?:Z|[+-]\d\d:?\d\d)?) ")
 _LOGIN = re.compile(rb"(?P<proto>imap|pop3|submission|managesieve)-login: (?:Info: )?"
-                    rb"Login: user=<(?P<user>.*)>, method=(?P<method>[^,]*), "
+                    rb"(?:Login|Logged in): user=<(?P<user>.*)>, method=(?P<method>[^,]*), "
                     rb"rip=(?P<rip>[^,]*), lip=(?P<lip>[^,]*)(?P<rest>.*)$")
 # The mail process's errors that end a login at the post-login step.
 _FAILURES = (b"Post-login script denied access to user ", b"net_connect_unix(",
@@ -179,7 +179,7 @@ def read_logins(lines: Iterator[bytes], stamps: StampParser, stats: ImportStats
     for line in lines:
         stats.lines += 1
         line = line.rstrip(b"\r\n")
-        is_login = b"Login: user=<" in line
+        is_login = b"Login: user=<" in line or b"Logged in: user=<" in line   # 2.3, 2.4
         is_denied = b": Error: " in line and any(f in line for f in _FAILURES)
         if not (is_login or is_denied):
             continue
