@@ -4,32 +4,25 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
 
 import sqlalchemy as sa
 
 from .db.retention import maintain
+from .worker import Worker
 
 log = logging.getLogger("lastlogin.maintenance")
 
 DAY = 24 * 3600.0
 
 
-class Maintenance:
+class Maintenance(Worker):
+    thread_name = "lastlogin-maintenance"
+
     def __init__(self, engine: sa.Engine, retention_days: int, interval: float = DAY) -> None:
+        super().__init__()
         self.engine = engine
         self.retention_days = retention_days
         self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lastlogin-maintenance",
-                                        daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
     def run_once(self) -> None:
         result = maintain(self.engine, dt.datetime.now(dt.timezone.utc), self.retention_days)

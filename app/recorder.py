@@ -29,6 +29,7 @@ from .db.store import LoginRecord, record_logins
 from .db.writers import writer_for
 from .logs import show
 from .spool import Spool, SpoolFull
+from .worker import Worker
 
 log = logging.getLogger("lastlogin.recorder")
 
@@ -271,13 +272,16 @@ def settle(items: list[Item], result: str | None = None,
             pass                # the loop is closed: nobody waits any more
 
 
-class Replayer:
+class Replayer(Worker):
     """Stores spooled records once the database answers again, oldest first."""
+
+    thread_name = "lastlogin-replay"
 
     def __init__(self, engine: sa.Engine, recorder: Recorder, interval: float = 1.0,
                  chunk: int = 1000, writer: Writer = record_logins,
                  stuck_after: float = 2.0) -> None:
         assert recorder.spool is not None
+        super().__init__()
         self.engine = engine
         self.recorder = recorder
         self.spool = recorder.spool
@@ -286,16 +290,6 @@ class Replayer:
         self.writer = writer
         self.stuck_after = stuck_after
         self.replayed = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lastlogin-replay",
-                                        daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -10,7 +10,6 @@ database goes away, the last snapshot keeps deciding.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ from .db.overrides import load_alerts, load_deliveries, load_overrides
 from .db.rules import config_version_of, load_rules
 from .overrides import Alert, Overrides
 from .policy import Rule
+from .worker import Worker
 
 log = logging.getLogger("lastlogin.snapshot")
 
@@ -67,18 +67,18 @@ class ConfigCache:
         return None if self.checked_at is None else time.monotonic() - self.checked_at
 
 
-class Refresher:
+class Refresher(Worker):
     """Keeps a ConfigCache current from the database, on a thread of its own."""
+
+    thread_name = "lastlogin-config"
 
     def __init__(self, engine: sa.Engine, cache: ConfigCache,
                  poll_interval: float = 0.5, heartbeat: float = 5.0) -> None:
+        super().__init__()
         self.engine = engine
         self.cache = cache
         self.poll_interval = poll_interval
         self.heartbeat = heartbeat
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lastlogin-config",
-                                        daemon=True)
         self._failing = False
 
     def refresh(self) -> bool:
@@ -97,13 +97,6 @@ class Refresher:
         log.info("event=config_loaded version=%d rules=%d overrides=%d alerts=%d",
                  snap.version, len(snap.rules), snap.overrides.count(), len(snap.alerts))
         return True
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
     def _run(self) -> None:
         listen = self.engine.dialect.name == "postgresql"

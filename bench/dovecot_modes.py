@@ -42,12 +42,11 @@ sys.path.insert(0, str(ROOT))
 
 from app.db import make_engine  # noqa: E402
 from app.db.migrate import upgrade  # noqa: E402
+from bench.doc import write_section  # noqa: E402
 from bench.handler import start_lastlogin  # noqa: E402
 from tests.harness.dovecot import MAIL_UID, Dovecot, _wait_port  # noqa: E402
 from tests.harness.pg import free_port, start_server  # noqa: E402
 
-DOC = ROOT / "docs" / "performance.md"
-BEGIN, END = "<!-- DOVECOT:BEGIN -->", "<!-- DOVECOT:END -->"
 MODES = ["floor", "exec", "wiki", "plugin", "lastlogin-pg", "lastlogin-sqlite"]
 
 NOOP = '#!/bin/sh\nexec "$@"\n'
@@ -388,8 +387,7 @@ def write_doc(results: list[Result], modes: list[str], checks: list[str], cpu, a
 
     version = subprocess.run(["dovecot", "--version"], capture_output=True,
                              text=True).stdout.strip()
-    lines = [BEGIN,
-             f"Measured {dt.date.today().isoformat()} on {platform.node()} "
+    lines = [f"Measured {dt.date.today().isoformat()} on {platform.node()} "
              f"({os.cpu_count()} cores, Dovecot {version}, Python "
              f"{platform.python_version()}); `python -m bench.dovecot_modes`: {args.rounds} "
              f"rounds, modes interleaved, {args.seconds:g} s per protocol and concurrency, "
@@ -424,15 +422,7 @@ def write_doc(results: list[Result], modes: list[str], checks: list[str], cpu, a
               "sum of the counter the wiki script bumps, the plugin table's inserts + "
               "updates from pg_stat_user_tables):", ""]
     lines += [f"- {c}" for c in checks]
-    lines.append(END)
-    text = DOC.read_text() if DOC.exists() else "# Performance\n"
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + "\n".join(lines) + rest.split(END, 1)[1]
-    else:
-        text += "\n## Through Dovecot\n\n" + "\n".join(lines) + "\n"
-    DOC.write_text(text)
-    print("\n".join(lines))
+    write_section("DOVECOT", "Through Dovecot", lines)
 
 
 if __name__ == "__main__":

@@ -35,10 +35,9 @@ import sqlalchemy as sa
 from app.db import make_engine
 from app.db.migrate import upgrade
 from app.protocol import build_request
+from bench.doc import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "performance.md"
-BEGIN, END = "<!-- HANDLER:BEGIN -->", "<!-- HANDLER:END -->"
 FIELDS = [b"uid=5000", b"gid=5000", b"home=/var/vmail/example.com/user",
           b"mail=maildir:~/Maildir", b"auth_mech=PLAIN",
           b"auth_token=3f2a0c9e5b7d41e08a6c2f1b9d3e7a5c4b8f0e12"]
@@ -280,8 +279,7 @@ def memory_run(ll: Proc, path: str, total: int) -> tuple[int, int, int]:
 
 
 def write_doc(runs: list[Run], levels: list[int], memory, args) -> None:
-    lines = [BEGIN,
-             f"Measured {dt.date.today().isoformat()} on {platform.node()} ({os.cpu_count()} "
+    lines = [f"Measured {dt.date.today().isoformat()} on {platform.node()} ({os.cpu_count()} "
              f"cores, Python {platform.python_version()}); `python -m bench.handler`: "
              f"{args.rounds} rounds x {args.seconds:g} s per mode and concurrency, interleaved "
              "(null, lastlogin, null, lastlogin, ...), medians over rounds. lastlogin on "
@@ -301,15 +299,8 @@ def write_doc(runs: list[Run], levels: list[int], memory, args) -> None:
     total, early, late = memory
     lines += ["", f"Memory: resident size {early / 1024:.1f} MiB after {total // 10:,} logins, "
                   f"{late / 1024:.1f} MiB after {total:,} ({(late - early) / early * 100:+.1f} %).",
-              END]
-    text = DOC.read_text() if DOC.exists() else "# Performance\n"
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + "\n".join(lines) + rest.split(END, 1)[1]
-    else:
-        text += "\n## Handler only (no Dovecot)\n\n" + "\n".join(lines) + "\n"
-    DOC.write_text(text)
-    print("\n".join(lines))
+              ]
+    write_section("HANDLER", "Handler only (no Dovecot)", lines)
 
 
 if __name__ == "__main__":

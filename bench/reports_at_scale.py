@@ -25,9 +25,8 @@ import sqlalchemy as sa
 from app.db import make_engine, reports
 from app.db.migrate import upgrade
 from app.db.partitions import ensure_partitions, months_from
+from bench.doc import write_section
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
-BEGIN, END = "<!-- REPORTS:BEGIN -->", "<!-- REPORTS:END -->"
 
 GENERATE = """
 INSERT INTO login_events (event_id, occurred_at, username, protocol, remote_ip, local_ip,
@@ -156,7 +155,6 @@ def main() -> None:
 def write_doc(args, gen: float, results, plans, version: str) -> None:
     uses = {k: ("Index" in v) for k, v in plans.items()}
     lines = [
-        BEGIN,
         f"Measured {dt.date.today().isoformat()} on {platform.node()} "
         f"({os.cpu_count()} cores, Python {platform.python_version()}, PostgreSQL {version}); "
         f"{args.events:,} login_events over 12 months for {args.users:,} users "
@@ -170,15 +168,8 @@ def write_doc(args, gen: float, results, plans, version: str) -> None:
         lines.append(f"| `{name}` | {secs * 1000:.1f} ms | {rows:,} | "
                      f"{'yes' if secs < 1 else '**no**'} |")
     lines += ["", "Plans: " + ", ".join(
-        f"{k} {'uses an index' if v else '**does not use an index**'}" for k, v in uses.items()),
-        END]
-    text = DOC.read_text() if DOC.exists() else "# Performance\n\n## Reports at scale\n\n"
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + "\n".join(lines) + rest.split(END, 1)[1]
-    else:
-        text += "\n".join(lines) + "\n"
-    DOC.write_text(text)
+        f"{k} {'uses an index' if v else '**does not use an index**'}" for k, v in uses.items())]
+    write_section("REPORTS", "Reports at scale", lines)
 
 
 if __name__ == "__main__":

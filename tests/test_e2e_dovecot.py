@@ -190,10 +190,10 @@ def add(engine, **values):
 
 
 def test_denied_imap_user_sees_alert_and_gets_no_session(stack, rules):
-    dovecot, _, engine = stack
+    dovecot, daemon, engine = stack
     rid = add(engine, action="deny", username="mallory@example.com",
               message="Account locked: call the helpdesk")
-    time.sleep(1.2)           # the daemon picks rule changes up within a second
+    daemon.wait_config(engine)           # the daemon picks rule changes up within a second
     said = raw_session(dovecot.imap_port, [b'a1 LOGIN "mallory@example.com" "secret"'])
     # exactly our line, then EOF: no tagged OK, no session
     assert said == b"* BYE [ALERT] Account locked: call the helpdesk\r\n"
@@ -204,10 +204,10 @@ def test_denied_imap_user_sees_alert_and_gets_no_session(stack, rules):
 
 
 def test_denied_pop3_user_sees_err(stack, rules):
-    dovecot, _, engine = stack
+    dovecot, daemon, engine = stack
     add(engine, action="deny", username="mallory@example.com", protocol="pop3",
         message="POP3 is switched off for you")
-    time.sleep(1.2)
+    daemon.wait_config(engine)
     said = raw_session(dovecot.pop3_port, [b"USER mallory@example.com", b"PASS secret"])
     assert said == b"-ERR [AUTH] POP3 is switched off for you\r\n"
     assert events_of(engine, b"mallory@example.com")[-1].outcome == "denied"
@@ -215,18 +215,18 @@ def test_denied_pop3_user_sees_err(stack, rules):
 
 def test_office_network_rule(stack, rules):
     """Allow a domain only from the office network: 127.0.0.0/8 is the office here."""
-    dovecot, _, engine = stack
+    dovecot, daemon, engine = stack
     add(engine, action="allow", domain="example.net", remote_network="127.0.0.0/8", priority=10)
     add(engine, action="deny", domain="example.net", priority=20, message="Office network only")
     add(engine, action="deny", remote_network="192.0.2.0/24", message="not here")
-    time.sleep(1.2)
+    daemon.wait_config(engine)
     imap_login(dovecot.imap_port, b"dave@example.net").logout()
     assert events_of(engine, b"dave@example.net")[-1].outcome == "allowed"
     # the same domain from outside the office is refused (changing only the network)
     with engine.begin() as conn:
         conn.execute(access_rules.update().where(access_rules.c.priority == 10)
                      .values(remote_network="10.9.0.0/16"))
-    time.sleep(1.2)
+    daemon.wait_config(engine)
     said = raw_session(dovecot.imap_port, [b'a1 LOGIN "erin@example.net" "secret"'])
     assert said == b"* BYE [ALERT] Office network only\r\n"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -69,13 +68,13 @@ def test_imap_and_pop3_logins_through_dovecot_24(stack):
 
 
 def test_mail_path_override_moves_the_mailbox_on_24(stack):
-    dovecot, _, engine = stack
+    dovecot, daemon, engine = stack
     alt = dovecot.outside / "alt"
     alt.mkdir()
     os.chown(alt, MAIL_UID, MAIL_UID)
     with engine.begin() as conn:
         set_override(conn, "user", "bob@example.com", "mail_path", f"{dovecot.inside}/alt/bob")
-    time.sleep(1.2)
+    daemon.wait_config(engine)
     client = imap_login(dovecot.imap_port, b"bob@example.com")
     assert client.append("INBOX", None, None, b"Subject: 2.4\r\n\r\nmoved\r\n")[0] == "OK"
     client.logout()
@@ -84,10 +83,10 @@ def test_mail_path_override_moves_the_mailbox_on_24(stack):
 
 
 def test_deny_rule_on_24(stack):
-    dovecot, _, engine = stack
+    dovecot, daemon, engine = stack
     with engine.begin() as conn:
         add_rule(conn, action="deny", username="mallory@example.com", message="No, not on 2.4")
-    time.sleep(1.2)
+    daemon.wait_config(engine)
     said = raw_session(dovecot.imap_port, [b'a1 LOGIN "mallory@example.com" "secret"'])
     assert said == b"* BYE [ALERT] No, not on 2.4\r\n"
     assert events_of(engine, b"mallory@example.com")[-1].outcome == "denied"

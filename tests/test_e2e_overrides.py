@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -78,11 +77,11 @@ def session_log(dovecot, user: str) -> list[str]:
 
 
 def test_mail_override_moves_the_mailbox(stack):
-    dovecot, _, engine = stack
+    dovecot, daemon, engine = stack
     target = Path(dovecot.base, "alt", "frank")
     with engine.begin() as conn:
         set_override(conn, "user", "frank@example.com", "mail", f"maildir:{target}")
-    time.sleep(1.2)
+    daemon.wait_config(engine)
     client = imap_login(dovecot.imap_port, b"frank@example.com")
     typ, _ = client.append("INBOX", None, None,
                            b"Subject: moved\r\n\r\nThis message lands in the override.\r\n")
@@ -95,10 +94,10 @@ def test_mail_override_moves_the_mailbox(stack):
 
 
 def test_acl_groups_and_script_fields_reach_the_session(stack):
-    dovecot, _, engine = stack
+    dovecot, daemon, engine = stack
     with engine.begin() as conn:
         set_override(conn, "domain", "example.com", "acl_groups", "staff,sales")
-    time.sleep(1.2)
+    daemon.wait_config(engine)
     imap_login(dovecot.imap_port, b"gina@example.com").logout()
     log = "\n".join(session_log(dovecot, "gina@example.com"))
     assert "Added userdb setting: plugin/acl_groups=staff,sales" in log
@@ -110,11 +109,11 @@ def test_acl_groups_and_script_fields_reach_the_session(stack):
 
 
 def test_alerts_reach_imap_clients_and_show_once_shows_once(stack):
-    dovecot, _, engine = stack
+    dovecot, daemon, engine = stack
     with engine.begin() as conn:
         add_alert(conn, "user", "hank@example.com", "Out of office until Monday")
         add_alert(conn, "user", "hank@example.com", "Welcome to the new server", show_once=True)
-    time.sleep(1.2)
+    daemon.wait_config(engine)
     first = raw_session(dovecot.imap_port, [b'a1 LOGIN "hank@example.com" "secret"'])
     lines = first.split(b"\r\n")
     assert lines[0] == b"* OK [ALERT] Out of office until Monday"
@@ -127,10 +126,10 @@ def test_alerts_reach_imap_clients_and_show_once_shows_once(stack):
 
 
 def test_pop3_login_with_alerts_configured_still_works(stack):
-    dovecot, _, engine = stack
+    dovecot, daemon, engine = stack
     with engine.begin() as conn:
         add_alert(conn, "global", None, "Maintenance tonight")
-    time.sleep(1.2)
+    daemon.wait_config(engine)
     pop3_login(dovecot.pop3_port, b"ivy@example.com").quit()      # +OK Logged in., STAT
     said = raw_session(dovecot.pop3_port, [b"USER ivy@example.com", b"PASS secret"])
     assert said.startswith(b"+OK Logged in.") and b"ALERT" not in said

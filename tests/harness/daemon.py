@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -51,10 +52,26 @@ class Daemon:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
+    def loaded_version(self) -> int:
+        found = re.findall(r"event=config_loaded version=(\d+)", self.logs())
+        return max(map(int, found)) if found else 0
+
+    def wait_config(self, engine, timeout: float = 10.0) -> None:
+        """Wait until the daemon holds the rules, overrides and alerts that are
+        in the database now (its loaded config_version has caught up)."""
+        from app.db.rules import config_version_of
+        with engine.connect() as conn:
+            wanted = config_version_of(conn)
+        if not wait_for(lambda: self.loaded_version() >= wanted, timeout=timeout):
+            raise AssertionError(f"the daemon did not load version {wanted}:\n{self.logs()}")
+
     def forget(self) -> None:
         """After the process died on its own (kill -9): release what start() made."""
         self.proc = None
         self.log.close()
+        self._close_notify()
+
+    def _close_notify(self) -> None:
         if self._notify:
             name = self._notify.getsockname()
             self._notify.close()
@@ -73,11 +90,7 @@ class Daemon:
             rc = self.proc.wait()
         self.proc = None
         self.log.close()
-        if self._notify:
-            name = self._notify.getsockname()
-            self._notify.close()
-            os.unlink(name)
-            self._notify = None
+        self._close_notify()
         return rc
 
 

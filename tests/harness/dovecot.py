@@ -103,20 +103,26 @@ class Dovecot:
             return None
 
     def stop(self) -> None:
-        pid = self.pid()
-        if pid is None:
-            return
+        stop_master(Path(self.base, "run", "master.pid"))
+
+
+def stop_master(pid_file: Path, timeout: float = 20.0) -> None:
+    """End the Dovecot master we started, by the pid it wrote, and wait for it."""
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         try:
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
+        time.sleep(0.05)
 
 
 def _wait_port(port: int, logs, timeout: float = 20.0) -> None:

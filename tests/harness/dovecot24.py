@@ -11,14 +11,12 @@ network).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.harness.dovecot import _wait_port
+from tests.harness.dovecot import _wait_port, stop_master
 from tests.harness.pg import MissingComponent, free_port
 
 ROOT = Path(os.environ.get("LASTLOGIN_TEST_DOVECOT24_ROOT",
@@ -88,21 +86,7 @@ class Dovecot24:
             _wait_port(port, self.logs)
 
     def stop(self) -> None:
-        try:
-            pid = int((self.outside / "run" / "master.pid").read_text().split()[0])
-        except (FileNotFoundError, ValueError):
-            return
-        try:
-            os.kill(pid, signal.SIGTERM)          # the master we started, by its pid
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
+        stop_master(self.outside / "run" / "master.pid")
 
 
 def make_dovecot24() -> Dovecot24:
