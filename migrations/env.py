@@ -7,9 +7,9 @@ config, then lastlogin's own settings (file + LASTLOGIN_* environment), so
 """
 
 from alembic import context
-from sqlalchemy import create_engine, event
 
 from app.config import load_settings
+from app.db.engine import make_engine
 from app.db.schema import include_name, metadata
 
 config = context.config
@@ -57,10 +57,9 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = create_engine(_url())
-    if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect",
-                     lambda dbapi_conn, _rec: dbapi_conn.execute("PRAGMA foreign_keys=ON"))
+    # lastlogin's own engine: the same SQLite pragmas, and the SQLite file's
+    # directory is made if it does not exist yet (a fresh machine).
+    engine = make_engine(_url())
     with engine.connect() as connection:
         _timeouts(connection)
         # SET opened a transaction; end it so Alembic runs (and commits) its own.

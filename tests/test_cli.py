@@ -91,3 +91,12 @@ def test_alembic_itself_uses_the_same_settings(empty_db_url):
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr
     assert lastlogin("db", "check", env={"LASTLOGIN_DATABASE_URL": empty_db_url}).returncode == 0
+
+
+def test_upgrade_makes_the_sqlite_directory(tmp_path):
+    """A fresh machine: the embedded database's directory does not exist yet."""
+    data = tmp_path / "not" / "yet"
+    out = lastlogin("db", "upgrade", env={"LASTLOGIN_DATA_DIR": str(data)})
+    assert out.returncode == 0, out.stderr
+    assert (data / "lastlogin.db").exists()
+    assert lastlogin("db", "check", env={"LASTLOGIN_DATA_DIR": str(data)}).returncode == 0
