@@ -30,9 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -44,6 +42,7 @@ from app.db import make_engine  # noqa: E402
 from app.db.migrate import upgrade  # noqa: E402
 from bench.doc import write_section  # noqa: E402
 from bench.handler import start_lastlogin  # noqa: E402
+from bench.load import Run, drive  # noqa: E402
 from tests.harness.dovecot import MAIL_UID, Dovecot, _wait_port  # noqa: E402
 from tests.harness.pg import free_port, start_server  # noqa: E402
 
@@ -121,25 +120,6 @@ def cpu_of_tree(root: int) -> float:
     return total
 
 
-@dataclass
-class Result:
-    mode: str
-    proto: str
-    concurrency: int
-    logins: int = 0
-    failures: int = 0
-    seconds: float = 0.0
-    latencies: list[float] = field(default_factory=list)
-
-    @property
-    def rate(self) -> float:
-        return self.logins / self.seconds if self.seconds else 0.0
-
-    @property
-    def p50(self) -> float:
-        return statistics.median(self.latencies) * 1000 if self.latencies else float("nan")
-
-
 def recv_until(s: socket.socket, done) -> bytes:
     buf = b""
     while not done(buf):
@@ -172,44 +152,6 @@ def pop3_login(port: int, user: str) -> bool:
         s.sendall(b"QUIT\r\n")
         recv_until(s, lambda b: b.endswith(b"\r\n"))
         return ok
-
-
-def drive(login, port: int, users: list[str], concurrency: int, seconds: float,
-          result: Result) -> Result:
-    lock = threading.Lock()
-    barrier = threading.Barrier(concurrency + 1)
-    deadline = [0.0]
-
-    def worker(n: int) -> None:
-        user = users[n]
-        lat, ok, bad = [], 0, 0
-        barrier.wait()
-        while time.monotonic() < deadline[0]:
-            t0 = time.perf_counter()
-            try:
-                good = login(port, user)
-            except OSError:
-                good = False
-            if good:
-                ok += 1
-                lat.append(time.perf_counter() - t0)
-            else:
-                bad += 1
-        with lock:
-            result.logins += ok
-            result.failures += bad
-            result.latencies += lat
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(concurrency)]
-    for t in threads:
-        t.start()
-    deadline[0] = time.monotonic() + seconds
-    barrier.wait()
-    t0 = time.monotonic()
-    for t in threads:
-        t.join()
-    result.seconds = time.monotonic() - t0
-    return result
 
 
 class Bench:
@@ -331,9 +273,11 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=64)
     ap.add_argument("--modes", default=",".join(MODES))
     args = ap.parse_args()
+    if args.users < 16:
+        ap.error("--users must be at least 16: each of the 16 workers logs in as its own user")
     modes = args.modes.split(",")
     bench = Bench(args.users)
-    results: list[Result] = []
+    results: list[Run] = []
     checks: list[str] = []
     cpu: list[tuple[str, int, float, float]] = []
     try:
@@ -353,8 +297,8 @@ def main() -> None:
                     for proto, login, port in (("imap", imap_login, bench.dovecot.imap_port),
                                                ("pop3", pop3_login, bench.dovecot.pop3_port)):
                         for c in (1, 16):
-                            r = drive(login, port, bench.users, c, args.seconds,
-                                      Result(mode, proto, c))
+                            r = drive(lambda n, _i: login(port, bench.users[n]),
+                                      Run(mode, c, proto), args.seconds)
                             results.append(r)
                             done += r.logins
                             print(f"round {rnd + 1} {mode:17} {proto} c={c:<2} "
@@ -379,7 +323,7 @@ def main() -> None:
     write_doc(results, modes, checks, cpu, args)
 
 
-def write_doc(results: list[Result], modes: list[str], checks: list[str], cpu, args) -> None:
+def write_doc(results: list[Run], modes: list[str], checks: list[str], cpu, args) -> None:
     def med(mode, proto, c, attr):
         xs = [getattr(r, attr) for r in results if (r.mode, r.proto, r.concurrency) ==
               (mode, proto, c)]

@@ -25,9 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -36,29 +34,12 @@ from app.db import make_engine
 from app.db.migrate import upgrade
 from app.protocol import build_request
 from bench.doc import write_section
+from bench.load import Run, drive as drive_load
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = [b"uid=5000", b"gid=5000", b"home=/var/vmail/example.com/user",
           b"mail=maildir:~/Maildir", b"auth_mech=PLAIN",
           b"auth_token=3f2a0c9e5b7d41e08a6c2f1b9d3e7a5c4b8f0e12"]
-
-
-@dataclass
-class Run:
-    mode: str
-    concurrency: int
-    logins: int = 0
-    failures: int = 0
-    seconds: float = 0.0
-    latencies: list[float] = field(default_factory=list)
-
-    @property
-    def rate(self) -> float:
-        return self.logins / self.seconds if self.seconds else 0.0
-
-    def pct(self, p: float) -> float:
-        xs = sorted(self.latencies)
-        return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] * 1000 if xs else float("nan")
 
 
 def one_login(path: str, username: bytes) -> bool:
@@ -90,37 +71,9 @@ def one_login(path: str, username: bytes) -> bool:
 
 def drive(path: str, mode: str, concurrency: int, seconds: float | None, count: int | None,
           prefix: str) -> Run:
-    run = Run(mode, concurrency)
-    lock = threading.Lock()
-    deadline = time.monotonic() + (seconds or 1e9)
-    per_thread = (count // concurrency) if count else None
-    start = threading.Barrier(concurrency + 1)
-
-    def worker(n: int) -> None:
-        lat, ok, bad, i = [], 0, 0, 0
-        start.wait()
-        while time.monotonic() < deadline and (per_thread is None or i < per_thread):
-            t0 = time.perf_counter()
-            if one_login(path, f"{prefix}{n}-{i}@example.com".encode()):
-                ok += 1
-                lat.append(time.perf_counter() - t0)
-            else:
-                bad += 1
-            i += 1
-        with lock:
-            run.logins += ok
-            run.failures += bad
-            run.latencies += lat
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(concurrency)]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.monotonic()
-    for t in threads:
-        t.join()
-    run.seconds = time.monotonic() - t0
-    return run
+    """Logins of fresh users ``<prefix><worker>-<i>@example.com`` against ``path``."""
+    return drive_load(lambda n, i: one_login(path, f"{prefix}{n}-{i}@example.com".encode()),
+                      Run(mode, concurrency), seconds, count)
 
 
 class Proc:

@@ -18,7 +18,6 @@ import platform
 import statistics
 import time
 import uuid
-from pathlib import Path
 
 import sqlalchemy as sa
 

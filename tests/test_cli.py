@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import click
-import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 

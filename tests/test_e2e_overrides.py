@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from app.db import make_engine
 from app.db.overrides import add_alert, set_override
 from tests.conftest import empty_tables
-from tests.harness.daemon import make_daemon, wait_for
+from tests.harness.daemon import make_daemon
 from tests.harness.dovecot import MAIL_UID, make_dovecot
 from tests.test_e2e_dovecot import events_of, imap_login, pop3_login, raw_session
 

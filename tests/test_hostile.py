@@ -5,11 +5,9 @@ from __future__ import annotations
 import array
 import os
 import random
-import re
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st

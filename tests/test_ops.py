@@ -11,7 +11,6 @@ import sys
 import urllib.request
 from pathlib import Path
 
-import pytest
 
 from app import __version__
 from tests.builders import request_bytes

@@ -20,7 +20,7 @@ from app.overrides import (Alert, Overrides, alerts_for, merge_fields, union_lis
                            validate_key, version_warning)
 from app.protocol import alert_line, build_reply, parse_reply
 from app.sysgroups import system_groups
-from tests.builders import request_bytes, request_fields
+from tests.builders import request_bytes
 from tests.harness.daemon import make_daemon, wait_for
 from tests.harness.postlogin import send_request
 from tests.test_cli import lastlogin

@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from app.protocol import (LoginRequest, ProtocolError, alert_line, build_reply,
+from app.protocol import (ProtocolError, alert_line, build_reply,
                           build_request, deny_line, parse_reply, parse_request,
                           redacted_fields, request_complete, split_tabescaped,
                           tab_escape, tab_unescape)

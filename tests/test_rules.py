@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from app.db import make_engine
-from app.db.rules import add_rule, config_version_of, list_rules, load_rules
+from app.db.rules import add_rule, config_version_of, list_rules
 from app.db.schema import access_rules, login_events
 from app.errors import InvalidInput
 from app.protocol import deny_line

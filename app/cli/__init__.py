@@ -6,11 +6,6 @@ at the edge, and nowhere else.
 
 from __future__ import annotations
 
-import sys
-
-import click
-
-from .. import __version__
 from .common import main_group
 from . import db as _db  # noqa: F401  (registers `db`)
 from . import serve as _serve  # noqa: F401  (registers `serve`)
@@ -25,4 +20,4 @@ def main() -> None:
     main_group(prog_name="lastlogin")
 
 
-__all__ = ["main", "main_group", "__version__", "click", "sys"]
+__all__ = ["main", "main_group"]

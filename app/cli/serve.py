@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import click
 
 from ..daemon import run
 from ..logs import setup_logging
