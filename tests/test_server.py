@@ -109,7 +109,11 @@ def test_bad_connections_end_without_reply_and_others_go_on(daemon, db_url, case
                     time.sleep(0.1)
             except (BrokenPipeError, ConnectionResetError):
                 pass                                # cut off mid-drip, as it should be
-        assert s.recv(100) == b""           # closed, no reply
+        try:
+            said = s.recv(100)
+        except ConnectionResetError:
+            said = b""                      # closed with our bytes unread: a reset
+        assert said == b""                  # closed, no reply
         assert time.monotonic() - started < 6   # the 1 s request bound, plus slack
         s.close()
     else:
