@@ -14,9 +14,9 @@ from app.db import make_engine
 from app.db.rules import add_rule
 from app.db.schema import access_rules, last_logins, login_events
 from app.db.store import text_form
-from tests.conftest import empty_tables
 from tests.harness.daemon import make_daemon
 from tests.harness.dovecot import make_dovecot
+from tests.harness.stack import running
 
 pytestmark = pytest.mark.e2e
 
@@ -41,21 +41,10 @@ PLAIN_USERS = [b"alice@example.com", b"bob@example.com", b"carol@example.com",
 
 @pytest.fixture(scope="module")
 def stack(pg_url):
-    engine = make_engine(pg_url)
-    empty_tables(engine)
     daemon = make_daemon(pg_url, protocols="imap,pop3")
-    daemon.start()
     dovecot = make_dovecot(daemon.socket_dir)
-    for name in PLAIN_USERS + HOSTILE_THROUGH_DOVECOT:
-        dovecot.add_user(name)
-    try:
-        dovecot.start()
-        yield dovecot, daemon, engine
-    finally:
-        dovecot.stop()
-        daemon.stop()
-        empty_tables(engine)
-        engine.dispose()
+    with running(pg_url, daemon, dovecot, PLAIN_USERS + HOSTILE_THROUGH_DOVECOT) as parts:
+        yield parts
 
 
 def imap_quote(value: bytes) -> bytes:

@@ -19,10 +19,10 @@ from app.db.migrate import upgrade
 from app.db.overrides import set_override
 from app.db.rules import add_rule
 from app.importer import import_logs
-from tests.conftest import empty_tables
 from tests.harness.daemon import make_daemon
 from tests.harness.dovecot24 import MAIL_UID, make_dovecot24
 from tests.harness.pg import MissingComponent
+from tests.harness.stack import running
 from tests.test_e2e_dovecot import events_of, imap_login, last_of, pop3_login, raw_session
 
 pytestmark = pytest.mark.e2e
@@ -36,23 +36,14 @@ def stack(pg_url):
         dovecot = make_dovecot24()
     except MissingComponent as exc:
         pytest.fail(str(exc), pytrace=False)
-    engine = make_engine(pg_url)
-    empty_tables(engine)
     daemon = make_daemon(pg_url, protocols="imap,pop3")
     daemon.env["LASTLOGIN_SOCKET_DIR"] = dovecot.socket_dir
     daemon.socket_dir = dovecot.socket_dir
     daemon.log_path = str(Path(dovecot.socket_dir) / "daemon.log")
-    for user in USERS:
-        dovecot.add_user(user)
     try:
-        daemon.start()
-        dovecot.start()
-        yield dovecot, daemon, engine
+        with running(pg_url, daemon, dovecot, USERS) as parts:
+            yield parts
     finally:
-        dovecot.stop()
-        daemon.stop()
-        empty_tables(engine)
-        engine.dispose()
         shutil.rmtree(dovecot.outside, ignore_errors=True)
 
 

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from app.db import make_engine
 from app.db.overrides import add_alert, set_override
-from tests.conftest import empty_tables
 from tests.harness.daemon import make_daemon
 from tests.harness.dovecot import MAIL_UID, make_dovecot
+from tests.harness.stack import running
 from tests.test_e2e_dovecot import events_of, imap_login, pop3_login, raw_session
 
 pytestmark = pytest.mark.e2e
@@ -42,8 +41,6 @@ service lastlogin-next {{
 
 @pytest.fixture(scope="module")
 def stack(pg_url):
-    engine = make_engine(pg_url)
-    empty_tables(engine)
     daemon = make_daemon(pg_url, protocols="imap,pop3")
     dovecot = make_dovecot(daemon.socket_dir)
     scratch = Path(dovecot.base, "scratch")
@@ -57,18 +54,9 @@ def stack(pg_url):
     script.chmod(0o755)
     hop = os.path.join(dovecot.base, "next-imap.sock")
     dovecot.extra = NEXT_SERVICE.format(script=script, path=hop)
-    for name in USERS:
-        dovecot.add_user(name)
     daemon.env["LASTLOGIN_NEXT_SOCKET_IMAP"] = hop
-    try:
-        dovecot.start()
-        daemon.start()
-        yield dovecot, daemon, engine
-    finally:
-        dovecot.stop()
-        daemon.stop()
-        empty_tables(engine)
-        engine.dispose()
+    with running(pg_url, daemon, dovecot, USERS) as parts:
+        yield parts
 
 
 def session_log(dovecot, user: str) -> list[str]:
