@@ -52,8 +52,8 @@ def test_bad_setting_is_one_line_and_exit_2():
     out = lastlogin("db", "current", env={"LASTLOGIN_DATABASE_URL": "mysql://x/y"})
     assert out.returncode == 2
     assert out.stderr.splitlines() == [
-        "lastlogin: configuration error: database_url: must start with sqlite:/// or "
-        "postgresql+psycopg:// (got scheme 'mysql')"]
+        "lastlogin: must start with sqlite:/// or "
+        "postgresql+psycopg:// (got scheme 'mysql') (database_url)"]
 
 
 def test_unreachable_database_is_one_line_and_exit_4():

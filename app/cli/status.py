@@ -9,6 +9,7 @@ import time
 
 import click
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
 from ..db import make_engine
 from ..db.migrate import SchemaNotCurrent, ensure_at_head
@@ -53,21 +54,36 @@ def checks(settings) -> list[tuple[int, str, str]]:
         else:
             out.append((OK, "rules", f"{daemon['rules']} rules, version "
                                      f"{daemon['config_version']}, confirmed {age:.0f} s ago"))
-    engine = make_engine(settings.effective_database_url, connect_timeout=3)
+    path = _sqlite_file(settings.effective_database_url)
+    if path is not None and not os.path.isfile(path):
+        out.append((CRITICAL, "database", f"no database at {path}: run `lastlogin db upgrade`"))
+        engine = None
+    else:
+        engine = make_engine(settings.effective_database_url, connect_timeout=3)
     try:
-        ensure_at_head(engine)
-        out.append((OK, "database", "reachable, schema at head"))
+        if engine is not None:
+            ensure_at_head(engine)
+            out.append((OK, "database", "reachable, schema at head"))
     except SchemaNotCurrent as exc:
         out.append((CRITICAL, "database", str(exc)))
     except sa.exc.DBAPIError as exc:
         first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
         out.append((WARNING, "database", f"unreachable ({first}); logins are spooled"))
     finally:
-        engine.dispose()
+        if engine is not None:
+            engine.dispose()
     spool_dir = settings.effective_spool_dir
     depth = Spool(spool_dir, settings.spool_max_bytes).depth() if os.path.isdir(spool_dir) else 0
     out.append((WARNING if depth else OK, "spool", f"{depth} records waiting in {spool_dir}"))
     return out
+
+
+def _sqlite_file(url: str) -> str | None:
+    """The SQLite file behind ``url`` (status only looks; it never creates one)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return os.path.abspath(parsed.database)
 
 
 def _daemon_state(settings) -> dict | None:
