@@ -116,7 +116,7 @@ def test_report_cli(db_url, engine, known):
     assert lastlogin("report", "refused", "--since", "7d", env=env).returncode == 0
     assert lastlogin("report", "daily", "--days", "7", env=env).returncode == 0
     bad = lastlogin("report", "refused", "--since", "last tuesday", env=env)
-    assert bad.returncode == 2 and bad.stderr.startswith("lastlogin: invalid --since")
+    assert bad.returncode == 2 and bad.stderr.endswith("(--since)\n")
 
 
 def test_inactive_accounts_from_stdin(db_url, known):
@@ -136,7 +136,7 @@ def test_prune_keeps_last_logins_and_recent_history(engine, known, db_url):
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(login_events)).scalar() == 5
         assert conn.execute(sa.select(sa.func.count()).select_from(last_logins)).scalar() == 3
-    out = lastlogin("prune", "--older-than", "3d", "--no-progress",
+    out = lastlogin("prune", "--older-than", "3d", "--no-progress", "--yes",
                     env={"LASTLOGIN_DATABASE_URL": db_url})
     assert out.returncode == 0 and out.stdout.startswith("removed 1 login events")
 

@@ -271,3 +271,10 @@ def main_group(ctx: click.Context, config_path: str | None, debug: bool) -> None
 
 
 pass_ctx = click.make_pass_decorator(Context)
+
+
+def utc_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--utc: type and show times in UTC instead of the local zone (the one time rule)."""
+    return click.option("--utc", is_flag=True,
+                        help="Times typed without a zone and times shown are UTC "
+                             "(default: the local zone).")(fn)
