@@ -200,10 +200,13 @@ def prune(ctx: Context, older_than: str, dry_run: bool, assume_yes: bool, batch:
             click.echo(f"would remove {summary}")
             return
         if not assume_yes:
+            if not sys.stdin.isatty():
+                fail(f"not removing {summary} without confirmation: give --yes (or run "
+                     "it on a terminal)", EXIT_USAGE)
             try:
                 ok = click.confirm(f"remove {summary}?", err=True)
             except click.Abort:
-                fail("no answer to the confirmation; nothing removed (use --yes)", EXIT_USAGE)
+                ok = False
             if not ok:
                 fail("nothing removed", EXIT_PROBLEM)
         result = _prune_with_bar(engine, cutoff, batch, progress)
