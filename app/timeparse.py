@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 from .errors import InvalidInput
 
-_DURATION = re.compile(r"^\s*(\d{1,9})\s*(s|sec|min|h|d|w|mo|y|m)\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|sec|min|h|d|w|mo|y|m)\s*$", re.IGNORECASE)
 _UNITS = {"s": "seconds", "sec": "seconds", "min": "minutes", "h": "hours", "d": "days",
           "w": "weeks"}
 DURATION_HELP = "30s, 10min, 12h, 7d, 2w, 6mo, 1y"

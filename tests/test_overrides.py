@@ -266,7 +266,7 @@ def test_override_and_alert_cli(db_url):
     assert warn.returncode == 0 and "2.4 ignores it" in warn.stderr
     both = lastlogin("override", "set", "mail", "x", "--user", "a", "--domain", "b", env=env)
     assert both.returncode == 2 and both.stderr.strip() == (
-        "lastlogin: invalid scope: give one of --user, --domain, --global")
+        "lastlogin: give one of --user, --domain, --global (scope)")
     listed = lastlogin("override", "list", "--user", "alice@example.com", "--format", "csv",
                        env=env).stdout.splitlines()
     assert listed == ["scope,scope_value,key,value", "user,alice@example.com,mail,maildir:/tmp/test"]

@@ -273,6 +273,12 @@ def main_group(ctx: click.Context, config_path: str | None, debug: bool) -> None
 pass_ctx = click.make_pass_decorator(Context)
 
 
+# Ids and counts the database stores as 32-bit integers: larger is an error
+# of the argument, not a crash of the database driver.
+ID = click.IntRange(1, 2**31 - 1)
+INT32 = click.IntRange(-(2**31), 2**31 - 1)
+
+
 def utc_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--utc: type and show times in UTC instead of the local zone (the one time rule)."""
     return click.option("--utc", is_flag=True,

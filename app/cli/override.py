@@ -9,7 +9,7 @@ from ..db.overrides import (add_alert, list_alerts, list_overrides, remove_alert
 from ..errors import InvalidInput
 from ..overrides import version_warning
 from ..timeparse import DURATION_HELP, localize
-from .common import Context, edge, main_group, pass_ctx, utc_option
+from .common import ID, Context, edge, main_group, pass_ctx, utc_option
 from .output import format_option, render
 from .rule import window
 
@@ -131,7 +131,7 @@ def alert_list(ctx: Context, fmt: str, utc: bool) -> None:
 
 
 @alert.command("remove")
-@click.argument("alert_id", type=int)
+@click.argument("alert_id", type=ID)
 @pass_ctx
 @edge
 def alert_remove(ctx: Context, alert_id: int) -> None:

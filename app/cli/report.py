@@ -42,7 +42,7 @@ def show(rows: list[dict[str, Any]], columns: tuple[str, ...], fmt: str, utc: bo
 
 
 def limit_option(fn):
-    return click.option("--limit", type=click.IntRange(min=0), default=1000,
+    return click.option("--limit", type=click.IntRange(min=0, max=10**9), default=1000,
                         show_default=True,
                         help="At most this many rows (0: all); stderr says when rows "
                              "were left out.")(fn)

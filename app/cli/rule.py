@@ -17,7 +17,7 @@ from ..service import plan_login
 from ..snapshot import load_snapshot
 from ..sysgroups import GroupCache
 from ..timeparse import DURATION_HELP, localize, parse_duration, parse_time
-from .common import EXIT_PROBLEM, Context, edge, main_group, pass_ctx, utc_option
+from .common import EXIT_PROBLEM, ID, INT32, Context, edge, main_group, pass_ctx, utc_option
 from .output import cell, format_option, render
 
 LIST_COLUMNS = ("id", "action", "priority", "enabled", "username", "domain",
@@ -60,7 +60,7 @@ def rule() -> None:
 @click.option("--from", "start", metavar="TIME", help="Active from TIME (ISO 8601; local zone unless --utc or an offset).")
 @click.option("--until", metavar="TIME", help="Active until TIME.")
 @click.option("--for", "duration", metavar="DURATION", help=f"Active for DURATION ({DURATION_HELP}).")
-@click.option("--priority", type=int, default=100, show_default=True,
+@click.option("--priority", type=INT32, default=100, show_default=True,
               help="Lower numbers are checked first.")
 @click.option("--message", help="Text a refused client sees.")
 @click.option("--comment", help="Why the rule exists (for the next admin).")
@@ -95,7 +95,7 @@ def rule_list(ctx: Context, fmt: str, utc: bool) -> None:
 
 
 @rule.command("show")
-@click.argument("rule_id", type=int)
+@click.argument("rule_id", type=ID)
 @format_option
 @utc_option
 @pass_ctx
@@ -114,7 +114,7 @@ def rule_show(ctx: Context, rule_id: int, fmt: str, utc: bool) -> None:
 
 def _simple(name: str, doc: str, fn):
     @rule.command(name, help=doc)
-    @click.argument("rule_id", type=int)
+    @click.argument("rule_id", type=ID)
     @pass_ctx
     @edge
     def command(ctx: Context, rule_id: int) -> None:
