@@ -99,3 +99,14 @@ def test_upgrade_makes_the_sqlite_directory(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (data / "lastlogin.db").exists()
     assert lastlogin("db", "check", env={"LASTLOGIN_DATA_DIR": str(data)}).returncode == 0
+
+
+def test_serve_start_line_is_readable_and_hides_the_password():
+    from app.cli.serve import start_line
+    from app.config import load_settings
+    settings = load_settings(None, {
+        "LASTLOGIN_DATABASE_URL": "postgresql://ll:s3cret@db.example.com/lastlogin",
+        "LASTLOGIN_SOCKET_DIR": "/run/ll", "LASTLOGIN_PROTOCOLS": "imap,pop3"})
+    assert start_line(settings) == (
+        f"lastlogin {__version__}: serving /run/ll/imap.sock, /run/ll/pop3.sock; "
+        "database postgresql+psycopg://ll:***@db.example.com/lastlogin")

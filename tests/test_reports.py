@@ -20,8 +20,6 @@ from app.db.store import record_logins
 from app.importer import import_last_login_table, import_logs
 from tests.builders import record
 from tests.test_cli import lastlogin
-from click.testing import CliRunner
-from app.cli import main_group
 
 NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 DAY = dt.timedelta(days=1)

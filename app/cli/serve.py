@@ -31,7 +31,7 @@ def serve(ctx: Context) -> None:
     """
     settings = ctx.settings
     setup_logging(settings.log_level, settings.log_format)
-    click.echo(start_line(settings), err=True)
+    click.echo(start_line(settings))        # stdout: stderr is for the log and errors
     try:
         run(settings, ctx.config_path)
     except (SocketInUse, PermissionError) as exc:
