@@ -322,12 +322,18 @@ def test_listed_settings_cases_give_one_line(sandbox, tmp_path):
     a_file.write_text("")
     long_dir = tmp_path / ("d" * 110)
     serve_cases = [
-        ({"LASTLOGIN_SOCKET_DIR": str(a_file)}, 2, str(a_file)),
-        ({"LASTLOGIN_SOCKET_DIR": "/proc/lastlogin-test/run"}, 2, "/proc/lastlogin-test"),
-        ({"LASTLOGIN_SOCKET_DIR": str(long_dir)}, 2, "too long"),
+        ({"LASTLOGIN_SOCKET_DIR": str(a_file)}, str(a_file), "(socket_dir)"),
+        ({"LASTLOGIN_SOCKET_DIR": "/proc/lastlogin-test/run"}, "/proc/lastlogin-test",
+         "(socket_dir)"),
+        ({"LASTLOGIN_SOCKET_DIR": str(long_dir)}, "too long", "(socket_dir)"),
+        ({"LASTLOGIN_DATABASE_URL": "postgresql://u@127.0.0.1:abc/db"}, "not a database URL",
+         "(database_url)"),
     ]
-    for extra, code, fragment in serve_cases:
-        one_line(run(["serve"], {**env, **extra}, timeout=30), code, fragment)
+    for extra, *fragments in serve_cases:
+        one_line(run(["serve"], {**env, **extra}, timeout=30), 2, *fragments)
+    status = run(["status"], {**env, "LASTLOGIN_DATABASE_URL": "postgresql://u@h:abc/db"})
+    assert status.returncode == 2 and "Traceback" not in status.stderr
+    assert "critical database         not a database URL" in status.stdout
     one_line(run(["rule", "list"], {"LASTLOGIN_DATA_DIR": "/proc/nope"}), 3,
              "no database at /proc/nope/lastlogin.db", "(data_dir)")
     one_line(run(["db", "upgrade"], {"LASTLOGIN_DATA_DIR": "/proc/nope"}), 2,
