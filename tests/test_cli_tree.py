@@ -24,11 +24,14 @@ from dataclasses import dataclass
 
 import click
 import pytest
+import sqlalchemy as sa
 from click.testing import CliRunner
 
 from app.cli import main_group
 from app.cli.common import EXIT_CODES, EXIT_INTERNAL
+from app.db import make_engine
 from app.db.migrate import upgrade
+from app.db.schema import metadata
 
 TABLE_CODES = set(EXIT_CODES) - {0, EXIT_INTERNAL}
 TOO_LARGE = "99999999999999999999"
@@ -258,12 +261,12 @@ def test_every_command_has_a_baseline_and_every_parameter_a_case(sandbox):
                 assert len(typed) >= 2, (path, param.name)      # a typed value, not only "missing"
 
 
-def test_the_whole_tree_with_invalid_values(sandbox):
-    base, env = sandbox
+def walk_tree(base, env, snap) -> list[str]:
+    """Run every case; the problems found, one line each."""
     runner = CliRunner()
     clean = {k: None for k in os.environ if k.startswith("LASTLOGIN_")
              and not k.startswith(("LASTLOGIN_TEST_", "LASTLOGIN_BENCH_"))}
-    before = snapshot(base)
+    before = snap()
     failures = []
     all_cases = cases(base)
     assert len(all_cases) > 150
@@ -285,7 +288,7 @@ def test_the_whole_tree_with_invalid_values(sandbox):
                 problems.append(f"{len(stderr.splitlines())} lines on stderr")
             if code in (2, 3, 4) and not stderr.startswith("lastlogin: "):
                 problems.append("no 'lastlogin: ' line")
-        after = snapshot(base)
+        after = snap()
         if after != before:
             changed = sorted(set(after.items()) ^ set(before.items()))
             problems.append(f"files changed: {changed[:3]}")
@@ -293,6 +296,40 @@ def test_the_whole_tree_with_invalid_values(sandbox):
         if problems:
             failures.append(f"{' '.join(case.argv)}: {'; '.join(problems)}; "
                             f"stderr={stderr!r}")
+    return failures
+
+
+def test_the_whole_tree_with_invalid_values(sandbox):
+    base, env = sandbox
+    failures = walk_tree(base, env, lambda: snapshot(base))
+    assert not failures, "\n".join(failures)
+
+
+def test_the_whole_tree_on_postgresql(sandbox, pg_cluster):
+    """The same cases with the database on PostgreSQL: nothing in it changes either."""
+    base, _ = sandbox
+    url = pg_cluster.create_database()
+    upgrade(url)
+    env = {"LASTLOGIN_DATABASE_URL": url, "LASTLOGIN_SOCKET_DIR": str(base / "run"),
+           "LASTLOGIN_DATA_DIR": str(base / "pg-data")}
+    runner = CliRunner()
+    for args in (["rule", "add", "deny", "--user", "x@example.com"], ["alert", "add", "hi"]):
+        assert runner.invoke(main_group, args, env=env).exit_code == 0
+    engine = make_engine(url)
+
+    def snap():
+        out = snapshot(base)
+        with engine.connect() as conn:
+            for table in metadata.sorted_tables:
+                rows = conn.execute(sa.select(table)).all()
+                out[f"pg:{table.name}"] = hashlib.sha256(
+                    repr(sorted(map(repr, rows))).encode()).hexdigest()
+        return out
+
+    try:
+        failures = walk_tree(base, env, snap)
+    finally:
+        engine.dispose()
     assert not failures, "\n".join(failures)
 
 
