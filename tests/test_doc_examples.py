@@ -12,7 +12,11 @@ The convention (checked here, so no block slips through):
   run and must exit 0; the first line of each output must match once numbers
   and runs of spaces are set aside (dates and column widths change by day);
 * `<!-- illustrative: why -->` right before a block: not run (it needs
-  Dovecot, systemd, doveadm, a mail server's logs, ...).
+  Dovecot, systemd, doveadm, a mail server's logs, ...);
+* `toml` blocks are lastlogin settings, loaded by lastlogin's own loader;
+* `conf` blocks are Dovecot configuration: each is checked by the real
+  `doveconf` — Dovecot 2.3, or 2.4 (the test chroot) when the block starts
+  with `dovecot_config_version`.
 
 Links to files are checked too: they stay inside the repository, the file
 exists, and a `#section` exists as a heading there.
@@ -219,3 +223,62 @@ def test_reporting_examples_run(docs_env):
     finally:
         engine.dispose()
     assert run_blocks(ROOT / "docs" / "reporting.md", docs_env) >= 9
+
+
+DOVECOT24_ROOT = Path(os.environ.get("LASTLOGIN_TEST_DOVECOT24_ROOT",
+                                     "/var/cache/lastlogin/trixie-dovecot"))
+
+
+def _doveconf_23(text: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    conf = tmp_path / "dovecot.conf"
+    conf.write_text(f"ssl = no\nbase_dir = {tmp_path / 'run'}\n{text}\n")
+    return subprocess.run(["doveconf", "-n", "-c", str(conf)], capture_output=True,
+                          text=True, timeout=30)
+
+
+def _doveconf_24(text: str) -> subprocess.CompletedProcess:
+    lines = text.splitlines()
+    head = [ln for ln in lines if ln.startswith(("dovecot_config_version",
+                                                  "dovecot_storage_version"))]
+    rest = [ln for ln in lines if ln not in head]
+    inside = "/srv/lastlogin-doc-example"
+    outside = DOVECOT24_ROOT / inside.lstrip("/")
+    outside.mkdir(parents=True, exist_ok=True)
+    try:
+        (outside / "dovecot.conf").write_text(
+            "\n".join([*head, "ssl = no", f"base_dir = {inside}/run", *rest]) + "\n")
+        return subprocess.run(["chroot", str(DOVECOT24_ROOT), "doveconf", "-n", "-c",
+                               f"{inside}/dovecot.conf"], capture_output=True, text=True,
+                              timeout=30)
+    finally:
+        import shutil
+        shutil.rmtree(outside, ignore_errors=True)
+
+
+def test_dovecot_configuration_examples_are_valid(tmp_path):
+    checked = 0
+    for b in ALL:
+        if b.lang != "conf" or b.mark == "illustrative":
+            continue
+        if b.text.lstrip().startswith("dovecot_config_version"):
+            assert (DOVECOT24_ROOT / "usr/sbin/dovecot").exists(), (
+                f"{b.where()}: the Dovecot 2.4 root {DOVECOT24_ROOT} is needed (scripts/test)")
+            out = _doveconf_24(b.text)
+        else:
+            out = _doveconf_23(b.text, tmp_path)
+        assert out.returncode == 0, (b.where(), out.stderr)
+        checked += 1
+    assert checked >= 5
+
+
+def test_settings_examples_load(tmp_path):
+    from app.config import load_settings
+    checked = 0
+    for b in ALL:
+        if b.lang != "toml" or b.mark == "illustrative":
+            continue
+        path = tmp_path / f"example-{checked}.toml"
+        path.write_text(b.text + "\n")
+        load_settings(str(path), {})        # raises ConfigError naming the key
+        checked += 1
+    assert checked >= 2
