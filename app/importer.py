@@ -83,10 +83,12 @@ class ImportStats:
 class DamagedLog(Exception):
     """A log file ended in the middle (a truncated or corrupt .gz)."""
 
-    def __init__(self, path: str, lines: int, stats: ImportStats, reason: str) -> None:
+    def __init__(self, path: str, lines: int, stats: ImportStats, reason: str,
+                 unread: int = 0) -> None:
+        later = f"; {unread} later file(s) not read" if unread else ""
         super().__init__(f"{path}: {reason} after line {lines:,}; everything before it was "
                          f"imported: {stats.logins:,} logins read, {stats.new:,} new, "
-                         f"{stats.already:,} already recorded; no later file was read")
+                         f"{stats.already:,} already recorded{later}")
         self.path = path
         self.lines = lines
         self.stats = stats
@@ -329,7 +331,8 @@ def import_logs(engine: sa.Engine, paths: list[str], zone: dt.tzinfo | None = No
         if damage:
             flush()
             reason = str(damage[0]).strip() or type(damage[0]).__name__
-            raise DamagedLog(path, stats.lines - lines_before, stats, f"damaged or truncated ({reason})")
+            raise DamagedLog(path, stats.lines - lines_before, stats,
+                             f"damaged or truncated ({reason})", len(paths) - stats.files)
     flush()
     return stats
 
