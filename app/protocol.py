@@ -194,6 +194,20 @@ def deny_line(protocol: str, text: str) -> bytes:
     raise ValueError(f"unknown protocol {protocol!r}")
 
 
+def tempfail_line(protocol: str, text: str) -> bytes:
+    """What a client sees when its login cannot go on for now (not a policy refusal)."""
+    msg = sanitize_message(text)
+    if protocol == "imap":
+        return b"* BYE [UNAVAILABLE] " + msg + b"\r\n"
+    if protocol == "pop3":
+        return b"-ERR [SYS/TEMP] " + msg + b"\r\n"
+    if protocol == "submission":
+        return b"421 4.3.0 " + msg + b"\r\n"
+    if protocol == "managesieve":
+        return b'BYE (TRYLATER) "' + msg.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"\r\n'
+    raise ValueError(f"unknown protocol {protocol!r}")
+
+
 def alert_line(text: str) -> bytes:
     """An IMAP alert shown before the session starts (IMAP only)."""
     return b"* OK [ALERT] " + sanitize_message(text) + b"\r\n"

@@ -6,7 +6,7 @@ client and takes back an ``Answer``.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import datetime as dt
 import os
 import random
@@ -22,15 +22,15 @@ from .nexthop import forward
 from .overrides import alerts_for, merge_fields, union_list
 from .policy import ALLOW, Decision, LoginFacts, decide, domain_of
 from .protocol import (DEFAULT_DENY_TEXT, LoginRequest, alert_line, build_reply,
-                       deny_line, field_value)
-from .recorder import Recorder, first_line
+                       deny_line, field_value, tempfail_line)
+from .recorder import Recorder, RecordError
 from .snapshot import ConfigCache, Snapshot
 from .sysgroups import GroupCache
 
+__all__ = ["Answer", "Extras", "LoginService", "Policy", "RecordError"]
 
-class RecordError(Exception):
-    """The login could not be recorded in time; it must not be acknowledged."""
-
+# What a client sees when its login cannot be recorded (nor spooled).
+UNRECORDABLE_TEXT = "Login temporarily unavailable, please try again later."
 
 class ClientChannel(Protocol):
     """The client's connection, as far as the service may touch it."""
@@ -72,7 +72,8 @@ class Answer:
 
 def make_record(protocol: str, req: LoginRequest, outcome: str,
                 now: dt.datetime, rule_id: int | None = None,
-                alerts_shown: tuple[int, ...] = ()) -> LoginRecord:
+                alerts_shown: tuple[int, ...] = (), message: str | None = None,
+                policy_applied: bool = True) -> LoginRecord:
     return LoginRecord(
         event_id=new_event_id(),
         occurred_at=now,
@@ -86,6 +87,8 @@ def make_record(protocol: str, req: LoginRequest, outcome: str,
         master_user=req.master_user,
         auth_user=req.auth_user,
         alerts_shown=alerts_shown,
+        message=message,
+        policy_applied=policy_applied,
     )
 
 
@@ -164,6 +167,7 @@ class LoginService:
         """What `lastlogin status` reads (through the daemon's status file)."""
         snap = self.policy.cache.snapshot
         rec = self.recorder
+        full = rec.spool_refusing
         return {
             "database_down": rec.down,
             "config_version": snap.version if snap else None,
@@ -171,21 +175,37 @@ class LoginService:
             "config_checked_age": self.policy.cache.checked_age(),
             "spool_bytes": rec.spool.size if rec.spool else 0,
             "committed": rec.records, "spooled": rec.spooled, "dropped": rec.dropped,
+            "quarantined": rec.spool.quarantine.count() if rec.spool else rec.quarantined,
             "database_errors": rec.db_errors,
+            # while the spool cannot take records: refused, or allowed unrecorded
+            "refusing": full if full and rec.spool_full_action == "refuse" else None,
+            "unrecorded": full if full and rec.spool_full_action != "refuse" else None,
         }
 
     async def login(self, protocol: str, req: LoginRequest, client: ClientChannel) -> Answer:
+        """Decide, plan and record one login; RecordError if it cannot be recorded
+        (the client has then been told to try again later)."""
+        try:
+            return await self._login(protocol, req, client)
+        except RecordError:
+            with contextlib.suppress(OSError, TimeoutError):
+                await client.write(tempfail_line(protocol, UNRECORDABLE_TEXT))
+            raise
+
+    async def _login(self, protocol: str, req: LoginRequest,
+                     client: ClientChannel) -> Answer:
         started = time.perf_counter()
         now = self.clock()
         user = text_form(req.username)[0]
         facts = LoginFacts.of(protocol, user, normalize_ip(req.remote_ip),
                               normalize_ip(req.local_ip), now)
+        applied = self.policy.cache.rules is not None
         decision = self.policy.decide(facts)
         rule_id = decision.rule.id if decision.rule else None
         if not decision.allowed:
             if self.metrics:
                 self.metrics.decision_seconds.observe(time.perf_counter() - started)
-            return await self._refuse(protocol, req, now, rule_id, decision, client)
+            return await self._refuse(protocol, req, now, rule_id, decision, client, applied)
         plan = await self.plan(protocol, req, user, now)
         if self.metrics:
             self.metrics.decision_seconds.observe(time.perf_counter() - started)
@@ -202,7 +222,8 @@ class LoginService:
                 await self._commit(record)
                 return Answer(record, None, reason=got.reason)
             reply, reply_fd = got.line, got.fd
-        record = make_record(protocol, req, "allowed", now, rule_id, tuple(plan.alerts))
+        record = make_record(protocol, req, "allowed", now, rule_id, tuple(plan.alerts),
+                             policy_applied=applied)
         try:
             await self._commit(record)
         except RecordError:
@@ -223,43 +244,19 @@ class LoginService:
 
     async def _refuse(self, protocol: str, req: LoginRequest, now: dt.datetime,
                       rule_id: int | None, decision: Decision,
-                      client: ClientChannel) -> Answer:
-        record = make_record(protocol, req, "denied", now, rule_id)
+                      client: ClientChannel, applied: bool) -> Answer:
+        message = decision.message or DEFAULT_DENY_TEXT
+        record = make_record(protocol, req, "denied", now, rule_id, message=message,
+                             policy_applied=applied)
         await self._commit(record)
-        await client.write(deny_line(protocol, decision.message or DEFAULT_DENY_TEXT))
+        await client.write(deny_line(protocol, message))
         return Answer(record, None, reason=decision.reason)
 
-    async def _commit(self, record: LoginRecord) -> None:
-        """Durable before the answer: committed, or spooled while the database is away."""
+    async def _commit(self, record: LoginRecord) -> str:
+        """Durable before the answer (committed, spooled or set aside), or RecordError."""
         started = time.perf_counter()
         try:
-            await self._durable(record)
+            return await self.recorder.record(record, self.record_timeout)
         finally:
             if self.metrics:
                 self.metrics.record_seconds.observe(time.perf_counter() - started)
-
-    async def _durable(self, record: LoginRecord) -> None:
-        rec = self.recorder
-        if rec.down and rec.spool is not None:
-            await self._spool(record)
-            return
-        fut = rec.submit_async(record)
-        try:
-            # On a timeout the record stays in its batch; if that commit
-            # lands later, replaying the spooled copy is a no-op.
-            async with asyncio.timeout(self.record_timeout):
-                await fut
-        except TimeoutError:
-            if rec.spool is None:
-                raise RecordError(f"not committed within {self.record_timeout:g}s") from None
-            rec.mark_down(f"commit took longer than {self.record_timeout:g}s")
-            await self._spool(record)
-        except Exception as exc:  # noqa: BLE001 - the database (or the spool) said no
-            raise RecordError(first_line(exc)) from exc
-
-    async def _spool(self, record: LoginRecord) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(None, self.recorder.spool_records, [record])
-        except Exception as exc:  # noqa: BLE001 - full (with refuse) or a disk error
-            raise RecordError(f"spool: {first_line(exc)}") from exc

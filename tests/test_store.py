@@ -6,7 +6,7 @@ import pytest
 import sqlalchemy as sa
 
 from app.db.schema import last_logins, login_events
-from app.db.store import normalize_ip, record_logins, text_form
+from app.db.store import normalize_ip, record_logins, text_form, username_text
 from app.db.writers import writer_for
 from tests.builders import HOSTILE_USERNAMES, T0, record
 
@@ -100,7 +100,7 @@ def test_denied_logins_are_history_but_not_last_login(engine, store):
 def test_hostile_usernames_are_stored_verbatim(engine, store, name):
     store(engine, record(name))
     (ev,) = events(engine)
-    text, raw = text_form(name)
+    text, raw = username_text(name)
     assert ev.username == text
     stored = ev.username_raw if ev.username_raw is not None else ev.username.encode()
     assert stored == name
@@ -136,3 +136,31 @@ def test_alert_deliveries_are_written_with_the_login(engine, store):
         rows = conn.execute(sa.select(login_alert_deliveries)).all()
     assert sorted((r.alert_id, r.username) for r in rows) == [
         (7, "alice@example.com"), (9, "alice@example.com")]
+
+
+def test_a_record_written_twice_counts_once(engine, store):
+    """A slow commit that also went to the spool reaches the database twice,
+    even within one batch: one event, one count."""
+    rec = record()
+    assert store(engine, rec, rec) == 1
+    assert store(engine, rec) == 0
+    assert len(events(engine)) == 1
+    assert [r.login_count for r in lasts(engine).values()] == [1]
+
+
+def test_usernames_past_the_index_limit_keep_their_bytes():
+    name = b"x" * 5000
+    text, raw = username_text(name)
+    assert len(text.encode()) <= 1024 and raw == name
+    assert username_text(name) == (text, raw)                  # the same key every time
+    assert username_text(b"x" * 4999)[0] != text               # and a different one for another
+    assert username_text(b"short") == ("short", None)
+
+
+def test_refusal_message_and_unapplied_policy_are_kept(engine, store):
+    store(engine, record(outcome="denied", rule_id=7, message="Call the helpdesk."),
+          record(b"bob", policy_applied=False))
+    got = {e.username: e for e in events(engine)}
+    assert got["alice@example.com"].message == "Call the helpdesk."
+    assert got["alice@example.com"].policy_applied is True
+    assert got["bob"].policy_applied is False and got["bob"].message is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import ipaddress
 import uuid
 from dataclasses import dataclass
@@ -29,6 +30,30 @@ def text_form(value: bytes) -> tuple[str, bytes | None]:
     if "\x00" in text:
         return text.replace("\x00", "\\x00"), value
     return text, None
+
+
+# Longest username text stored as the key of a row. PostgreSQL's btree index
+# rows hold at most ~2.7 kB, so a longer username (which Dovecot can send)
+# would be refused by the database and block its batch. Longer ones are
+# stored as a prefix plus their SHA-256 -- the same name always gives the
+# same key -- with the exact bytes beside it in username_raw.
+NAME_TEXT_MAX = 1024
+_NAME_PREFIX = NAME_TEXT_MAX - 96
+
+
+def username_text(value: bytes) -> tuple[str, bytes | None]:
+    """(key text to store, exact bytes when the text does not hold them).
+
+    Like ``text_form``, and bounded to ``NAME_TEXT_MAX`` UTF-8 bytes. Every
+    place that stores or looks up a username by its text uses this.
+    """
+    text, raw = text_form(value)
+    encoded = text.encode("utf-8")
+    if len(encoded) <= NAME_TEXT_MAX:
+        return text, raw
+    prefix = encoded[:_NAME_PREFIX].decode("utf-8", "ignore")
+    digest = hashlib.sha256(value).hexdigest()
+    return f"{prefix}...[{len(value)} bytes sha256:{digest}]", value
 
 
 @functools.lru_cache(maxsize=65536)
@@ -63,9 +88,11 @@ class LoginRecord:
     master_user: bytes | None = None
     auth_user: bytes | None = None
     alerts_shown: tuple[int, ...] = ()      # show-once alerts this login displayed
+    message: str | None = None              # what a refused client was told
+    policy_applied: bool = True             # False: decided without rules loaded
 
     def event_row(self) -> dict[str, object]:
-        name, raw = text_form(self.username)
+        name, raw = username_text(self.username)
         return {
             "event_id": self.event_id,
             "occurred_at": self.occurred_at,
@@ -79,7 +106,20 @@ class LoginRecord:
             "auth_mech": _opt_text(self.auth_mech),
             "master_user": _opt_text(self.master_user),
             "auth_user": _opt_text(self.auth_user),
+            "message": self.message,
+            "policy_applied": self.policy_applied,
         }
+
+
+def unique_events(records: Sequence[LoginRecord]) -> list[LoginRecord]:
+    """The records with each event id once (the first copy wins)."""
+    seen: set[uuid.UUID] = set()
+    out = []
+    for rec in records:
+        if rec.event_id not in seen:
+            seen.add(rec.event_id)
+            out.append(rec)
+    return out
 
 
 def _opt_text(value: bytes | None) -> str | None:
@@ -90,8 +130,12 @@ def record_logins(conn: sa.Connection, records: Sequence[LoginRecord]) -> int:
     """Store the events and fold them into last_logins; return how many were new.
 
     Idempotent: an event id already stored is skipped, and only new allowed
-    events count towards last_logins, so a replay changes nothing.
+    events count towards last_logins, so a replay changes nothing. The fold
+    is decided by what the INSERT itself returns, in the same transaction,
+    so a record written twice (a slow commit that also went to the spool)
+    counts once -- even twice within one batch.
     """
+    records = unique_events(records)
     if not records:
         return 0
     rows = [r.event_row() for r in records]

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import sqlalchemy as sa
 
-from .store import LoginRecord, record_logins
+from .store import LoginRecord, record_logins, unique_events
 
 # Parameters are arrays, one element per record (unnest keeps them in step).
 PG_BATCH = """
@@ -24,13 +24,16 @@ WITH input AS (
                          %(username)s::text[], %(username_raw)s::bytea[],
                          %(protocol)s::text[], %(remote_ip)s::inet[], %(local_ip)s::inet[],
                          %(outcome)s::text[], %(rule_id)s::int[], %(auth_mech)s::text[],
-                         %(master_user)s::text[], %(auth_user)s::text[])
+                         %(master_user)s::text[], %(auth_user)s::text[],
+                         %(message)s::text[], %(policy_applied)s::bool[])
         AS t(event_id, occurred_at, username, username_raw, protocol, remote_ip, local_ip,
-             outcome, rule_id, auth_mech, master_user, auth_user)
+             outcome, rule_id, auth_mech, master_user, auth_user, message, policy_applied)
 ), new AS (
+    -- Only the rows this statement inserts are folded below: a record
+    -- written twice (spooled and committed late) counts once.
     INSERT INTO login_events (event_id, occurred_at, username, username_raw, protocol,
                               remote_ip, local_ip, outcome, rule_id, auth_mech,
-                              master_user, auth_user)
+                              master_user, auth_user, message, policy_applied)
     SELECT * FROM input
     ON CONFLICT (event_id, occurred_at) DO NOTHING
     RETURNING event_id, occurred_at, username, username_raw, protocol, remote_ip, local_ip,
@@ -63,10 +66,12 @@ SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM folded), (SELECT count(
 """
 
 COLUMNS = ("event_id", "occurred_at", "username", "username_raw", "protocol", "remote_ip",
-           "local_ip", "outcome", "rule_id", "auth_mech", "master_user", "auth_user")
+           "local_ip", "outcome", "rule_id", "auth_mech", "master_user", "auth_user",
+           "message", "policy_applied")
 
 
 def pg_params(records: Sequence[LoginRecord]) -> dict[str, list[object]]:
+    records = unique_events(records)
     rows = [r.event_row() for r in records]
     params: dict[str, list[object]] = {c: [row[c] for row in rows] for c in COLUMNS}
     params["d_event"] = [r.event_id for r in records for _ in r.alerts_shown]
