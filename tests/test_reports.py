@@ -36,7 +36,7 @@ def known(engine):
                            remote_ip="2001:db8::1"))
         recs.append(record(b"bob@example.com", at=NOW - 200 * DAY, remote_ip="192.0.2.9"))
         recs.append(record(b"carol@example.org", at=NOW - 2 * DAY, remote_ip="203.0.113.5",
-                           outcome="denied", rule_id=rid))
+                           outcome="denied", rule_id=rid, message="locked"))
         record_logins(conn, recs)
     return rid
 
@@ -75,9 +75,11 @@ def test_history_ips_refused_daily(engine, known):
         assert {i["remote_ip"] for i in ips} == {"198.51.100.0", "198.51.100.1",
                                                  "198.51.100.2", "2001:db8::1"}
         assert all(i["logins"] == 1 and i["refused"] == 0 for i in ips)
+        # the rule's text changes later: history keeps what the client saw
+        conn.execute(sa.text("UPDATE access_rules SET message = 'changed'"))
         (ref,) = reports.refused(conn, NOW - 7 * DAY)
-        assert (ref["username"], ref["message"], ref["remote_ip"]) == (
-            "carol@example.org", "locked", "203.0.113.5")
+        assert (ref["username"], ref["message"], ref["remote_ip"], ref["policy_applied"]) == (
+            "carol@example.org", "locked", "203.0.113.5", True)
         assert reports.refused(conn, NOW - DAY) == []
         daily = reports.daily(conn, 7, NOW)
     by = {(r["day"], r["protocol"]): (r["allowed"], r["denied"]) for r in daily}

@@ -164,3 +164,37 @@ def test_refusal_message_and_unapplied_policy_are_kept(engine, store):
     assert got["alice@example.com"].message == "Call the helpdesk."
     assert got["alice@example.com"].policy_applied is True
     assert got["bob"].policy_applied is False and got["bob"].message is None
+
+
+def test_rule_ids_are_never_reused(engine):
+    from app.db.rules import add_rule, remove_rule
+    with engine.begin() as conn:
+        first = add_rule(conn, action="deny", username="a@example.com")
+        second = add_rule(conn, action="deny", username="b@example.com")
+        remove_rule(conn, second)
+        third = add_rule(conn, action="deny", username="c@example.com")
+    assert third > second > first
+
+
+def test_upgrade_starts_sqlite_ids_past_what_history_mentions(tmp_path):
+    """A database from before AUTOINCREMENT: rule 3 removed, refusals still name it."""
+    from app.db.migrate import upgrade
+    from app.db import make_engine
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(url, "b0b2b42900cb")
+    eng = make_engine(url)
+    with eng.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO access_rules (id, action) VALUES (1, 'deny')")
+        conn.exec_driver_sql(
+            "INSERT INTO login_events (event_id, occurred_at, username, protocol, outcome, "
+            "rule_id) VALUES ('00000000000040008000000000000001', '2026-11-01 00:00:00', "
+            "'x', 'imap', 'denied', 3)")
+    upgrade(url)
+    with eng.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO access_rules (action) VALUES ('deny')")
+        ids = conn.exec_driver_sql("SELECT id FROM access_rules ORDER BY id").scalars().all()
+        version = conn.exec_driver_sql("SELECT version FROM config_version").scalar()
+        conn.exec_driver_sql("DELETE FROM access_rules WHERE id = 1")
+        assert conn.exec_driver_sql("SELECT version FROM config_version").scalar() > version
+    eng.dispose()
+    assert ids == [1, 4]

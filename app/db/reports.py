@@ -27,15 +27,17 @@ v_refused_logins = sa.table(
     "v_refused_logins", sa.column("occurred_at", UTCDateTime), sa.column("username"),
     sa.column("protocol"), sa.column("remote_ip", IPAddress),
     sa.column("local_ip", IPAddress), sa.column("rule_id", sa.Integer),
-    sa.column("message"), sa.column("comment"))
+    sa.column("message"), sa.column("comment"), sa.column("policy_applied", sa.Boolean))
 
 LAST_COLUMNS = ("username", "last_seen", "last_protocol", "last_remote_ip", "logins",
                 "first_seen")
 INACTIVE_COLUMNS = ("username", "last_seen", "last_protocol", "idle_days")
+# policy_applied: false when the login was decided without rules loaded
 HISTORY_COLUMNS = ("occurred_at", "protocol", "outcome", "remote_ip", "local_ip", "rule_id",
-                   "auth_mech", "master_user")
+                   "auth_mech", "master_user", "message", "policy_applied")
 IPS_COLUMNS = ("remote_ip", "first_seen", "last_seen", "logins", "refused")
-REFUSED_COLUMNS = ("occurred_at", "username", "protocol", "remote_ip", "rule_id", "message")
+REFUSED_COLUMNS = ("occurred_at", "username", "protocol", "remote_ip", "rule_id", "message",
+                   "policy_applied")
 DAILY_COLUMNS = ("day", "protocol", "allowed", "denied")
 
 
