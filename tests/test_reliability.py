@@ -59,8 +59,15 @@ def stored(url) -> list[str]:
 
 
 def exactly_once(url, acked) -> bool:
+    """Every acknowledged (allowed) login stored once and counted once."""
     names = stored(url)
-    return sorted(names) == sorted(acked)
+    if sorted(names) != sorted(acked):
+        return False
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        total = conn.execute(sa.select(sa.func.sum(last_logins.c.login_count))).scalar()
+    engine.dispose()
+    return int(total or 0) == len(acked)
 
 
 def pg_ctl(server, action):
