@@ -26,19 +26,22 @@ Behind that one call:
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import queue
 import sqlite3
 import threading
 import time
+import uuid
 from typing import Callable, Sequence
 
+import psycopg
 import sqlalchemy as sa
 
 from .db.store import LoginRecord, record_logins
 from .db.writers import writer_for
 from .logs import show
-from .spool import Spool, SpoolFull, encode, record_key
+from .spool import QuarantineFull, Spool, SpoolFull, encode, record_key
 from .worker import Worker
 
 log = logging.getLogger("lastlogin.recorder")
@@ -53,6 +56,12 @@ COMMITTED, SPOOLED, QUARANTINED, DROPPED = "committed", "spooled", "quarantined"
 # exception, integrity constraint violation, program limit exceeded (an
 # index row too large, say).
 DATA_STATES = ("22", "23", "54")
+# Classes that say "the database cannot take writes now": connection,
+# insufficient resources, operator intervention (shutdown, statement
+# timeout), system error, internal error, transaction rollback (deadlock,
+# serialization), authorization (a role that may not log in), unknown
+# database, object not available (lock timeout).
+AWAY_STATES = ("08", "53", "57", "58", "XX", "40", "28", "3D", "55")
 
 
 class RecordError(Exception):
@@ -64,14 +73,59 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _state(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None) or exc
+    return getattr(orig, "sqlstate", None)
+
+
 def rejects_record(exc: BaseException) -> bool:
     """True when the database refused the data of a record, not the write as such."""
-    orig = getattr(exc, "orig", None) or exc
-    state = getattr(orig, "sqlstate", None)
+    state = _state(exc)
     if state:
         return state[:2] in DATA_STATES
+    if isinstance(exc, sa.exc.StatementError) and not isinstance(exc, sa.exc.DBAPIError):
+        return True             # a value the driver could not even send
+    orig = getattr(exc, "orig", None) or exc
     return isinstance(exc, (sa.exc.IntegrityError, sa.exc.DataError)) or isinstance(
         orig, (sqlite3.IntegrityError, sqlite3.DataError))
+
+
+def database_away(exc: BaseException) -> bool:
+    """True when the error says the database cannot take writes now (an outage)."""
+    state = _state(exc)
+    if state:
+        return state[:2] in AWAY_STATES
+    orig = getattr(exc, "orig", None) or exc
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError,
+                            sa.exc.TimeoutError)) or isinstance(
+        orig, (psycopg.OperationalError, psycopg.InterfaceError, sqlite3.OperationalError,
+               OSError))
+
+
+def canary(now: dt.datetime | None = None) -> LoginRecord:
+    """A record that any working database accepts; written and rolled back."""
+    return LoginRecord(event_id=uuid.uuid4(), occurred_at=now or dt.datetime.now(dt.timezone.utc),
+                       username=b"lastlogin-canary", protocol="imap", remote_ip=None,
+                       local_ip=None, outcome="denied")
+
+
+def accepts_writes(engine: sa.Engine) -> bool:
+    """Does the database take an ordinary record now? (Nothing stays behind.)
+
+    Tells a record the database refuses for reasons of its own (a trigger, a
+    policy) from a database that refuses everything: only the first is set
+    aside; the second is an outage and its records wait in the spool.
+    """
+    try:
+        with engine.connect() as conn:
+            tx = conn.begin()
+            try:
+                record_logins(conn, [canary()])
+            finally:
+                tx.rollback()
+        return True
+    except Exception:  # noqa: BLE001 - whatever it is, it does not take writes
+        return False
 
 
 class _Waiter:
@@ -263,15 +317,17 @@ class Recorder:
             self._writer.write([rec for rec, _ in items])
         except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
             self.busy_since = None
-            if not rejects_record(exc):
+            if database_away(exc):
                 self._failed(items, exc)
             elif len(items) > 1:
                 # One record the database rejects must not sink its batch
                 # mates: write them one by one so only that one is set aside.
                 for item in items:
                     self._write([item])
-            else:
+            elif rejects_record(exc) or accepts_writes(self._engine):
                 self._quarantine(items[0], exc)
+            else:
+                self._failed(items, exc)        # it takes nothing: an outage
             return
         self.busy_since = None
         with self._count_lock:
@@ -299,15 +355,24 @@ class Recorder:
             return
         try:
             self.spool.quarantine.add(encode(rec), reason, record_key(rec))
-        except OSError as err:
-            log.error("event=quarantine_failed error=%s", show(str(err)))
-            settle([item], exc=RecordError(reason))
+        except OSError as err:              # QuarantineFull, or the disk said no
+            self._spool_full(f"quarantine: {first_line(err)}")
+            if self.spool_full_action == "refuse":
+                settle([item], exc=RecordError(reason))
+            else:
+                with self._count_lock:
+                    self.dropped += 1
+                settle([item], DROPPED)
             return
         with self._count_lock:
             self.quarantined += 1
         settle([item], QUARANTINED)
 
     def _to_spool(self, items: list[Item]) -> None:
+        # A login that timed out was spooled by its own task already.
+        items = [item for item in items if not item[1].fut.cancelled()]
+        if not items:
+            return
         try:
             outcome = self.spool_records([rec for rec, _ in items])
         except SpoolFull as exc:
@@ -359,11 +424,17 @@ class Replayer(Worker):
         self.stuck_after = stuck_after
 
     def _run(self) -> None:
+        last_error = ""
         while not self._stop.wait(self.interval):
             try:
                 self.run_once()
-            except Exception as exc:  # noqa: BLE001 - the database is still away
-                self.recorder.mark_down(first_line(exc))
+                last_error = ""
+            except Exception as exc:  # noqa: BLE001 - sorted below; the loop goes on
+                if database_away(exc) or isinstance(exc, sa.exc.DBAPIError):
+                    self.recorder.mark_down(first_line(exc))
+                elif first_line(exc) != last_error:
+                    log.error("event=replay_failed error=%s", show(first_line(exc)))
+                last_error = first_line(exc)
 
     def run_once(self) -> int:
         """Probe the database; if it answers, replay every closed segment."""
@@ -379,15 +450,20 @@ class Replayer(Worker):
         return self.spool.replay(self._store, self.chunk)
 
     def _store(self, records: list[LoginRecord]) -> list[tuple[LoginRecord, str]]:
-        """Commit ``records``; the ones the database rejects come back with the reason."""
+        """Commit ``records``; the ones the database rejects come back with the reason.
+
+        Raises when the database takes nothing (an outage): the segment waits.
+        """
         try:
             self._commit(records)
             return []
         except Exception as exc:  # noqa: BLE001 - sorted out below
-            if not rejects_record(exc):
-                raise               # the database is away: the segment waits
+            if database_away(exc):
+                raise
             if len(records) == 1:
-                return [(records[0], first_line(exc))]
+                if rejects_record(exc) or accepts_writes(self.engine):
+                    return [(records[0], first_line(exc))]
+                raise
         rejected: list[tuple[LoginRecord, str]] = []
         for rec in records:
             rejected += self._store([rec])

@@ -14,7 +14,6 @@ import sys
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import time
 
@@ -27,7 +26,9 @@ from app.db.migrate import upgrade
 from app.db.schema import last_logins, login_events
 from app.spool import Quarantine, Spool
 from tests.builders import HOSTILE_USERNAMES, request_bytes
+from tests.conftest import empty_tables
 from tests.harness.daemon import make_daemon, wait_for
+from tests.harness.faults import hold_lock, reject_rows, slow_commits
 from tests.harness.pg import start_server
 from tests.harness.postlogin import send_request
 from tests.test_spool import tiny_tmpfs  # noqa: F401 - a fixture
@@ -95,31 +96,51 @@ def status(daemon) -> tuple[int, dict]:
 
 # --- the database is slow ---------------------------------------------------------
 
-def hold_lock(url):
-    """A transaction that holds last_logins: every write waits behind it."""
-    if url.startswith("sqlite"):
-        conn = sqlite3.connect(make_url(url).database, timeout=5)
-        conn.isolation_level = None
-        conn.execute("BEGIN EXCLUSIVE")
-        return conn.rollback
-    engine = make_engine(url)
-    conn = engine.connect()
-    tx = conn.begin()
-    conn.exec_driver_sql("LOCK TABLE last_logins IN ACCESS EXCLUSIVE MODE")
-
-    def release():
-        tx.rollback()
-        conn.close()
-        engine.dispose()
-    return release
+@pytest.fixture
+def pg_db(pg_url):
+    """The session's PostgreSQL database, empty before and after the test."""
+    engine = make_engine(pg_url)
+    empty_tables(engine)
+    yield pg_url
+    empty_tables(engine)
+    engine.dispose()
 
 
-def test_a_commit_slower_than_record_timeout_counts_once(db_url, tmp_path):
+@pytest.fixture
+def sqlite_db(sqlite_url):
+    """The session's SQLite database, empty before and after the test."""
+    engine = make_engine(sqlite_url)
+    empty_tables(engine)
+    yield sqlite_url
+    empty_tables(engine)
+    engine.dispose()
+
+
+def on(request, backend: str) -> str:
+    return request.getfixturevalue("pg_db" if backend == "postgresql" else "sqlite_db")
+
+
+@pytest.fixture(params=["lock-postgresql", "lock-sqlite", "sleep-postgresql"])
+def slow_db(request):
+    """(url, how): lock -- the writer waits behind a held lock (PostgreSQL
+    cancels it after lock_timeout and the record is spooled twice; SQLite's
+    commit lands late); sleep -- the commit itself takes 1.5 s and lands
+    after the login was spooled (pg_sleep in a trigger)."""
+    how, backend = request.param.split("-")
+    return on(request, backend), how
+
+
+def test_a_commit_slower_than_record_timeout_counts_once(slow_db, tmp_path):
+    db_url, slow = slow_db
     d = make_daemon(db_url, protocols="imap", record_timeout="1", data_dir=str(tmp_path))
     d.start()
     try:
         assert not login(d, "warm@example.com").refused
-        release = hold_lock(db_url)
+        if slow == "lock":
+            release = hold_lock(db_url)
+        else:
+            slow_commits(db_url, 1.5, True)
+            release = lambda: slow_commits(db_url, 0, False)  # noqa: E731
         try:
             t0 = time.monotonic()
             results = [login(d, f"slow{i}@example.com").refused for i in range(3)]
@@ -137,27 +158,20 @@ def test_a_commit_slower_than_record_timeout_counts_once(db_url, tmp_path):
 
 # --- the database rejects one record ------------------------------------------------
 
-def reject(url, name: str, on: bool) -> None:
-    """Make the database itself refuse rows for ``name`` (a constraint or trigger)."""
-    engine = make_engine(url)
-    with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            conn.exec_driver_sql(
-                f"ALTER TABLE login_events ADD CONSTRAINT ck_test_reject "
-                f"CHECK (username <> '{name}') NOT VALID" if on else
-                "ALTER TABLE login_events DROP CONSTRAINT ck_test_reject")
-        else:
-            conn.exec_driver_sql(
-                "CREATE TRIGGER trg_test_reject BEFORE INSERT ON login_events "
-                f"WHEN NEW.username = '{name}' BEGIN SELECT RAISE(ABORT, 'rejected'); END"
-                if on else "DROP TRIGGER trg_test_reject")
-    engine.dispose()
+@pytest.fixture(params=["check-postgresql", "check-sqlite", "raise-postgresql"])
+def rejecting_db(request):
+    """(url, how): check -- a constraint (PostgreSQL) or trigger (SQLite);
+    raise -- a trigger raising its own exception (PostgreSQL P0001)."""
+    how, backend = request.param.split("-")
+    return on(request, backend), how
 
 
-def test_a_record_the_database_rejects_is_set_aside_and_the_rest_go_on(db_url, tmp_path):
+def test_a_record_the_database_rejects_is_set_aside_and_the_rest_go_on(rejecting_db,
+                                                                      tmp_path):
+    db_url, how = rejecting_db
     d = make_daemon(db_url, protocols="imap", data_dir=str(tmp_path))
     d.start()
-    reject(db_url, "evil@example.com", True)
+    reject_rows(db_url, "evil@example.com", True, how)
     try:
         names = ["a@example.com", "evil@example.com", "b@example.com"]
         assert [login(d, n).refused for n in names] == [False] * 3
@@ -172,15 +186,12 @@ def test_a_record_the_database_rejects_is_set_aside_and_the_rest_go_on(db_url, t
         assert rc == 1 and "1 records set aside" in checks["quarantine"]["detail"]
         assert len(re.findall(r"event=record_quarantined", d.logs())) == 1
     finally:
-        reject(db_url, "evil@example.com", False)
+        reject_rows(db_url, "evil@example.com", False, how)
         d.stop()
 
 
-def test_logins_after_a_username_past_the_index_limit_are_stored(pg_url, tmp_path):
-    from tests.conftest import empty_tables
-    engine = make_engine(pg_url)
-    empty_tables(engine)
-    engine.dispose()
+def test_logins_after_a_username_past_the_index_limit_are_stored(pg_db, tmp_path):
+    pg_url = pg_db
     d = make_daemon(pg_url, protocols="imap", data_dir=str(tmp_path))
     d.start()
     try:

@@ -9,6 +9,7 @@ set aside and what is still waiting.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import subprocess
@@ -22,8 +23,17 @@ from app.db import make_engine
 from app.db.schema import last_logins, login_events
 from app.recorder import (COMMITTED, DROPPED, QUARANTINED, SPOOLED, Recorder, RecordError,
                           Replayer)
-from app.spool import CLOSED, OPEN, Spool, SpoolFull, decode, encode
+from app.spool import (CLOSED, LEGACY, OPEN, DamagedLine, Quarantine, QuarantineFull, Spool,
+                       SpoolFull, decode, encode)
 from tests.builders import HOSTILE_USERNAMES, record
+from tests.harness.faults import reject_rows
+
+REFUSED_VIEW = """
+    CREATE VIEW v_refused_logins AS
+    SELECT e.occurred_at, e.username, e.protocol, e.remote_ip, e.local_ip,
+           e.rule_id, e.message, r.comment, e.policy_applied
+    FROM login_events e LEFT JOIN access_rules r ON r.id = e.rule_id
+    WHERE e.outcome = 'denied'"""
 
 
 def counts(engine) -> tuple[int, int]:
@@ -81,23 +91,97 @@ def test_a_torn_last_line_is_set_aside(engine, tmp_path):
     assert "incomplete line" in next(spool.quarantine.entries())["reason"]
 
 
-def test_a_record_the_database_rejects_does_not_block_the_others(engine, tmp_path):
+@pytest.mark.parametrize("how", ["check", "raise"])
+def test_a_record_the_database_rejects_does_not_block_the_others(engine, db_url, tmp_path,
+                                                                how):
+    """check: a data error (SQLSTATE 23); raise: a trigger's own exception
+    (PostgreSQL P0001), set aside because the database takes other records."""
     spool = Spool(tmp_path / "spool", 1 << 20)
     records = [record(f"u{i}".encode()) for i in range(5)]
-    records.insert(2, record(b"bad", protocol="gopher"))    # the table's CHECK says no
+    records.insert(2, record(b"bad"))
     spool.append(records)
     spool.close()
     replayer = replayer_for(engine, spool)
-    assert replayer.run_once() == 6
-    assert counts(engine) == (5, 5)
-    (entry,) = spool.quarantine.entries()
-    assert entry["reason"].startswith("rejected by the database")
-    assert decode(__import__("base64").b64decode(entry["line"])).username == b"bad"
-    # replaying the same records again (an interrupted replay) changes nothing
-    spool.append(records)
+    reject_rows(db_url, "bad", True, how)
+    try:
+        assert replayer.run_once() == 6
+        assert counts(engine) == (5, 5)
+        (entry,) = spool.quarantine.entries()
+        assert entry["reason"].startswith("rejected by the database")
+        assert decode(base64.b64decode(entry["line"])).username == b"bad"
+        # replaying the same records again (an interrupted replay) changes nothing
+        spool.append(records)
+        spool.close()
+        assert replayer.run_once() == 6
+        assert counts(engine) == (5, 5) and spool.quarantine.count() == 1
+        # alone in its segment, it is still set aside: the database takes others
+        spool.append([records[2]])
+        spool.close()
+        assert replayer.run_once() == 1 and spool.segments() == []
+    finally:
+        reject_rows(db_url, "bad", False, how)
+
+
+def test_a_database_that_takes_nothing_keeps_the_segment(engine, db_url, tmp_path):
+    """Every record refused for the same non-data reason: an outage, not bad
+    records. Nothing is quarantined; the segment waits and replays later."""
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    spool.append([record(b"a"), record(b"b")])
     spool.close()
-    assert replayer.run_once() == 6
-    assert counts(engine) == (5, 5) and spool.quarantine.count() == 1
+    replayer = replayer_for(engine, spool)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP VIEW v_refused_logins")
+        conn.exec_driver_sql("ALTER TABLE login_events RENAME TO login_events_away")
+    try:
+        with pytest.raises(Exception):
+            replayer.run_once()
+        assert spool.quarantine.count() == 0 and len(spool.closed_segments()) == 1
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE login_events_away RENAME TO login_events")
+            conn.exec_driver_sql(REFUSED_VIEW)
+    assert replayer.run_once() == 2 and counts(engine) == (2, 2)
+
+
+def test_an_interrupted_replay_runs_again_exactly(engine, tmp_path):
+    """A crash (or an outage) after the first chunk: the segment stays, and
+    the second run stores the rest without doubling the first chunk."""
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    spool.append([record(f"u{i}".encode()) for i in range(25)])
+    spool.close()
+    recorder = Recorder(engine, spool=spool)
+    recorder.down = True
+    replayer = Replayer(engine, recorder, chunk=10)
+    original, calls = replayer._commit, []
+
+    def dies_on_second_chunk(recs):
+        calls.append(len(recs))
+        if len(calls) == 2:
+            raise sa.exc.OperationalError("INSERT", {}, ConnectionError("server closed"))
+        return original(recs)
+    replayer._commit = dies_on_second_chunk
+    with pytest.raises(sa.exc.OperationalError):
+        replayer.run_once()
+    assert counts(engine) == (10, 10) and len(spool.closed_segments()) == 1
+    replayer._commit = original
+    assert replayer.run_once() == 25
+    assert counts(engine) == (25, 25)
+
+
+def test_damaged_fields_are_caught_even_without_a_checksum(tmp_path):
+    """Lines of the release before checksums (no CRC) are checked field by field."""
+    good = json.loads(encode(record()).rpartition(b" ")[0])
+    bad = [{**good, "remote_ip": "10.0.0.q"}, {**good, "event_id": 5},
+           {**good, "alerts_shown": [1e400]}, {**good, "policy_applied": "false"},
+           {**good, "protocol": "gopher"}, {**good, "occurred_at": "2026-11-26T08:00:00"},
+           [good]]
+    for doc in bad:
+        with pytest.raises(DamagedLine):
+            decode(json.dumps(doc).encode() + b"\n")
+    deep = b"[" * 100000 + b"]" * 100000 + b"\n"
+    with pytest.raises(DamagedLine):
+        decode(deep)
+    assert decode(json.dumps(good).encode() + b"\n").username == b"alice@example.com"
 
 
 def test_replay_streams_in_chunks(engine, tmp_path):
@@ -175,6 +259,100 @@ def test_the_open_segment_of_a_dead_process_is_adopted(engine, tmp_path):
     assert [p.suffix for p in spool.segments()] == [OPEN]
     assert replayer_for(engine, spool).run_once() == 1
     assert counts(engine) == (1, 1)
+
+
+def test_a_writer_and_a_replayer_racing_on_one_directory_lose_nothing(engine, tmp_path):
+    """A new segment on every append (the writer side of a graceful restart)
+    while another process's replayer adopts and replays as fast as it can:
+    every acknowledged record stored once, no spurious SpoolFull."""
+    import threading
+    directory = tmp_path / "spool"
+    writer = Spool(directory, 1 << 26, segment_bytes=1)
+    other = Spool(directory, 1 << 26)
+    replayer = replayer_for(engine, other)
+    acked, failures, stop = [], [], threading.Event()
+
+    def replay_loop():
+        while not stop.is_set():
+            replayer.run_once()
+
+    t = threading.Thread(target=replay_loop)
+    t.start()
+    try:
+        for i in range(300):
+            rec = record(f"r{i}".encode())
+            try:
+                writer.append([rec])
+                acked.append(rec)
+            except SpoolFull as exc:
+                failures.append(str(exc))
+    finally:
+        writer.close()
+        stop.set()
+        t.join(30)
+    replayer.run_once()
+    assert failures == []
+    assert counts(engine) == (300, 300) and other.segments() == []
+
+
+def test_a_segment_of_the_previous_release_is_left_to_its_live_writer(engine, tmp_path):
+    """Before .open/.closed, the live segment was <stamp>-<pid>.jsonl: while
+    that pid lives (an upgrade by SIGUSR2) it is not taken."""
+    directory = tmp_path / "spool"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        spool = Spool(directory, 1 << 20)
+        legacy = directory / f"20261126T080000000000-{child.pid}{LEGACY}"
+        legacy.write_bytes(json.dumps(json.loads(encode(record(b"old")).rpartition(b" ")[0]))
+                           .encode() + b"\n")
+        replayer = replayer_for(engine, spool)
+        assert replayer.run_once() == 0 and legacy.exists()
+    finally:
+        child.kill()
+        child.wait()
+    assert replayer.run_once() == 1 and not legacy.exists()
+    assert counts(engine) == (1, 1)
+
+
+def test_a_segment_that_cannot_be_read_does_not_stop_the_others(engine, tmp_path):
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    (tmp_path / "spool" / f"20000101T000000000000-1{CLOSED}").mkdir()   # not a file
+    spool.append([record(b"a")])
+    spool.close()
+    replayer = replayer_for(engine, spool)
+    assert replayer.run_once() == 1 and counts(engine) == (1, 1)
+    assert list(spool.errors) == [f"20000101T000000000000-1{CLOSED}"]
+    assert spool.depth() == 0
+
+
+def test_the_quarantine_is_kept_once_across_processes_and_bounded(tmp_path):
+    one, two = Quarantine(tmp_path / "q"), Quarantine(tmp_path / "q", max_bytes=2000)
+    assert one.add(b"line", "why", "event:1") is True
+    assert two.add(b"line", "why", "event:1") is False          # the other already has it
+    assert two.add(b"line2", "why", "event:2") is True
+    assert one.count() == 2 and len(list(one.entries())) == 2
+    with pytest.raises(QuarantineFull):
+        two.add(b"x" * 3000, "too big", "event:3")
+    assert one.count() == 2
+
+
+@pytest.mark.parametrize("action", ["allow", "refuse"])
+def test_a_full_quarantine_follows_spool_full_action(engine, db_url, tmp_path, action):
+    spool = Spool(tmp_path / "spool", 1 << 20, quarantine_max_bytes=10)
+    recorder = Recorder(engine, spool=spool, spool_full_action=action)
+    recorder.start()
+    reject_rows(db_url, "bad", True)
+    try:
+        coro = recorder.record(record(b"bad"), timeout=5)
+        if action == "refuse":
+            with pytest.raises(RecordError):
+                asyncio.run(coro)
+        else:
+            assert asyncio.run(coro) == DROPPED
+        assert recorder.spool_refusing.startswith("quarantine")
+    finally:
+        reject_rows(db_url, "bad", False)
+        recorder.stop(5)
 
 
 # --- a full disk ------------------------------------------------------------------
