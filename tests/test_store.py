@@ -191,6 +191,9 @@ def test_upgrade_starts_sqlite_ids_past_what_history_mentions(tmp_path):
             "'x', 'imap', 'denied', 3)")
     upgrade(url)
     with eng.begin() as conn:
+        rows = conn.exec_driver_sql("SELECT name FROM sqlite_sequence ORDER BY name").all()
+        names = [r.name for r in rows]
+        assert len(names) == len(set(names)) and {"access_rules", "login_alerts"} <= set(names)
         conn.exec_driver_sql("INSERT INTO access_rules (action) VALUES ('deny')")
         ids = conn.exec_driver_sql("SELECT id FROM access_rules ORDER BY id").scalars().all()
         version = conn.exec_driver_sql("SELECT version FROM config_version").scalar()

@@ -69,13 +69,16 @@ def _sqlite_autoincrement(on: bool) -> None:
             UPDATE sqlite_sequence SET seq = max(seq,
                 (SELECT coalesce(max(rule_id), 0) FROM login_events))
             WHERE name = 'access_rules'""")
+        # (an aggregate always yields a row: the NOT EXISTS must filter outside it)
         op.execute("""
             INSERT INTO sqlite_sequence (name, seq)
-            SELECT 'access_rules', coalesce(max(rule_id), 0) FROM login_events
+            SELECT 'access_rules', m FROM (SELECT coalesce(max(rule_id), 0) AS m
+                                           FROM login_events)
             WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'access_rules')""")
         op.execute("""
             INSERT INTO sqlite_sequence (name, seq)
-            SELECT 'login_alerts', coalesce(max(alert_id), 0) FROM login_alert_deliveries
+            SELECT 'login_alerts', m FROM (SELECT coalesce(max(alert_id), 0) AS m
+                                           FROM login_alert_deliveries)
             WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'login_alerts')""")
         op.execute("""
             UPDATE sqlite_sequence SET seq = max(seq,
