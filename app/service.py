@@ -20,12 +20,13 @@ from .db.store import LoginRecord, normalize_ip, text_form
 from .metrics import Metrics
 from .nexthop import forward
 from .overrides import alerts_for, merge_fields, union_list
-from .policy import ALLOW, Decision, LoginFacts, decide, domain_of
+from .policy import ALLOW, Decision, LoginFacts, decide, domain_of, login_decision
 from .protocol import (DEFAULT_DENY_TEXT, LoginRequest, alert_line, build_reply,
-                       deny_line, field_value)
+                       deny_line, field_value, tempfail_line)
 from .recorder import Recorder, first_line
 from .snapshot import ConfigCache, Snapshot
 from .sysgroups import GroupCache
+from .templates import ExpansionRefused, LoginVars, expand, expand_fields
 
 
 class RecordError(Exception):
@@ -100,6 +101,12 @@ class Policy:
     def decide(self, facts: LoginFacts) -> Decision:
         return decide(self.cache.rules, facts, self.default_action, self.unloaded_action)
 
+    def decide_login(self, protocol: str, username: str, remote_ip: bytes | str | None,
+                     local_ip: bytes | str | None, now: dt.datetime) -> Decision:
+        """The one decision function, also what `lastlogin check` calls."""
+        return login_decision(self.cache.rules, protocol, username, remote_ip, local_ip, now,
+                              self.default_action, self.unloaded_action)
+
 
 @dataclass
 class Extras:
@@ -129,9 +136,15 @@ class Plan:
 
 async def plan_login(snap: Snapshot | None, groups: GroupCache | None, protocol: str,
                      req: LoginRequest, user: str, now: dt.datetime) -> Plan:
-    """Fields and alerts for an allowed login (also what `lastlogin check` shows)."""
+    """Fields and alerts for an allowed login (also what `lastlogin check` shows).
+
+    Override values and alert texts are expanded for this login; an unsafe
+    expansion raises ExpansionRefused (the login must be refused).
+    """
     domain = domain_of(user)
     wanted = snap.overrides.for_login(user, domain) if snap else {}
+    tvars = LoginVars.of(req.username, protocol, req.remote_ip, req.local_ip)
+    wanted = expand_fields(wanted, tvars)
     if groups is not None:
         extra = await groups.groups(user)
         if extra:
@@ -146,7 +159,7 @@ async def plan_login(snap: Snapshot | None, groups: GroupCache | None, protocol:
         # IMAP only: elsewhere an unsolicited line would break the session.
         alerts = alerts_for(snap.alerts, snap.delivered, user, domain, now)
     shown = [a.id for a in alerts if a.show_once]
-    return Plan(fields, shown, b"".join(alert_line(a.message) for a in alerts))
+    return Plan(fields, shown, b"".join(alert_line(expand(a.message, tvars)) for a in alerts))
 
 
 class LoginService:
@@ -172,21 +185,27 @@ class LoginService:
             "spool_bytes": rec.spool.size if rec.spool else 0,
             "committed": rec.records, "spooled": rec.spooled, "dropped": rec.dropped,
             "database_errors": rec.db_errors,
+            # rows the loader left out: [table, id, reason] (`status` warns)
+            "config_skipped": [list(x) for x in self.policy.cache.skipped],
+            "config_load_error": self.policy.cache.load_error,
         }
 
     async def login(self, protocol: str, req: LoginRequest, client: ClientChannel) -> Answer:
         started = time.perf_counter()
         now = self.clock()
         user = text_form(req.username)[0]
-        facts = LoginFacts.of(protocol, user, normalize_ip(req.remote_ip),
-                              normalize_ip(req.local_ip), now)
-        decision = self.policy.decide(facts)
+        decision = self.policy.decide_login(protocol, user, req.remote_ip, req.local_ip, now)
         rule_id = decision.rule.id if decision.rule else None
         if not decision.allowed:
             if self.metrics:
                 self.metrics.decision_seconds.observe(time.perf_counter() - started)
             return await self._refuse(protocol, req, now, rule_id, decision, client)
-        plan = await self.plan(protocol, req, user, now)
+        try:
+            plan = await self.plan(protocol, req, user, now)
+        except ExpansionRefused as exc:
+            return await self._refuse(protocol, req, now, None,
+                                      Decision("deny", None, f"override: {exc}", temporary=True),
+                                      client)
         if self.metrics:
             self.metrics.decision_seconds.observe(time.perf_counter() - started)
         if plan.alert_bytes:
@@ -200,6 +219,8 @@ class LoginService:
             if got.line is None:
                 record = make_record(protocol, req, "denied", now, None)
                 await self._commit(record)
+                if got.tempfail:
+                    await client.write(tempfail_line(protocol))
                 return Answer(record, None, reason=got.reason)
             reply, reply_fd = got.line, got.fd
         record = make_record(protocol, req, "allowed", now, rule_id, tuple(plan.alerts))
@@ -226,7 +247,10 @@ class LoginService:
                       client: ClientChannel) -> Answer:
         record = make_record(protocol, req, "denied", now, rule_id)
         await self._commit(record)
-        await client.write(deny_line(protocol, decision.message or DEFAULT_DENY_TEXT))
+        if decision.temporary:
+            await client.write(tempfail_line(protocol))
+        else:
+            await client.write(deny_line(protocol, decision.message or DEFAULT_DENY_TEXT))
         return Answer(record, None, reason=decision.reason)
 
     async def _commit(self, record: LoginRecord) -> None:

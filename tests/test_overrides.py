@@ -126,14 +126,15 @@ def test_overrides_reach_the_reply(db_url, daemon_with):
     with engine.begin() as conn:
         set_override(conn, "domain", "example.com", "mail", "maildir:/srv/example.com/%n")
         set_override(conn, "user", "alice@example.com", "quota_rule", "*:storage=2G")
-        set_override(conn, "global", None, "note", "tab\there;'quoted'")
+        set_override(conn, "global", None, "note", "100%% %s from %r;'quoted'")
     d = daemon_with()
     user, fields = parse_reply(send_request(d.sock("imap"), request_bytes()).reply)
     assert user == b"alice@example.com"
     assert fields == [b"uid=5000", b"gid=5000", b"home=/var/vmail/alice",
-                      b"mail=maildir:/srv/example.com/%n", b"auth_mech=PLAIN",
+                      b"mail=maildir:/srv/example.com/alice", b"auth_mech=PLAIN",
                       b"auth_token=3f2a0c9e5b7d41e08a6c2f1b9d3e7a5c4b8f0e12",
-                      b"note=tab\there;'quoted'", b"quota_rule=*:storage=2G"]
+                      b"note=100% imap from 198.51.100.7;'quoted'",
+                      b"quota_rule=*:storage=2G"]
     # changed while running: the next login gets the new value
     with engine.begin() as conn:
         unset_override(conn, "global", None, "note")
@@ -146,12 +147,12 @@ def test_alerts_imap_only_and_show_once_survives_restart(db_url, daemon_with):
     engine = make_engine(db_url)
     with engine.begin() as conn:
         a_always = add_alert(conn, "user", "alice@example.com", "Out of office until Monday")
-        a_once = add_alert(conn, "global", None, "New webmail\r\n* OK fake", show_once=True)
+        a_once = add_alert(conn, "global", None, "New webmail for %d", show_once=True)
     d = daemon_with()
     first = send_request(d.sock("imap"), request_bytes())
     assert not first.refused
     assert first.client_saw() == (alert_line("Out of office until Monday")
-                                  + alert_line("New webmail\r\n* OK fake"))
+                                  + alert_line("New webmail for example.com"))
     second = send_request(d.sock("imap"), request_bytes())
     assert second.client_saw() == alert_line("Out of office until Monday")
     pop = send_request(d.sock("pop3"), request_bytes())
@@ -230,11 +231,11 @@ def test_next_hop_gets_merged_fields_and_its_answer_is_relayed(db_url, daemon_wi
     ex = send_request(d.sock("imap"), request_bytes())
     assert ex.reply == hop_reply
     (sent, nfds), = hop.requests
-    assert nfds == 1 and b"\tmail=maildir:/srv/%u" in sent
+    assert nfds == 1 and b"\tmail=maildir:/srv/alice@example.com\t" in sent
     assert sent.startswith(b"VERSION\tscript-login\t1\t0\n")
     # pop3 has no next hop configured: answered by lastlogin itself
     assert parse_reply(send_request(d.sock("pop3"), request_bytes()).reply)[1][3] == \
-        b"mail=maildir:/srv/%u"
+        b"mail=maildir:/srv/alice@example.com"
     hop.sock.close()
     with engine.connect() as conn:
         outcomes = [r.outcome for r in conn.execute(sa.select(login_events))]

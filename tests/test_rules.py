@@ -29,16 +29,29 @@ def test_add_validates(engine):
             (dict(action="deny", protocol="smtp"), "--protocol"),
             (dict(action="maybe"), "ACTION"),
             (dict(action="deny", username="  "), "--user"),
+            (dict(action="deny", remote_network="10.1.2.3/8"), "--network"),   # host bits
+            (dict(action="deny"), "rule"),                          # matches everyone
+            (dict(action="deny", username="x", message="a\r\nb"), "--message"),
+            (dict(action="deny", username="x", comment="a\x1bb"), "--comment"),
+            (dict(action="deny", username="x",
+                  valid_until=dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)), "--until"),
             (dict(action="deny", valid_from=dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc),
                   valid_until=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)), "--until"),
         ]:
             with pytest.raises(InvalidInput) as err:
                 add_rule(conn, **values)
             assert err.value.field == field
-        rid = add_rule(conn, action="deny", remote_network="2001:db8::1/32", domain="@Example.COM")
-        (row,) = list_rules(conn)
-    assert row["id"] == rid
+        rid = add_rule(conn, action="deny", remote_network="2001:db8::/32", domain=" @Example.COM",
+                       username=" Bob@Example.com ", protocol="IMAP")
+        everyone = add_rule(conn, action="deny", everyone=True, priority=999)
+        mapped = add_rule(conn, action="deny", remote_network="::ffff:10.0.0.0/104")
+        rows = list_rules(conn)
+    assert [r["id"] for r in rows] == [rid, mapped, everyone]
+    row = rows[0]
     assert row["remote_network"] == "2001:db8::/32" and row["domain"] == "example.com"
+    assert row["username"] == "Bob@Example.com" and row["protocol"] == "imap"
+    assert rows[1]["remote_network"] == "10.0.0.0/8"
+
 
 
 def test_triggers_bump_the_version_on_any_change(engine):
@@ -137,8 +150,11 @@ def test_rule_cli_errors_are_one_line(sqlite_url, args, line):
 def test_daemon_denies_with_message_and_records_the_rule(db_url):
     engine = make_engine(db_url)
     with engine.begin() as conn:
-        rid = add_rule(conn, action="deny", username="bob@example.com",
-                       message="Suspended.\r\n* OK [ALERT] injected")
+        # the CLI refuses a message with CR/LF; one written with SQL is still
+        # sent as one line
+        rid = add_rule(conn, action="deny", username="bob@example.com")
+        conn.execute(sa.text("UPDATE access_rules SET message = :m WHERE id = :id"),
+                     {"m": "Suspended.\r\n* OK [ALERT] injected", "id": rid})
     d = make_daemon(db_url, protocols="imap,pop3,submission,managesieve")
     d.start()
     try:

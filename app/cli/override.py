@@ -17,7 +17,7 @@ def scope_options(fn):
     fn = click.option("--global", "is_global", is_flag=True,
                       help="For every login (the default when no scope is given).")(fn)
     fn = click.option("--domain", help="For logins of one domain.")(fn)
-    fn = click.option("--user", help="For one user (exact username).")(fn)
+    fn = click.option("--user", help="For one user (matched case-insensitively).")(fn)
     return fn
 
 
@@ -46,13 +46,21 @@ def override() -> None:
 @click.argument("key")
 @click.argument("value")
 @scope_options
+@click.option("--allow-uid-gid", "allow_ids", is_flag=True,
+              help="Allow KEY uid or gid (changes who the session runs as; never 0).")
 @pass_ctx
 @edge
-def override_set(ctx: Context, key: str, value: str, user, domain, is_global) -> None:
-    """Set userdb field KEY to VALUE (e.g. mail, quota_rule, acl_groups)."""
+def override_set(ctx: Context, key: str, value: str, user, domain, is_global,
+                 allow_ids: bool) -> None:
+    """Set userdb field KEY to VALUE (e.g. mail, quota_rule, acl_groups).
+
+    VALUE may use Dovecot's variables, expanded by lastlogin for each login:
+    %u/%{user}, %n/%{username}, %d/%{domain}, %s/%{service}/%{protocol},
+    %r/%{rip}/%{remote_ip}, %l/%{lip}/%{local_ip}, %% for a %.
+    """
     scope, scope_value = scope_of(user, domain, is_global)
     with ctx.begin() as conn:
-        set_override(conn, scope, scope_value, key, value)
+        set_override(conn, scope, scope_value, key, value, allow_ids)
     warning = version_warning(key, ctx.settings.dovecot_version)
     if warning:
         click.echo(f"lastlogin: warning: {key}: Dovecot {ctx.settings.dovecot_version} "
@@ -106,7 +114,10 @@ def alert() -> None:
 @edge
 def alert_add(ctx: Context, message: str, user, domain, is_global, start, until, duration,
               once: bool) -> None:
-    """Add an alert with MESSAGE for every login, a domain's or a user's."""
+    """Add an alert with MESSAGE for every login, a domain's or a user's.
+
+    MESSAGE may use the variables `override set` knows (%u, %n, %d, ...).
+    """
     scope, scope_value = scope_of(user, domain, is_global)
     valid_from, valid_until = window(start, until, duration)
     with ctx.begin() as conn:
