@@ -283,3 +283,137 @@ def test_override_and_alert_cli(db_url):
     gone = lastlogin("override", "unset", "mail", "--user", "alice@example.com", env=env)
     assert gone.returncode == 1
     assert lastlogin("alert", "remove", "999", env=env).returncode == 1
+
+
+# --- guard rails (issue 13) ------------------------------------------------------
+
+@pytest.mark.parametrize("key,value,allow_ids,reason", [
+    ("uid", "5000", False, "uid changes who the session runs as; give --allow-uid-gid to set it"),
+    ("uid", "0", True, "uid 0 (root) is never allowed"),
+    ("gid", "00", True, "gid 0 (root) is never allowed"),
+    ("uid", "root", True, "uid 0 (root) is never allowed"),
+    ("user", "mallory", False, "user must reach Dovecot unchanged; it cannot be overridden"),
+    ("auth_token", "x", False,
+     "auth_token must reach Dovecot unchanged; it cannot be overridden"),
+    ("session", "x", False, "session must reach Dovecot unchanged; it cannot be overridden"),
+    ("mail", "a\x00b", False, "must not contain a NUL byte"),
+    ("mail", "a\tb", False, "must not contain a TAB"),
+    ("mail", "a\rb", False, "must not contain a CR"),
+    ("mail", "a\nb", False, "must not contain a line feed"),
+    ("mail", "maildir:/srv/%h", False, "unknown variable '%h' (write %% for a %)"),
+    ("bad key", "x", False, "must not contain white space: 'bad key'"),
+])
+def test_override_checks(engine, key, value, allow_ids, reason):
+    with engine.begin() as conn:
+        with pytest.raises(InvalidInput) as err:
+            set_override(conn, "user", "alice@example.com", key, value, allow_ids)
+    assert err.value.reason == reason
+    with engine.begin() as conn:
+        set_override(conn, "user", "alice@example.com", "uid", "5000", allow_ids=True)
+        assert [(r["key"], r["value"]) for r in list_overrides(conn)] == [("uid", "5000")]
+
+
+def test_scopes_are_normalised_once_for_every_entrance(engine):
+    with engine.begin() as conn:
+        set_override(conn, "domain", " @Example.COM ", "mail", "maildir:/srv/%d/%n")
+        set_override(conn, "user", " Alice@Example.com ", "quota_rule", "*:storage=1G")
+        set_override(conn, "user", "alice@example.com", "quota_rule", "*:storage=2G")
+        rows = [(r["scope"], r["scope_value"], r["value"]) for r in list_overrides(conn)]
+        assert rows == [("domain", "example.com", "maildir:/srv/%d/%n"),
+                        ("user", "alice@example.com", "*:storage=2G")]
+        # unset and list find the user whatever the case
+        assert len(list_overrides(conn, "user", "ALICE@example.com")) == 1
+        loaded = load_overrides(conn)
+    assert loaded.for_login("ALICE@EXAMPLE.COM ") == {"mail": "maildir:/srv/%d/%n",
+                                                      "quota_rule": "*:storage=2G"}
+    with engine.begin() as conn:
+        unset_override(conn, "user", "Alice@EXAMPLE.com", "quota_rule")
+        assert [r["scope"] for r in list_overrides(conn)] == ["domain"]
+
+
+def test_sql_written_rows_that_fail_the_checks_are_skipped_and_reported(engine):
+    from app.snapshot import load_snapshot, skipped_warnings
+    bad = [("user", "a@x", "uid", "0"), ("user", "a@x", "auth_token", "stolen"),
+           ("global", "", "mail", "maildir:/srv/\n/x"), ("global", "", "note", "%h"),
+           ("global", "", "a=b", "x")]
+    good = [("domain", "@Example.COM", "mail", "maildir:/srv/%d/%n"),
+            ("user", "B@X", "uid", "5001")]
+    if engine.dialect.name == "sqlite":        # PostgreSQL text cannot hold a NUL at all
+        bad.append(("global", "", "quota_rule", "1G\x00uid=0"))
+    ids = {}
+    with engine.begin() as conn:
+        for scope, value, key, val in bad + good:
+            ids[key, val] = conn.execute(sa.text(
+                "INSERT INTO userdb_overrides (scope, scope_value, key, value) "
+                "VALUES (:s, :v, :k, :val) RETURNING id"),
+                {"s": scope, "v": value, "k": key, "val": val}).scalar_one()
+        conn.execute(sa.text("INSERT INTO login_alerts (scope, scope_value, message) "
+                             "VALUES ('global', '', :m)"), {"m": "two\r\nlines"})
+        snap = load_snapshot(conn)
+    assert snap.overrides.for_login("a@x") == {}
+    assert snap.overrides.for_login("b@x") == {"uid": "5001"}
+    assert snap.overrides.for_login("c@example.com") == {"mail": "maildir:/srv/%d/%n"}
+    skipped = {(t, i): r for t, i, r in snap.skipped}
+    expected = {("userdb_overrides", ids["uid", "0"]): "VALUE: uid 0 (root) is never allowed",
+                ("userdb_overrides", ids["auth_token", "stolen"]):
+                    "KEY: auth_token must reach Dovecot unchanged; it cannot be overridden",
+                ("userdb_overrides", ids["mail", "maildir:/srv/\n/x"]):
+                    "VALUE: must not contain a line feed",
+                ("userdb_overrides", ids["note", "%h"]):
+                    "VALUE: unknown variable '%h' (write %% for a %)",
+                ("userdb_overrides", ids["a=b", "x"]): "KEY: must not contain '=': 'a=b'"}
+    if engine.dialect.name == "sqlite":
+        expected["userdb_overrides", ids["quota_rule", "1G\x00uid=0"]] = \
+            "VALUE: must not contain a NUL byte"
+    alert_skips = {k: v for k, v in skipped.items() if k[0] == "login_alerts"}
+    assert list(alert_skips.values()) == ["MESSAGE: must not contain a CR"]
+    assert {k: v for k, v in skipped.items() if k[0] == "userdb_overrides"} == expected
+    assert snap.alerts == ()
+    lines = skipped_warnings(snap.skipped)
+    assert f"userdb_overrides row {ids['uid', '0']} skipped: VALUE: uid 0 (root) is never " \
+           "allowed" in lines
+
+
+@pytest.mark.parametrize("args,line", [
+    (["override", "set", "uid", "0", "--user", "a@x", "--allow-uid-gid"],
+     "lastlogin: invalid VALUE: uid 0 (root) is never allowed"),
+    (["override", "set", "uid", "5000", "--user", "a@x"],
+     "lastlogin: invalid KEY: uid changes who the session runs as; "
+     "give --allow-uid-gid to set it"),
+    (["override", "set", "mail", "maildir:/srv/%h", "--global"],
+     "lastlogin: invalid VALUE: unknown variable '%h' (write %% for a %)"),
+    (["override", "set", "note", "a\tb", "--global"],
+     "lastlogin: invalid VALUE: must not contain a TAB"),
+    (["override", "set", "user", "root", "--global"],
+     "lastlogin: invalid KEY: user must reach Dovecot unchanged; it cannot be overridden"),
+    (["override", "set", "mail", "x", "--domain", " @ "],
+     "lastlogin: invalid --domain: must not be empty"),
+    (["alert", "add", "hello\r\n* OK [ALERT] fake"],
+     "lastlogin: invalid MESSAGE: must not contain a CR"),
+    (["alert", "add", "hello %x"],
+     "lastlogin: invalid MESSAGE: unknown variable '%x' (write %% for a %)"),
+    (["alert", "add", "hello", "--until", "2020-01-01T00:00:00Z"],
+     "lastlogin: invalid --until: the window has already ended (2020-01-01T00:00:00+00:00)"),
+])
+def test_override_cli_refusals_are_one_line(sqlite_url, args, line):
+    out = lastlogin(*args, env={"LASTLOGIN_DATABASE_URL": sqlite_url})
+    assert (out.returncode, out.stderr) == (2, line + "\n")
+
+
+def test_override_cli_uid_with_the_flag_and_domain_with_at(sqlite_url):
+    env = {"LASTLOGIN_DATABASE_URL": sqlite_url}
+    ok = lastlogin("override", "set", "uid", "5000", "--user", "a@x", "--allow-uid-gid", env=env)
+    assert ok.returncode == 0 and ok.stdout == "set uid for user a@x\n"
+    dom = lastlogin("override", "set", "mail", "maildir:/srv/%d/%n", "--domain", "@Example.COM",
+                    env=env)
+    assert dom.stdout == "set mail for domain example.com\n"
+    check = lastlogin("check", " Bob@Example.com", "192.0.2.1", env=env).stdout
+    assert "field:    mail=maildir:/srv/Example.com/Bob" in check.splitlines()
+    bad = lastlogin("check", "eve/x@example.com", "192.0.2.1", env=env)
+    assert bad.returncode == 1
+    assert bad.stdout.splitlines()[-1] == "refused:  temporary failure: mail: %n would put a / " \
+                                          "into a path"
+    for args in (["override", "unset", "uid", "--user", "A@X"],
+                 ["override", "unset", "mail", "--domain", "example.com"]):
+        assert lastlogin(*args, env=env).returncode == 0
+

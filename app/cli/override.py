@@ -7,7 +7,7 @@ import click
 from ..db.overrides import (add_alert, list_alerts, list_overrides, remove_alert,
                             set_override, unset_override)
 from ..errors import InvalidInput
-from ..overrides import version_warning
+from ..overrides import validate_scope, version_warning
 from .common import Context, edge, main_group, pass_ctx
 from .output import format_option, render
 from .rule import window
@@ -29,7 +29,8 @@ def scope_of(user: str | None, domain: str | None, is_global: bool,
     if not given:
         return ("global", None) if required else (None, None)
     scope = given[0]
-    return scope, (user if scope == "user" else domain if scope == "domain" else None)
+    value = user if scope == "user" else domain if scope == "domain" else None
+    return scope, (validate_scope(scope, value)[1] or None)
 
 
 @main_group.group()

@@ -11,7 +11,7 @@ import click
 
 from ..db.rules import add_rule, get_rule, list_rules, remove_rule, set_enabled
 from ..errors import InvalidInput
-from ..names import parse_ip
+from ..names import normalize_user, parse_ip
 from ..policy import login_decision
 from ..protocol import LoginRequest
 from ..service import plan_login
@@ -149,6 +149,9 @@ def check(ctx: Context, username: str, ip: str, protocol: str, local_ip: str | N
     Exit status 0 when it would be allowed, 1 when it would be refused.
     The decision is made by the daemon's own code, on the same rules.
     """
+    username = normalize_user(username)
+    if not username:
+        raise InvalidInput("USERNAME", "must not be empty")
     if parse_ip(ip) is None:
         raise InvalidInput("IP", f"not an IP address: {ip!r}")
     if local_ip and parse_ip(local_ip) is None:
