@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import time
 
 import pytest
@@ -183,3 +184,131 @@ def test_daemon_denies_with_message_and_records_the_rule(db_url):
     assert {(e.outcome, e.rule_id) for e in denied} == {("denied", rid)}
     assert "event=login protocol=imap user=bob@example.com" in d.logs()
     assert "outcome=denied rule=%d" % rid in d.logs()
+
+
+# --- one bad row spoils nothing (issue 13) ------------------------------------------
+
+def insert_bad_rule(conn) -> tuple[int, str]:
+    """A deny rule written with plain SQL that the loader cannot use: (id, reason)."""
+    if conn.dialect.name == "sqlite":
+        # host bits set; PostgreSQL's cidr would refuse it at INSERT
+        rid = conn.execute(sa.text("INSERT INTO access_rules (action, remote_network) "
+                                   "VALUES ('deny', '10.1.2.3/8') RETURNING id")).scalar_one()
+        return rid, ("--network: '10.1.2.3/8' has host bits set: write 10.0.0.0/8 for the "
+                     "network or 10.1.2.3/32 for the one address")
+    rid = conn.execute(sa.text("INSERT INTO access_rules (action, username) "
+                               "VALUES ('deny', '  ') RETURNING id")).scalar_one()
+    return rid, "--user: must not be empty"
+
+
+def status_doc(d) -> dict:
+    with open(os.path.join(d.socket_dir, "status.json")) as fh:
+        return json.load(fh)
+
+
+def test_loader_skips_a_bad_row_and_keeps_the_others(engine):
+    from app.snapshot import load_snapshot
+    with engine.begin() as conn:
+        before = add_rule(conn, action="deny", username="early@example.com")
+        bad, reason = insert_bad_rule(conn)
+        after = add_rule(conn, action="deny", username="late@example.com")
+        # a broken time (SQLite keeps any text) is skipped the same way
+        if conn.dialect.name == "sqlite":
+            late = conn.execute(sa.text("INSERT INTO access_rules (action, username, valid_from) "
+                                        "VALUES ('deny', 'x', 'soon') RETURNING id")).scalar_one()
+        snap = load_snapshot(conn)
+    assert [r.id for r in snap.rules] == [before, after]
+    expected = [("access_rules", bad, reason)]
+    if engine.dialect.name == "sqlite":
+        expected.append(("access_rules", late, "not a time: 'soon'"))
+    assert sorted(snap.skipped) == sorted(expected)
+
+
+def test_bad_row_while_running_and_after_a_restart(db_url):
+    engine = make_engine(db_url)
+    d = make_daemon(db_url, protocols="imap")
+    d.start()
+    try:
+        with engine.begin() as conn:
+            bad, reason = insert_bad_rule(conn)
+        d.wait_config(engine)
+        with engine.begin() as conn:
+            add_rule(conn, action="deny", username="bob@example.com", message="Suspended")
+        started = time.monotonic()
+        assert wait_for(lambda: send_request(d.sock("imap"),
+                                             request_bytes(b"bob@example.com")).refused,
+                        timeout=5, interval=0.05)
+        assert time.monotonic() - started < 1.5
+        assert f"event=config_row_skipped table=access_rules id={bad} " in d.logs()
+        assert wait_for(lambda: status_doc(d)["config_skipped"] == [["access_rules", bad, reason]],
+                        timeout=5)
+    finally:
+        d.stop()
+    d2 = make_daemon(db_url, protocols="imap", rules_unloaded_action="deny")
+    d2.start()
+    try:
+        bob = send_request(d2.sock("imap"), request_bytes(b"bob@example.com"))
+        assert bob.refused and bob.client_saw() == deny_line("imap", "Suspended")
+        ann = send_request(d2.sock("imap"), request_bytes(b"ann@example.com"))
+        assert not ann.refused                        # the rules did load
+        assert wait_for(lambda: status_doc(d2)["config_skipped"] == [["access_rules", bad,
+                                                                      reason]], timeout=5)
+    finally:
+        d2.stop()
+    engine.dispose()
+
+
+@pytest.fixture
+def own_sqlite(tmp_path):
+    from app.db.migrate import upgrade
+    url = f"sqlite:///{tmp_path / 'own.db'}"
+    upgrade(url)
+    return url
+
+
+@pytest.mark.parametrize("rows", [0, 2])
+def test_config_version_without_exactly_one_row_does_not_freeze_reloads(own_sqlite, rows):
+    engine = make_engine(own_sqlite)
+    with engine.begin() as conn:
+        if rows == 0:
+            conn.execute(sa.text("DELETE FROM config_version"))
+        else:
+            # only possible without the table's constraints: rebuild it so
+            conn.execute(sa.text("DROP TABLE config_version"))
+            conn.execute(sa.text("CREATE TABLE config_version (id INTEGER, version BIGINT, "
+                                 "changed_at TEXT)"))
+            conn.execute(sa.text("INSERT INTO config_version VALUES (1, 5, ''), (1, 6, '')"))
+    assert config_version_of(engine.connect()) is None
+    cache = ConfigCache()
+    refresher = Refresher(engine, cache, poll_interval=0.05)
+    assert refresher.refresh() and cache.rules == ()
+    assert cache.skipped == (("config_version", rows, f"has {rows} rows instead of 1: changes "
+                              "are found by reloading everything at every check"),)
+    assert not refresher.refresh()              # nothing changed: no new snapshot
+    with engine.begin() as conn:
+        rid = add_rule(conn, action="deny", username="eve")
+    assert refresher.refresh() and [r.id for r in cache.rules] == [rid]
+    engine.dispose()
+
+
+def test_a_load_error_at_start_is_rules_unloaded_never_a_crash(own_sqlite):
+    engine = make_engine(own_sqlite)
+    with engine.begin() as conn:
+        add_rule(conn, action="deny", username="bob@example.com")
+        conn.execute(sa.text("ALTER TABLE login_alerts RENAME TO login_alerts_away"))
+    d = make_daemon(own_sqlite, protocols="imap,pop3", rules_unloaded_action="deny")
+    d.start()
+    try:
+        for proto, line in (("imap", b"* BYE [UNAVAILABLE] "), ("pop3", b"-ERR [SYS/TEMP] ")):
+            ex = send_request(d.sock(proto), request_bytes(b"ann@example.com"))
+            assert ex.refused
+            assert ex.client_saw() == line + b"Temporary server failure, try again later.\r\n"
+        with engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE login_alerts_away RENAME TO login_alerts"))
+        assert wait_for(lambda: not send_request(d.sock("imap"),
+                                                 request_bytes(b"ann@example.com")).refused,
+                        timeout=10, interval=0.2)
+        assert send_request(d.sock("imap"), request_bytes(b"bob@example.com")).refused
+    finally:
+        d.stop()
+    engine.dispose()
