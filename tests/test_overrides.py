@@ -18,7 +18,7 @@ from app.db.schema import login_alert_deliveries, login_events
 from app.errors import InvalidInput, NotFound
 from app.overrides import (Alert, Overrides, alerts_for, merge_fields, union_list,
                            validate_key, version_warning)
-from app.protocol import alert_line, build_reply, parse_reply
+from app.protocol import alert_line, build_reply, parse_reply, tempfail_line
 from app.sysgroups import system_groups
 from tests.builders import request_bytes
 from tests.harness.daemon import make_daemon, wait_for
@@ -417,3 +417,47 @@ def test_override_cli_uid_with_the_flag_and_domain_with_at(sqlite_url):
                  ["override", "unset", "mail", "--domain", "example.com"]):
         assert lastlogin(*args, env=env).returncode == 0
 
+
+
+@pytest.mark.parametrize("answer,problem", [
+    (b"\n", "empty reply line"),
+    (b"alice@example.com\tuid=5000\nsecond\tline\n", "reply has 2 lines, not one"),
+    (b"\tuid=5000\n", "reply has no username"),
+])
+def test_an_unusable_next_hop_reply_is_a_temporary_failure(db_url, daemon_with, tmp_path,
+                                                           answer, problem):
+    hop_path = str(tmp_path / "hop.sock")
+    hop = NextHop(hop_path, answer)
+    hop.start()
+    d = daemon_with(next_socket_imap=hop_path)
+    ex = send_request(d.sock("imap"), request_bytes())
+    assert ex.refused and ex.reply == b""
+    assert ex.client_saw() == tempfail_line("imap")
+    assert f'reason="next hop {hop_path}: {problem}"' in d.logs()
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        assert [r.outcome for r in conn.execute(sa.select(login_events))] == ["denied"]
+    engine.dispose()
+    hop.sock.close()
+
+
+def test_two_users_of_a_domain_get_two_mailboxes_and_an_unsafe_name_none(db_url, daemon_with):
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        set_override(conn, "domain", "example.com", "mail", "maildir:/srv/mail/%d/%n")
+    engine.dispose()
+    d = daemon_with()
+    mails = []
+    for user in (b"alice@example.com", b"bob@example.com"):
+        _, fields = parse_reply(send_request(d.sock("imap"), request_bytes(user)).reply)
+        mails += [f for f in fields if f.startswith(b"mail=")]
+    assert mails == [b"mail=maildir:/srv/mail/example.com/alice",
+                     b"mail=maildir:/srv/mail/example.com/bob"]
+    for proto, user in (("imap", b"../bob@example.com"), ("pop3", b".@example.com")):
+        ex = send_request(d.sock(proto), request_bytes(user))
+        assert ex.refused and ex.client_saw() == tempfail_line(proto)
+    logs = d.logs()
+    (line,) = [ln for ln in logs.splitlines() if "user=../bob@example.com " in ln]
+    assert "event=login protocol=imap " in line and " outcome=denied rule=- " in line
+    assert 'reason="override: mail: %n would put a / into a path"' in logs
+    assert 'reason="override: mail: %n would start a path element with a ."' in logs
