@@ -87,6 +87,17 @@ def control_char(text: str) -> str | None:
     return names.get(ch, f"a control character (0x{ord(ch):02x})")
 
 
+def printable(value):
+    """A value for a terminal table: control characters shown as escapes.
+
+    Rows written with SQL may hold them; printed raw, a CR or an escape
+    sequence would rewrite what the operator sees.
+    """
+    if not isinstance(value, str) or _CONTROL.search(value) is None:
+        return value
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), value)
+
+
 def check_text(field: str, text: str | None) -> str | None:
     """A message or comment: refused if it holds a control character."""
     if text is None:

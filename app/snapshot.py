@@ -66,6 +66,20 @@ def load_snapshot(conn: sa.Connection) -> Snapshot:
                     delivered=load_deliveries(conn), skipped=tuple(skipped))
 
 
+def status_checks(doc: dict) -> list[tuple[int, str, str]]:
+    """What `lastlogin status` adds from the daemon's status file (status.json).
+
+    (level, check, detail) with status's levels: 1 warning. A row left out
+    and a load that fails are warnings until fixed (the exit status says so).
+    """
+    out = [(1, "config", line) for line in skipped_warnings(
+        tuple(doc.get("config_skipped") or ()))]
+    if doc.get("config_load_error"):
+        out.append((1, "config", f"cannot load rules, overrides and alerts: "
+                                 f"{doc['config_load_error']}"))
+    return out
+
+
 def skipped_warnings(skipped) -> list[str]:
     """One line per row left out, for `lastlogin status` (names table, id, reason)."""
     return [f"{table} row {row_id} skipped: {reason}" if table != "config_version"
@@ -127,7 +141,7 @@ class Refresher(Worker):
         except Exception as exc:  # noqa: BLE001 - a bad table must not stop the daemon
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             if reason != self.cache.load_error:
-                log.error("event=config_load_failed error=%s", reason.replace(" ", "_")[:200])
+                log.error("event=config_load_failed error=%s", show(reason[:200]))
             self.cache.load_error = reason
             return False
 

@@ -15,7 +15,7 @@ from app.db.rules import add_rule, config_version_of, list_rules
 from app.db.schema import access_rules, login_events
 from app.errors import InvalidInput
 from app.protocol import deny_line
-from app.snapshot import ConfigCache, Refresher
+from app.snapshot import ConfigCache, Refresher, status_checks
 from tests.builders import request_bytes
 from tests.harness.daemon import make_daemon, wait_for
 from tests.harness.postlogin import send_request
@@ -242,6 +242,8 @@ def test_bad_row_while_running_and_after_a_restart(db_url):
         assert f"event=config_row_skipped table=access_rules id={bad} " in d.logs()
         assert wait_for(lambda: status_doc(d)["config_skipped"] == [["access_rules", bad, reason]],
                         timeout=5)
+        assert status_checks(status_doc(d)) == [
+            (1, "config", f"access_rules row {bad} skipped: {reason}")]
     finally:
         d.stop()
     d2 = make_daemon(db_url, protocols="imap", rules_unloaded_action="deny")
@@ -312,3 +314,40 @@ def test_a_load_error_at_start_is_rules_unloaded_never_a_crash(own_sqlite):
     finally:
         d.stop()
     engine.dispose()
+
+
+def test_rule_cli_guard_rails_and_safe_listing(sqlite_url):
+    env = {"LASTLOGIN_DATABASE_URL": sqlite_url}
+    for args, line in [
+        (["rule", "add", "deny"], "lastlogin: invalid rule: it has no --user, --domain, "
+         "--network, --local-network or --protocol and would match every login; give "
+         "--everyone if that is meant"),
+        (["rule", "add", "deny", "--user", "x", "--until", "2020-01-01T00:00:00Z"],
+         "lastlogin: invalid --until: the window has already ended (2020-01-01T00:00:00+00:00)"),
+        (["rule", "add", "deny", "--user", "x", "--message", "a\r\n* OK [ALERT] b"],
+         "lastlogin: invalid --message: must not contain a CR"),
+        (["rule", "add", "deny", "--user", "x", "--comment", "a\x1b[2Jb"],
+         "lastlogin: invalid --comment: must not contain a control character (0x1b)"),
+        (["rule", "add", "deny", "--network", "10.1.2.3/8"],
+         "lastlogin: invalid --network: '10.1.2.3/8' has host bits set: write 10.0.0.0/8 "
+         "for the network or 10.1.2.3/32 for the one address"),
+        (["rule", "add", "deny", "--everyone", "--user", "x"],
+         "lastlogin: invalid --everyone: cannot be combined with match options"),
+    ]:
+        out = lastlogin(*args, env=env)
+        assert (out.returncode, out.stderr) == (2, line + "\n"), args
+    out = lastlogin("rule", "add", "deny", "--everyone", "--priority", "900", env=env)
+    assert out.returncode == 0
+    rid = int(out.stdout.split()[-1])
+    engine = make_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE access_rules SET message = :m WHERE id = :id"),
+                     {"m": "two\r\nlines", "id": rid})
+    engine.dispose()
+    try:
+        listed = lastlogin("rule", "list", env=env).stdout.splitlines()
+        assert len(listed) == 2 and listed[1].endswith("two\\r\\nlines")
+        as_json = json.loads(lastlogin("rule", "list", "--format", "json", env=env).stdout)
+        assert as_json[0]["message"] == "two\r\nlines"
+    finally:        # the session's SQLite database is shared with other tests
+        assert lastlogin("rule", "remove", str(rid), env=env).returncode == 0

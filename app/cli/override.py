@@ -10,7 +10,7 @@ from ..errors import InvalidInput
 from ..overrides import validate_scope, version_warning
 from .common import Context, edge, main_group, pass_ctx
 from .output import format_option, render
-from .rule import window
+from .rule import table_safe, window
 
 
 def scope_options(fn):
@@ -92,7 +92,7 @@ def override_list(ctx: Context, user, domain, is_global, fmt: str) -> None:
     scope, scope_value = scope_of(user, domain, is_global, required=False)
     with ctx.begin() as conn:
         rows = [dict(r) for r in list_overrides(conn, scope, scope_value)]
-    render(rows, ("scope", "scope_value", "key", "value"), fmt)
+    render(table_safe(rows, fmt), ("scope", "scope_value", "key", "value"), fmt)
 
 
 @main_group.group()
@@ -134,7 +134,7 @@ def alert_list(ctx: Context, fmt: str) -> None:
     """List the alerts with their scope, window and show-once flag."""
     with ctx.begin() as conn:
         rows = [dict(r) for r in list_alerts(conn)]
-    render(rows, ("id", "scope", "scope_value", "show_once", "valid_from", "valid_until",
+    render(table_safe(rows, fmt), ("id", "scope", "scope_value", "show_once", "valid_from", "valid_until",
                   "message"), fmt)
 
 

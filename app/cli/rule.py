@@ -11,7 +11,7 @@ import click
 
 from ..db.rules import add_rule, get_rule, list_rules, remove_rule, set_enabled
 from ..errors import InvalidInput
-from ..names import normalize_user, parse_ip
+from ..names import normalize_user, parse_ip, printable
 from ..policy import login_decision
 from ..protocol import LoginRequest
 from ..service import plan_login
@@ -25,6 +25,13 @@ from .output import cell, format_option, render
 LIST_COLUMNS = ("id", "action", "priority", "enabled", "username", "domain",
                 "remote_network", "local_network", "protocol", "valid_from",
                 "valid_until", "message")
+
+
+def table_safe(rows: list[dict], fmt: str) -> list[dict]:
+    """For a terminal table, control characters escaped (csv and json quote them)."""
+    if fmt != "table":
+        return rows
+    return [{k: printable(v) for k, v in r.items()} for r in rows]
 
 
 def operator() -> str:
@@ -95,7 +102,7 @@ def rule_list(ctx: Context, fmt: str) -> None:
     """List every rule in the order they are checked."""
     with ctx.begin() as conn:
         rows = [dict(r) for r in list_rules(conn)]
-    render(rows, LIST_COLUMNS, fmt)
+    render(table_safe(rows, fmt), LIST_COLUMNS, fmt)
 
 
 @rule.command("show")
@@ -107,6 +114,7 @@ def rule_show(ctx: Context, rule_id: int, fmt: str) -> None:
     """Show one rule with all its fields."""
     with ctx.begin() as conn:
         row = dict(get_rule(conn, rule_id))
+    (row,) = table_safe([row], fmt)
     if fmt == "table":
         for key, value in row.items():
             click.echo(f"{key:15} {cell(value, fmt)}".rstrip())
