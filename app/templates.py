@@ -217,7 +217,10 @@ def expand(text: str, v: LoginVars, key: str | None = None) -> str:
         value = _apply(v.value(p.name), p.filters)
         where = f"{key}: {p.source}" if key else p.source
         if "\x00" in value:
-            raise ExpansionRefused(f"{where} would put a NUL byte in the value")
+            if key is None:         # an alert: shown as one line of text anyway
+                value = value.replace("\x00", " ")
+            else:
+                raise ExpansionRefused(f"{where} would put a NUL byte in the value")
         if path:
             if not v.exact and p.name in ("user", "username", "domain"):
                 raise ExpansionRefused(f"{where}: the username is not UTF-8 text")

@@ -354,23 +354,23 @@ def test_sql_written_rows_that_fail_the_checks_are_skipped_and_reported(engine):
     assert snap.overrides.for_login("b@x") == {"uid": "5001"}
     assert snap.overrides.for_login("c@example.com") == {"mail": "maildir:/srv/%d/%n"}
     skipped = {(t, i): r for t, i, r in snap.skipped}
-    expected = {("userdb_overrides", ids["uid", "0"]): "VALUE: uid 0 (root) is never allowed",
+    expected = {("userdb_overrides", ids["uid", "0"]): "value: uid 0 (root) is never allowed",
                 ("userdb_overrides", ids["auth_token", "stolen"]):
-                    "KEY: auth_token must reach Dovecot unchanged; it cannot be overridden",
+                    "key: auth_token must reach Dovecot unchanged; it cannot be overridden",
                 ("userdb_overrides", ids["mail", "maildir:/srv/\n/x"]):
-                    "VALUE: must not contain a line feed",
+                    "value: must not contain a line feed",
                 ("userdb_overrides", ids["note", "%h"]):
-                    "VALUE: unknown variable '%h' (write %% for a %)",
-                ("userdb_overrides", ids["a=b", "x"]): "KEY: must not contain '=': 'a=b'"}
+                    "value: unknown variable '%h' (write %% for a %)",
+                ("userdb_overrides", ids["a=b", "x"]): "key: must not contain '=': 'a=b'"}
     if engine.dialect.name == "sqlite":
         expected["userdb_overrides", ids["quota_rule", "1G\x00uid=0"]] = \
-            "VALUE: must not contain a NUL byte"
+            "value: must not contain a NUL byte"
     alert_skips = {k: v for k, v in skipped.items() if k[0] == "login_alerts"}
-    assert list(alert_skips.values()) == ["MESSAGE: must not contain a CR"]
+    assert list(alert_skips.values()) == ["message: must not contain a CR"]
     assert {k: v for k, v in skipped.items() if k[0] == "userdb_overrides"} == expected
     assert snap.alerts == ()
     lines = skipped_warnings(snap.skipped)
-    assert f"userdb_overrides row {ids['uid', '0']} skipped: VALUE: uid 0 (root) is never " \
+    assert f"userdb_overrides row {ids['uid', '0']} skipped: value: uid 0 (root) is never " \
            "allowed" in lines
 
 

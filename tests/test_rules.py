@@ -194,11 +194,11 @@ def insert_bad_rule(conn) -> tuple[int, str]:
         # host bits set; PostgreSQL's cidr would refuse it at INSERT
         rid = conn.execute(sa.text("INSERT INTO access_rules (action, remote_network) "
                                    "VALUES ('deny', '10.1.2.3/8') RETURNING id")).scalar_one()
-        return rid, ("--network: '10.1.2.3/8' has host bits set: write 10.0.0.0/8 for the "
-                     "network or 10.1.2.3/32 for the one address")
+        return rid, ("remote_network: '10.1.2.3/8' has host bits set: write 10.0.0.0/8 for "
+                     "the network or 10.1.2.3/32 for the one address")
     rid = conn.execute(sa.text("INSERT INTO access_rules (action, username) "
                                "VALUES ('deny', '  ') RETURNING id")).scalar_one()
-    return rid, "--user: must not be empty"
+    return rid, "username: must not be empty"
 
 
 def status_doc(d) -> dict:
@@ -246,6 +246,10 @@ def test_bad_row_while_running_and_after_a_restart(db_url):
             (1, "config", f"access_rules row {bad} skipped: {reason}")]
     finally:
         d.stop()
+    checked = lastlogin("check", "bob@example.com", "192.0.2.1",
+                        env={"LASTLOGIN_DATABASE_URL": db_url})
+    assert checked.returncode == 1
+    assert checked.stderr == f"lastlogin: warning: access_rules row {bad} skipped: {reason}\n"
     d2 = make_daemon(db_url, protocols="imap", rules_unloaded_action="deny")
     d2.start()
     try:

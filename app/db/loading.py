@@ -13,6 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from ..errors import InvalidInput
 from .types import UTCDateTime
 
 Skipped = list[tuple[str, int, str]]        # (table, row id, reason)
@@ -20,9 +21,27 @@ Skipped = list[tuple[str, int, str]]        # (table, row id, reason)
 _TIME = UTCDateTime()
 
 
-def skip(skipped: Skipped, table: str, row_id: int, reason: str) -> None:
+# The checks name the CLI's options; a row's problem is named by its column.
+COLUMN_OF = {"ACTION": "action", "--network": "remote_network",
+             "--local-network": "local_network", "--user": "username", "--domain": "domain",
+             "--protocol": "protocol", "--until": "valid_until", "--priority": "priority",
+             "KEY": "key", "VALUE": "value", "MESSAGE": "message", "scope": "scope"}
+
+
+def why(exc: Exception, table: str) -> str:
+    """The reason a row is skipped, naming the column."""
+    if isinstance(exc, InvalidInput):
+        column = COLUMN_OF.get(exc.field, exc.field)
+        if table != "access_rules" and exc.field in ("--user", "--domain"):
+            column = "scope_value"
+        return f"{column}: {exc.reason}"
+    return str(exc)
+
+
+def skip(skipped: Skipped, table: str, row_id: int, reason: str | Exception) -> None:
     """Note a row the loader cannot use (the refresher logs each one once)."""
-    skipped.append((table, row_id, reason))
+    skipped.append((table, row_id,
+                    why(reason, table) if isinstance(reason, Exception) else reason))
 
 
 def raw_columns(table: sa.Table, names: tuple[str, ...]) -> list[Any]:

@@ -80,7 +80,7 @@ def load_overrides(conn: sa.Connection, skipped: Skipped | None = None) -> Overr
             # guard rail); a 0 or a bad key or value is not.
             validate_override(row["key"], row["value"], allow_ids=True)
         except InvalidInput as exc:
-            skip(skipped, "userdb_overrides", row["id"], str(exc))
+            skip(skipped, "userdb_overrides", row["id"], exc)
             continue
         if scope == "global":
             bucket = out.global_
@@ -144,7 +144,7 @@ def load_alerts(conn: sa.Connection, skipped: Skipped | None = None) -> tuple[Al
             scope, value = validate_scope(r["scope"], r["scope_value"])
             validate_alert(r["message"], valid_from, valid_until)
         except (InvalidInput, ValueError, TypeError) as exc:
-            skip(skipped, "login_alerts", r["id"], str(exc))
+            skip(skipped, "login_alerts", r["id"], exc)
             continue
         out.append(Alert(id=r["id"], scope=scope, scope_value=value, message=r["message"],
                          valid_from=valid_from, valid_until=valid_until,

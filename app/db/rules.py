@@ -170,7 +170,7 @@ def load_rules(conn: sa.Connection, skipped: Skipped | None = None) -> tuple[Rul
         try:
             rules.append(rule_of(row, conn.dialect))
         except (InvalidInput, ValueError, TypeError) as exc:
-            skip(skipped, "access_rules", row["id"], str(exc))
+            skip(skipped, "access_rules", row["id"], exc)
     return order(rules)
 
 
