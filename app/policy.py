@@ -9,6 +9,7 @@ the functions of ``names`` only.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -74,12 +75,13 @@ class LoginFacts:
     local_ip: IPAddr | None
     now: dt.datetime
 
-    @property
+    # computed once per login, not once per rule
+    @functools.cached_property
     def user(self) -> str:
         """The username as rules compare it."""
         return user_key(self.username)
 
-    @property
+    @functools.cached_property
     def domain(self) -> str | None:
         return domain_of(self.username)
 

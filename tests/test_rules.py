@@ -297,12 +297,26 @@ def test_config_version_without_exactly_one_row_does_not_freeze_reloads(own_sqli
     engine.dispose()
 
 
-def test_a_load_error_at_start_is_rules_unloaded_never_a_crash(own_sqlite):
-    engine = make_engine(own_sqlite)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def own_db(request, tmp_path):
+    """A database of the test's own (its tables may be renamed)."""
+    from app.db.migrate import upgrade
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'own.db'}"
+    else:
+        url = request.getfixturevalue("pg_cluster").create_database()
+    upgrade(url)
+    return url
+
+
+def test_a_load_error_at_start_is_rules_unloaded_never_a_crash(own_db):
+    # SQLite says OperationalError (handled as "database away"), PostgreSQL
+    # ProgrammingError (a load error): the daemon starts either way
+    engine = make_engine(own_db)
     with engine.begin() as conn:
         add_rule(conn, action="deny", username="bob@example.com")
         conn.execute(sa.text("ALTER TABLE login_alerts RENAME TO login_alerts_away"))
-    d = make_daemon(own_sqlite, protocols="imap,pop3", rules_unloaded_action="deny")
+    d = make_daemon(own_db, protocols="imap,pop3", rules_unloaded_action="deny")
     d.start()
     try:
         for proto, line in (("imap", b"* BYE [UNAVAILABLE] "), ("pop3", b"-ERR [SYS/TEMP] ")):
