@@ -20,8 +20,9 @@ Anything else is an unknown variable: refused when the value is set
 
 A value for a path-like key (``mail``, ``home``, ``mail_path``, any
 ``*_path``/``*_dir``/``*_location``...) must not get a ``/``, a leading ``.``
-or a control character from a variable: that would let one user's login
-reach another directory. Such a login is refused (``ExpansionRefused``),
+or a control character from a variable, nor a ``:`` from the username
+(2.3's ``maildir:PATH:INDEX=...`` parameters): that would let one user's
+login reach another directory. Such a login is refused (``ExpansionRefused``),
 never given an escaped or shared path.
 """
 
@@ -226,6 +227,9 @@ def expand(text: str, v: LoginVars, key: str | None = None) -> str:
                 raise ExpansionRefused(f"{where}: the username is not UTF-8 text")
             if "/" in value:
                 raise ExpansionRefused(f"{where} would put a / into a path")
+            if ":" in value and p.name in ("user", "username", "domain"):
+                # 2.3's mail location takes :INDEX=, :CONTROL=, ... parameters
+                raise ExpansionRefused(f"{where} would put a : into a mail location")
             if value.startswith("."):
                 raise ExpansionRefused(f"{where} would start a path element with a .")
             bad = control_char(value)

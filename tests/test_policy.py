@@ -6,6 +6,7 @@ import ipaddress
 import pytest
 
 from app.names import parse_network
+from app.protocol import tempfail_line
 from app.policy import ALLOW, DENY, LoginFacts, Rule, decide, login_decision, order, parse_ip
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.timezone.utc)
@@ -115,3 +116,16 @@ def test_login_decision_takes_bytes_and_text_alike():
     a = login_decision(rules, "imap", "x", b"::ffff:198.51.100.7", b"192.0.2.25", NOW)
     b = login_decision(rules, "imap", "x", "198.51.100.7", None, NOW)
     assert (a.action, a.rule.id) == (b.action, b.rule.id) == (DENY, 1)
+
+
+@pytest.mark.parametrize("protocol,line", [
+    ("imap", b"* BYE [UNAVAILABLE] Temporary server failure, try again later.\r\n"),
+    ("pop3", b"-ERR [SYS/TEMP] Temporary server failure, try again later.\r\n"),
+    ("submission", b"421 4.3.0 Temporary server failure, try again later.\r\n"),
+    ("managesieve", b'BYE (TRYLATER) "Temporary server failure, try again later."\r\n'),
+])
+def test_temporary_failure_lines(protocol, line):
+    assert tempfail_line(protocol) == line
+    # one line whatever the text: no injection into the session
+    said = tempfail_line(protocol, 'spool full\r\n* OK "x"')
+    assert said.count(b"\r\n") == 1 and said.endswith(b"\r\n")

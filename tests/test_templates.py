@@ -62,6 +62,7 @@ def test_unknown_variables_are_refused(template, error):
     (b"x@..", "mail: %d would start a path element with a ."),
     (b"x@a/b", "mail: %d would put a / into a path"),
     (b"caf\xe9@example.com", "mail: %d: the username is not UTF-8 text"),
+    (b"x:INDEX=MEMORY@example.com", "mail: %n would put a : into a mail location"),
 ])
 def test_unsafe_path_expansions_refuse_the_login(user, reason):
     v = LoginVars.of(user, "imap")
