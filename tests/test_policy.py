@@ -6,8 +6,8 @@ import ipaddress
 import pytest
 
 from app.names import parse_network
-from app.protocol import tempfail_line
 from app.policy import ALLOW, DENY, LoginFacts, Rule, decide, login_decision, order, parse_ip
+from app.protocol import tempfail_line
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.timezone.utc)
 HOUR = dt.timedelta(hours=1)
