@@ -461,3 +461,17 @@ def test_two_users_of_a_domain_get_two_mailboxes_and_an_unsafe_name_none(db_url,
     assert "event=login protocol=imap " in line and " outcome=denied rule=- " in line
     assert 'reason="override: mail: %n would put a / into a path"' in logs
     assert 'reason="override: mail: %n would start a path element with a ."' in logs
+
+
+def test_two_sql_rows_for_one_user_in_different_case_keep_the_first(engine):
+    from app.snapshot import load_snapshot
+    with engine.begin() as conn:
+        first, second = (conn.execute(sa.text(
+            "INSERT INTO userdb_overrides (scope, scope_value, key, value) "
+            "VALUES ('user', :u, 'mail', :v) RETURNING id"), {"u": u, "v": v}).scalar_one()
+            for u, v in (("bob@x", "maildir:/srv/first"), ("Bob@X", "maildir:/srv/second")))
+        snap = load_snapshot(conn)
+    assert snap.overrides.for_login("BOB@x") == {"mail": "maildir:/srv/first"}
+    assert snap.skipped == (("userdb_overrides", second, "mail is set twice for user Bob@X "
+                             "(usernames match case-insensitively)"),)
+    assert first < second

@@ -73,7 +73,9 @@ def load_overrides(conn: sa.Connection, skipped: Skipped | None = None) -> Overr
     """Every usable override; a row that fails the checks is skipped and reported."""
     skipped = [] if skipped is None else skipped
     out = Overrides()
-    for row in list_overrides(conn):
+    # oldest first: of two rows for one user spelled differently, the first
+    # written applies and the later one is reported (same on every backend)
+    for row in sorted(list_overrides(conn), key=lambda r: r["id"]):
         try:
             scope, value = validate_scope(row["scope"], row["scope_value"])
             # uid/gid rows written with SQL are taken (the flag is the CLI's
