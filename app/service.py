@@ -20,17 +20,16 @@ from .db.store import LoginRecord, normalize_ip, text_form
 from .metrics import Metrics
 from .nexthop import forward
 from .overrides import alerts_for, merge_fields, union_list
-from .policy import ALLOW, Decision, LoginFacts, decide, domain_of
+from .policy import ALLOW, Decision, LoginFacts, decide, domain_of, login_decision
 from .protocol import (DEFAULT_DENY_TEXT, LoginRequest, alert_line, build_reply,
-                       deny_line, field_value, tempfail_line)
+                       deny_line, field_value, tempfail_line, TEMPFAIL_TEXT)
 from .recorder import Recorder, RecordError
 from .snapshot import ConfigCache, Snapshot
 from .sysgroups import GroupCache
+from .templates import ExpansionRefused, LoginVars, expand, expand_fields
 
 __all__ = ["Answer", "Extras", "LoginService", "Policy", "RecordError"]
 
-# What a client sees when its login cannot be recorded (nor spooled).
-UNRECORDABLE_TEXT = "Login temporarily unavailable, please try again later."
 
 class ClientChannel(Protocol):
     """The client's connection, as far as the service may touch it."""
@@ -103,6 +102,12 @@ class Policy:
     def decide(self, facts: LoginFacts) -> Decision:
         return decide(self.cache.rules, facts, self.default_action, self.unloaded_action)
 
+    def decide_login(self, protocol: str, username: str, remote_ip: bytes | str | None,
+                     local_ip: bytes | str | None, now: dt.datetime) -> Decision:
+        """The one decision function, also what `lastlogin check` calls."""
+        return login_decision(self.cache.rules, protocol, username, remote_ip, local_ip, now,
+                              self.default_action, self.unloaded_action)
+
 
 @dataclass
 class Extras:
@@ -132,9 +137,15 @@ class Plan:
 
 async def plan_login(snap: Snapshot | None, groups: GroupCache | None, protocol: str,
                      req: LoginRequest, user: str, now: dt.datetime) -> Plan:
-    """Fields and alerts for an allowed login (also what `lastlogin check` shows)."""
+    """Fields and alerts for an allowed login (also what `lastlogin check` shows).
+
+    Override values and alert texts are expanded for this login; an unsafe
+    expansion raises ExpansionRefused (the login must be refused).
+    """
     domain = domain_of(user)
     wanted = snap.overrides.for_login(user, domain) if snap else {}
+    tvars = LoginVars.of(req.username, protocol, req.remote_ip, req.local_ip)
+    wanted = expand_fields(wanted, tvars)
     if groups is not None:
         extra = await groups.groups(user)
         if extra:
@@ -149,7 +160,7 @@ async def plan_login(snap: Snapshot | None, groups: GroupCache | None, protocol:
         # IMAP only: elsewhere an unsolicited line would break the session.
         alerts = alerts_for(snap.alerts, snap.delivered, user, domain, now)
     shown = [a.id for a in alerts if a.show_once]
-    return Plan(fields, shown, b"".join(alert_line(a.message) for a in alerts))
+    return Plan(fields, shown, b"".join(alert_line(expand(a.message, tvars)) for a in alerts))
 
 
 class LoginService:
@@ -180,6 +191,9 @@ class LoginService:
             # while the spool cannot take records: refused, or allowed unrecorded
             "refusing": full if full and rec.spool_full_action == "refuse" else None,
             "unrecorded": full if full and rec.spool_full_action != "refuse" else None,
+            # rows the loader left out: [table, id, reason] (`status` warns)
+            "config_skipped": [list(x) for x in self.policy.cache.skipped],
+            "config_load_error": self.policy.cache.load_error,
         }
 
     async def login(self, protocol: str, req: LoginRequest, client: ClientChannel) -> Answer:
@@ -189,7 +203,7 @@ class LoginService:
             return await self._login(protocol, req, client)
         except RecordError:
             with contextlib.suppress(OSError, TimeoutError):
-                await client.write(tempfail_line(protocol, UNRECORDABLE_TEXT))
+                await client.write(tempfail_line(protocol))
             raise
 
     async def _login(self, protocol: str, req: LoginRequest,
@@ -197,16 +211,19 @@ class LoginService:
         started = time.perf_counter()
         now = self.clock()
         user = text_form(req.username)[0]
-        facts = LoginFacts.of(protocol, user, normalize_ip(req.remote_ip),
-                              normalize_ip(req.local_ip), now)
         applied = self.policy.cache.rules is not None
-        decision = self.policy.decide(facts)
+        decision = self.policy.decide_login(protocol, user, req.remote_ip, req.local_ip, now)
         rule_id = decision.rule.id if decision.rule else None
         if not decision.allowed:
             if self.metrics:
                 self.metrics.decision_seconds.observe(time.perf_counter() - started)
             return await self._refuse(protocol, req, now, rule_id, decision, client, applied)
-        plan = await self.plan(protocol, req, user, now)
+        try:
+            plan = await self.plan(protocol, req, user, now)
+        except ExpansionRefused as exc:
+            return await self._refuse(protocol, req, now, None,
+                                      Decision("deny", None, f"override: {exc}", temporary=True),
+                                      client, applied)
         if self.metrics:
             self.metrics.decision_seconds.observe(time.perf_counter() - started)
         if plan.alert_bytes:
@@ -220,6 +237,8 @@ class LoginService:
             if got.line is None:
                 record = make_record(protocol, req, "denied", now, None)
                 await self._commit(record)
+                if got.tempfail:
+                    await client.write(tempfail_line(protocol))
                 return Answer(record, None, reason=got.reason)
             reply, reply_fd = got.line, got.fd
         record = make_record(protocol, req, "allowed", now, rule_id, tuple(plan.alerts),
@@ -245,11 +264,16 @@ class LoginService:
     async def _refuse(self, protocol: str, req: LoginRequest, now: dt.datetime,
                       rule_id: int | None, decision: Decision,
                       client: ClientChannel, applied: bool) -> Answer:
-        message = decision.message or DEFAULT_DENY_TEXT
+        # What the client is told, and what the history keeps of it.
+        if decision.temporary:
+            message, line = TEMPFAIL_TEXT, tempfail_line(protocol)
+        else:
+            message = decision.message or DEFAULT_DENY_TEXT
+            line = deny_line(protocol, message)
         record = make_record(protocol, req, "denied", now, rule_id, message=message,
                              policy_applied=applied)
         await self._commit(record)
-        await client.write(deny_line(protocol, message))
+        await client.write(line)
         return Answer(record, None, reason=decision.reason)
 
     async def _commit(self, record: LoginRecord) -> str:

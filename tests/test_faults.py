@@ -24,6 +24,7 @@ from sqlalchemy.engine import make_url
 from app.db import make_engine
 from app.db.migrate import upgrade
 from app.db.schema import last_logins, login_events
+from app.protocol import TEMPFAIL_TEXT, tempfail_line
 from app.spool import Quarantine, Spool
 from tests.builders import HOSTILE_USERNAMES, request_bytes
 from tests.conftest import empty_tables
@@ -228,10 +229,8 @@ def test_a_full_spool_disk_during_an_outage(own_pg, tiny_tmpfs, tmp_path, action
                 saw.append(ex.client_saw())
         assert acked and refused if action == "refuse" else not refused
         if action == "refuse":
-            assert set(saw) <= {b"* BYE [UNAVAILABLE] Login temporarily unavailable, please "
-                                b"try again later.\r\n",
-                                b"-ERR [SYS/TEMP] Login temporarily unavailable, please try "
-                                b"again later.\r\n"}
+            assert set(saw) <= {tempfail_line("imap"), tempfail_line("pop3")}
+            assert tempfail_line("pop3") == b"-ERR [SYS/TEMP] " + TEMPFAIL_TEXT.encode() + b"\r\n"
             assert wait_for(lambda: "logins are being refused" in json.dumps(status(d)[1]),
                             timeout=10)
             assert status(d)[0] == 2
@@ -280,3 +279,32 @@ def test_graceful_restart_during_an_outage_loses_nothing(own_pg, tmp_path):
             os.kill(successor, signal.SIGTERM)
             wait_for(lambda: not os.path.exists(f"/proc/{successor}"), timeout=30)
         d.stop()
+
+
+# --- rules that cannot be loaded ---------------------------------------------------------
+
+@pytest.mark.parametrize("action", ["allow", "deny"])
+def test_logins_decided_without_rules_say_so_in_the_history(own_pg, tmp_path, action):
+    """The daemon's role may write logins but not read the rules: every login is
+    decided by rules_unloaded_action, and history records that policy was not applied."""
+    server, admin, url = own_pg
+    engine = make_engine(admin)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"REVOKE SELECT ON access_rules FROM {ROLE}")
+    engine.dispose()
+    d = make_daemon(url, protocols="imap", data_dir=str(tmp_path),
+                    rules_unloaded_action=action)
+    d.start()
+    try:
+        ex = login(d, "blind@example.com")
+        assert ex.refused == (action == "deny")
+        if action == "deny":
+            assert ex.client_saw() == tempfail_line("imap")
+    finally:
+        d.stop()
+    engine = make_engine(admin)
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(login_events)).one()
+    engine.dispose()
+    assert (row.username, row.outcome, row.policy_applied) == (
+        "blind@example.com", "allowed" if action == "allow" else "denied", False)

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 
 from ..db import make_engine
 from ..db.migrate import SchemaNotCurrent, ensure_at_head
+from ..snapshot import status_checks
 from ..spool import Quarantine, Spool
 from .common import Context, edge, main_group, pass_ctx
 
@@ -60,6 +61,7 @@ def checks(settings) -> list[tuple[int, str, str]]:
         else:
             out.append((OK, "rules", f"{daemon['rules']} rules, version "
                                      f"{daemon['config_version']}, confirmed {age:.0f} s ago"))
+        out += status_checks(daemon)     # rows the loader left out, load errors
     engine = make_engine(settings.effective_database_url, connect_timeout=3)
     try:
         ensure_at_head(engine)
