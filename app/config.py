@@ -18,8 +18,9 @@ from typing import Any, Callable, Mapping
 DEFAULT_CONFIG_PATH = Path("/etc/lastlogin/lastlogin.toml")
 ENV_PREFIX = "LASTLOGIN_"
 PROTOCOLS = ("imap", "pop3", "submission", "managesieve")
-# Variables the daemon sets for itself (graceful restart), not settings.
-INTERNAL_ENV = frozenset({"handover_fds", "handover_notify"})
+# Variables the daemon sets for itself (graceful restart) and the import
+# command's source URL: not settings.
+INTERNAL_ENV = frozenset({"handover_fds", "handover_notify", "import_source_url"})
 
 
 class ConfigError(Exception):
@@ -80,10 +81,13 @@ def _default_max_connections() -> int:
     return max(16, (soft - 64) // 3)
 
 
-# Dovecot's mail process writes the whole request with one non-blocking
-# sendmsg(), so no real request is larger than the socket send buffer
-# (net.core.wmem_default: 208 KiB on Linux); 256 KiB leaves room above it.
-DEFAULT_MAX_REQUEST_BYTES = 256 << 10
+# The request is the user's userdb fields plus IPs and username. The mail
+# process gets those fields from the auth process over the auth-master
+# protocol, whose input is capped at 8 KiB per reply line (MAX_INBUF_SIZE in
+# src/lib-auth/auth-master.c, 2.3 and 2.4), so no real request is near
+# 64 KiB; the cap keeps one hostile peer's un-escaping and reply-building
+# to a few milliseconds of the event loop.
+DEFAULT_MAX_REQUEST_BYTES = 64 << 10
 
 
 # --- value parsers: (value from TOML or env string) -> typed value ----------

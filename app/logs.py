@@ -28,10 +28,11 @@ def show(value: bytes | str | None) -> str:
         return Shown("-")
     if isinstance(value, Shown):
         return value
+    total = len(value)
     if isinstance(value, bytes):
-        value = value.decode("utf-8", "backslashreplace")
+        value = value[:1024].decode("utf-8", "backslashreplace")
     out = []
-    for ch in value:
+    for ch in value[:257]:          # never a loop over a 1 MiB username
         if ch in '"\\':
             out.append("\\" + ch)
         elif ch.isprintable() and ch != " ":
@@ -41,8 +42,8 @@ def show(value: bytes | str | None) -> str:
         else:
             out.append(ch.encode("unicode_escape").decode("ascii"))
     text = "".join(out)
-    if len(text) > 256:
-        text = text[:256] + f"...({len(value)} chars)"
+    if len(text) > 256 or total > 257:
+        text = text[:256] + f"...({total} chars)"
     return Shown(f'"{text}"' if (" " in text or "=" in text or not text) else text)
 
 

@@ -1,4 +1,4 @@
-"""One --format option for every listing command: table, csv or json.
+r"""One --format option for every listing command: table, csv or json.
 
 Values come from outside (usernames from Dovecot, messages and override
 values from whoever may write rules): none reaches the operator's terminal
