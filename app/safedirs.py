@@ -138,6 +138,10 @@ def prepare_daemon_dirs(settings) -> None:
     database's directory, the spool."""
     from sqlalchemy.engine import make_url
     ensure_private_dir(settings.runtime_dir(), "socket_dir", settings.socket_group or None)
+    for protocol in settings.protocols:
+        if getattr(settings, f"socket_{protocol}"):
+            ensure_private_dir(os.path.dirname(os.path.abspath(settings.socket_path(protocol))),
+                               f"socket_{protocol}", settings.socket_group or None)
     url = make_url(settings.effective_database_url)
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         db_dir = os.path.dirname(os.path.abspath(url.database))

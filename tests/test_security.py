@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,21 @@ def test_directory_under_a_world_writable_parent_is_refused(tmp_path):
     os.chmod(parent, 0o777)                 # no sticky bit: anyone may rename ours away
     with pytest.raises(UnsafeDirectory, match="parent .* is writable by other users"):
         ensure_private_dir(str(parent / "mine"), "data_dir")
+
+
+def test_an_explicit_socket_path_in_an_open_directory_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    run = tmp_path / "run"
+    out = lastlogin("serve", env={"LASTLOGIN_SOCKET_DIR": str(run),
+                                  "LASTLOGIN_DATA_DIR": str(tmp_path / "data"),
+                                  "LASTLOGIN_PROTOCOLS": "imap",
+                                  "LASTLOGIN_SOCKET_IMAP": str(shared / "imap.sock")})
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"lastlogin: configuration error: socket_imap: {shared}: "
+                                 "is writable by other users")
+    assert not (shared / "imap.sock").exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="making a directory another user owns needs root")
@@ -340,17 +356,23 @@ def test_secrets_never_reach_log_lines_or_tracebacks():
 def test_database_password_stays_out_of_the_daemons_logs_and_status(tmp_path):
     port = free_port()                          # nobody listens: the database is "down"
     url = f"postgresql+psycopg://lastlogin:Pw-{port}-x9@127.0.0.1:{port}/lastlogin"
-    d = make_daemon(url, protocols="imap", spool_dir=str(tmp_path / "spool"))
+    metrics = free_port()
+    d = make_daemon(url, protocols="imap", spool_dir=str(tmp_path / "spool"),
+                    metrics_listen=f"127.0.0.1:{metrics}")
     d.start()
     try:
         assert not send_request(d.sock("imap"), request_bytes()).refused     # spooled
         status = Path(d.socket_dir) / "status.json"
         assert wait_for(status.exists)
         text = status.read_text()
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as r:
+            scraped = r.read().decode()
     finally:
         d.stop()
     assert "event=database_unreachable_at_start" in d.logs()
-    assert f"Pw-{port}-x9" not in d.logs() and f"Pw-{port}-x9" not in text
+    assert "lastlogin_database_down 1.0" in scraped
+    for shown in (d.logs(), text, scraped):
+        assert f"Pw-{port}-x9" not in shown
 
 
 def test_import_reads_the_source_url_from_env_or_file_not_argv(db_url, tmp_path):
