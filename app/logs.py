@@ -118,7 +118,8 @@ class _JSONFormatter(logging.Formatter):
         for part in _split_kv(message_of(record)):
             key, sep, value = part.partition("=")
             if sep and _KEY.match(key) and key not in doc:
-                doc[key] = value.strip('"')
+                quoted = len(value) >= 2 and value[0] == value[-1] == '"'
+                doc[key] = value[1:-1] if quoted else value
             else:
                 unparsed.append(part)       # never overwrites a key
         if unparsed:

@@ -375,6 +375,7 @@ class Server:
         # systemd (NotifyAccess=main) takes the successor as the service's
         # main process before this one exits.
         sd_notify(f"MAINPID={child.pid}")
+        os.environ.pop("NOTIFY_SOCKET", None)   # no longer the service's process
         log.info("event=handover_done child_pid=%d", child.pid)
         self.request_stop()
         return True

@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -140,16 +141,24 @@ def test_sigusr2_runs_only_lastlogin_and_hands_systemd_the_successor(sqlite_url,
     assert exe, "the lastlogin console script is installed with the package"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(os.path.join(d.socket_dir, "notify"))
+    notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)   # as systemd: who sent it
     notify.settimeout(30)
+
+    def message():
+        data, anc, _, _ = notify.recvmsg(4096, socket.CMSG_SPACE(12))
+        (pid, _uid, _gid), = [struct.unpack("3i", d) for lvl, kind, d in anc
+                              if kind == socket.SCM_CREDENTIALS]
+        return pid, data
+
     log = open(d.log_path, "ab")
     proc = subprocess.Popen([exe, "serve"], cwd=cwd, stdout=log, stderr=log,
                             env={**d.env, "NOTIFY_SOCKET": notify.getsockname()})
     successor = None
     try:
-        assert notify.recv(4096).startswith(b"READY=1")
+        assert message() == (proc.pid, b"READY=1\nSTATUS=serving")
         proc.send_signal(signal.SIGUSR2)
-        msg = notify.recv(4096)
-        assert msg.startswith(b"MAINPID="), msg
+        sender, msg = message()
+        assert sender == proc.pid and msg.startswith(b"MAINPID="), msg
         successor = int(msg.split(b"=")[1])
         assert proc.wait(30) == 0
         assert f"event=handover_done child_pid={successor}" in d.logs()
@@ -159,7 +168,8 @@ def test_sigusr2_runs_only_lastlogin_and_hands_systemd_the_successor(sqlite_url,
         assert argv[1] == b"-I"                         # isolated interpreter
         assert os.readlink(f"/proc/{successor}/cwd") == "/"
         os.kill(successor, signal.SIGTERM)               # started by our daemon, by its pid
-        assert notify.recv(4096).startswith(b"STOPPING=1")  # systemd's socket, restored
+        # the only message after MAINPID=: the successor's, on systemd's socket
+        assert message() == (successor, b"STOPPING=1")
         assert wait_for(lambda: not alive(successor), timeout=30)
     finally:
         if proc.poll() is None:
