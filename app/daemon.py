@@ -33,7 +33,7 @@ def run(settings: Settings, config_path: str | None = None) -> None:
     engine = make_engine(settings.effective_database_url,
                          connect_timeout=max(1, math.ceil(settings.record_timeout)),
                          write_bound=settings.record_timeout,
-                         file_group=settings.database_group or None)
+                         file_group=settings.database_group or None, tighten=True)
     cache = ConfigCache()
     refresher = Refresher(engine, cache)
     spool = Spool(settings.effective_spool_dir, settings.spool_max_bytes)

@@ -215,14 +215,24 @@ def test_database_group_opens_the_database_to_readers(tmp_path):
     out = lastlogin("db", "upgrade", env={"LASTLOGIN_DATA_DIR": str(db.parent),
                                           "LASTLOGIN_DATABASE_GROUP": str(gid)})
     assert out.returncode == 0, out.stderr
+    # created by the CLI (`db upgrade` goes through Alembic): private ...
+    assert mode(db) == 0o600
+    # ... and opened to the group when the daemon starts (its own call)
+    make_engine(f"sqlite:///{db}", file_group=gid, tighten=True).dispose()
     assert mode(db) == 0o640 and os.lstat(db).st_gid == gid
+    # a database the CLI creates itself gets the group at once
+    fresh = tmp_path / "fresh.db"
+    make_engine(f"sqlite:///{fresh}", file_group=gid).dispose()
+    assert mode(fresh) == 0o640 and os.lstat(fresh).st_gid == gid
 
 
 def test_a_world_readable_database_left_by_an_older_version_is_tightened(tmp_path):
     db = tmp_path / "old.db"
     upgrade(f"sqlite:///{db}")
     os.chmod(db, 0o644)
-    make_engine(f"sqlite:///{db}").dispose()
+    make_engine(f"sqlite:///{db}").dispose()              # the CLI leaves it alone
+    assert mode(db) == 0o644
+    make_engine(f"sqlite:///{db}", tighten=True).dispose()  # as the daemon opens it
     assert mode(db) == 0o600
 
 
