@@ -102,8 +102,9 @@ class _KVFormatter(logging.Formatter):
         stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
         line = f"{stamp} level={record.levelname.lower()} {message_of(record)}"
         tb = _traceback_of(record)
-        if tb:
-            line += f" traceback={show(tb)}"
+        if tb:      # whole, on the same line: newlines and quotes escaped
+            quoted = tb.replace("\\", "\\\\").replace('"', '\\"')
+            line += f' traceback="{_controls(quoted)}"'
         return line
 
 

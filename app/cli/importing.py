@@ -11,6 +11,7 @@ import click
 from ..db import make_engine
 from ..importer import import_last_login_table, import_logs
 from .common import Context, edge, main_group, pass_ctx
+from .output import safe_text
 
 
 @main_group.group("import")
@@ -50,7 +51,7 @@ def import_dovecot_log(ctx: Context, files, utc, year, progress) -> None:
                f"({stats.refused} refused); {stats.new} new, {stats.already} already "
                f"imported; {stats.unparsable} unparsable lines")
     for example in stats.examples:
-        click.echo(f"unparsable: {example}", err=True)
+        click.echo(f"unparsable: {safe_text(example)}", err=True)   # lines from outside
 
 
 SOURCE_URL_ENV = "LASTLOGIN_IMPORT_SOURCE_URL"
