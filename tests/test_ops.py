@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import urllib.request
@@ -139,6 +140,8 @@ def test_production_install_matches_the_unit(tmp_path):
                             str(root / "usr/lib/sysusers.d/lastlogin.conf")],
                            capture_output=True, text=True)
     assert users.returncode == 0, users.stderr
+    env_file = root / "etc/lastlogin/lastlogin.env"        # where the password goes
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600 and env_file.read_bytes() == b""
     (user,) = unit_value(service, "User")
     passwd = (tmp_path / "sys/etc/passwd").read_text()
     assert re.search(rf"^{user}:x:\d+:\d+:.*:/usr/sbin/nologin$", passwd, re.M), passwd
