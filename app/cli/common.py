@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable
 
 import click
@@ -34,7 +35,8 @@ class Context:
         return self._settings
 
     def engine(self, check_schema: bool = True) -> sa.Engine:
-        engine = make_engine(self.settings.effective_database_url)
+        engine = make_engine(self.settings.effective_database_url,
+                             file_group=self.settings.database_group or None)
         if check_schema:
             ensure_at_head(engine)
         return engine
@@ -45,7 +47,8 @@ class Context:
 
 
 def fail(message: str, code: int) -> None:
-    click.echo(f"lastlogin: {message}", err=True)
+    from .output import safe_text       # the message may quote input: no ESC/CR/LF
+    click.echo(f"lastlogin: {safe_text(message)}", err=True)
     raise SystemExit(code)
 
 
@@ -82,6 +85,7 @@ def main_group(ctx: click.Context, config_path: str | None) -> None:
     A native post-login daemon for Dovecot 2.3 and 2.4, with its database
     migrations, management and reporting commands.
     """
+    os.umask(0o077)     # every file lastlogin creates is private unless it says otherwise
     ctx.obj = Context(config_path)
 
 

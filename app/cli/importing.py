@@ -11,6 +11,7 @@ import click
 from ..db import make_engine
 from ..importer import import_last_login_table, import_logs
 from .common import Context, edge, main_group, pass_ctx
+from .output import safe_text
 
 
 @main_group.group("import")
@@ -50,11 +51,39 @@ def import_dovecot_log(ctx: Context, files, utc, year, progress) -> None:
                f"({stats.refused} refused); {stats.new} new, {stats.already} already "
                f"imported; {stats.unparsable} unparsable lines")
     for example in stats.examples:
-        click.echo(f"unparsable: {example}", err=True)
+        click.echo(f"unparsable: {safe_text(example)}", err=True)   # lines from outside
+
+
+SOURCE_URL_ENV = "LASTLOGIN_IMPORT_SOURCE_URL"
+
+
+def source_url_from(url_file: str | None) -> str:
+    """The source database URL: from --source-url-file or $LASTLOGIN_IMPORT_SOURCE_URL,
+    never from the command line (where every local user sees it in ps)."""
+    from ..config import ConfigError, _database_url
+    if url_file:
+        try:
+            with open(url_file, encoding="utf-8") as fh:
+                url = fh.read().strip()
+        except OSError as exc:
+            raise ConfigError("--source-url-file", f"cannot read {url_file}: "
+                              f"{exc.strerror}") from None
+        where = "--source-url-file"
+    else:
+        url = os.environ.get(SOURCE_URL_ENV, "").strip()
+        where = SOURCE_URL_ENV
+    if not url:
+        raise ConfigError(where, f"no source URL: put it in the environment variable "
+                                 f"{SOURCE_URL_ENV} or in a file named by --source-url-file")
+    try:
+        return _database_url(url)
+    except ValueError as exc:
+        raise ConfigError(where, str(exc)) from None
 
 
 @import_.command("last-login-table")
-@click.argument("source_url")
+@click.option("--source-url-file", type=click.Path(dir_okay=False),
+              help=f"File holding the plugin database's URL (default: ${SOURCE_URL_ENV}).")
 @click.option("--table", default="last_login", show_default=True)
 @click.option("--user-column", default="userid", show_default=True)
 @click.option("--time-column", default="last_login", show_default=True)
@@ -65,11 +94,15 @@ def import_dovecot_log(ctx: Context, files, utc, year, progress) -> None:
               help="The plugin does not record one; its rows land under this.")
 @pass_ctx
 @edge
-def import_last_login(ctx: Context, source_url, table, user_column, time_column, precision,
-                      protocol) -> None:
-    """Take over the rows of Dovecot's last_login plugin (dict-sql table at SOURCE_URL)."""
-    if source_url.startswith("postgresql://"):
-        source_url = "postgresql+psycopg://" + source_url[len("postgresql://"):]
+def import_last_login(ctx: Context, source_url_file, table, user_column, time_column,
+                      precision, protocol) -> None:
+    """Take over the rows of Dovecot's last_login plugin (its dict-sql table).
+
+    The plugin database's URL (it holds a password) is read from
+    $LASTLOGIN_IMPORT_SOURCE_URL or from the file --source-url-file names,
+    never from the command line.
+    """
+    source_url = source_url_from(source_url_file)
     target = ctx.engine()
     source = make_engine(source_url)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 
 from ..daemon import run
 from ..logs import setup_logging
@@ -18,8 +19,9 @@ def serve(ctx: Context) -> None:
     Listens on one socket per protocol; point Dovecot's `executable = imap
     <socket>` at them. SIGTERM/SIGINT drain and stop, SIGHUP reloads.
     """
+    os.umask(0o077)                 # also set for every command; the daemon relies on it
     settings = ctx.settings
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log_level, settings.log_format, settings.secrets())
     try:
         run(settings, ctx.config_path)
     except (SocketInUse, PermissionError) as exc:
