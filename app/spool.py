@@ -465,7 +465,11 @@ class Spool:
         """Close ``.open`` segments whose writer is gone (its lock is free) and
         remove ``.new`` files a writer died before naming."""
         adopted = 0
-        for path in sorted([*self.dir.glob("*" + OPEN), *self.dir.glob("*" + NEW)]):
+        # A .new file is locked only after it is made: take it only when its
+        # writer is gone, never while one may be between open and flock.
+        stale = [p for p in self.dir.glob("*" + NEW)
+                 if (pid := _writer_pid(p)) and pid != os.getpid() and not _pid_alive(pid)]
+        for path in sorted([*self.dir.glob("*" + OPEN), *stale]):
             if path == self._path:
                 continue
             try:
