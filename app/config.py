@@ -10,6 +10,7 @@ import dataclasses
 import os
 import pwd
 import grp
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +176,13 @@ def _database_url(v: Any) -> str:
     return s
 
 
+def _host_name(v: Any) -> str:
+    s = _as_str(v).strip()
+    if not s or len(s) > 255 or not s.isprintable():
+        raise ValueError(f"must be 1 to 255 printable characters, got {v!r}")
+    return s
+
+
 def _uid_list(v: Any) -> tuple[str, ...]:
     items = _as_list(v)
     for item in items:
@@ -223,6 +231,10 @@ class Settings:
                          doc="state directory (SQLite file, spool)")
     database_url: str = _opt(_database_url, "",
                              doc="SQLAlchemy URL; default: SQLite file in data_dir")
+    report_database_url: str = _opt(_database_url, "",
+                                    doc="URL reports read from (a standby); default: database_url")
+    host_name: str = _opt(_host_name, factory=socket.gethostname,
+                          doc="this mail host's name, stored with every login")
     socket_dir: str = _opt(_as_str, factory=_default_socket_dir,
                            doc="directory of the post-login sockets")
     protocols: tuple[str, ...] = _opt(_protocol_list, PROTOCOLS,
@@ -284,6 +296,10 @@ class Settings:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{os.path.join(self.data_dir, 'lastlogin.db')}"
+
+    @property
+    def effective_report_database_url(self) -> str:
+        return self.report_database_url or self.effective_database_url
 
     def socket_path(self, protocol: str) -> str:
         explicit = getattr(self, f"socket_{protocol}")

@@ -76,6 +76,8 @@ def encode(record: LoginRecord) -> bytes:
         doc["message"] = record.message
     if not record.policy_applied:
         doc["policy_applied"] = False
+    if record.host is not None:
+        doc["host"] = record.host
     for key in _BYTES:
         value = getattr(record, key)
         doc[key] = None if value is None else base64.b64encode(value).decode("ascii")
@@ -110,7 +112,8 @@ def decode(line: bytes) -> LoginRecord:
             rule_id=doc["rule_id"], auth_mech=raw["auth_mech"],
             master_user=raw["master_user"], auth_user=raw["auth_user"],
             alerts_shown=tuple(int(a) for a in doc.get("alerts_shown", ())),
-            message=doc.get("message"), policy_applied=bool(doc.get("policy_applied", True)))
+            message=doc.get("message"), policy_applied=bool(doc.get("policy_applied", True)),
+            host=doc.get("host"))
     except (ValueError, KeyError, TypeError) as exc:
         raise DamagedLine(f"undecodable: {type(exc).__name__}") from None
 
