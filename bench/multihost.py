@@ -186,9 +186,12 @@ def sweep(url: str, postmaster: int, sizes: list[int], writers: list[int], secon
             prepared = [[fake_batch(random.Random(i * 64 + j), b, users, now)
                          for j in range(max(4, 64_000 // b // 10))] for i in range(w)]
             stop = [0.0]
+            writers_ = [PostgresWriter(engine) for _ in range(w)]
+            for wr in writers_:
+                wr._conn()          # connected before the clock (and the CPU count) starts
 
             def work(i: int) -> None:
-                writer = PostgresWriter(engine)
+                writer = writers_[i]
                 j = 0
                 while time.monotonic() < stop[0]:
                     counts[i] += writer.write(prepared[i][j % len(prepared[i])])
@@ -196,7 +199,6 @@ def sweep(url: str, postmaster: int, sizes: list[int], writers: list[int], secon
                     if j % len(prepared[i]) == 0:      # a second pass: fresh event ids
                         prepared[i] = [[dataclasses.replace(r, event_id=uuid.uuid4())
                                         for r in batch] for batch in prepared[i]]
-                writer.close()
 
             _, w0 = stats(engine)
             p0 = cpu_of_tree(postmaster)
@@ -208,7 +210,9 @@ def sweep(url: str, postmaster: int, sizes: list[int], writers: list[int], secon
             for t in threads:
                 t.join()
             elapsed = time.monotonic() - t0
-            p1 = cpu_of_tree(postmaster)
+            p1 = cpu_of_tree(postmaster)         # before the backends exit
+            for wr in writers_:
+                wr.close()
             _, w1 = stats(engine)
             n = sum(counts)
             out.append((w, b, n / elapsed, (w1 - w0) / n, (p1 - p0) / n * 1000))
