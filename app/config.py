@@ -170,6 +170,10 @@ def _database_url(v: Any) -> str:
         raise ValueError(
             "must start with sqlite:/// or postgresql+psycopg:// "
             f"(got scheme {scheme!r})")
+    if "," in s.split("//", 1)[-1].split("/", 1)[0]:
+        raise ValueError("several hosts go in the query, not before the database name: "
+                         "postgresql+psycopg://user@/db?host=h1:5432&host=h2:5432"
+                         "&target_session_attrs=read-write")
     if scheme == "postgresql":
         # Plain postgresql:// would make SQLAlchemy look for psycopg2.
         s = "postgresql+psycopg" + s[len("postgresql"):]

@@ -237,3 +237,17 @@ def test_fold_orders_rows_by_key():
             for n, p in ((b"zed", "imap"), (b"amy", "pop3"), (b"kim", "imap"), (b"amy", "imap"))]
     assert [(r["username"], r["protocol"]) for r in _fold(rows)] == [
         ("amy", "imap"), ("amy", "pop3"), ("kim", "imap"), ("zed", "imap")]
+
+
+def test_a_multi_host_url_is_taken_in_the_form_sqlalchemy_reads():
+    from app.config import ConfigError, load_settings
+    good = "postgresql://ll@/ll?host=db1:5432&host=db2:5432&target_session_attrs=read-write"
+    assert load_settings(environ={"LASTLOGIN_DATABASE_URL": good}).database_url == (
+        "postgresql+psycopg" + good[len("postgresql"):])
+    with pytest.raises(ConfigError) as err:
+        load_settings(environ={"LASTLOGIN_DATABASE_URL": "postgresql://ll@db1:5432,db2:5432/ll"})
+    assert err.value.key == "database_url" and "host=h1:5432&host=h2:5432" in err.value.reason
+    # the same check for the reports' URL
+    with pytest.raises(ConfigError) as err:
+        load_settings(environ={"LASTLOGIN_REPORT_DATABASE_URL": "postgresql://ll@a,b/ll"})
+    assert err.value.key == "report_database_url"
