@@ -251,3 +251,15 @@ def test_a_multi_host_url_is_taken_in_the_form_sqlalchemy_reads():
     with pytest.raises(ConfigError) as err:
         load_settings(environ={"LASTLOGIN_REPORT_DATABASE_URL": "postgresql://ll@a,b/ll"})
     assert err.value.key == "report_database_url"
+
+
+def test_scaling_benchmark_smoke(pg_cluster):
+    """bench/multihost.py runs, and every login it answered was stored (it exits
+    non-zero otherwise). No timing is asserted; docs/scaling.md has the figures."""
+    url = pg_cluster.create_database()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LASTLOGIN_")}
+    env.update(LASTLOGIN_BENCH_DATABASE_URL=url, PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, "-m", "bench.multihost", "--smoke"], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "every answered login stored once" in out.stdout
