@@ -301,10 +301,6 @@ class Settings:
             return self.database_url
         return f"sqlite:///{os.path.join(self.data_dir, 'lastlogin.db')}"
 
-    @property
-    def effective_report_database_url(self) -> str:
-        return self.report_database_url or self.effective_database_url
-
     def socket_path(self, protocol: str) -> str:
         explicit = getattr(self, f"socket_{protocol}")
         return explicit or os.path.join(self.socket_dir, f"{protocol}.sock")
