@@ -14,6 +14,7 @@ replication is what makes "exactly once" hold across a crash.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -113,6 +114,8 @@ def test_failover_to_a_promoted_standby_loses_no_acknowledged_login(pair, tmp_pa
         time.sleep(1.5)                     # a late duplicate would show up by now
         assert stored(url) == (sorted(acked), len(acked))
         assert "event=database_down" in d.logs()        # the outage was real
+        replayed = re.findall(r"event=spool_replayed \S+ records=(\d+)", d.logs())
+        assert sum(map(int, replayed)) >= 20, d.logs()[-3000:]  # taken while nothing wrote
 
         # Rule reloads resume on the new primary: LISTEN again, NOTIFY within a second.
         assert wait_for(lambda: "event=config_refresh_recovered" in d.logs(), timeout=20), (

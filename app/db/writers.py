@@ -65,6 +65,7 @@ WITH input AS (
     SELECT d.alert_id, n.username, n.occurred_at
     FROM unnest(%(d_event)s::uuid[], %(d_alert)s::int[]) AS d(event_id, alert_id)
     JOIN new n ON n.event_id = d.event_id
+    ORDER BY d.alert_id, n.username
     ON CONFLICT DO NOTHING
     RETURNING 1
 )
