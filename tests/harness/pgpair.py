@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -132,7 +133,6 @@ class PgPair:
             self.primary.stop()
         else:
             self._reap()
-            import shutil
             shutil.rmtree(self.primary.base, ignore_errors=True)
         self.standby.stop()
 
@@ -185,11 +185,3 @@ def start_pair(synchronous: bool = True) -> PgPair:
         raise
     return pair
 
-
-def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
