@@ -10,6 +10,7 @@ import dataclasses
 import os
 import pwd
 import grp
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +210,10 @@ def _database_url(v: Any) -> str:
         raise ValueError(
             "must start with sqlite:/// or postgresql+psycopg:// "
             f"(got scheme {scheme[:20]!r})")
+    if "," in s.split("//", 1)[-1].split("/", 1)[0]:
+        raise ValueError("several hosts go in the query, not before the database name: "
+                         "postgresql+psycopg://user@/db?host=h1:5432&host=h2:5432"
+                         "&target_session_attrs=read-write")
     if scheme == "postgresql":
         # Plain postgresql:// would make SQLAlchemy look for psycopg2.
         s = "postgresql+psycopg" + s[len("postgresql"):]
@@ -253,6 +258,13 @@ def redact_url(url: str) -> str:
     for secret in url_secrets(url):
         out = out.replace(secret, "***")
     return out
+
+
+def _host_name(v: Any) -> str:
+    s = _as_str(v).strip()
+    if not s or len(s) > 255 or not s.isprintable():
+        raise ValueError(f"must be 1 to 255 printable characters, got {v!r}")
+    return s
 
 
 def _uid_list(v: Any) -> tuple[str, ...]:
@@ -306,6 +318,10 @@ class Settings:
     database_group: str = _opt(_group, "",
                                doc="group that may read the SQLite database "
                                    "(default: none, files 0600)")
+    report_database_url: str = _opt(_database_url, "",
+                                    doc="URL reports read from (a standby); default: database_url")
+    host_name: str = _opt(_host_name, factory=socket.gethostname,
+                          doc="this mail host's name, stored with every login")
     socket_dir: str = _opt(_as_str, factory=_default_socket_dir,
                            doc="directory of the post-login sockets and status file "
                                "(non-root default: $RUNTIME_DIRECTORY or "

@@ -72,7 +72,7 @@ class Answer:
 def make_record(protocol: str, req: LoginRequest, outcome: str,
                 now: dt.datetime, rule_id: int | None = None,
                 alerts_shown: tuple[int, ...] = (), message: str | None = None,
-                policy_applied: bool = True) -> LoginRecord:
+                policy_applied: bool = True, host: str | None = None) -> LoginRecord:
     return LoginRecord(
         event_id=new_event_id(),
         occurred_at=now,
@@ -88,6 +88,7 @@ def make_record(protocol: str, req: LoginRequest, outcome: str,
         alerts_shown=alerts_shown,
         message=message,
         policy_applied=policy_applied,
+        host=host,
     )
 
 
@@ -116,6 +117,7 @@ class Extras:
     groups: GroupCache | None = None
     next_sockets: dict[str, str] = field(default_factory=dict)
     next_timeout: float = 20.0
+    host_name: str | None = None        # stored with every login (login_events.host)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Extras":
@@ -123,7 +125,7 @@ class Extras:
             groups=GroupCache() if settings.acl_groups_from_system else None,
             next_sockets={p: settings.next_socket(p) for p in settings.protocols
                           if settings.next_socket(p)},
-            next_timeout=settings.next_timeout)
+            next_timeout=settings.next_timeout, host_name=settings.host_name)
 
 
 @dataclass(frozen=True)
@@ -235,14 +237,15 @@ class LoginService:
         if hop:
             got = await forward(hop, req, plan.fields, client.fd, self.extras.next_timeout)
             if got.line is None:
-                record = make_record(protocol, req, "denied", now, None)
+                record = make_record(protocol, req, "denied", now, None,
+                                     host=self.extras.host_name)
                 await self._commit(record)
                 if got.tempfail:
                     await client.write(tempfail_line(protocol))
                 return Answer(record, None, reason=got.reason)
             reply, reply_fd = got.line, got.fd
         record = make_record(protocol, req, "allowed", now, rule_id, tuple(plan.alerts),
-                             policy_applied=applied)
+                             policy_applied=applied, host=self.extras.host_name)
         try:
             await self._commit(record)
         except RecordError:
@@ -271,7 +274,7 @@ class LoginService:
             message = decision.message or DEFAULT_DENY_TEXT
             line = deny_line(protocol, message)
         record = make_record(protocol, req, "denied", now, rule_id, message=message,
-                             policy_applied=applied)
+                             policy_applied=applied, host=self.extras.host_name)
         await self._commit(record)
         await client.write(line)
         return Answer(record, None, reason=decision.reason)

@@ -81,6 +81,8 @@ def encode(record: LoginRecord) -> bytes:
         doc["message"] = record.message
     if not record.policy_applied:
         doc["policy_applied"] = False
+    if record.host is not None:
+        doc["host"] = record.host
     for key in _BYTES:
         value = getattr(record, key)
         doc[key] = None if value is None else base64.b64encode(value).decode("ascii")
@@ -131,6 +133,9 @@ def _record_of(doc: dict) -> LoginRecord:
         raise DamagedLine("policy_applied or alerts_shown malformed")
     if not isinstance(doc["event_id"], str) or not isinstance(doc["occurred_at"], str):
         raise DamagedLine("event_id or occurred_at malformed")
+    host = doc.get("host")
+    if host is not None and not isinstance(host, str):
+        raise DamagedLine("host is not text")
     return LoginRecord(
         event_id=uuid.UUID(doc["event_id"]),
         occurred_at=_aware(dt.datetime.fromisoformat(doc["occurred_at"])),
@@ -138,7 +143,7 @@ def _record_of(doc: dict) -> LoginRecord:
         remote_ip=_address(doc["remote_ip"]), local_ip=_address(doc["local_ip"]),
         outcome=outcome, rule_id=rule_id, auth_mech=raw["auth_mech"],
         master_user=raw["master_user"], auth_user=raw["auth_user"],
-        alerts_shown=tuple(alerts), message=message, policy_applied=applied)
+        alerts_shown=tuple(alerts), message=message, policy_applied=applied, host=host)
 
 
 def _opt_b64(value: object) -> bytes | None:

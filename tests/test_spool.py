@@ -28,12 +28,7 @@ from app.spool import (CLOSED, LEGACY, OPEN, DamagedLine, Quarantine, Quarantine
 from tests.builders import HOSTILE_USERNAMES, record
 from tests.harness.faults import reject_rows
 
-REFUSED_VIEW = """
-    CREATE VIEW v_refused_logins AS
-    SELECT e.occurred_at, e.username, e.protocol, e.remote_ip, e.local_ip,
-           e.rule_id, e.message, r.comment, e.policy_applied
-    FROM login_events e LEFT JOIN access_rules r ON r.id = e.rule_id
-    WHERE e.outcome = 'denied'"""
+
 
 
 def counts(engine) -> tuple[int, int]:
@@ -129,8 +124,12 @@ def test_a_database_that_takes_nothing_keeps_the_segment(engine, db_url, tmp_pat
     spool.append([record(b"a"), record(b"b")])
     spool.close()
     replayer = replayer_for(engine, spool)
+    sqlite = engine.dialect.name == "sqlite"
     with engine.begin() as conn:
-        conn.exec_driver_sql("DROP VIEW v_refused_logins")
+        if sqlite:      # its RENAME checks the views that read the table
+            view = conn.exec_driver_sql("SELECT sql FROM sqlite_master "
+                                        "WHERE name = 'v_refused_logins'").scalar()
+            conn.exec_driver_sql("DROP VIEW v_refused_logins")
         conn.exec_driver_sql("ALTER TABLE login_events RENAME TO login_events_away")
     try:
         with pytest.raises(Exception):
@@ -139,7 +138,8 @@ def test_a_database_that_takes_nothing_keeps_the_segment(engine, db_url, tmp_pat
     finally:
         with engine.begin() as conn:
             conn.exec_driver_sql("ALTER TABLE login_events_away RENAME TO login_events")
-            conn.exec_driver_sql(REFUSED_VIEW)
+            if sqlite:
+                conn.exec_driver_sql(view)
     assert replayer.run_once() == 2 and counts(engine) == (2, 2)
 
 

@@ -90,6 +90,7 @@ class LoginRecord:
     alerts_shown: tuple[int, ...] = ()      # show-once alerts this login displayed
     message: str | None = None              # what a refused client was told
     policy_applied: bool = True             # False: decided without rules loaded
+    host: str | None = None                 # the mail host (host_name) that saw it
 
     def event_row(self) -> dict[str, object]:
         name, raw = username_text(self.username)
@@ -108,6 +109,7 @@ class LoginRecord:
             "auth_user": _opt_text(self.auth_user),
             "message": self.message,
             "policy_applied": self.policy_applied,
+            "host": self.host,
         }
 
 
@@ -149,6 +151,7 @@ def record_logins(conn: sa.Connection, records: Sequence[LoginRecord]) -> int:
                   for rec, row in zip(records, rows) if row["event_id"] in new_ids
                   for a in rec.alerts_shown]
     if deliveries:
+        deliveries.sort(key=lambda d: (d["alert_id"], d["username"]))     # lock order
         conn.execute(dialect_insert(conn, login_alert_deliveries).on_conflict_do_nothing(),
                      deliveries)
     return len(fresh)
@@ -166,7 +169,7 @@ def _fold(rows: Iterable[dict[str, object]]) -> list[dict[str, object]]:
                 "username_raw": row["username_raw"],
                 "first_seen": row["occurred_at"], "last_seen": row["occurred_at"],
                 "last_remote_ip": row["remote_ip"], "last_local_ip": row["local_ip"],
-                "login_count": 1,
+                "last_host": row["host"], "login_count": 1,
             }
             continue
         cur["login_count"] += 1  # type: ignore[operator]
@@ -175,7 +178,10 @@ def _fold(rows: Iterable[dict[str, object]]) -> list[dict[str, object]]:
             cur["last_seen"] = row["occurred_at"]
             cur["last_remote_ip"] = row["remote_ip"]
             cur["last_local_ip"] = row["local_ip"]
-    return list(folded.values())
+            cur["last_host"] = row["host"]
+    # In key order: concurrent writers (one daemon per mail host) then lock
+    # the same users' rows in the same order and cannot deadlock.
+    return [folded[k] for k in sorted(folded)]
 
 
 def _upsert_last_logins(conn: sa.Connection, rows: list[dict[str, object]]) -> None:
@@ -194,6 +200,7 @@ def _upsert_last_logins(conn: sa.Connection, rows: list[dict[str, object]]) -> N
                                       else_=t.c.last_remote_ip),
             "last_local_ip": sa.case((newer, ins.excluded.last_local_ip),
                                      else_=t.c.last_local_ip),
+            "last_host": sa.case((newer, ins.excluded.last_host), else_=t.c.last_host),
             "login_count": t.c.login_count + ins.excluded.login_count,
         },
     )
