@@ -3,8 +3,8 @@ FROM python:3.11-slim-bookworm
 
 RUN groupadd --system lastlogin \
  && useradd --system --gid lastlogin --home-dir /var/lib/lastlogin --shell /usr/sbin/nologin lastlogin \
- && install -d -o lastlogin -g lastlogin -m 0750 /var/lib/lastlogin \
- && install -d -o lastlogin -g lastlogin -m 0755 /run/lastlogin
+ && install -d -o lastlogin -g lastlogin -m 0700 /var/lib/lastlogin \
+ && install -d -o lastlogin -g lastlogin -m 0700 /run/lastlogin
 
 WORKDIR /src
 COPY pyproject.toml README.md alembic.ini ./
@@ -12,6 +12,9 @@ COPY app ./app
 COPY migrations ./migrations
 RUN pip install --no-cache-dir . && rm -rf /src
 
+# Not root; lastlogin refuses directories another user owns or can write
+# to, so the volumes keep these owners and modes (Docker copies them into a
+# new named volume). Dovecot's mail processes connect as root.
 USER lastlogin
 ENV LASTLOGIN_DATA_DIR=/var/lib/lastlogin \
     LASTLOGIN_SOCKET_DIR=/run/lastlogin

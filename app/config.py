@@ -10,6 +10,7 @@ import dataclasses
 import os
 import pwd
 import grp
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,9 @@ from typing import Any, Callable, Mapping
 DEFAULT_CONFIG_PATH = Path("/etc/lastlogin/lastlogin.toml")
 ENV_PREFIX = "LASTLOGIN_"
 PROTOCOLS = ("imap", "pop3", "submission", "managesieve")
-# Variables the daemon sets for itself (graceful restart), not settings.
-INTERNAL_ENV = frozenset({"handover_fds"})
+# Variables the daemon sets for itself (graceful restart) and the import
+# command's source URL: not settings.
+INTERNAL_ENV = frozenset({"handover_fds", "handover_notify", "import_source_url"})
 
 
 class ConfigError(Exception):
@@ -31,24 +33,62 @@ class ConfigError(Exception):
         self.reason = reason
 
 
+def _systemd_dir(variable: str) -> str:
+    # systemd sets STATE_DIRECTORY / RUNTIME_DIRECTORY (colon-separated when
+    # a unit names several) for StateDirectory= / RuntimeDirectory=.
+    return os.environ.get(variable, "").split(":")[0]
+
+
 def _default_data_dir() -> str:
     if os.geteuid() == 0:
         return "/var/lib/lastlogin"
+    if _systemd_dir("STATE_DIRECTORY"):
+        return _systemd_dir("STATE_DIRECTORY")
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     return os.path.join(base, "lastlogin")
 
 
 def _default_socket_dir() -> str:
+    """/run/lastlogin as root; else systemd's RuntimeDirectory= or
+    $XDG_RUNTIME_DIR/lastlogin. Never a shared directory such as /tmp, where
+    another user could have made the directory first: without either
+    variable the default is empty and using it is refused (``runtime_dir``)."""
     if os.geteuid() == 0:
         return "/run/lastlogin"
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/lastlogin-{os.geteuid()}"
-    return os.path.join(base, "lastlogin") if "XDG_RUNTIME_DIR" in os.environ else base
+    if _systemd_dir("RUNTIME_DIRECTORY"):
+        return _systemd_dir("RUNTIME_DIRECTORY")
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "lastlogin")
+    return ""
 
 
 def _default_allowed_uids() -> tuple[str, ...]:
-    # root (the mail process connects before it drops privileges), Dovecot's
-    # own users, and whoever runs the daemon.
-    return ("0", "dovecot", "dovenull", str(os.geteuid()))
+    # root: Dovecot's mail processes connect before they drop privileges.
+    # Not dovenull (pre-authentication login processes) nor dovecot (the
+    # internal user): neither runs post-login. The daemon's own uid may
+    # connect (`lastlogin status` run as that user); a process of that uid
+    # can already do anything the daemon can.
+    return tuple(dict.fromkeys(("0", str(os.geteuid()))))
+
+
+def _default_max_connections() -> int:
+    """Sized to the open-file limit (the unit's LimitNOFILE=): a login holds
+    up to 3 descriptors (its connection, the client fd, a reply or next-hop
+    fd); 64 are left for the database, spool, metrics and the sockets."""
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 16
+    return max(16, (soft - 64) // 3)
+
+
+# The request is the user's userdb fields plus IPs and username. The mail
+# process gets those fields from the auth process over the auth-master
+# protocol, whose input is capped at 8 KiB per reply line (MAX_INBUF_SIZE in
+# src/lib-auth/auth-master.c, 2.3 and 2.4), so no real request is near
+# 64 KiB; the cap keeps one hostile peer's un-escaping and reply-building
+# to a few milliseconds of the event loop.
+DEFAULT_MAX_REQUEST_BYTES = 64 << 10
 
 
 # --- value parsers: (value from TOML or env string) -> typed value ----------
@@ -163,15 +203,67 @@ def _protocol_list(v: Any) -> tuple[str, ...]:
 
 
 def _database_url(v: Any) -> str:
+    # Errors never quote the URL: it may hold a password.
     s = _as_str(v).strip()
     scheme = s.split(":", 1)[0]
     if scheme not in ("sqlite", "postgresql", "postgresql+psycopg"):
         raise ValueError(
             "must start with sqlite:/// or postgresql+psycopg:// "
-            f"(got scheme {scheme!r})")
+            f"(got scheme {scheme[:20]!r})")
+    if "," in s.split("//", 1)[-1].split("/", 1)[0]:
+        raise ValueError("several hosts go in the query, not before the database name: "
+                         "postgresql+psycopg://user@/db?host=h1:5432&host=h2:5432"
+                         "&target_session_attrs=read-write")
     if scheme == "postgresql":
         # Plain postgresql:// would make SQLAlchemy look for psycopg2.
         s = "postgresql+psycopg" + s[len("postgresql"):]
+    if scheme != "sqlite":
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+        try:
+            url = make_url(s)
+        except (ArgumentError, ValueError):
+            raise ValueError("not a database URL (value not shown: it may hold a "
+                             "password)") from None
+        # "user:p@ss@host": the tail of the password would become the host
+        # name and end up in connection errors.
+        if "@" in (url.host or "") or "@" in (url.database or ""):
+            raise ValueError("has an unescaped '@' in the user or password; "
+                             "write '@' as %40 (value not shown: it may hold a password)")
+    return s
+
+
+def url_secrets(url: str) -> tuple[str, ...]:
+    """The password of a database URL, as written and decoded, for redaction."""
+    found = []
+    head = url.split("://", 1)[-1].split("/", 1)[0]
+    if "@" in head:
+        userinfo = head.rsplit("@", 1)[0]
+        if ":" in userinfo:
+            found.append(userinfo.split(":", 1)[1])
+    try:
+        from sqlalchemy.engine import make_url
+        if make_url(url).password:
+            found.append(str(make_url(url).password))
+    except Exception:  # noqa: BLE001 - a URL that does not parse still has its raw part
+        pass
+    from urllib.parse import unquote
+    found += [unquote(f) for f in found]
+    return tuple(sorted({f for f in found if len(f) >= 2}, key=len, reverse=True))
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ***, however malformed."""
+    out = url
+    for secret in url_secrets(url):
+        out = out.replace(secret, "***")
+    return out
+
+
+def _host_name(v: Any) -> str:
+    s = _as_str(v).strip()
+    if not s or len(s) > 255 or not s.isprintable():
+        raise ValueError(f"must be 1 to 255 printable characters, got {v!r}")
     return s
 
 
@@ -223,8 +315,17 @@ class Settings:
                          doc="state directory (SQLite file, spool)")
     database_url: str = _opt(_database_url, "",
                              doc="SQLAlchemy URL; default: SQLite file in data_dir")
+    database_group: str = _opt(_group, "",
+                               doc="group that may read the SQLite database "
+                                   "(default: none, files 0600)")
+    report_database_url: str = _opt(_database_url, "",
+                                    doc="URL reports read from (a standby); default: database_url")
+    host_name: str = _opt(_host_name, factory=socket.gethostname,
+                          doc="this mail host's name, stored with every login")
     socket_dir: str = _opt(_as_str, factory=_default_socket_dir,
-                           doc="directory of the post-login sockets")
+                           doc="directory of the post-login sockets and status file "
+                               "(non-root default: $RUNTIME_DIRECTORY or "
+                               "$XDG_RUNTIME_DIR/lastlogin)")
     protocols: tuple[str, ...] = _opt(_protocol_list, PROTOCOLS,
                                       doc="protocols to listen for")
     socket_imap: str = _opt(_as_str, "", doc="path of the imap socket")
@@ -239,8 +340,11 @@ class Settings:
                                          doc="peers (uids or user names) that may connect")
     request_timeout: float = _opt(_as_seconds, 10.0,
                                   doc="seconds a peer has to send its whole request")
-    max_request_bytes: int = _opt(_as_positive_int, 1 << 20,
+    max_request_bytes: int = _opt(_as_positive_int, DEFAULT_MAX_REQUEST_BYTES,
                                   doc="largest request accepted, in bytes")
+    max_connections: int = _opt(_as_positive_int, factory=_default_max_connections,
+                                doc="most connections served at once; more wait in the "
+                                    "backlog (default: sized to the open-file limit)")
     record_timeout: float = _opt(_as_seconds, 2.0,
                                  doc="seconds a commit may take before the record is spooled")
     spool_dir: str = _opt(_as_str, "", doc="outage spool directory; default data_dir/spool")
@@ -285,9 +389,22 @@ class Settings:
             return self.database_url
         return f"sqlite:///{os.path.join(self.data_dir, 'lastlogin.db')}"
 
+    def runtime_dir(self) -> str:
+        """socket_dir, or a ConfigError when there is none (non-root, no
+        $RUNTIME_DIRECTORY or $XDG_RUNTIME_DIR)."""
+        if not self.socket_dir:
+            raise ConfigError("socket_dir", "not set, and neither $RUNTIME_DIRECTORY nor "
+                              "$XDG_RUNTIME_DIR is; set socket_dir to a directory of "
+                              "this user's (there is no /tmp fallback)")
+        return self.socket_dir
+
     def socket_path(self, protocol: str) -> str:
         explicit = getattr(self, f"socket_{protocol}")
-        return explicit or os.path.join(self.socket_dir, f"{protocol}.sock")
+        return explicit or os.path.join(self.runtime_dir(), f"{protocol}.sock")
+
+    def secrets(self) -> tuple[str, ...]:
+        """Strings that must never be shown: the database password."""
+        return url_secrets(self.database_url) if self.database_url else ()
 
     @property
     def effective_spool_dir(self) -> str:

@@ -14,6 +14,7 @@ from .db.migrate import ensure_at_head
 from .maintenance import Maintenance
 from .metrics import Metrics
 from .recorder import Recorder, Replayer, first_line
+from .safedirs import prepare_daemon_dirs
 from .server import Server
 from .service import Extras, LoginService, Policy
 from .snapshot import ConfigCache, Refresher
@@ -28,9 +29,11 @@ def run(settings: Settings, config_path: str | None = None) -> None:
     A database that cannot be reached at start is not fatal: logins are
     spooled and decided by `rules_unloaded_action` until it answers.
     """
+    prepare_daemon_dirs(settings)       # socket, database and spool dirs: private or refused
     engine = make_engine(settings.effective_database_url,
                          connect_timeout=max(1, math.ceil(settings.record_timeout)),
-                         write_bound=settings.record_timeout)
+                         write_bound=settings.record_timeout,
+                         file_group=settings.database_group or None, tighten=True)
     cache = ConfigCache()
     refresher = Refresher(engine, cache)
     spool = Spool(settings.effective_spool_dir, settings.spool_max_bytes)

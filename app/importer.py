@@ -24,7 +24,7 @@ import sqlalchemy as sa
 
 from .db.engine import dialect_insert
 from .db.schema import last_logins, login_events
-from .db.store import LoginRecord, normalize_ip, record_logins, text_form
+from .db.store import LoginRecord, normalize_ip, record_logins, username_text
 
 NAMESPACE = uuid.UUID("6f0f7c52-3f43-4c55-9a4e-8a3c1e0b5d21")
 PENDING = 5000          # logins kept open for a later "denied" line
@@ -264,7 +264,7 @@ def _unrecorded(conn: sa.Connection, records: list[LoginRecord],
     if not records:
         return []
     e = login_events
-    names = sorted({text_form(r.username)[0] for r in records})
+    names = sorted({username_text(r.username)[0] for r in records})
     lo = min(r.occurred_at for r in records) - window
     hi = max(r.occurred_at for r in records) + window
     stored: dict[tuple[str, str, str | None], list[dt.datetime]] = {}
@@ -277,7 +277,7 @@ def _unrecorded(conn: sa.Connection, records: list[LoginRecord],
                 row.occurred_at)
     out = []
     for r in records:
-        times = stored.get((text_form(r.username)[0], r.protocol, r.remote_ip))
+        times = stored.get((username_text(r.username)[0], r.protocol, r.remote_ip))
         if times:
             best = min(times, key=lambda t: abs(t - r.occurred_at))
             if abs(best - r.occurred_at) <= window:
@@ -489,7 +489,7 @@ def import_last_login_table(source: sa.Engine, target: sa.Engine, table: str = "
         else:
             when = dt.datetime.fromtimestamp(int(stamp) / divisor,  # type: ignore[call-overload]
                                              dt.timezone.utc)
-        text, raw = text_form(name)
+        text, raw = username_text(name)
         out.append({"username": text, "username_raw": raw, "protocol": protocol,
                     "first_seen": when, "last_seen": when, "login_count": 1})
     t = last_logins
@@ -508,11 +508,12 @@ def import_last_login_table(source: sa.Engine, target: sa.Engine, table: str = "
     return result
 
 
-def source_engine(url: str) -> sa.Engine:
+def source_engine(url: str, where: str = "SOURCE_URL") -> sa.Engine:
     """A read-only view of the plugin's database: SQLite, PostgreSQL or MySQL/MariaDB.
 
     MySQL and MariaDB go through PyMySQL (pure Python, no client library).
-    An SQLite source is opened read-only and must exist.
+    An SQLite source is opened read-only and must exist. ``where`` names the
+    place the URL came from; errors never quote the URL (it may hold a password).
     """
     from sqlalchemy.engine import make_url
     scheme = url.split(":", 1)[0].lower()
@@ -524,17 +525,18 @@ def source_engine(url: str) -> sa.Engine:
         scheme = rewrite[scheme]
     known = ("sqlite", "postgresql+psycopg", "mysql+pymysql")
     if scheme not in known:
-        raise SourceError("SOURCE_URL", f"unsupported database {scheme!r}: use sqlite:///PATH, "
+        raise SourceError(where, f"unsupported database {scheme!r}: use sqlite:///PATH, "
                                         "postgresql://... or mysql://... (MariaDB too)")
     try:
         parsed = make_url(url)
         parsed.port     # a non-numeric port fails here
-    except (ValueError, sa.exc.ArgumentError) as exc:
-        raise SourceError("SOURCE_URL", f"not a database URL: {exc}") from None
+    except (ValueError, sa.exc.ArgumentError):
+        raise SourceError(where, "not a database URL (value not shown: it may hold "
+                                 "a password)") from None
     if scheme == "sqlite":
         path = parsed.database or ""
         if not path or path == ":memory:" or not os.path.isfile(path):
-            raise SourceError("SOURCE_URL", f"no SQLite database file at {path!r}")
+            raise SourceError(where, f"no SQLite database file at {path!r}")
         from urllib.parse import quote
         return sa.create_engine(f"sqlite:///file:{quote(os.path.abspath(path))}?mode=ro&uri=true")
     if scheme == "mysql+pymysql":

@@ -1,20 +1,38 @@
-"""Log set-up: one line per event, key=value or JSON, on stderr."""
+"""Log set-up: one line per event, key=value or JSON, on stderr.
+
+Messages are written as ``event=name key=%s ...``. Whatever fills a ``%s``
+is escaped here (``show``) unless the caller did it already, so text from a
+peer or the database can neither break the line (CR, LF, ESC...) nor add a
+key: in JSON, ``time``/``level``/``logger`` and every key already set win
+over anything later. Known secrets (the database password) are replaced by
+``***`` in every line, tracebacks included.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import traceback
+from typing import Iterable
+
+
+class Shown(str):
+    """Text that ``show`` made safe already (not escaped twice)."""
 
 
 def show(value: bytes | str | None) -> str:
     """A value safe for one log line: control bytes and quotes escaped."""
     if value is None:
-        return "-"
+        return Shown("-")
+    if isinstance(value, Shown):
+        return value
+    total = len(value)
     if isinstance(value, bytes):
-        value = value.decode("utf-8", "backslashreplace")
+        value = value[:1024].decode("utf-8", "backslashreplace")
     out = []
-    for ch in value:
+    for ch in value[:257]:          # never a loop over a 1 MiB username
         if ch in '"\\':
             out.append("\\" + ch)
         elif ch.isprintable() and ch != " ":
@@ -24,25 +42,93 @@ def show(value: bytes | str | None) -> str:
         else:
             out.append(ch.encode("unicode_escape").decode("ascii"))
     text = "".join(out)
-    if len(text) > 256:
-        text = text[:256] + f"...({len(value)} chars)"
-    return f'"{text}"' if (" " in text or not text) else text
+    if len(text) > 256 or total > 257:
+        text = text[:256] + f"...({total} chars)"
+    return Shown(f'"{text}"' if (" " in text or "=" in text or not text) else text)
+
+
+_SECRETS: tuple[str, ...] = ()
+
+
+def set_secrets(secrets: Iterable[str]) -> None:
+    """Strings replaced by *** in every log line (longest first)."""
+    global _SECRETS
+    _SECRETS = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+
+
+def redact(text: str) -> str:
+    for secret in _SECRETS:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _safe_arg(arg: object) -> object:
+    if isinstance(arg, (Shown, int, float)) or arg is None:
+        return arg
+    return show(arg if isinstance(arg, (str, bytes)) else str(arg))
+
+
+def _controls(text: str) -> str:
+    """Escape what could still end or steer the line (if a caller put text
+    into the format string itself)."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                   for ch in text)
+
+
+def message_of(record: logging.LogRecord) -> str:
+    """The record's message with every argument escaped and secrets redacted."""
+    msg = str(record.msg)
+    args = record.args
+    if args:
+        try:
+            if isinstance(args, dict):
+                msg = msg % {k: _safe_arg(v) for k, v in args.items()}
+            else:
+                msg = msg % tuple(_safe_arg(a) for a in args)
+        except (TypeError, ValueError):
+            msg = f"{msg} args={show(repr(args))}"
+    return redact(_controls(msg))
+
+
+def _traceback_of(record: logging.LogRecord) -> str | None:
+    if not record.exc_info:
+        return None
+    text = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+    return redact(text)
 
 
 class _KVFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
-        return f"{stamp} level={record.levelname.lower()} {record.getMessage()}"
+        line = f"{stamp} level={record.levelname.lower()} {message_of(record)}"
+        tb = _traceback_of(record)
+        if tb:      # whole, on the same line: newlines and quotes escaped
+            quoted = tb.replace("\\", "\\\\").replace('"', '\\"')
+            line += f' traceback="{_controls(quoted)}"'
+        return line
+
+
+_KEY = re.compile(r"[a-z][a-z0-9_]*\Z")
 
 
 class _JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        doc = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-               "level": record.levelname.lower(), "logger": record.name}
-        for part in _split_kv(record.getMessage()):
-            key, _, value = part.partition("=")
-            doc[key] = value.strip('"')
-        return json.dumps(doc, ensure_ascii=False)
+        doc: dict[str, object] = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+                                  "level": record.levelname.lower(), "logger": record.name}
+        unparsed = []
+        for part in _split_kv(message_of(record)):
+            key, sep, value = part.partition("=")
+            if sep and _KEY.match(key) and key not in doc:
+                quoted = len(value) >= 2 and value[0] == value[-1] == '"'
+                doc[key] = value[1:-1] if quoted else value
+            else:
+                unparsed.append(part)       # never overwrites a key
+        if unparsed:
+            doc["_unparsed"] = " ".join(unparsed)
+        tb = _traceback_of(record)
+        if tb:
+            doc["_traceback"] = tb
+        return json.dumps(doc, ensure_ascii=True)
 
 
 def _split_kv(message: str) -> list[str]:
@@ -68,7 +154,8 @@ def _split_kv(message: str) -> list[str]:
     return parts
 
 
-def setup_logging(level: str, fmt: str) -> None:
+def setup_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> None:
+    set_secrets(secrets)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JSONFormatter() if fmt == "json" else _KVFormatter())
     root = logging.getLogger("lastlogin")

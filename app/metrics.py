@@ -54,6 +54,16 @@ class _StateCollector:
         yield CounterMetricFamily("lastlogin_database_errors",
                                   "Commits that failed or took longer than record_timeout",
                                   value=float(s.get("database_errors") or 0))
+        yield GaugeMetricFamily("lastlogin_config_rows_skipped",
+                                "Rule, override and alert rows the loader left out",
+                                value=float(len(s.get("config_skipped") or [])))
+        yield GaugeMetricFamily("lastlogin_quarantined_records",
+                                "Records set aside in the quarantine (see docs/reliability.md)",
+                                value=float(s.get("quarantined") or 0))
+        yield GaugeMetricFamily("lastlogin_logins_refused_spool_full",
+                                "1 while logins are refused (or let in unrecorded) because "
+                                "the spool cannot take records",
+                                value=1.0 if (s.get("refusing") or s.get("unrecorded")) else 0.0)
         age = s.get("config_checked_age")
         yield GaugeMetricFamily("lastlogin_rules_age_seconds",
                                 "Seconds since the rules in memory were confirmed current "

@@ -12,16 +12,42 @@ import socket
 from dataclasses import dataclass
 
 from .fdio import PeerError, close_all, read_message, send_all
-from .protocol import build_request, LoginRequest
+from .protocol import build_request, LoginRequest, split_tabescaped
 
 REPLY_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True)
 class HopReply:
-    line: bytes | None      # None: the next hop refused (closed without a full line)
+    line: bytes | None      # None: refused (closed without a full line) or unusable
     fd: int | None          # an fd it sent back (script-login always does)
     reason: str = ""
+    # The reply was there but unusable: the client gets a temporary failure
+    # (a refusal by the hop itself is its own business, like a deny).
+    tempfail: bool = False
+
+
+def reply_problem(line: bytes) -> str | None:
+    """Why a next hop's reply cannot go to Dovecot, or None if it can.
+
+    It must be exactly one non-empty line whose first field (the session's
+    username) is not empty; anything else would crash or confuse the mail
+    process (protocol spec §5.1).
+    """
+    if not line.endswith(b"\n"):
+        return "reply does not end in LF"
+    body = line[:-1]
+    lines = body.split(b"\n")
+    if len(lines) > 1:
+        return f"reply has {len(lines)} lines, not one"
+    if not body.strip():
+        return "empty reply line"
+    fields = split_tabescaped(body)
+    if not fields or not fields[0].strip():
+        return "reply has no username"
+    if b"\x00" in body:
+        return "reply holds a NUL byte"
+    return None
 
 
 async def forward(path: str, req: LoginRequest, fields: list[bytes], client_fd: int,
@@ -41,6 +67,10 @@ async def forward(path: str, req: LoginRequest, fields: list[bytes], client_fd: 
             except PeerError as exc:
                 close_all(fds)
                 return HopReply(None, None, f"next hop {path}: {exc}")
+        problem = reply_problem(line)
+        if problem is not None:
+            close_all(fds)
+            return HopReply(None, None, f"next hop {path}: {problem}", tempfail=True)
         # keep at most one fd, as Dovecot's own reader does
         fd = fds.pop(0) if fds else None
         close_all(fds)

@@ -6,13 +6,20 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from .errors import InvalidInput
+from .names import control_char, domain_of, normalize_domain, scope_key, scope_value, user_key
 from .protocol import field_key
+from .templates import check_template
 
 SCOPES = ("global", "domain", "user")
 
-# Fields Dovecot must get back exactly as it sent them (protocol spec §7.1).
+# Fields that say who the session is: Dovecot must get them back exactly as
+# it sent them (protocol spec §7.1), so no override may touch them.
 PROTECTED_KEYS = frozenset({"auth_mech", "auth_token", "auth_user", "auth_token_session_pid",
-                            "local_name", "master_user"})
+                            "local_name", "master_user", "user", "username", "orig_user",
+                            "session", "session_pid"})
+# Who the session runs as: only with an explicit flag, and never root.
+ID_KEYS = frozenset({"uid", "gid"})
+_ROOT_IDS = {"uid": "root", "gid": "root"}
 
 # Keys one Dovecot version reads and the other ignores (spec §7.2, §7.3).
 IGNORED_BY = {
@@ -25,16 +32,43 @@ IGNORED_BY = {
 }
 
 
-def validate_key(key: str) -> str:
+def validate_key(key: str, allow_ids: bool = False) -> str:
     if not key:
         raise InvalidInput("KEY", "must not be empty")
-    for bad, name in (("=", "'='"), ("\t", "a TAB"), ("\n", "a line feed"), ("\r", "a CR"),
-                      ("\x01", "byte 0x01"), ("\x00", "a NUL byte")):
-        if bad in key:
-            raise InvalidInput("KEY", f"must not contain {name}: {key!r}")
-    if key in PROTECTED_KEYS:
+    if "=" in key:
+        raise InvalidInput("KEY", f"must not contain '=': {key!r}")
+    bad = control_char(key)
+    if bad:
+        raise InvalidInput("KEY", f"must not contain {bad}: {key!r}")
+    if any(ch.isspace() for ch in key):
+        raise InvalidInput("KEY", f"must not contain white space: {key!r}")
+    if key.lower() in PROTECTED_KEYS:
         raise InvalidInput("KEY", f"{key} must reach Dovecot unchanged; it cannot be overridden")
+    if key.lower() in ID_KEYS and not allow_ids:
+        raise InvalidInput("KEY", f"{key} changes who the session runs as; "
+                                  f"give --allow-uid-gid to set it")
     return key
+
+
+def validate_value(key: str, value: str) -> str:
+    """A value Dovecot gets intact: no NUL, TAB, CR or LF, known variables only."""
+    for bad, name in (("\x00", "a NUL byte"), ("\t", "a TAB"), ("\r", "a CR"),
+                      ("\n", "a line feed")):
+        if bad in value:
+            raise InvalidInput("VALUE", f"must not contain {name}")
+    if key.lower() in ID_KEYS:
+        v = value.strip()
+        if (v.isdigit() and int(v) == 0) or v == _ROOT_IDS[key.lower()]:
+            raise InvalidInput("VALUE", f"{key} 0 (root) is never allowed")
+        if not v:
+            raise InvalidInput("VALUE", f"{key} must not be empty")
+    return check_template("VALUE", value)
+
+
+def validate_override(key: str, value: str, allow_ids: bool = False) -> None:
+    """Every check an override passes, from the CLI or from a row in the table."""
+    validate_key(key, allow_ids)
+    validate_value(key, value)
 
 
 def version_warning(key: str, dovecot_version: str) -> str | None:
@@ -43,13 +77,10 @@ def version_warning(key: str, dovecot_version: str) -> str | None:
 
 
 def validate_scope(scope: str, value: str | None) -> tuple[str, str]:
-    if scope == "global":
-        return scope, ""
+    """(scope, its value as stored), through the one scope normaliser."""
     if scope not in SCOPES:
         raise InvalidInput("scope", f"must be one of {', '.join(SCOPES)}")
-    if not value or not value.strip():
-        raise InvalidInput(f"--{scope}", "must not be empty")
-    return scope, value.strip().lower().lstrip("@") if scope == "domain" else value
+    return scope, scope_value(scope, value)
 
 
 @dataclass(frozen=True)
@@ -64,12 +95,13 @@ class Overrides:
         return (len(self.global_) + sum(map(len, self.domains.values()))
                 + sum(map(len, self.users.values())))
 
-    def for_login(self, username: str, domain: str | None) -> dict[str, str]:
-        """user beats domain beats global."""
+    def for_login(self, username: str, domain: str | None = None) -> dict[str, str]:
+        """user beats domain beats global (keys: ``names.scope_key``)."""
         merged = dict(self.global_)
+        domain = domain_of(username) if domain is None else normalize_domain(domain)
         if domain:
             merged.update(self.domains.get(domain, {}))
-        merged.update(self.users.get(username, {}))
+        merged.update(self.users.get(user_key(username), {}))
         return merged
 
 
@@ -122,8 +154,9 @@ class Alert:
         if self.scope == "global":
             return True
         if self.scope == "domain":
-            return domain == self.scope_value
-        return username == self.scope_value
+            return domain is not None and normalize_domain(domain) == scope_key(
+                "domain", self.scope_value)
+        return user_key(username) == scope_key("user", self.scope_value)
 
 
 def alerts_for(alerts: tuple[Alert, ...], delivered: set[tuple[int, str]], username: str,

@@ -1,19 +1,22 @@
 """Access rules and the decision: pure, no I/O.
 
 The first enabled rule that matches, by (priority, id), decides. When none
-matches, the default action applies.
+matches, the default action applies. ``login_decision`` is the one function
+the daemon and `lastlogin check` both call; names and addresses are read by
+the functions of ``names`` only.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
-import ipaddress
 from dataclasses import dataclass
-from typing import Iterable, Union
+from typing import Iterable
 
-IPNet = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-IPAddr = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+from .names import IPAddr, IPNet, domain_of, in_network, normalize_domain, parse_ip, user_key
+
+__all__ = ["ALLOW", "DENY", "Rule", "LoginFacts", "Decision", "decide", "order",
+           "login_decision", "parse_ip", "domain_of"]
 
 ALLOW = "allow"
 DENY = "deny"
@@ -34,6 +37,13 @@ class Rule:
     valid_until: dt.datetime | None = None
     message: str | None = None
 
+    def __post_init__(self) -> None:
+        # Held normalised, so matching is a plain comparison.
+        if self.username is not None:
+            object.__setattr__(self, "username", user_key(self.username))
+        if self.domain is not None:
+            object.__setattr__(self, "domain", normalize_domain(self.domain))
+
     def active_at(self, now: dt.datetime) -> bool:
         if self.valid_from is not None and now < self.valid_from:
             return False
@@ -43,58 +53,42 @@ class Rule:
         return (self.enabled
                 and self.active_at(login.now)
                 and (self.protocol is None or self.protocol == login.protocol)
-                and (self.username is None or self.username == login.username)
-                and (self.domain is None or self.domain.lower() == login.domain)
-                and _in(login.remote_ip, self.remote_network)
-                and _in(login.local_ip, self.local_network))
+                and (self.username is None or self.username == login.user)
+                and (self.domain is None or self.domain == login.domain)
+                and in_network(login.remote_ip, self.remote_network)
+                and in_network(login.local_ip, self.local_network))
 
-
-def _in(addr: IPAddr | None, net: IPNet | None) -> bool:
-    if net is None:
-        return True
-    if addr is None or addr.version != net.version:
-        return False
-    return addr in net
-
-
-@functools.lru_cache(maxsize=65536)      # addresses repeat; parsing them is not cheap
-def parse_ip(text: str | None) -> IPAddr | None:
-    """An address for matching; an IPv4-mapped IPv6 address counts as IPv4."""
-    if not text:
-        return None
-    try:
-        addr = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
-
-
-def domain_of(username: str) -> str | None:
-    if "@" not in username:
-        return None
-    return username.rsplit("@", 1)[1].lower() or None
+    @property
+    def criteria(self) -> bool:
+        """Does the rule narrow anything down (or does it match every login)?"""
+        return any(v is not None for v in (self.username, self.domain, self.remote_network,
+                                           self.local_network, self.protocol))
 
 
 @dataclass(frozen=True)
 class LoginFacts:
-    """What a decision looks at."""
+    """What a decision looks at (built by ``of``, which normalises)."""
 
     protocol: str
-    username: str
+    username: str           # trimmed, case kept
     remote_ip: IPAddr | None
     local_ip: IPAddr | None
     now: dt.datetime
 
-    @property
+    # computed once per login, not once per rule
+    @functools.cached_property
+    def user(self) -> str:
+        """The username as rules compare it."""
+        return user_key(self.username)
+
+    @functools.cached_property
     def domain(self) -> str | None:
         return domain_of(self.username)
 
     @classmethod
-    def of(cls, protocol: str, username: str, remote_ip: str | None,
-           local_ip: str | None, now: dt.datetime) -> "LoginFacts":
-        return cls(protocol, username, parse_ip(remote_ip), parse_ip(local_ip), now)
+    def of(cls, protocol: str, username: str, remote_ip: str | bytes | None,
+           local_ip: str | bytes | None, now: dt.datetime) -> "LoginFacts":
+        return cls(protocol, username.strip(), parse_ip(remote_ip), parse_ip(local_ip), now)
 
 
 @dataclass(frozen=True)
@@ -102,6 +96,9 @@ class Decision:
     action: str
     rule: Rule | None = None
     reason: str = ""
+    # Refused because lastlogin cannot decide properly (no rules loaded):
+    # the client gets the protocol's temporary-failure text, not a deny.
+    temporary: bool = False
 
     @property
     def allowed(self) -> bool:
@@ -121,8 +118,16 @@ def decide(rules: tuple[Rule, ...] | None, login: LoginFacts,
            default: str = ALLOW, unloaded: str = ALLOW) -> Decision:
     """``rules`` in evaluation order; None means they were never loaded."""
     if rules is None:
-        return Decision(unloaded, None, "no rules loaded yet")
+        return Decision(unloaded, None, "no rules loaded yet", temporary=True)
     for rule in rules:
         if rule.matches(login):
             return Decision(rule.action, rule, f"rule {rule.id}")
     return Decision(default, None, "no rule matched")
+
+
+def login_decision(rules: tuple[Rule, ...] | None, protocol: str, username: str,
+                   remote_ip: str | bytes | None, local_ip: str | bytes | None,
+                   now: dt.datetime, default: str = ALLOW, unloaded: str = ALLOW) -> Decision:
+    """The decision for one login: what the daemon enforces and `check` shows."""
+    return decide(rules, LoginFacts.of(protocol, username, remote_ip, local_ip, now),
+                  default, unloaded)

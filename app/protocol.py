@@ -181,7 +181,12 @@ def sanitize_message(text: str, limit: int = 400) -> bytes:
     return cleaned.encode("utf-8")
 
 
+def _sieve_quoted(msg: bytes) -> bytes:
+    return b'"' + msg.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
 def deny_line(protocol: str, text: str) -> bytes:
+    """What a client refused by a rule sees: a permanent 'no'."""
     msg = sanitize_message(text)
     if protocol == "imap":
         return b"* BYE [ALERT] " + msg + b"\r\n"
@@ -190,7 +195,32 @@ def deny_line(protocol: str, text: str) -> bytes:
     if protocol == "submission":
         return b"421 4.7.0 " + msg + b"\r\n"
     if protocol == "managesieve":
-        return b'BYE "' + msg.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"\r\n'
+        return b"BYE " + _sieve_quoted(msg) + b"\r\n"
+    raise ValueError(f"unknown protocol {protocol!r}")
+
+
+TEMPFAIL_TEXT = "Temporary server failure, try again later."
+
+
+def tempfail_line(protocol: str, text: str = TEMPFAIL_TEXT) -> bytes:
+    """What a client sees when lastlogin cannot let it in for now.
+
+    The protocol's own "try again later": IMAP ``[UNAVAILABLE]`` (RFC 5530),
+    POP3 ``[SYS/TEMP]`` (RFC 3206, what Dovecot itself sends on internal
+    failures), SMTP ``421 4.3.0`` (RFC 3463: mail system status, transient),
+    ManageSieve ``(TRYLATER)`` (RFC 5804). Used when rules are not loaded,
+    when the spool is full, when an override cannot be expanded safely and
+    when the next post-login hop answers with something unusable.
+    """
+    msg = sanitize_message(text or TEMPFAIL_TEXT)
+    if protocol == "imap":
+        return b"* BYE [UNAVAILABLE] " + msg + b"\r\n"
+    if protocol == "pop3":
+        return b"-ERR [SYS/TEMP] " + msg + b"\r\n"
+    if protocol == "submission":
+        return b"421 4.3.0 " + msg + b"\r\n"
+    if protocol == "managesieve":
+        return b"BYE (TRYLATER) " + _sieve_quoted(msg) + b"\r\n"
     raise ValueError(f"unknown protocol {protocol!r}")
 
 

@@ -1,34 +1,47 @@
-"""The login writer: group commit on one thread, and the outage spool.
+"""Record a login, or spool it: the one owner of "what if the database fails".
 
-Logins hand their record to ``submit`` and wait on the returned future. The
-writer thread takes everything that queued up while the previous commit was
-running and stores it in one transaction, so under load many logins share
-one commit (and one fsync) instead of paying for one each.
+The service calls ``await recorder.record(rec, timeout)`` and gets back how
+the record became durable -- COMMITTED, SPOOLED, QUARANTINED -- or DROPPED
+(spool full, ``spool_full_action = "allow"``), or a ``RecordError`` when it
+could not be kept at all and the login must not go on. It knows nothing of
+files or connections.
 
-When the database fails, the batch goes to the local spool instead (fsync'ed
-before the futures resolve) and the recorder is marked down: until the
-replayer sees the database again, logins spool directly and no login waits
-on a database that is not there.
+Behind that one call:
+
+- **Group commit.** A writer thread takes everything that queued up while
+  the previous commit ran and stores it in one transaction, so under load
+  many logins share one commit (and one fsync).
+- **Outages.** A commit that fails, or takes longer than the timeout, marks
+  the recorder down and sends the record to the spool (fsync'ed before the
+  answer). While down, logins spool directly; the ``Replayer`` probes the
+  database and replays closed segments when it answers.
+- **Exactly once.** A record that timed out may still commit later *and*
+  be in the spool: the fold into last_logins happens only for rows the
+  INSERT itself adds, so it counts once (app/db/store.record_logins).
+- **A bad record never blocks the rest.** A record the database rejects for
+  its data (SQLSTATE classes 22, 23, 54) is retried alone, then set aside in
+  the quarantine with the reason; its batch mates are committed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import datetime as dt
 import logging
 import queue
+import sqlite3
 import threading
 import time
+import uuid
 from typing import Callable, Sequence
 
-import sqlalchemy as sa
-
 import psycopg
+import sqlalchemy as sa
 
 from .db.store import LoginRecord, record_logins
 from .db.writers import writer_for
 from .logs import show
-from .spool import Spool, SpoolFull
+from .spool import QuarantineFull, Spool, SpoolFull, encode, record_key
 from .worker import Worker
 
 log = logging.getLogger("lastlogin.recorder")
@@ -36,18 +49,96 @@ log = logging.getLogger("lastlogin.recorder")
 _STOP = object()
 
 Writer = Callable[[sa.Connection, Sequence[LoginRecord]], int]
-Item = tuple[LoginRecord, "concurrent.futures.Future[str]"]
-# What the database says about one record (not about itself): retry the
-# batch record by record so only that one fails.
-DATA_ERRORS = (sa.exc.IntegrityError, sa.exc.DataError, psycopg.errors.IntegrityError,
-               psycopg.errors.DataError)
 
-COMMITTED, SPOOLED, DROPPED = "committed", "spooled", "dropped"
+COMMITTED, SPOOLED, QUARANTINED, DROPPED = "committed", "spooled", "quarantined", "dropped"
+
+# SQLSTATE classes that say "this record's data", not "the database": data
+# exception, integrity constraint violation, program limit exceeded (an
+# index row too large, say).
+DATA_STATES = ("22", "23", "54")
+# Classes that say "the database cannot take writes now": connection,
+# insufficient resources, operator intervention (shutdown, statement
+# timeout), system error, internal error, transaction rollback (deadlock,
+# serialization), authorization (a role that may not log in), unknown
+# database, object not available (lock timeout).
+AWAY_STATES = ("08", "53", "57", "58", "XX", "40", "28", "3D", "55")
+
+
+class RecordError(Exception):
+    """The login could be neither recorded nor spooled: it must not go on."""
 
 
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _state(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None) or exc
+    return getattr(orig, "sqlstate", None)
+
+
+def rejects_record(exc: BaseException) -> bool:
+    """True when the database refused the data of a record, not the write as such."""
+    state = _state(exc)
+    if state:
+        return state[:2] in DATA_STATES
+    if isinstance(exc, sa.exc.StatementError) and not isinstance(exc, sa.exc.DBAPIError):
+        return True             # a value the driver could not even send
+    orig = getattr(exc, "orig", None) or exc
+    return isinstance(exc, (sa.exc.IntegrityError, sa.exc.DataError)) or isinstance(
+        orig, (sqlite3.IntegrityError, sqlite3.DataError))
+
+
+def database_away(exc: BaseException) -> bool:
+    """True when the error says the database cannot take writes now (an outage)."""
+    state = _state(exc)
+    if state:
+        return state[:2] in AWAY_STATES
+    orig = getattr(exc, "orig", None) or exc
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError,
+                            sa.exc.TimeoutError)) or isinstance(
+        orig, (psycopg.OperationalError, psycopg.InterfaceError, sqlite3.OperationalError,
+               OSError))
+
+
+def canary(now: dt.datetime | None = None) -> LoginRecord:
+    """A record that any working database accepts; written and rolled back."""
+    return LoginRecord(event_id=uuid.uuid4(), occurred_at=now or dt.datetime.now(dt.timezone.utc),
+                       username=b"lastlogin-canary", protocol="imap", remote_ip=None,
+                       local_ip=None, outcome="denied")
+
+
+def accepts_writes(engine: sa.Engine) -> bool:
+    """Does the database take an ordinary record now? (Nothing stays behind.)
+
+    Tells a record the database refuses for reasons of its own (a trigger, a
+    policy) from a database that refuses everything: only the first is set
+    aside; the second is an outage and its records wait in the spool.
+    """
+    try:
+        with engine.connect() as conn:
+            tx = conn.begin()
+            try:
+                record_logins(conn, [canary()])
+            finally:
+                tx.rollback()
+        return True
+    except Exception:  # noqa: BLE001 - whatever it is, it does not take writes
+        return False
+
+
+class _Waiter:
+    """A login on the event loop waiting for its batch."""
+
+    __slots__ = ("loop", "fut")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fut: "asyncio.Future[str]") -> None:
+        self.loop = loop
+        self.fut = fut
+
+
+Item = tuple[LoginRecord, _Waiter]
 
 
 class Recorder:
@@ -62,49 +153,94 @@ class Recorder:
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="lastlogin-writer",
                                         daemon=True)
-        self._spool_lock = threading.Lock()
+        self._count_lock = threading.Lock()
         self.down = False           # the database failed; cleared by the replayer
         self.busy_since: float | None = None    # when the current commit began
+        self.spool_refusing: str | None = None  # why logins are refused, while they are
         self.commits = 0
         self.records = 0
         self.spooled = 0
         self.dropped = 0
+        self.quarantined = 0
         self.db_errors = 0
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, record: LoginRecord) -> concurrent.futures.Future[str]:
-        """For threads: a concurrent future."""
-        fut: concurrent.futures.Future[str] = concurrent.futures.Future()
-        self._queue.put((record, fut))
-        return fut
-
-    def submit_async(self, record: LoginRecord) -> "asyncio.Future[str]":
-        """For the event loop: an asyncio future, settled with its batch mates
-        in one wake-up of the loop (not one per login)."""
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._queue.put((record, _LoopWaiter(loop, fut)))
-        return fut
-
     def stop(self, timeout: float) -> bool:
         """Write what is queued, then end the thread; False if it did not end."""
-        if not self._thread.is_alive():
-            return True
-        self._queue.put(_STOP)
-        self._thread.join(timeout)
-        if not self._thread.is_alive():
-            self._writer.close()
-        return not self._thread.is_alive()
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False
+        self._writer.close()
+        if self.spool is not None:
+            self.spool.close()      # our segment becomes replayable by a successor
+        return True
+
+    # --- the one call the service makes ------------------------------------
+
+    async def record(self, rec: LoginRecord, timeout: float) -> str:
+        """Make ``rec`` durable; COMMITTED, SPOOLED, QUARANTINED or DROPPED.
+
+        Raises RecordError when it is neither stored nor spooled (no spool,
+        or a full/failing spool with ``spool_full_action = "refuse"``).
+        """
+        if self.down and self.spool is not None:
+            return await self._spool_async(rec)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[str] = loop.create_future()
+        self._queue.put((rec, _Waiter(loop, fut)))
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(fut)
+        except TimeoutError:
+            pass
+        if self.spool is None:
+            fut.cancel()
+            raise RecordError(f"not committed within {timeout:g}s")
+        self.mark_down(f"commit took longer than {timeout:g}s")
+        try:
+            outcome = await self._spool_async(rec)
+        except RecordError:
+            # Neither committed yet nor spooled: the commit in flight decides
+            # (the engine's statement_timeout bounds it). A login is refused
+            # only when its record is certainly not stored.
+            return await self._late(fut)
+        fut.cancel()                # its commit may still land: a no-op then
+        return outcome
+
+    @staticmethod
+    async def _late(fut: "asyncio.Future[str]") -> str:
+        try:
+            result = await fut
+        except RecordError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever it was, not stored
+            raise RecordError(first_line(exc)) from exc
+        if result == DROPPED:
+            raise RecordError("neither committed nor spooled")
+        return result
+
+    async def _spool_async(self, rec: LoginRecord) -> str:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self._spool_or_raise, [rec])
+
+    def _spool_or_raise(self, records: list[LoginRecord]) -> str:
+        try:
+            return self.spool_records(records)
+        except SpoolFull as exc:
+            raise RecordError(f"spool: {first_line(exc)}") from exc
 
     # --- the spool side ---------------------------------------------------
 
     def mark_down(self, why: str) -> None:
-        self.db_errors += 1
-        if not self.down:
+        with self._count_lock:
+            self.db_errors += 1
+            was, self.down = self.down, True
+        if not was:
             log.error("event=database_down action=spooling reason=%s", show(why))
-        self.down = True
 
     def stuck(self, after: float) -> bool:
         """The writer has been inside one commit for longer than ``after`` seconds."""
@@ -117,22 +253,33 @@ class Recorder:
         self.down = False
 
     def spool_records(self, records: list[LoginRecord]) -> str:
-        """Keep records on disk; SPOOLED, or DROPPED/SpoolFull when it is full."""
+        """Keep records on disk: SPOOLED; DROPPED or SpoolFull when it cannot."""
         if self.spool is None:
             raise SpoolFull("no spool configured")
         try:
             self.spool.append(records)
         except SpoolFull as exc:
+            self._spool_full(str(exc))
             if self.spool_full_action == "refuse":
                 raise
-            with self._spool_lock:
+            with self._count_lock:
                 self.dropped += len(records)
-            log.error("event=spool_full action=allow_unrecorded records=%d detail=%s",
-                      len(records), show(str(exc)))
             return DROPPED
-        with self._spool_lock:
+        with self._count_lock:
             self.spooled += len(records)
+            was, self.spool_refusing = self.spool_refusing, None
+        if was:
+            log.warning("event=spool_accepting_again")
         return SPOOLED
+
+    def _spool_full(self, detail: str) -> None:
+        """One log line when the spool starts refusing, not one per login."""
+        with self._count_lock:
+            was, self.spool_refusing = self.spool_refusing, detail
+        if was is None:
+            action = ("refuse_logins" if self.spool_full_action == "refuse"
+                      else "allow_unrecorded")
+            log.error("event=spool_full action=%s detail=%s", action, show(detail))
 
     # --- the writer thread ----------------------------------------------
 
@@ -157,39 +304,38 @@ class Recorder:
         while True:
             batch, stopping = self._take_batch()
             if batch:
-                self._write([(r, f) for r, f in batch if _claim(f)])
+                self._write(batch)
             if stopping:
                 return
 
-    def _write(self, live: list[Item]) -> None:
-        if not live:
-            return
+    def _write(self, items: list[Item]) -> None:
         if self.down:
-            self._to_spool(live)
+            self._to_spool(items)
             return
         started = self.busy_since = time.monotonic()
         try:
-            self._writer.write([rec for rec, _ in live])
-        except DATA_ERRORS as exc:
-            self.busy_since = None
-            if len(live) > 1:
-                # One record the database rejects must not sink its batch
-                # mates: write them one by one so only that one fails.
-                for item in live:
-                    self._write_one(item)
-                return
-            self._rejected(live, exc)
-            return
+            self._writer.write([rec for rec, _ in items])
         except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
             self.busy_since = None
-            self._failed(live, exc)
+            if database_away(exc):
+                self._failed(items, exc)
+            elif len(items) > 1:
+                # One record the database rejects must not sink its batch
+                # mates: write them one by one so only that one is set aside.
+                for item in items:
+                    self._write([item])
+            elif rejects_record(exc) or accepts_writes(self._engine):
+                self._quarantine(items[0], exc)
+            else:
+                self._failed(items, exc)        # it takes nothing: an outage
             return
         self.busy_since = None
-        self.commits += 1
-        self.records += len(live)
-        log.debug("event=commit records=%d ms=%.2f", len(live),
+        with self._count_lock:
+            self.commits += 1
+            self.records += len(items)
+        log.debug("event=commit records=%d ms=%.2f", len(items),
                   (time.monotonic() - started) * 1000)
-        settle(live, COMMITTED)
+        settle(items, COMMITTED)
 
     def _failed(self, items: list[Item], exc: Exception) -> None:
         """The database is gone, slow or broken: spool if we can, else fail the waiters."""
@@ -197,50 +343,42 @@ class Recorder:
             self.mark_down(first_line(exc))
             self._to_spool(items)
             return
-        self._rejected(items, exc)
-
-    @staticmethod
-    def _rejected(items: list[Item], exc: Exception) -> None:
         log.error("event=record_failed records=%d error=%s", len(items), show(first_line(exc)))
-        settle(items, exc=exc)
+        settle(items, exc=RecordError(first_line(exc)))
+
+    def _quarantine(self, item: Item, exc: Exception) -> None:
+        rec, _ = item
+        reason = f"rejected by the database: {first_line(exc)}"
+        if self.spool is None:
+            log.error("event=record_rejected error=%s", show(reason))
+            settle([item], exc=RecordError(reason))
+            return
+        try:
+            self.spool.quarantine.add(encode(rec), reason, record_key(rec))
+        except OSError as err:              # QuarantineFull, or the disk said no
+            self._spool_full(f"quarantine: {first_line(err)}")
+            if self.spool_full_action == "refuse":
+                settle([item], exc=RecordError(reason))
+            else:
+                with self._count_lock:
+                    self.dropped += 1
+                settle([item], DROPPED)
+            return
+        with self._count_lock:
+            self.quarantined += 1
+        settle([item], QUARANTINED)
 
     def _to_spool(self, items: list[Item]) -> None:
+        # A login that timed out was spooled by its own task already.
+        items = [item for item in items if not item[1].fut.cancelled()]
+        if not items:
+            return
         try:
             outcome = self.spool_records([rec for rec, _ in items])
-        except Exception as exc:  # noqa: BLE001 - SpoolFull with refuse, or a disk error
-            log.error("event=spool_failed records=%d error=%s", len(items),
-                      show(first_line(exc)))
-            settle(items, exc=exc)
+        except SpoolFull as exc:
+            settle(items, exc=RecordError(f"spool: {first_line(exc)}"))
             return
         settle(items, outcome)
-
-    def _write_one(self, item: Item) -> None:
-        rec, _ = item
-        try:
-            self._writer.write([rec])
-        except DATA_ERRORS as exc:
-            self._rejected([item], exc)
-            return
-        except Exception as exc:  # noqa: BLE001 - the database went away meanwhile
-            self._failed([item], exc)
-            return
-        self.commits += 1
-        self.records += 1
-        settle([item], COMMITTED)
-
-
-class _LoopWaiter:
-    __slots__ = ("loop", "fut")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, fut: "asyncio.Future[str]") -> None:
-        self.loop = loop
-        self.fut = fut
-
-
-def _claim(waiter) -> bool:
-    if isinstance(waiter, _LoopWaiter):
-        return True         # a cancelled one (timed out) is still written: see settle
-    return waiter.set_running_or_notify_cancel()
 
 
 def _settle_on_loop(futs: list["asyncio.Future[str]"], result: str | None,
@@ -259,12 +397,7 @@ def settle(items: list[Item], result: str | None = None,
     """Tell the waiters; one thread-safe call per event loop for a whole batch."""
     by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[str]]] = {}
     for _, waiter in items:
-        if isinstance(waiter, _LoopWaiter):
-            by_loop.setdefault(waiter.loop, []).append(waiter.fut)
-        elif exc is not None:
-            waiter.set_exception(exc)
-        else:
-            waiter.set_result(result)
+        by_loop.setdefault(waiter.loop, []).append(waiter.fut)
     for loop, futs in by_loop.items():
         try:
             loop.call_soon_threadsafe(_settle_on_loop, futs, result, exc)
@@ -289,14 +422,19 @@ class Replayer(Worker):
         self.chunk = chunk
         self.writer = writer
         self.stuck_after = stuck_after
-        self.replayed = 0
 
     def _run(self) -> None:
+        last_error = ""
         while not self._stop.wait(self.interval):
             try:
                 self.run_once()
-            except Exception as exc:  # noqa: BLE001 - the database is still away
-                self.recorder.mark_down(first_line(exc))
+                last_error = ""
+            except Exception as exc:  # noqa: BLE001 - sorted below; the loop goes on
+                if database_away(exc) or isinstance(exc, sa.exc.DBAPIError):
+                    self.recorder.mark_down(first_line(exc))
+                elif first_line(exc) != last_error:
+                    log.error("event=replay_failed error=%s", show(first_line(exc)))
+                last_error = first_line(exc)
 
     def run_once(self) -> int:
         """Probe the database; if it answers, replay every closed segment."""
@@ -308,14 +446,29 @@ class Replayer(Worker):
             return 0            # it answers, but writes still hang (a held lock)
         self.recorder.mark_up()
         self.spool.close_segment()
-        done = 0
-        for segment in self.spool.closed_segments():
-            records = list(self.spool.read(segment))
-            for i in range(0, len(records), self.chunk):
-                with self.engine.begin() as conn:
-                    self.writer(conn, records[i:i + self.chunk])
-            self.spool.remove(segment)
-            done += len(records)
-            log.info("event=spool_replayed segment=%s records=%d", segment.name, len(records))
-        self.replayed += done
-        return done
+        self.spool.adopt_orphans()
+        return self.spool.replay(self._store, self.chunk)
+
+    def _store(self, records: list[LoginRecord]) -> list[tuple[LoginRecord, str]]:
+        """Commit ``records``; the ones the database rejects come back with the reason.
+
+        Raises when the database takes nothing (an outage): the segment waits.
+        """
+        try:
+            self._commit(records)
+            return []
+        except Exception as exc:  # noqa: BLE001 - sorted out below
+            if database_away(exc):
+                raise
+            if len(records) == 1:
+                if rejects_record(exc) or accepts_writes(self.engine):
+                    return [(records[0], first_line(exc))]
+                raise
+        rejected: list[tuple[LoginRecord, str]] = []
+        for rec in records:
+            rejected += self._store([rec])
+        return rejected
+
+    def _commit(self, records: list[LoginRecord]) -> None:
+        with self.engine.begin() as conn:
+            self.writer(conn, records)

@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass
 
 from .config import Settings, load_settings, ConfigError
-from .logs import show
+from .logs import Shown, show
+from .safedirs import ensure_private_dir, write_file_atomic
 from .fdio import PeerError, close_all, read_message, send_all, write_fd
 from .protocol import ProtocolError, LoginRequest, parse_request, request_complete
 from .service import Answer, Extras, LoginService, RecordError
@@ -31,6 +32,7 @@ from .service import Answer, Extras, LoginService, RecordError
 log = logging.getLogger("lastlogin.server")
 
 _PEERCRED = struct.Struct("3i")
+INLINE_PARSE_BYTES = 16 << 10       # real requests are a few hundred bytes
 
 
 class ConnectionRefused(Exception):
@@ -103,6 +105,29 @@ class Listener:
 
 SD_LISTEN_FDS_START = 3
 HANDOVER_ENV = "LASTLOGIN_HANDOVER_FDS"
+HANDOVER_NOTIFY_ENV = "LASTLOGIN_HANDOVER_NOTIFY"
+
+# The successor's start: an isolated interpreter (-I: no current or script
+# directory on sys.path, no PYTHON* variables, no user site) that imports
+# lastlogin from where this process imported it, and nothing else first.
+_SUCCESSOR_BOOT = (
+    "import sys\n"
+    "root = sys.argv.pop(1)\n"
+    "if root not in sys.path: sys.path.insert(0, root)\n"
+    "from app.cli import main\n"
+    "sys.argv[0] = 'lastlogin'\n"
+    "main()\n")
+
+
+def successor_command(config_path: str | None) -> list[str]:
+    """`lastlogin serve` as this very installation, safe to run in any cwd."""
+    import sys
+    import app
+    root = os.path.dirname(os.path.dirname(os.path.abspath(app.__file__)))
+    args = [sys.executable, "-I", "-c", _SUCCESSOR_BOOT, root]
+    if config_path:
+        args += ["--config", os.path.abspath(config_path)]
+    return args + ["serve"]
 
 
 def inherited_sockets() -> list[tuple[socket.socket, str | None, bool]]:
@@ -135,11 +160,15 @@ def inherited_sockets() -> list[tuple[socket.socket, str | None, bool]]:
 def bind_listener(protocol: str, path: str, settings: Settings) -> Listener:
     """Bind ``path`` with the configured mode and owner.
 
-    A stale socket file (nobody answers) is replaced atomically: the new
-    socket is bound under a temporary name and renamed over it, so there is
-    never a moment without a socket at ``path``. A live one is left alone.
+    Its directory is made private (or checked) first: whoever can write
+    there could put their own socket at ``path``. A stale socket file
+    (nobody answers) is replaced atomically: the new socket is bound under a
+    temporary name and renamed over it, so there is never a moment without
+    a socket at ``path``. A live one is left alone.
     """
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    setting = f"socket_{protocol}" if getattr(settings, f"socket_{protocol}") else "socket_dir"
+    ensure_private_dir(os.path.dirname(os.path.abspath(path)), setting,
+                       settings.socket_group or None)
     if os.path.exists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise SocketInUse(f"{path} exists and is not a socket")
@@ -191,10 +220,14 @@ class Server:
         self._accepting: list[asyncio.Task[None]] = []
         self._inflight: set[asyncio.Task[None]] = set()
         self._stop = asyncio.Event()
+        self._slots: asyncio.Semaphore | None = None
+        self._limit_logged_at = -1e9
 
     # lifecycle
     def bind(self) -> None:
         """Take over inherited sockets by their path; bind the others."""
+        ensure_private_dir(self.settings.runtime_dir(), "socket_dir",
+                           self.settings.socket_group or None)
         inherited = {}
         for sock, name, owned in inherited_sockets():
             if name is None:
@@ -238,10 +271,19 @@ class Server:
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGUSR2, self._start_handover)
+        self._slots = asyncio.Semaphore(self.settings.max_connections)
         for lst in self.listeners:
             self._accepting.append(asyncio.create_task(self._accept_loop(lst.protocol, lst.sock)))
             log.info("event=listening protocol=%s socket=%s", lst.protocol, lst.path)
         sd_notify("READY=1\nSTATUS=serving")
+        if HANDOVER_NOTIFY_ENV in os.environ:
+            # A successor told its predecessor (above); from now on systemd's
+            # socket, now that the predecessor made us its MAINPID.
+            restore = os.environ.pop(HANDOVER_NOTIFY_ENV)
+            if restore:
+                os.environ["NOTIFY_SOCKET"] = restore
+            else:
+                os.environ.pop("NOTIFY_SOCKET", None)
         status = asyncio.create_task(self._write_status())
         try:
             await self._stop.wait()
@@ -250,7 +292,7 @@ class Server:
                 loop.remove_signal_handler(sig)
             status.cancel()
             with contextlib.suppress(OSError):
-                os.unlink(os.path.join(self.settings.socket_dir, "status.json"))
+                os.unlink(os.path.join(self.settings.runtime_dir(), "status.json"))
             await self._drain()
 
     async def _drain(self) -> None:
@@ -269,17 +311,19 @@ class Server:
                 await asyncio.wait(late, timeout=1)
 
     async def _write_status(self, every: float = 2.0) -> None:
-        """Keep <socket_dir>/status.json current for `lastlogin status`."""
-        path = os.path.join(self.settings.socket_dir, "status.json")
+        """Keep <socket_dir>/status.json current for `lastlogin status`.
+
+        Written through a descriptor of the (checked) directory, to a new
+        temporary name (O_EXCL|O_NOFOLLOW) renamed into place: a symlink
+        planted under either name is replaced, never written through.
+        """
+        directory = self.settings.runtime_dir()
         while True:
             doc = self.service.status()
             doc.update(pid=os.getpid(), written_at=time.time(),
                        inflight=len(self._inflight))
-            tmp = f"{path}.{os.getpid()}"
             try:
-                with open(tmp, "w") as fh:
-                    json.dump(doc, fh)
-                os.replace(tmp, path)
+                write_file_atomic(directory, "status.json", json.dumps(doc).encode(), 0o644)
             except OSError as exc:
                 log.warning("event=status_write_failed error=%s", show(str(exc)))
             await asyncio.sleep(every)
@@ -298,21 +342,20 @@ class Server:
         so, this process terminates it and goes on serving.
         """
         import subprocess
-        import sys
         loop = asyncio.get_running_loop()
         fds = [lst.sock.fileno() for lst in self.listeners]
         handed = ",".join(f"{lst.path}={lst.sock.fileno()}" for lst in self.listeners)
-        notify_path = os.path.join(self.settings.socket_dir, f".handover-{os.getpid()}")
+        notify_path = os.path.join(self.settings.runtime_dir(), f".handover-{os.getpid()}")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(notify_path)
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         notify.bind(notify_path)
-        env = dict(os.environ, NOTIFY_SOCKET=notify_path, **{HANDOVER_ENV: handed})
-        args = [sys.executable, "-m", "app"]
-        if self.config_path:
-            args += ["--config", self.config_path]
+        env = dict(os.environ, NOTIFY_SOCKET=notify_path,
+                   **{HANDOVER_ENV: handed,
+                      HANDOVER_NOTIFY_ENV: os.environ.get("NOTIFY_SOCKET", "")})
         try:
-            child = subprocess.Popen(args + ["serve"], env=env, pass_fds=fds)
+            child = subprocess.Popen(successor_command(self.config_path), env=env,
+                                     pass_fds=fds, cwd="/")
             log.info("event=handover_started child_pid=%d", child.pid)
             try:
                 async with asyncio.timeout(ready_timeout):
@@ -329,6 +372,10 @@ class Server:
                 os.unlink(notify_path)
         for lst in self.listeners:
             lst.owned = False           # the successor unlinks them when it is done
+        # systemd (NotifyAccess=main) takes the successor as the service's
+        # main process before this one exits.
+        sd_notify(f"MAINPID={child.pid}")
+        os.environ.pop("NOTIFY_SOCKET", None)   # no longer the service's process
         log.info("event=handover_done child_pid=%d", child.pid)
         self.request_stop()
         return True
@@ -342,7 +389,8 @@ class Server:
             return
         fixed = [k for k in ("database_url", "socket_dir", "protocols", "socket_imap",
                              "socket_pop3", "socket_submission", "socket_managesieve",
-                             "socket_mode", "socket_owner", "socket_group")
+                             "socket_mode", "socket_owner", "socket_group",
+                             "max_connections", "data_dir", "spool_dir", "database_group")
                  if getattr(new, k) != getattr(self.settings, k)]
         if fixed:
             log.warning("event=reload_needs_restart keys=%s", ",".join(fixed))
@@ -357,19 +405,34 @@ class Server:
 
     async def _accept_loop(self, proto: str, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        slots = self._slots or asyncio.Semaphore(self.settings.max_connections)
         while True:
+            if slots.locked():
+                # Further peers wait in the listen backlog (Dovecot retries
+                # nothing: they are served as soon as a slot frees up).
+                now = time.monotonic()
+                if now - self._limit_logged_at > 10:
+                    self._limit_logged_at = now
+                    log.warning("event=max_connections_reached limit=%d",
+                                self.settings.max_connections)
+            await slots.acquire()
             try:
                 conn, _ = await loop.sock_accept(sock)
             except OSError as exc:
+                slots.release()
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.error("event=accept_failed protocol=%s error=%s", proto, exc)
                     await asyncio.sleep(0.1)
                     continue
                 raise
+            except BaseException:
+                slots.release()
+                raise
             conn.setblocking(False)
             task = asyncio.create_task(self._handle(proto, conn))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
+            task.add_done_callback(lambda _t: slots.release())
 
     # one connection
     async def _handle(self, proto: str, conn: socket.socket) -> None:
@@ -414,6 +477,11 @@ class Server:
                                  request_complete, "request", deadline)
         if len(fds) != 1:
             raise ProtocolError(f"expected one client fd, got {len(fds)}")
+        if len(buf) > INLINE_PARSE_BYTES:
+            # A big request (up to max_request_bytes, every byte escaped)
+            # takes tens of ms to un-escape: off the loop, which keeps
+            # serving the other logins meanwhile.
+            return await asyncio.to_thread(parse_request, buf)
         return parse_request(buf)
 
     def _log_login(self, proto: str, req: LoginRequest, answer: Answer,
@@ -429,7 +497,7 @@ class Server:
                  rec.outcome, rec.rule_id if rec.rule_id is not None else "-",
                  show(rec.auth_mech), len(rec.alerts_shown),
                  (time.monotonic() - started) * 1000,
-                 "" if answer.allowed else f" reason={show(answer.reason)}")
+                 Shown("" if answer.allowed else f" reason={show(answer.reason)}"))
 
     def _log_refused(self, proto: str, peer: Peer | None, req: LoginRequest | None,
                      reason: str) -> None:

@@ -6,7 +6,7 @@ client and takes back an ``Answer``.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import datetime as dt
 import os
 import random
@@ -20,16 +20,15 @@ from .db.store import LoginRecord, normalize_ip, text_form
 from .metrics import Metrics
 from .nexthop import forward
 from .overrides import alerts_for, merge_fields, union_list
-from .policy import ALLOW, Decision, LoginFacts, decide, domain_of
+from .policy import ALLOW, Decision, LoginFacts, decide, domain_of, login_decision
 from .protocol import (DEFAULT_DENY_TEXT, LoginRequest, alert_line, build_reply,
-                       deny_line, field_value)
-from .recorder import Recorder, first_line
+                       deny_line, field_value, tempfail_line, TEMPFAIL_TEXT)
+from .recorder import Recorder, RecordError
 from .snapshot import ConfigCache, Snapshot
 from .sysgroups import GroupCache
+from .templates import ExpansionRefused, LoginVars, expand, expand_fields
 
-
-class RecordError(Exception):
-    """The login could not be recorded in time; it must not be acknowledged."""
+__all__ = ["Answer", "Extras", "LoginService", "Policy", "RecordError"]
 
 
 class ClientChannel(Protocol):
@@ -72,7 +71,8 @@ class Answer:
 
 def make_record(protocol: str, req: LoginRequest, outcome: str,
                 now: dt.datetime, rule_id: int | None = None,
-                alerts_shown: tuple[int, ...] = ()) -> LoginRecord:
+                alerts_shown: tuple[int, ...] = (), message: str | None = None,
+                policy_applied: bool = True, host: str | None = None) -> LoginRecord:
     return LoginRecord(
         event_id=new_event_id(),
         occurred_at=now,
@@ -86,6 +86,9 @@ def make_record(protocol: str, req: LoginRequest, outcome: str,
         master_user=req.master_user,
         auth_user=req.auth_user,
         alerts_shown=alerts_shown,
+        message=message,
+        policy_applied=policy_applied,
+        host=host,
     )
 
 
@@ -100,6 +103,12 @@ class Policy:
     def decide(self, facts: LoginFacts) -> Decision:
         return decide(self.cache.rules, facts, self.default_action, self.unloaded_action)
 
+    def decide_login(self, protocol: str, username: str, remote_ip: bytes | str | None,
+                     local_ip: bytes | str | None, now: dt.datetime) -> Decision:
+        """The one decision function, also what `lastlogin check` calls."""
+        return login_decision(self.cache.rules, protocol, username, remote_ip, local_ip, now,
+                              self.default_action, self.unloaded_action)
+
 
 @dataclass
 class Extras:
@@ -108,6 +117,7 @@ class Extras:
     groups: GroupCache | None = None
     next_sockets: dict[str, str] = field(default_factory=dict)
     next_timeout: float = 20.0
+    host_name: str | None = None        # stored with every login (login_events.host)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Extras":
@@ -115,7 +125,7 @@ class Extras:
             groups=GroupCache() if settings.acl_groups_from_system else None,
             next_sockets={p: settings.next_socket(p) for p in settings.protocols
                           if settings.next_socket(p)},
-            next_timeout=settings.next_timeout)
+            next_timeout=settings.next_timeout, host_name=settings.host_name)
 
 
 @dataclass(frozen=True)
@@ -129,9 +139,15 @@ class Plan:
 
 async def plan_login(snap: Snapshot | None, groups: GroupCache | None, protocol: str,
                      req: LoginRequest, user: str, now: dt.datetime) -> Plan:
-    """Fields and alerts for an allowed login (also what `lastlogin check` shows)."""
+    """Fields and alerts for an allowed login (also what `lastlogin check` shows).
+
+    Override values and alert texts are expanded for this login; an unsafe
+    expansion raises ExpansionRefused (the login must be refused).
+    """
     domain = domain_of(user)
     wanted = snap.overrides.for_login(user, domain) if snap else {}
+    tvars = LoginVars.of(req.username, protocol, req.remote_ip, req.local_ip)
+    wanted = expand_fields(wanted, tvars)
     if groups is not None:
         extra = await groups.groups(user)
         if extra:
@@ -146,7 +162,7 @@ async def plan_login(snap: Snapshot | None, groups: GroupCache | None, protocol:
         # IMAP only: elsewhere an unsolicited line would break the session.
         alerts = alerts_for(snap.alerts, snap.delivered, user, domain, now)
     shown = [a.id for a in alerts if a.show_once]
-    return Plan(fields, shown, b"".join(alert_line(a.message) for a in alerts))
+    return Plan(fields, shown, b"".join(alert_line(expand(a.message, tvars)) for a in alerts))
 
 
 class LoginService:
@@ -164,6 +180,7 @@ class LoginService:
         """What `lastlogin status` reads (through the daemon's status file)."""
         snap = self.policy.cache.snapshot
         rec = self.recorder
+        full = rec.spool_refusing
         return {
             "database_down": rec.down,
             "config_version": snap.version if snap else None,
@@ -171,22 +188,44 @@ class LoginService:
             "config_checked_age": self.policy.cache.checked_age(),
             "spool_bytes": rec.spool.size if rec.spool else 0,
             "committed": rec.records, "spooled": rec.spooled, "dropped": rec.dropped,
+            "quarantined": rec.spool.quarantine.count() if rec.spool else rec.quarantined,
             "database_errors": rec.db_errors,
+            # while the spool cannot take records: refused, or allowed unrecorded
+            "refusing": full if full and rec.spool_full_action == "refuse" else None,
+            "unrecorded": full if full and rec.spool_full_action != "refuse" else None,
+            # rows the loader left out: [table, id, reason] (`status` warns)
+            "config_skipped": [list(x) for x in self.policy.cache.skipped],
+            "config_load_error": self.policy.cache.load_error,
         }
 
     async def login(self, protocol: str, req: LoginRequest, client: ClientChannel) -> Answer:
+        """Decide, plan and record one login; RecordError if it cannot be recorded
+        (the client has then been told to try again later)."""
+        try:
+            return await self._login(protocol, req, client)
+        except RecordError:
+            with contextlib.suppress(OSError, TimeoutError):
+                await client.write(tempfail_line(protocol))
+            raise
+
+    async def _login(self, protocol: str, req: LoginRequest,
+                     client: ClientChannel) -> Answer:
         started = time.perf_counter()
         now = self.clock()
         user = text_form(req.username)[0]
-        facts = LoginFacts.of(protocol, user, normalize_ip(req.remote_ip),
-                              normalize_ip(req.local_ip), now)
-        decision = self.policy.decide(facts)
+        applied = self.policy.cache.rules is not None
+        decision = self.policy.decide_login(protocol, user, req.remote_ip, req.local_ip, now)
         rule_id = decision.rule.id if decision.rule else None
         if not decision.allowed:
             if self.metrics:
                 self.metrics.decision_seconds.observe(time.perf_counter() - started)
-            return await self._refuse(protocol, req, now, rule_id, decision, client)
-        plan = await self.plan(protocol, req, user, now)
+            return await self._refuse(protocol, req, now, rule_id, decision, client, applied)
+        try:
+            plan = await self.plan(protocol, req, user, now)
+        except ExpansionRefused as exc:
+            return await self._refuse(protocol, req, now, None,
+                                      Decision("deny", None, f"override: {exc}", temporary=True),
+                                      client, applied)
         if self.metrics:
             self.metrics.decision_seconds.observe(time.perf_counter() - started)
         if plan.alert_bytes:
@@ -198,11 +237,15 @@ class LoginService:
         if hop:
             got = await forward(hop, req, plan.fields, client.fd, self.extras.next_timeout)
             if got.line is None:
-                record = make_record(protocol, req, "denied", now, None)
+                record = make_record(protocol, req, "denied", now, None,
+                                     host=self.extras.host_name)
                 await self._commit(record)
+                if got.tempfail:
+                    await client.write(tempfail_line(protocol))
                 return Answer(record, None, reason=got.reason)
             reply, reply_fd = got.line, got.fd
-        record = make_record(protocol, req, "allowed", now, rule_id, tuple(plan.alerts))
+        record = make_record(protocol, req, "allowed", now, rule_id, tuple(plan.alerts),
+                             policy_applied=applied, host=self.extras.host_name)
         try:
             await self._commit(record)
         except RecordError:
@@ -223,43 +266,24 @@ class LoginService:
 
     async def _refuse(self, protocol: str, req: LoginRequest, now: dt.datetime,
                       rule_id: int | None, decision: Decision,
-                      client: ClientChannel) -> Answer:
-        record = make_record(protocol, req, "denied", now, rule_id)
+                      client: ClientChannel, applied: bool) -> Answer:
+        # What the client is told, and what the history keeps of it.
+        if decision.temporary:
+            message, line = TEMPFAIL_TEXT, tempfail_line(protocol)
+        else:
+            message = decision.message or DEFAULT_DENY_TEXT
+            line = deny_line(protocol, message)
+        record = make_record(protocol, req, "denied", now, rule_id, message=message,
+                             policy_applied=applied, host=self.extras.host_name)
         await self._commit(record)
-        await client.write(deny_line(protocol, decision.message or DEFAULT_DENY_TEXT))
+        await client.write(line)
         return Answer(record, None, reason=decision.reason)
 
-    async def _commit(self, record: LoginRecord) -> None:
-        """Durable before the answer: committed, or spooled while the database is away."""
+    async def _commit(self, record: LoginRecord) -> str:
+        """Durable before the answer (committed, spooled or set aside), or RecordError."""
         started = time.perf_counter()
         try:
-            await self._durable(record)
+            return await self.recorder.record(record, self.record_timeout)
         finally:
             if self.metrics:
                 self.metrics.record_seconds.observe(time.perf_counter() - started)
-
-    async def _durable(self, record: LoginRecord) -> None:
-        rec = self.recorder
-        if rec.down and rec.spool is not None:
-            await self._spool(record)
-            return
-        fut = rec.submit_async(record)
-        try:
-            # On a timeout the record stays in its batch; if that commit
-            # lands later, replaying the spooled copy is a no-op.
-            async with asyncio.timeout(self.record_timeout):
-                await fut
-        except TimeoutError:
-            if rec.spool is None:
-                raise RecordError(f"not committed within {self.record_timeout:g}s") from None
-            rec.mark_down(f"commit took longer than {self.record_timeout:g}s")
-            await self._spool(record)
-        except Exception as exc:  # noqa: BLE001 - the database (or the spool) said no
-            raise RecordError(first_line(exc)) from exc
-
-    async def _spool(self, record: LoginRecord) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(None, self.recorder.spool_records, [record])
-        except Exception as exc:  # noqa: BLE001 - full (with refuse) or a disk error
-            raise RecordError(f"spool: {first_line(exc)}") from exc

@@ -5,6 +5,14 @@ A login never waits on the database for a decision: it reads the current
 on PostgreSQL it is woken by NOTIFY lastlogin_config at once (and checks
 every few seconds besides); on SQLite it checks twice a second. If the
 database goes away, the last snapshot keeps deciding.
+
+Rows are loaded one by one: a row that cannot be used is left out, named in
+the log and in ``Snapshot.skipped`` (for `lastlogin status`), and everything
+else keeps loading. A ``config_version`` table without exactly one row makes
+the refresher reload on every check (and say so) instead of never again. A
+load that fails for any reason other than an unreachable database keeps the
+last snapshot (or none: then ``rules_unloaded_action`` decides) and is
+retried; it never stops the daemon.
 """
 
 from __future__ import annotations
@@ -15,8 +23,10 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
+from .db.loading import Skipped
 from .db.overrides import load_alerts, load_deliveries, load_overrides
-from .db.rules import config_version_of, load_rules
+from .db.rules import config_version_of, config_version_rows, load_rules
+from .logs import show
 from .overrides import Alert, Overrides
 from .policy import Rule
 from .worker import Worker
@@ -28,22 +38,52 @@ NOTIFY_CHANNEL = "lastlogin_config"
 
 @dataclass(frozen=True)
 class Snapshot:
-    version: int
+    version: int | None     # None: config_version does not hold exactly one row
     rules: tuple[Rule, ...]
     overrides: Overrides = field(default_factory=Overrides)
     alerts: tuple[Alert, ...] = ()
     # (alert id, username) of show-once alerts already shown. The daemon adds
     # to it as it shows them, so this one set is shared, not copied.
-    delivered: set[tuple[int, str]] = field(default_factory=set)
-    loaded_at: float = field(default_factory=time.monotonic)
+    delivered: set[tuple[int, str]] = field(default_factory=set, compare=False)
+    loaded_at: float = field(default_factory=time.monotonic, compare=False)
+    # Rows left out: (table, id, reason). Empty when everything loaded.
+    skipped: tuple[tuple[str, int, str], ...] = ()
 
 
 def load_snapshot(conn: sa.Connection) -> Snapshot:
     # The version is read first: a change committed in between makes the
     # data newer than the number, which only causes one more reload.
     version = config_version_of(conn)
-    return Snapshot(version=version, rules=load_rules(conn), overrides=load_overrides(conn),
-                    alerts=load_alerts(conn), delivered=load_deliveries(conn))
+    skipped: Skipped = []
+    if version is None:
+        rows = config_version_rows(conn)
+        skipped.append(("config_version", rows, f"has {rows} rows instead of 1: changes are "
+                        "found by reloading everything at every check"))
+    rules = load_rules(conn, skipped)
+    overrides = load_overrides(conn, skipped)
+    alerts = load_alerts(conn, skipped)
+    return Snapshot(version=version, rules=rules, overrides=overrides, alerts=alerts,
+                    delivered=load_deliveries(conn), skipped=tuple(skipped))
+
+
+def status_checks(doc: dict) -> list[tuple[int, str, str]]:
+    """What `lastlogin status` adds from the daemon's status file (status.json).
+
+    (level, check, detail) with status's levels: 1 warning. A row left out
+    and a load that fails are warnings until fixed (the exit status says so).
+    """
+    out = [(1, "config", line) for line in skipped_warnings(
+        tuple(doc.get("config_skipped") or ()))]
+    if doc.get("config_load_error"):
+        out.append((1, "config", f"cannot load rules, overrides and alerts: "
+                                 f"{doc['config_load_error']}"))
+    return out
+
+
+def skipped_warnings(skipped) -> list[str]:
+    """One line per row left out, for `lastlogin status` (names table, id, reason)."""
+    return [f"{table} row {row_id} skipped: {reason}" if table != "config_version"
+            else f"config_version {reason}" for table, row_id, reason in skipped]
 
 
 class ConfigCache:
@@ -52,6 +92,12 @@ class ConfigCache:
     def __init__(self) -> None:
         self.snapshot: Snapshot | None = None
         self.checked_at: float | None = None    # last time the database was asked
+        self.load_error: str | None = None      # why the last load failed, if it did
+
+    @property
+    def skipped(self) -> tuple[tuple[str, int, str], ...]:
+        snap = self.snapshot
+        return () if snap is None else snap.skipped
 
     @property
     def rules(self) -> tuple[Rule, ...] | None:
@@ -82,20 +128,47 @@ class Refresher(Worker):
         self._failing = False
 
     def refresh(self) -> bool:
-        """Load a new snapshot if the version moved; True if one was loaded."""
+        """Load a new snapshot if the version moved; True if one was loaded.
+
+        Raises only when the database cannot be reached (the caller spools);
+        any other failure is logged, leaves the cache as it is and returns
+        False, so the next check tries again.
+        """
+        try:
+            return self._refresh()
+        except (sa.exc.OperationalError, sa.exc.InterfaceError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bad table must not stop the daemon
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if reason != self.cache.load_error:
+                log.error("event=config_load_failed error=%s", show(reason[:200]))
+            self.cache.load_error = reason
+            return False
+
+    def _refresh(self) -> bool:
         with self.engine.connect() as conn:
             current = self.cache.snapshot
-            if current is not None and config_version_of(conn) == current.version:
+            if (current is not None and current.version is not None
+                    and config_version_of(conn) == current.version):
                 self.cache.checked_at = time.monotonic()
                 return False
             snap = load_snapshot(conn)
         self.cache.checked_at = time.monotonic()
+        self.cache.load_error = None
+        before = set(current.skipped) if current is not None else set()
+        for table, row_id, reason in snap.skipped:
+            if (table, row_id, reason) not in before:
+                log.error("event=config_row_skipped table=%s id=%s reason=%s", table, row_id,
+                          show(reason))
         if current is not None:
             # deliveries shown but not yet committed when the copy was read
             snap.delivered.update(current.delivered)
+            if snap.version is None and snap == current:
+                return False        # reloaded (no version to go by), nothing changed
         self.cache.snapshot = snap
-        log.info("event=config_loaded version=%d rules=%d overrides=%d alerts=%d",
-                 snap.version, len(snap.rules), snap.overrides.count(), len(snap.alerts))
+        log.info("event=config_loaded version=%s rules=%d overrides=%d alerts=%d skipped=%d",
+                 snap.version if snap.version is not None else "unknown", len(snap.rules),
+                 snap.overrides.count(), len(snap.alerts), len(snap.skipped))
         return True
 
     def _run(self) -> None:

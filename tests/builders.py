@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
+import string
 import uuid
 
 from app.db.store import LoginRecord
@@ -22,6 +24,8 @@ HOSTILE_USERNAMES = [
     b"latin1-\xe9\xff@example.com",       # not UTF-8
     b"%s%n%x{}",
     b"A" * 4096,
+    # 3,000 bytes that do not compress: past PostgreSQL's btree row limit
+    "".join(random.Random(3000).choices(string.ascii_letters + string.digits, k=3000)).encode(),
 ]
 
 

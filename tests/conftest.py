@@ -92,10 +92,12 @@ def empty_tables(engine: sa.Engine) -> None:
 
 @pytest.fixture(params=["postgresql", "sqlite"])
 def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A migrated database on each backend, emptied after the test."""
+    """A migrated database on each backend, empty before and after the test
+    (tests that use the session's databases directly may leave rows)."""
     url = request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")
-    yield url
     engine = make_engine(url)
+    empty_tables(engine)
+    yield url
     empty_tables(engine)
     engine.dispose()
 

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from app.db import make_engine
 from app.db.rules import add_rule
 from app.db.schema import access_rules, last_logins, login_events
-from app.db.store import text_form
+from app.db.store import username_text
 from tests.harness.daemon import make_daemon
 from tests.harness.dovecot import make_dovecot
 from tests.harness.stack import running
@@ -74,14 +74,14 @@ def pop3_login(port: int, user: bytes, password: bytes = b"secret") -> poplib.PO
 
 
 def events_of(engine, user: bytes):
-    text, _ = text_form(user)
+    text, _ = username_text(user)
     with engine.connect() as conn:
         return conn.execute(sa.select(login_events).where(login_events.c.username == text)
                             .order_by(login_events.c.occurred_at)).all()
 
 
 def last_of(engine, user: bytes, protocol: str):
-    text, _ = text_form(user)
+    text, _ = username_text(user)
     with engine.connect() as conn:
         return conn.execute(sa.select(last_logins).where(
             last_logins.c.username == text, last_logins.c.protocol == protocol)).one_or_none()

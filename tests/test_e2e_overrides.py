@@ -11,12 +11,13 @@ from app.db.overrides import add_alert, set_override
 from tests.harness.daemon import make_daemon
 from tests.harness.dovecot import MAIL_UID, make_dovecot
 from tests.harness.stack import running
+from tests.test_cli import lastlogin
 from tests.test_e2e_dovecot import events_of, imap_login, pop3_login, raw_session
 
 pytestmark = pytest.mark.e2e
 
 USERS = [b"frank@example.com", b"gina@example.com", b"hank@example.com", b"ivy@example.com",
-         b"jack@example.com"]
+         b"jack@example.com", b"kim@example.net", b"lee@example.net", b".dot@example.net"]
 
 NEXT_SCRIPT = """#!/bin/sh
 # A site's old post-login script, kept behind lastlogin through script-login.
@@ -122,3 +123,31 @@ def test_pop3_login_with_alerts_configured_still_works(stack):
     assert said.startswith(b"+OK Logged in.") and b"ALERT" not in said
     imap = raw_session(dovecot.imap_port, [b'a1 LOGIN "ivy@example.com" "secret"'])
     assert imap.startswith(b"* OK [ALERT] Maintenance tonight\r\n")
+
+
+def test_readme_domain_override_gives_each_user_their_own_mailbox(stack):
+    """`override set mail maildir:/.../%d/%n --domain ...` exactly as the README has it."""
+    dovecot, daemon, engine = stack
+    root = Path(dovecot.base, "alt", "mail")
+    root.mkdir()
+    os.chown(root, MAIL_UID, MAIL_UID)
+    out = lastlogin("override", "set", "mail", f"maildir:{root}/%d/%n", "--domain", "example.net",
+                    env={"LASTLOGIN_DATABASE_URL": daemon.env["LASTLOGIN_DATABASE_URL"]})
+    assert out.returncode == 0, out.stderr
+    daemon.wait_config(engine)
+    for user in (b"kim@example.net", b"lee@example.net"):
+        client = imap_login(dovecot.imap_port, user)
+        body = b"Subject: mine\r\n\r\nfor " + user + b" only\r\n"
+        assert client.append("INBOX", None, None, body)[0] == "OK"
+        client.logout()
+    for name in ("kim", "lee"):
+        box = root / "example.net" / name
+        stored = [p for d in ("new", "cur") for p in (box / d).glob("*")]
+        assert len(stored) == 1, name
+        assert stored[0].read_bytes() == f"Subject: mine\n\nfor {name}@example.net only\n".encode()
+    assert sorted(p.name for p in (root / "example.net").iterdir()) == ["kim", "lee"]
+    # a username that would make a hidden directory gets a temporary failure, not a path
+    said = raw_session(dovecot.imap_port, [b'a1 LOGIN ".dot@example.net" "secret"'])
+    assert said == b"* BYE [UNAVAILABLE] Temporary server failure, try again later.\r\n"
+    assert not any(p.name.startswith(".") for p in (root / "example.net").iterdir())
+    assert events_of(engine, b".dot@example.net")[-1].outcome == "denied"

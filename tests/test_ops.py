@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import urllib.request
@@ -101,3 +102,76 @@ def test_compose_file_is_valid_and_shares_the_test_dovecot_config():
     for service in ("postgres", "migrate", "lastlogin", "dovecot"):
         assert re.search(rf"^  {service}:$", full, re.M), service
     assert "service_completed_successfully" in full and "service_healthy" in full
+
+
+UNITS = ROOT / "deploy" / "systemd"
+
+
+def unit_value(text: str, key: str) -> list[str]:
+    return re.findall(rf"^{key}=(.*)$", text, re.M)
+
+
+def test_production_install_matches_the_unit(tmp_path):
+    """scripts/install (the documented command) into a temporary root: the
+    path the unit's ExecStart names runs lastlogin; the units verify; the
+    sysusers.d file makes the unit's user."""
+    root = tmp_path / "root"
+    out = subprocess.run([str(ROOT / "scripts" / "install")], env={**os.environ, "DESTDIR": str(root)},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    service = (root / "etc/systemd/system/lastlogin.service").read_text()
+    (exec_start,) = unit_value(service, "ExecStart")
+    binary, command = exec_start.split(" ", 1)
+    assert binary.startswith("/opt/lastlogin/") and command == "serve"
+    version = subprocess.run([str(root) + binary, "--version"], capture_output=True, text=True,
+                             cwd="/")
+    assert version.stdout.strip() == f"lastlogin, version {__version__}"
+    # systemd-analyze verify checks ExecStart exists: point it into the root
+    check = tmp_path / "verify"
+    check.mkdir()
+    (check / "lastlogin.service").write_text(service.replace(binary, str(root) + binary))
+    shutil.copy(root / "etc/systemd/system/lastlogin.socket", check / "lastlogin.socket")
+    verify = subprocess.run(["systemd-analyze", "verify", str(check / "lastlogin.service"),
+                             str(check / "lastlogin.socket")], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
+    # the user the unit runs as, from the shipped sysusers.d file
+    (tmp_path / "sys" / "etc").mkdir(parents=True)
+    users = subprocess.run(["systemd-sysusers", f"--root={tmp_path / 'sys'}",
+                            str(root / "usr/lib/sysusers.d/lastlogin.conf")],
+                           capture_output=True, text=True)
+    assert users.returncode == 0, users.stderr
+    env_file = root / "etc/lastlogin/lastlogin.env"        # where the password goes
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600 and env_file.read_bytes() == b""
+    (user,) = unit_value(service, "User")
+    passwd = (tmp_path / "sys/etc/passwd").read_text()
+    assert re.search(rf"^{user}:x:\d+:\d+:.*:/usr/sbin/nologin$", passwd, re.M), passwd
+
+
+def test_systemd_units_keep_their_promises(tmp_path):
+    service = (UNITS / "lastlogin.service").read_text()
+    socket_unit = (UNITS / "lastlogin.socket").read_text()
+    # no dependency that restarts or stops Dovecot, no pre-start gate
+    assert "dovecot.service" in unit_value(service, "Before")
+    for key in ("RequiredBy", "Requires", "BindsTo", "PartOf", "ExecStartPre", "Requisite"):
+        assert unit_value(service, key) == [], key
+    assert unit_value(service, "User") == ["lastlogin"]
+    assert unit_value(service, "UMask") == ["0077"]
+    assert int(unit_value(service, "LimitNOFILE")[0]) >= 4096
+    assert unit_value(service, "NotifyAccess") == ["main"]      # MAINPID= on SIGUSR2
+    assert unit_value(service, "EnvironmentFile") == ["-/etc/lastlogin/lastlogin.env"]
+    assert not any("DATABASE_URL" in e for e in unit_value(service, "Environment"))
+    # sockets only for root: Dovecot's mail processes before they drop privileges
+    assert (unit_value(socket_unit, "SocketMode"), unit_value(socket_unit, "SocketUser"),
+            unit_value(socket_unit, "SocketGroup")) == (["0600"], ["root"], ["root"])
+    # the rating the issue asks for: 2.5 or lower
+    out = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager",
+                          str(UNITS / "lastlogin.service")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    m = re.search(r"Overall exposure level for lastlogin.service: ([0-9.]+)", out.stdout)
+    assert m, out.stdout[-2000:] + out.stderr
+    assert float(m.group(1)) <= 2.5, out.stdout
+    # what the daemon reads at start matches the socket unit's paths
+    paths = unit_value(socket_unit, "ListenStream")
+    assert paths == [f"/run/lastlogin/{p}.sock" for p in
+                     ("imap", "pop3", "submission", "managesieve")]
+    assert "LASTLOGIN_SOCKET_DIR=/run/lastlogin" in unit_value(service, "Environment")

@@ -18,7 +18,7 @@ from app.db.schema import login_alert_deliveries, login_events
 from app.errors import InvalidInput, NotFound
 from app.overrides import (Alert, Overrides, alerts_for, merge_fields, union_list,
                            validate_key, version_warning)
-from app.protocol import alert_line, build_reply, parse_reply
+from app.protocol import alert_line, build_reply, parse_reply, tempfail_line
 from app.sysgroups import system_groups
 from tests.builders import request_bytes
 from tests.harness.daemon import make_daemon, wait_for
@@ -126,14 +126,15 @@ def test_overrides_reach_the_reply(db_url, daemon_with):
     with engine.begin() as conn:
         set_override(conn, "domain", "example.com", "mail", "maildir:/srv/example.com/%n")
         set_override(conn, "user", "alice@example.com", "quota_rule", "*:storage=2G")
-        set_override(conn, "global", None, "note", "tab\there;'quoted'")
+        set_override(conn, "global", None, "note", "100%% %s from %r;'quoted'")
     d = daemon_with()
     user, fields = parse_reply(send_request(d.sock("imap"), request_bytes()).reply)
     assert user == b"alice@example.com"
     assert fields == [b"uid=5000", b"gid=5000", b"home=/var/vmail/alice",
-                      b"mail=maildir:/srv/example.com/%n", b"auth_mech=PLAIN",
+                      b"mail=maildir:/srv/example.com/alice", b"auth_mech=PLAIN",
                       b"auth_token=3f2a0c9e5b7d41e08a6c2f1b9d3e7a5c4b8f0e12",
-                      b"note=tab\there;'quoted'", b"quota_rule=*:storage=2G"]
+                      b"note=100% imap from 198.51.100.7;'quoted'",
+                      b"quota_rule=*:storage=2G"]
     # changed while running: the next login gets the new value
     with engine.begin() as conn:
         unset_override(conn, "global", None, "note")
@@ -146,12 +147,12 @@ def test_alerts_imap_only_and_show_once_survives_restart(db_url, daemon_with):
     engine = make_engine(db_url)
     with engine.begin() as conn:
         a_always = add_alert(conn, "user", "alice@example.com", "Out of office until Monday")
-        a_once = add_alert(conn, "global", None, "New webmail\r\n* OK fake", show_once=True)
+        a_once = add_alert(conn, "global", None, "New webmail for %d", show_once=True)
     d = daemon_with()
     first = send_request(d.sock("imap"), request_bytes())
     assert not first.refused
     assert first.client_saw() == (alert_line("Out of office until Monday")
-                                  + alert_line("New webmail\r\n* OK fake"))
+                                  + alert_line("New webmail for example.com"))
     second = send_request(d.sock("imap"), request_bytes())
     assert second.client_saw() == alert_line("Out of office until Monday")
     pop = send_request(d.sock("pop3"), request_bytes())
@@ -230,11 +231,11 @@ def test_next_hop_gets_merged_fields_and_its_answer_is_relayed(db_url, daemon_wi
     ex = send_request(d.sock("imap"), request_bytes())
     assert ex.reply == hop_reply
     (sent, nfds), = hop.requests
-    assert nfds == 1 and b"\tmail=maildir:/srv/%u" in sent
+    assert nfds == 1 and b"\tmail=maildir:/srv/alice@example.com\t" in sent
     assert sent.startswith(b"VERSION\tscript-login\t1\t0\n")
     # pop3 has no next hop configured: answered by lastlogin itself
     assert parse_reply(send_request(d.sock("pop3"), request_bytes()).reply)[1][3] == \
-        b"mail=maildir:/srv/%u"
+        b"mail=maildir:/srv/alice@example.com"
     hop.sock.close()
     with engine.connect() as conn:
         outcomes = [r.outcome for r in conn.execute(sa.select(login_events))]
@@ -282,3 +283,195 @@ def test_override_and_alert_cli(db_url):
     gone = lastlogin("override", "unset", "mail", "--user", "alice@example.com", env=env)
     assert gone.returncode == 1
     assert lastlogin("alert", "remove", "999", env=env).returncode == 1
+
+
+# --- guard rails (issue 13) ------------------------------------------------------
+
+@pytest.mark.parametrize("key,value,allow_ids,reason", [
+    ("uid", "5000", False, "uid changes who the session runs as; give --allow-uid-gid to set it"),
+    ("uid", "0", True, "uid 0 (root) is never allowed"),
+    ("gid", "00", True, "gid 0 (root) is never allowed"),
+    ("uid", "root", True, "uid 0 (root) is never allowed"),
+    ("user", "mallory", False, "user must reach Dovecot unchanged; it cannot be overridden"),
+    ("auth_token", "x", False,
+     "auth_token must reach Dovecot unchanged; it cannot be overridden"),
+    ("session", "x", False, "session must reach Dovecot unchanged; it cannot be overridden"),
+    ("mail", "a\x00b", False, "must not contain a NUL byte"),
+    ("mail", "a\tb", False, "must not contain a TAB"),
+    ("mail", "a\rb", False, "must not contain a CR"),
+    ("mail", "a\nb", False, "must not contain a line feed"),
+    ("mail", "maildir:/srv/%h", False, "unknown variable '%h' (write %% for a %)"),
+    ("bad key", "x", False, "must not contain white space: 'bad key'"),
+])
+def test_override_checks(engine, key, value, allow_ids, reason):
+    with engine.begin() as conn:
+        with pytest.raises(InvalidInput) as err:
+            set_override(conn, "user", "alice@example.com", key, value, allow_ids)
+    assert err.value.reason == reason
+    with engine.begin() as conn:
+        set_override(conn, "user", "alice@example.com", "uid", "5000", allow_ids=True)
+        assert [(r["key"], r["value"]) for r in list_overrides(conn)] == [("uid", "5000")]
+
+
+def test_scopes_are_normalised_once_for_every_entrance(engine):
+    with engine.begin() as conn:
+        set_override(conn, "domain", " @Example.COM ", "mail", "maildir:/srv/%d/%n")
+        set_override(conn, "user", " Alice@Example.com ", "quota_rule", "*:storage=1G")
+        set_override(conn, "user", "alice@example.com", "quota_rule", "*:storage=2G")
+        rows = [(r["scope"], r["scope_value"], r["value"]) for r in list_overrides(conn)]
+        assert rows == [("domain", "example.com", "maildir:/srv/%d/%n"),
+                        ("user", "alice@example.com", "*:storage=2G")]
+        # unset and list find the user whatever the case
+        assert len(list_overrides(conn, "user", "ALICE@example.com")) == 1
+        loaded = load_overrides(conn)
+    assert loaded.for_login("ALICE@EXAMPLE.COM ") == {"mail": "maildir:/srv/%d/%n",
+                                                      "quota_rule": "*:storage=2G"}
+    with engine.begin() as conn:
+        unset_override(conn, "user", "Alice@EXAMPLE.com", "quota_rule")
+        assert [r["scope"] for r in list_overrides(conn)] == ["domain"]
+
+
+def test_sql_written_rows_that_fail_the_checks_are_skipped_and_reported(engine):
+    from app.snapshot import load_snapshot, skipped_warnings
+    bad = [("user", "a@x", "uid", "0"), ("user", "a@x", "auth_token", "stolen"),
+           ("global", "", "mail", "maildir:/srv/\n/x"), ("global", "", "note", "%h"),
+           ("global", "", "a=b", "x")]
+    good = [("domain", "@Example.COM", "mail", "maildir:/srv/%d/%n"),
+            ("user", "B@X", "uid", "5001")]
+    if engine.dialect.name == "sqlite":        # PostgreSQL text cannot hold a NUL at all
+        bad.append(("global", "", "quota_rule", "1G\x00uid=0"))
+    ids = {}
+    with engine.begin() as conn:
+        for scope, value, key, val in bad + good:
+            ids[key, val] = conn.execute(sa.text(
+                "INSERT INTO userdb_overrides (scope, scope_value, key, value) "
+                "VALUES (:s, :v, :k, :val) RETURNING id"),
+                {"s": scope, "v": value, "k": key, "val": val}).scalar_one()
+        conn.execute(sa.text("INSERT INTO login_alerts (scope, scope_value, message) "
+                             "VALUES ('global', '', :m)"), {"m": "two\r\nlines"})
+        snap = load_snapshot(conn)
+    assert snap.overrides.for_login("a@x") == {}
+    assert snap.overrides.for_login("b@x") == {"uid": "5001"}
+    assert snap.overrides.for_login("c@example.com") == {"mail": "maildir:/srv/%d/%n"}
+    skipped = {(t, i): r for t, i, r in snap.skipped}
+    expected = {("userdb_overrides", ids["uid", "0"]): "value: uid 0 (root) is never allowed",
+                ("userdb_overrides", ids["auth_token", "stolen"]):
+                    "key: auth_token must reach Dovecot unchanged; it cannot be overridden",
+                ("userdb_overrides", ids["mail", "maildir:/srv/\n/x"]):
+                    "value: must not contain a line feed",
+                ("userdb_overrides", ids["note", "%h"]):
+                    "value: unknown variable '%h' (write %% for a %)",
+                ("userdb_overrides", ids["a=b", "x"]): "key: must not contain '=': 'a=b'"}
+    if engine.dialect.name == "sqlite":
+        expected["userdb_overrides", ids["quota_rule", "1G\x00uid=0"]] = \
+            "value: must not contain a NUL byte"
+    alert_skips = {k: v for k, v in skipped.items() if k[0] == "login_alerts"}
+    assert list(alert_skips.values()) == ["message: must not contain a CR"]
+    assert {k: v for k, v in skipped.items() if k[0] == "userdb_overrides"} == expected
+    assert snap.alerts == ()
+    lines = skipped_warnings(snap.skipped)
+    assert f"userdb_overrides row {ids['uid', '0']} skipped: value: uid 0 (root) is never " \
+           "allowed" in lines
+
+
+@pytest.mark.parametrize("args,line", [
+    (["override", "set", "uid", "0", "--user", "a@x", "--allow-uid-gid"],
+     "lastlogin: uid 0 (root) is never allowed (VALUE)"),
+    (["override", "set", "uid", "5000", "--user", "a@x"],
+     "lastlogin: uid changes who the session runs as; give --allow-uid-gid to set it "
+     "(KEY)"),
+    (["override", "set", "mail", "maildir:/srv/%h", "--global"],
+     "lastlogin: unknown variable '%h' (write %% for a %) (VALUE)"),
+    (["override", "set", "note", "a\tb", "--global"],
+     "lastlogin: must not contain a TAB (VALUE)"),
+    (["override", "set", "user", "root", "--global"],
+     "lastlogin: user must reach Dovecot unchanged; it cannot be overridden (KEY)"),
+    (["override", "set", "mail", "x", "--domain", " @ "],
+     "lastlogin: must not be empty (--domain)"),
+    (["alert", "add", "hello\r\n* OK [ALERT] fake"],
+     "lastlogin: must not contain a CR (MESSAGE)"),
+    (["alert", "add", "hello %x"],
+     "lastlogin: unknown variable '%x' (write %% for a %) (MESSAGE)"),
+    (["alert", "add", "hello", "--until", "2020-01-01T00:00:00Z"],
+     "lastlogin: the window has already ended (2020-01-01T00:00:00+00:00) (--until)"),
+])
+def test_override_cli_refusals_are_one_line(sqlite_url, args, line):
+    out = lastlogin(*args, env={"LASTLOGIN_DATABASE_URL": sqlite_url})
+    assert (out.returncode, out.stderr) == (2, line + "\n")
+
+
+def test_override_cli_uid_with_the_flag_and_domain_with_at(sqlite_url):
+    env = {"LASTLOGIN_DATABASE_URL": sqlite_url}
+    ok = lastlogin("override", "set", "uid", "5000", "--user", "a@x", "--allow-uid-gid", env=env)
+    assert ok.returncode == 0 and ok.stdout == "set uid for user a@x\n"
+    dom = lastlogin("override", "set", "mail", "maildir:/srv/%d/%n", "--domain", "@Example.COM",
+                    env=env)
+    assert dom.stdout == "set mail for domain example.com\n"
+    check = lastlogin("check", " Bob@Example.com", "192.0.2.1", env=env).stdout
+    assert "field:    mail=maildir:/srv/Example.com/Bob" in check.splitlines()
+    bad = lastlogin("check", "eve/x@example.com", "192.0.2.1", env=env)
+    assert bad.returncode == 1
+    assert bad.stdout.splitlines()[-1] == "refused:  temporary failure: mail: %n would put a / " \
+                                          "into a path"
+    for args in (["override", "unset", "uid", "--user", "A@X"],
+                 ["override", "unset", "mail", "--domain", "example.com"]):
+        assert lastlogin(*args, env=env).returncode == 0
+
+
+
+@pytest.mark.parametrize("answer,problem", [
+    (b"\n", "empty reply line"),
+    (b"alice@example.com\tuid=5000\nsecond\tline\n", "reply has 2 lines, not one"),
+    (b"\tuid=5000\n", "reply has no username"),
+])
+def test_an_unusable_next_hop_reply_is_a_temporary_failure(db_url, daemon_with, tmp_path,
+                                                           answer, problem):
+    hop_path = str(tmp_path / "hop.sock")
+    hop = NextHop(hop_path, answer)
+    hop.start()
+    d = daemon_with(next_socket_imap=hop_path)
+    ex = send_request(d.sock("imap"), request_bytes())
+    assert ex.refused and ex.reply == b""
+    assert ex.client_saw() == tempfail_line("imap")
+    assert f'reason="next hop {hop_path}: {problem}"' in d.logs()
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        assert [r.outcome for r in conn.execute(sa.select(login_events))] == ["denied"]
+    engine.dispose()
+    hop.sock.close()
+
+
+def test_two_users_of_a_domain_get_two_mailboxes_and_an_unsafe_name_none(db_url, daemon_with):
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        set_override(conn, "domain", "example.com", "mail", "maildir:/srv/mail/%d/%n")
+    engine.dispose()
+    d = daemon_with()
+    mails = []
+    for user in (b"alice@example.com", b"bob@example.com"):
+        _, fields = parse_reply(send_request(d.sock("imap"), request_bytes(user)).reply)
+        mails += [f for f in fields if f.startswith(b"mail=")]
+    assert mails == [b"mail=maildir:/srv/mail/example.com/alice",
+                     b"mail=maildir:/srv/mail/example.com/bob"]
+    for proto, user in (("imap", b"../bob@example.com"), ("pop3", b".@example.com")):
+        ex = send_request(d.sock(proto), request_bytes(user))
+        assert ex.refused and ex.client_saw() == tempfail_line(proto)
+    logs = d.logs()
+    (line,) = [ln for ln in logs.splitlines() if "user=../bob@example.com " in ln]
+    assert "event=login protocol=imap " in line and " outcome=denied rule=- " in line
+    assert 'reason="override: mail: %n would put a / into a path"' in logs
+    assert 'reason="override: mail: %n would start a path element with a ."' in logs
+
+
+def test_two_sql_rows_for_one_user_in_different_case_keep_the_first(engine):
+    from app.snapshot import load_snapshot
+    with engine.begin() as conn:
+        first, second = (conn.execute(sa.text(
+            "INSERT INTO userdb_overrides (scope, scope_value, key, value) "
+            "VALUES ('user', :u, 'mail', :v) RETURNING id"), {"u": u, "v": v}).scalar_one()
+            for u, v in (("bob@x", "maildir:/srv/first"), ("Bob@X", "maildir:/srv/second")))
+        snap = load_snapshot(conn)
+    assert snap.overrides.for_login("BOB@x") == {"mail": "maildir:/srv/first"}
+    assert snap.skipped == (("userdb_overrides", second, "mail is set twice for user Bob@X "
+                             "(usernames match case-insensitively)"),)
+    assert first < second

@@ -5,7 +5,9 @@ import ipaddress
 
 import pytest
 
-from app.policy import ALLOW, DENY, LoginFacts, Rule, decide, order, parse_ip
+from app.names import parse_network
+from app.policy import ALLOW, DENY, LoginFacts, Rule, decide, login_decision, order, parse_ip
+from app.protocol import tempfail_line
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.timezone.utc)
 HOUR = dt.timedelta(hours=1)
@@ -32,8 +34,13 @@ OFFICE = [Rule(1, ALLOW, 10, domain="example.org", remote_network=net("10.1.0.0/
 @pytest.mark.parametrize("rules,kw,expected", [
     ([], {}, (ALLOW, None)),                                              # default
     ([Rule(1, DENY, username="alice@example.com")], {}, (DENY, 1)),
-    ([Rule(1, DENY, username="alice@example.com")], {"user": "Alice@example.com"},
-     (ALLOW, None)),                                                      # exact
+    ([Rule(1, DENY, username="alice@example.com")], {"user": "Alice@Example.com"},
+     (DENY, 1)),                                                          # any case
+    ([Rule(1, DENY, username=" Bob@Example.com ")], {"user": "bob@example.com "},
+     (DENY, 1)),                                                          # trimmed
+    ([Rule(1, DENY, username="alice@example.com")], {"user": "alice@example.co"},
+     (ALLOW, None)),
+    ([Rule(1, DENY, domain="@Example.com ")], {"user": "x@EXAMPLE.COM"}, (DENY, 1)),
     ([Rule(1, DENY, domain="EXAMPLE.com")], {"user": "bob@Example.COM"}, (DENY, 1)),
     ([Rule(1, DENY, domain="example.com")], {"user": "bob@sub.example.com"}, (ALLOW, None)),
     ([Rule(1, DENY, domain="example.com")], {"user": "no-domain"}, (ALLOW, None)),
@@ -54,6 +61,10 @@ OFFICE = [Rule(1, ALLOW, 10, domain="example.org", remote_network=net("10.1.0.0/
      (ALLOW, None)),
     ([Rule(1, DENY, remote_network=net("198.51.100.0/24"))], {"ip": "::ffff:198.51.100.9"},
      (DENY, 1)),                                                          # v4-mapped
+    ([Rule(1, DENY, remote_network=parse_network("::ffff:198.51.100.0/120"))],
+     {"ip": "198.51.100.9"}, (DENY, 1)),                                  # mapped network
+    ([Rule(1, DENY, remote_network=parse_network("::ffff:198.51.100.0/120"))],
+     {"ip": "::ffff:198.51.100.9"}, (DENY, 1)),
     ([Rule(1, DENY, remote_network=net("0.0.0.0/0"))], {"ip": None}, (ALLOW, None)),
     ([Rule(1, DENY, local_network=net("192.0.2.25/32"))], {}, (DENY, 1)),
     ([Rule(1, DENY, local_network=net("192.0.2.26/32"))], {}, (ALLOW, None)),
@@ -76,6 +87,8 @@ def test_decision_table(rules, kw, expected):
 
 def test_unloaded_and_default_actions():
     assert decide(None, facts(), unloaded=DENY).action == DENY
+    assert decide(None, facts(), unloaded=DENY).temporary      # a temporary failure
+    assert not decide((Rule(1, DENY),), facts()).temporary     # a rule's deny is not
     assert decide(None, facts()).reason == "no rules loaded yet"
     assert decide((), facts(), default=DENY).action == DENY
 
@@ -88,3 +101,31 @@ def test_decision_message():
 def test_parse_ip():
     assert str(parse_ip("fe80::1%eth0")) == "fe80::1"
     assert parse_ip("") is None and parse_ip("junk") is None
+
+
+def test_parse_network_maps_v4_mapped_and_refuses_host_bits_when_strict():
+    assert str(parse_network("::ffff:10.0.0.0/104")) == "10.0.0.0/8"
+    assert str(parse_network("10.1.2.3/8")) == "10.0.0.0/8"
+    with pytest.raises(ValueError):
+        parse_network("10.1.2.3/8", strict=True)
+    assert str(parse_network("2001:db8::/32")) == "2001:db8::/32"
+
+
+def test_login_decision_takes_bytes_and_text_alike():
+    rules = order([Rule(1, DENY, remote_network=net("198.51.100.0/24"))])
+    a = login_decision(rules, "imap", "x", b"::ffff:198.51.100.7", b"192.0.2.25", NOW)
+    b = login_decision(rules, "imap", "x", "198.51.100.7", None, NOW)
+    assert (a.action, a.rule.id) == (b.action, b.rule.id) == (DENY, 1)
+
+
+@pytest.mark.parametrize("protocol,line", [
+    ("imap", b"* BYE [UNAVAILABLE] Temporary server failure, try again later.\r\n"),
+    ("pop3", b"-ERR [SYS/TEMP] Temporary server failure, try again later.\r\n"),
+    ("submission", b"421 4.3.0 Temporary server failure, try again later.\r\n"),
+    ("managesieve", b'BYE (TRYLATER) "Temporary server failure, try again later."\r\n'),
+])
+def test_temporary_failure_lines(protocol, line):
+    assert tempfail_line(protocol) == line
+    # one line whatever the text: no injection into the session
+    said = tempfail_line(protocol, 'spool full\r\n* OK "x"')
+    assert said.count(b"\r\n") == 1 and said.endswith(b"\r\n")

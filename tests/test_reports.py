@@ -36,7 +36,7 @@ def known(engine):
                            remote_ip="2001:db8::1"))
         recs.append(record(b"bob@example.com", at=NOW - 200 * DAY, remote_ip="192.0.2.9"))
         recs.append(record(b"carol@example.org", at=NOW - 2 * DAY, remote_ip="203.0.113.5",
-                           outcome="denied", rule_id=rid))
+                           outcome="denied", rule_id=rid, message="locked"))
         record_logins(conn, recs)
     return rid
 
@@ -75,9 +75,11 @@ def test_history_ips_refused_daily(engine, known):
         assert {i["remote_ip"] for i in ips} == {"198.51.100.0", "198.51.100.1",
                                                  "198.51.100.2", "2001:db8::1"}
         assert all(i["logins"] == 1 and i["refused"] == 0 for i in ips)
+        # the rule's text changes later: history keeps what the client saw
+        conn.execute(sa.text("UPDATE access_rules SET message = 'changed'"))
         (ref,) = reports.refused(conn, NOW - 7 * DAY)
-        assert (ref["username"], ref["message"], ref["remote_ip"]) == (
-            "carol@example.org", "locked", "203.0.113.5")
+        assert (ref["username"], ref["message"], ref["remote_ip"], ref["policy_applied"]) == (
+            "carol@example.org", "locked", "203.0.113.5", True)
         assert reports.refused(conn, NOW - DAY) == []
         daily = reports.daily(conn, 7, NOW)
     by = {(r["day"], r["protocol"]): (r["allowed"], r["denied"]) for r in daily}
@@ -388,13 +390,13 @@ def _table_source(tmp_path, rows):
 def test_table_import_detects_precision_and_refuses_a_wrong_one(db_url, engine, tmp_path):
     url = _table_source(tmp_path, [("ms@example.com", 1764000000123), ("", 1764000000000),
                                    (None, 1764000000000), ("nostamp@example.com", None)])
-    env = {"LASTLOGIN_DATABASE_URL": db_url}
-    wrong = lastlogin("import", "last-login-table", url, "--precision", "s", env=env)
+    env = {"LASTLOGIN_DATABASE_URL": db_url, "LASTLOGIN_IMPORT_SOURCE_URL": url}
+    wrong = lastlogin("import", "last-login-table", "--precision", "s", env=env)
     assert (wrong.returncode, wrong.stderr) == (
         2, "lastlogin: timestamps look like milliseconds: use --precision ms (--precision)\n")
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(last_logins)).scalar() == 0
-    auto = lastlogin("import", "last-login-table", url, env=env)
+    auto = lastlogin("import", "last-login-table", env=env)
     assert auto.returncode == 0, auto.stderr
     assert auto.stdout == ("4 rows read, 1 folded into last_logins, 3 skipped (no user or "
                            "time); precision ms\n")
@@ -415,7 +417,9 @@ def test_table_import_detects_precision_and_refuses_a_wrong_one(db_url, engine, 
 ])
 def test_table_import_names_unknown_tables_and_columns(sqlite_url, tmp_path, args, message):
     url = _table_source(tmp_path, [("a@example.com", 1764000000)])
-    out = lastlogin("import", "last-login-table", url, *args,
+    url_file = tmp_path / "source.url"          # the URL from a file this time
+    url_file.write_text(url + "\n")
+    out = lastlogin("import", "last-login-table", "--source-url-file", str(url_file), *args,
                     env={"LASTLOGIN_DATABASE_URL": sqlite_url})
     assert (out.returncode, out.stderr) == (2, f"lastlogin: {message}\n")
 
@@ -445,8 +449,8 @@ def test_table_import_from_mariadb(mariadb, db_url, engine):
                          ("", 1764000000)])
     conn.commit()
     conn.close()
-    out = lastlogin("import", "last-login-table", url, "--protocol", "pop3",
-                    env={"LASTLOGIN_DATABASE_URL": db_url})
+    env = {"LASTLOGIN_DATABASE_URL": db_url, "LASTLOGIN_IMPORT_SOURCE_URL": url}
+    out = lastlogin("import", "last-login-table", "--protocol", "pop3", env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout == ("3 rows read, 2 folded into last_logins, 1 skipped (no user or "
                           "time); precision s\n")
@@ -456,8 +460,7 @@ def test_table_import_from_mariadb(mariadb, db_url, engine):
     assert rows["alice@example.com"].protocol == "pop3"
     assert rows["alice@example.com"].last_seen == dt.datetime.fromtimestamp(
         1764000000, dt.timezone.utc)
-    missing = lastlogin("import", "last-login-table", url, "--table", "nope",
-                        env={"LASTLOGIN_DATABASE_URL": db_url})
+    missing = lastlogin("import", "last-login-table", "--table", "nope", env=env)
     assert missing.returncode == 2 and missing.stderr.startswith(
         "lastlogin: no table 'nope' in the source database (its tables: last_login)")
 

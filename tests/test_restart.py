@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -122,3 +123,60 @@ def test_systemd_socket_activation(db_url, tmp_path):
     probe.connect(d.sock("imap"))
     probe.close()
     listener.close()
+
+
+def test_sigusr2_runs_only_lastlogin_and_hands_systemd_the_successor(sqlite_url, tmp_path):
+    """A planted ./app in the daemon's working directory is not run by the
+    graceful restart; systemd's notify socket gets MAINPID= of the
+    successor, which then talks to systemd itself."""
+    import shutil
+    d = make_daemon(sqlite_url, protocols="imap")
+    cwd = tmp_path / "cwd"
+    (cwd / "app").mkdir(parents=True)
+    marker = tmp_path / "planted-code-ran"
+    planted = f"open({str(marker)!r}, 'w').write('ran')\n"
+    for name in ("__init__.py", "__main__.py", "cli.py"):
+        (cwd / "app" / name).write_text(planted)
+    exe = shutil.which("lastlogin", path=os.path.dirname(sys.executable))
+    assert exe, "the lastlogin console script is installed with the package"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(os.path.join(d.socket_dir, "notify"))
+    notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)   # as systemd: who sent it
+    notify.settimeout(30)
+
+    def message():
+        data, anc, _, _ = notify.recvmsg(4096, socket.CMSG_SPACE(12))
+        (pid, _uid, _gid), = [struct.unpack("3i", d) for lvl, kind, d in anc
+                              if kind == socket.SCM_CREDENTIALS]
+        return pid, data
+
+    log = open(d.log_path, "ab")
+    proc = subprocess.Popen([exe, "serve"], cwd=cwd, stdout=log, stderr=log,
+                            env={**d.env, "NOTIFY_SOCKET": notify.getsockname()})
+    successor = None
+    try:
+        assert message() == (proc.pid, b"READY=1\nSTATUS=serving")
+        proc.send_signal(signal.SIGUSR2)
+        sender, msg = message()
+        assert sender == proc.pid and msg.startswith(b"MAINPID="), msg
+        successor = int(msg.split(b"=")[1])
+        assert proc.wait(30) == 0
+        assert f"event=handover_done child_pid={successor}" in d.logs()
+        assert not send_request(d.sock("imap"), request_bytes()).refused   # the successor
+        with open(f"/proc/{successor}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+        assert argv[1] == b"-I"                         # isolated interpreter
+        assert os.readlink(f"/proc/{successor}/cwd") == "/"
+        os.kill(successor, signal.SIGTERM)               # started by our daemon, by its pid
+        # the only message after MAINPID=: the successor's, on systemd's socket
+        assert message() == (successor, b"STOPPING=1")
+        assert wait_for(lambda: not alive(successor), timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if successor and alive(successor):
+            os.kill(successor, signal.SIGKILL)
+        log.close()
+        notify.close()
+    assert not marker.exists(), "the planted ./app ran"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import time
 
 import pytest
@@ -14,7 +15,7 @@ from app.db.rules import add_rule, config_version_of, list_rules
 from app.db.schema import access_rules, login_events
 from app.errors import InvalidInput
 from app.protocol import deny_line
-from app.snapshot import ConfigCache, Refresher
+from app.snapshot import ConfigCache, Refresher, status_checks
 from tests.builders import request_bytes
 from tests.harness.daemon import make_daemon, wait_for
 from tests.harness.postlogin import send_request
@@ -29,16 +30,29 @@ def test_add_validates(engine):
             (dict(action="deny", protocol="smtp"), "--protocol"),
             (dict(action="maybe"), "ACTION"),
             (dict(action="deny", username="  "), "--user"),
+            (dict(action="deny", remote_network="10.1.2.3/8"), "--network"),   # host bits
+            (dict(action="deny"), "--everyone"),                    # matches everyone
+            (dict(action="deny", username="x", message="a\r\nb"), "--message"),
+            (dict(action="deny", username="x", comment="a\x1bb"), "--comment"),
+            (dict(action="deny", username="x",
+                  valid_until=dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)), "--until"),
             (dict(action="deny", valid_from=dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc),
                   valid_until=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)), "--until"),
         ]:
             with pytest.raises(InvalidInput) as err:
                 add_rule(conn, **values)
             assert err.value.field == field
-        rid = add_rule(conn, action="deny", remote_network="2001:db8::1/32", domain="@Example.COM")
-        (row,) = list_rules(conn)
-    assert row["id"] == rid
+        rid = add_rule(conn, action="deny", remote_network="2001:db8::/32", domain=" @Example.COM",
+                       username=" Bob@Example.com ", protocol="IMAP")
+        everyone = add_rule(conn, action="deny", everyone=True, priority=999)
+        mapped = add_rule(conn, action="deny", remote_network="::ffff:10.0.0.0/104")
+        rows = list_rules(conn)
+    assert [r["id"] for r in rows] == [rid, mapped, everyone]
+    row = rows[0]
     assert row["remote_network"] == "2001:db8::/32" and row["domain"] == "example.com"
+    assert row["username"] == "Bob@Example.com" and row["protocol"] == "imap"
+    assert rows[1]["remote_network"] == "10.0.0.0/8"
+
 
 
 def test_triggers_bump_the_version_on_any_change(engine):
@@ -138,8 +152,11 @@ def test_rule_cli_errors_are_one_line(sqlite_url, args, line):
 def test_daemon_denies_with_message_and_records_the_rule(db_url):
     engine = make_engine(db_url)
     with engine.begin() as conn:
-        rid = add_rule(conn, action="deny", username="bob@example.com",
-                       message="Suspended.\r\n* OK [ALERT] injected")
+        # the CLI refuses a message with CR/LF; one written with SQL is still
+        # sent as one line
+        rid = add_rule(conn, action="deny", username="bob@example.com")
+        conn.execute(sa.text("UPDATE access_rules SET message = :m WHERE id = :id"),
+                     {"m": "Suspended.\r\n* OK [ALERT] injected", "id": rid})
     d = make_daemon(db_url, protocols="imap,pop3,submission,managesieve")
     d.start()
     try:
@@ -168,3 +185,188 @@ def test_daemon_denies_with_message_and_records_the_rule(db_url):
     assert {(e.outcome, e.rule_id) for e in denied} == {("denied", rid)}
     assert "event=login protocol=imap user=bob@example.com" in d.logs()
     assert "outcome=denied rule=%d" % rid in d.logs()
+
+
+# --- one bad row spoils nothing (issue 13) ------------------------------------------
+
+def insert_bad_rule(conn) -> tuple[int, str]:
+    """A deny rule written with plain SQL that the loader cannot use: (id, reason)."""
+    if conn.dialect.name == "sqlite":
+        # host bits set; PostgreSQL's cidr would refuse it at INSERT
+        rid = conn.execute(sa.text("INSERT INTO access_rules (action, remote_network) "
+                                   "VALUES ('deny', '10.1.2.3/8') RETURNING id")).scalar_one()
+        return rid, ("remote_network: '10.1.2.3/8' has host bits set: write 10.0.0.0/8 for "
+                     "the network or 10.1.2.3/32 for the one address")
+    rid = conn.execute(sa.text("INSERT INTO access_rules (action, username) "
+                               "VALUES ('deny', '  ') RETURNING id")).scalar_one()
+    return rid, "username: must not be empty"
+
+
+def status_doc(d) -> dict:
+    with open(os.path.join(d.socket_dir, "status.json")) as fh:
+        return json.load(fh)
+
+
+def test_loader_skips_a_bad_row_and_keeps_the_others(engine):
+    from app.snapshot import load_snapshot
+    with engine.begin() as conn:
+        before = add_rule(conn, action="deny", username="early@example.com")
+        bad, reason = insert_bad_rule(conn)
+        after = add_rule(conn, action="deny", username="late@example.com")
+        # a broken time (SQLite keeps any text) is skipped the same way
+        if conn.dialect.name == "sqlite":
+            late = conn.execute(sa.text("INSERT INTO access_rules (action, username, valid_from) "
+                                        "VALUES ('deny', 'x', 'soon') RETURNING id")).scalar_one()
+        snap = load_snapshot(conn)
+    assert [r.id for r in snap.rules] == [before, after]
+    expected = [("access_rules", bad, reason)]
+    if engine.dialect.name == "sqlite":
+        expected.append(("access_rules", late, "not a time: 'soon'"))
+    assert sorted(snap.skipped) == sorted(expected)
+
+
+def test_bad_row_while_running_and_after_a_restart(db_url):
+    engine = make_engine(db_url)
+    d = make_daemon(db_url, protocols="imap")
+    d.start()
+    try:
+        with engine.begin() as conn:
+            bad, reason = insert_bad_rule(conn)
+        d.wait_config(engine)
+        with engine.begin() as conn:
+            add_rule(conn, action="deny", username="bob@example.com", message="Suspended")
+        started = time.monotonic()
+        assert wait_for(lambda: send_request(d.sock("imap"),
+                                             request_bytes(b"bob@example.com")).refused,
+                        timeout=5, interval=0.05)
+        assert time.monotonic() - started < 1.5
+        assert f"event=config_row_skipped table=access_rules id={bad} " in d.logs()
+        assert wait_for(lambda: status_doc(d)["config_skipped"] == [["access_rules", bad, reason]],
+                        timeout=5)
+        assert status_checks(status_doc(d)) == [
+            (1, "config", f"access_rules row {bad} skipped: {reason}")]
+    finally:
+        d.stop()
+    checked = lastlogin("check", "bob@example.com", "192.0.2.1",
+                        env={"LASTLOGIN_DATABASE_URL": db_url})
+    assert checked.returncode == 1
+    assert checked.stderr == f"lastlogin: warning: access_rules row {bad} skipped: {reason}\n"
+    d2 = make_daemon(db_url, protocols="imap", rules_unloaded_action="deny")
+    d2.start()
+    try:
+        bob = send_request(d2.sock("imap"), request_bytes(b"bob@example.com"))
+        assert bob.refused and bob.client_saw() == deny_line("imap", "Suspended")
+        ann = send_request(d2.sock("imap"), request_bytes(b"ann@example.com"))
+        assert not ann.refused                        # the rules did load
+        assert wait_for(lambda: status_doc(d2)["config_skipped"] == [["access_rules", bad,
+                                                                      reason]], timeout=5)
+    finally:
+        d2.stop()
+    engine.dispose()
+
+
+@pytest.fixture
+def own_sqlite(tmp_path):
+    from app.db.migrate import upgrade
+    url = f"sqlite:///{tmp_path / 'own.db'}"
+    upgrade(url)
+    return url
+
+
+@pytest.mark.parametrize("rows", [0, 2])
+def test_config_version_without_exactly_one_row_does_not_freeze_reloads(own_sqlite, rows):
+    engine = make_engine(own_sqlite)
+    with engine.begin() as conn:
+        if rows == 0:
+            conn.execute(sa.text("DELETE FROM config_version"))
+        else:
+            # only possible without the table's constraints: rebuild it so
+            conn.execute(sa.text("DROP TABLE config_version"))
+            conn.execute(sa.text("CREATE TABLE config_version (id INTEGER, version BIGINT, "
+                                 "changed_at TEXT)"))
+            conn.execute(sa.text("INSERT INTO config_version VALUES (1, 5, ''), (1, 6, '')"))
+    assert config_version_of(engine.connect()) is None
+    cache = ConfigCache()
+    refresher = Refresher(engine, cache, poll_interval=0.05)
+    assert refresher.refresh() and cache.rules == ()
+    assert cache.skipped == (("config_version", rows, f"has {rows} rows instead of 1: changes "
+                              "are found by reloading everything at every check"),)
+    assert not refresher.refresh()              # nothing changed: no new snapshot
+    with engine.begin() as conn:
+        rid = add_rule(conn, action="deny", username="eve")
+    assert refresher.refresh() and [r.id for r in cache.rules] == [rid]
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def own_db(request, tmp_path):
+    """A database of the test's own (its tables may be renamed)."""
+    from app.db.migrate import upgrade
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'own.db'}"
+    else:
+        url = request.getfixturevalue("pg_cluster").create_database()
+    upgrade(url)
+    return url
+
+
+def test_a_load_error_at_start_is_rules_unloaded_never_a_crash(own_db):
+    # SQLite says OperationalError (handled as "database away"), PostgreSQL
+    # ProgrammingError (a load error): the daemon starts either way
+    engine = make_engine(own_db)
+    with engine.begin() as conn:
+        add_rule(conn, action="deny", username="bob@example.com")
+        conn.execute(sa.text("ALTER TABLE login_alerts RENAME TO login_alerts_away"))
+    d = make_daemon(own_db, protocols="imap,pop3", rules_unloaded_action="deny")
+    d.start()
+    try:
+        for proto, line in (("imap", b"* BYE [UNAVAILABLE] "), ("pop3", b"-ERR [SYS/TEMP] ")):
+            ex = send_request(d.sock(proto), request_bytes(b"ann@example.com"))
+            assert ex.refused
+            assert ex.client_saw() == line + b"Temporary server failure, try again later.\r\n"
+        with engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE login_alerts_away RENAME TO login_alerts"))
+        assert wait_for(lambda: not send_request(d.sock("imap"),
+                                                 request_bytes(b"ann@example.com")).refused,
+                        timeout=10, interval=0.2)
+        assert send_request(d.sock("imap"), request_bytes(b"bob@example.com")).refused
+    finally:
+        d.stop()
+    engine.dispose()
+
+
+def test_rule_cli_guard_rails_and_safe_listing(sqlite_url):
+    env = {"LASTLOGIN_DATABASE_URL": sqlite_url}
+    for args, line in [
+        (["rule", "add", "deny"], "lastlogin: a rule with no --user, --domain, --network, "
+         "--local-network or --protocol would match every login: give --everyone if that "
+         "is meant (--everyone)"),
+        (["rule", "add", "deny", "--user", "x", "--until", "2020-01-01T00:00:00Z"],
+         "lastlogin: the window has already ended (2020-01-01T00:00:00+00:00) (--until)"),
+        (["rule", "add", "deny", "--user", "x", "--message", "a\r\n* OK [ALERT] b"],
+         "lastlogin: must not contain a CR (--message)"),
+        (["rule", "add", "deny", "--user", "x", "--comment", "a\x1b[2Jb"],
+         "lastlogin: must not contain a control character (0x1b) (--comment)"),
+        (["rule", "add", "deny", "--network", "10.1.2.3/8"],
+         "lastlogin: '10.1.2.3/8' has host bits set: write 10.0.0.0/8 for the network "
+         "or 10.1.2.3/32 for the one address (--network)"),
+        (["rule", "add", "deny", "--everyone", "--user", "x"],
+         "lastlogin: cannot be combined with match options (--everyone)"),
+    ]:
+        out = lastlogin(*args, env=env)
+        assert (out.returncode, out.stderr) == (2, line + "\n"), args
+    out = lastlogin("rule", "add", "deny", "--everyone", "--priority", "900", env=env)
+    assert out.returncode == 0
+    rid = int(out.stdout.split()[-1])
+    engine = make_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE access_rules SET message = :m WHERE id = :id"),
+                     {"m": "two\r\nlines", "id": rid})
+    engine.dispose()
+    try:
+        listed = lastlogin("rule", "list", env=env).stdout.splitlines()
+        assert len(listed) == 2 and listed[1].endswith("two\\r\\nlines")
+        as_json = json.loads(lastlogin("rule", "list", "--format", "json", env=env).stdout)
+        assert as_json[0]["message"] == "two\r\nlines"
+    finally:        # the session's SQLite database is shared with other tests
+        assert lastlogin("rule", "remove", str(rid), env=env).returncode == 0

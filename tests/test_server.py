@@ -271,3 +271,45 @@ def test_socket_owner_group_and_mode_are_applied(db_url):
         assert st.st_uid == 0 and st.st_gid == grp.getgrnam("dovecot").gr_gid
     finally:
         d.stop()
+
+
+def test_max_connections_keeps_the_rest_waiting_and_logs_it(sqlite_url):
+    d = make_daemon(sqlite_url, protocols="imap", max_connections="2", request_timeout="20")
+    d.start()
+    idle = []
+    try:
+        for _ in range(2):                      # two peers that say nothing
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(d.sock("imap"))
+            idle.append(s)
+        assert wait_for(lambda: "event=max_connections_reached limit=2" in d.logs())
+        result = {}
+        t = threading.Thread(target=lambda: result.update(
+            ex=send_request(d.sock("imap"), request_bytes())))
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive()                     # waiting in the backlog, not refused
+        idle.pop().close()                      # a slot frees up: served at once
+        t.join(10)
+        assert not result["ex"].refused
+        assert d.logs().count("event=max_connections_reached") == 1
+    finally:
+        for s in idle:
+            s.close()
+        d.stop()
+
+
+def test_default_request_cap_fits_dovecots_largest_userdb_reply(sqlite_url):
+    # auth-master lines are at most 8 KiB: every field of such a reply fits
+    fields = [b"uid=5000", b"gid=5000", b"home=/var/vmail/a"] + [
+        b"acl_groups=" + b"g" * 8000]
+    d = make_daemon(sqlite_url, protocols="imap")
+    d.start()
+    try:
+        ok = send_request(d.sock("imap"), request_bytes(fields=fields))
+        assert ok.reply == build_reply(b"alice@example.com", fields)
+        big = request_bytes(fields=[b"x=" + b"\x01" * (64 << 10)])
+        assert send_request(d.sock("imap"), big).refused
+    finally:
+        d.stop()
+    assert "reason=\"request larger than 65536 bytes\"" in d.logs()

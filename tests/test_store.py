@@ -6,7 +6,7 @@ import pytest
 import sqlalchemy as sa
 
 from app.db.schema import last_logins, login_events
-from app.db.store import normalize_ip, record_logins, text_form
+from app.db.store import normalize_ip, record_logins, text_form, username_text
 from app.db.writers import writer_for
 from tests.builders import HOSTILE_USERNAMES, T0, record
 
@@ -100,7 +100,7 @@ def test_denied_logins_are_history_but_not_last_login(engine, store):
 def test_hostile_usernames_are_stored_verbatim(engine, store, name):
     store(engine, record(name))
     (ev,) = events(engine)
-    text, raw = text_form(name)
+    text, raw = username_text(name)
     assert ev.username == text
     stored = ev.username_raw if ev.username_raw is not None else ev.username.encode()
     assert stored == name
@@ -136,3 +136,68 @@ def test_alert_deliveries_are_written_with_the_login(engine, store):
         rows = conn.execute(sa.select(login_alert_deliveries)).all()
     assert sorted((r.alert_id, r.username) for r in rows) == [
         (7, "alice@example.com"), (9, "alice@example.com")]
+
+
+def test_a_record_written_twice_counts_once(engine, store):
+    """A slow commit that also went to the spool reaches the database twice,
+    even within one batch: one event, one count."""
+    rec = record()
+    assert store(engine, rec, rec) == 1
+    assert store(engine, rec) == 0
+    assert len(events(engine)) == 1
+    assert [r.login_count for r in lasts(engine).values()] == [1]
+
+
+def test_usernames_past_the_index_limit_keep_their_bytes():
+    name = b"x" * 5000
+    text, raw = username_text(name)
+    assert len(text.encode()) <= 1024 and raw == name
+    assert username_text(name) == (text, raw)                  # the same key every time
+    assert username_text(b"x" * 4999)[0] != text               # and a different one for another
+    assert username_text(b"short") == ("short", None)
+
+
+def test_refusal_message_and_unapplied_policy_are_kept(engine, store):
+    store(engine, record(outcome="denied", rule_id=7, message="Call the helpdesk."),
+          record(b"bob", policy_applied=False))
+    got = {e.username: e for e in events(engine)}
+    assert got["alice@example.com"].message == "Call the helpdesk."
+    assert got["alice@example.com"].policy_applied is True
+    assert got["bob"].policy_applied is False and got["bob"].message is None
+
+
+def test_rule_ids_are_never_reused(engine):
+    from app.db.rules import add_rule, remove_rule
+    with engine.begin() as conn:
+        first = add_rule(conn, action="deny", username="a@example.com")
+        second = add_rule(conn, action="deny", username="b@example.com")
+        remove_rule(conn, second)
+        third = add_rule(conn, action="deny", username="c@example.com")
+    assert third > second > first
+
+
+def test_upgrade_starts_sqlite_ids_past_what_history_mentions(tmp_path):
+    """A database from before AUTOINCREMENT: rule 3 removed, refusals still name it."""
+    from app.db.migrate import upgrade
+    from app.db import make_engine
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(url, "b0b2b42900cb")
+    eng = make_engine(url)
+    with eng.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO access_rules (id, action) VALUES (1, 'deny')")
+        conn.exec_driver_sql(
+            "INSERT INTO login_events (event_id, occurred_at, username, protocol, outcome, "
+            "rule_id) VALUES ('00000000000040008000000000000001', '2026-11-01 00:00:00', "
+            "'x', 'imap', 'denied', 3)")
+    upgrade(url)
+    with eng.begin() as conn:
+        rows = conn.exec_driver_sql("SELECT name FROM sqlite_sequence ORDER BY name").all()
+        names = [r.name for r in rows]
+        assert len(names) == len(set(names)) and {"access_rules", "login_alerts"} <= set(names)
+        conn.exec_driver_sql("INSERT INTO access_rules (action) VALUES ('deny')")
+        ids = conn.exec_driver_sql("SELECT id FROM access_rules ORDER BY id").scalars().all()
+        version = conn.exec_driver_sql("SELECT version FROM config_version").scalar()
+        conn.exec_driver_sql("DELETE FROM access_rules WHERE id = 1")
+        assert conn.exec_driver_sql("SELECT version FROM config_version").scalar() > version
+    eng.dispose()
+    assert ids == [1, 4]

@@ -116,7 +116,7 @@ class Context:
         if path is not None and not create and not os.path.isfile(path):
             raise NoDatabase(path, self.url_setting)
         try:
-            engine = make_engine(url)
+            engine = make_engine(url, file_group=self.settings.database_group or None)
         except OSError as exc:
             raise CliError(f"cannot make the database's directory: "
                            f"{exc.strerror or exc}: {exc.filename or path}",
@@ -131,7 +131,8 @@ class Context:
 
 
 def fail(message: str, code: int) -> NoReturn:
-    click.echo(f"lastlogin: {message}", err=True)
+    from .output import safe_text       # the message may quote input: no ESC/CR/LF
+    click.echo(f"lastlogin: {safe_text(message)}", err=True)
     raise SystemExit(code)
 
 
@@ -267,6 +268,7 @@ def main_group(ctx: click.Context, config_path: str | None, debug: bool) -> None
     error; 3 schema state (behind, newer or no database); 4 database
     unreachable; 5 unexpected error (--debug shows the traceback).
     """
+    os.umask(0o077)     # every file lastlogin creates is private unless it says otherwise
     ctx.obj = Context(config_path, debug)
 
 

@@ -12,6 +12,7 @@ from ..importer import (DamagedLog, SourceError, SourceUnreachable, import_last_
                         import_logs, source_engine)
 from ..timeparse import DURATION_HELP, parse_since
 from .common import EXIT_DATABASE, EXIT_USAGE, CliError, Context, edge, main_group, pass_ctx
+from .output import safe_text
 
 
 @main_group.group("import")
@@ -79,11 +80,37 @@ def import_dovecot_log(ctx: Context, files, utc, year, since, until, progress) -
                f"recorded; {stats.unparsable} unparsable lines"
                + "".join(f"; {e}" for e in extra))
     for example in stats.examples:
-        click.echo(f"unparsable: {example}", err=True)
+        click.echo(f"unparsable: {safe_text(example)}", err=True)   # lines from outside
+
+
+SOURCE_URL_ENV = "LASTLOGIN_IMPORT_SOURCE_URL"
+
+
+def source_url_from(url_file: str | None) -> tuple[str, str]:
+    """The source database URL and where it came from: --source-url-file or
+    $LASTLOGIN_IMPORT_SOURCE_URL, never the command line (where every local
+    user sees it in ps). ``source_engine`` checks it."""
+    from ..config import ConfigError
+    if url_file:
+        try:
+            with open(url_file, encoding="utf-8") as fh:
+                url = fh.read().strip()
+        except OSError as exc:
+            raise ConfigError("--source-url-file", f"cannot read {url_file}: "
+                              f"{exc.strerror}") from None
+        where = "--source-url-file"
+    else:
+        url = os.environ.get(SOURCE_URL_ENV, "").strip()
+        where = SOURCE_URL_ENV
+    if not url:
+        raise ConfigError(where, f"no source URL: put it in the environment variable "
+                                 f"{SOURCE_URL_ENV} or in a file named by --source-url-file")
+    return url, where
 
 
 @import_.command("last-login-table")
-@click.argument("source_url")
+@click.option("--source-url-file", type=click.Path(dir_okay=False),
+              help=f"File holding the plugin database's URL (default: ${SOURCE_URL_ENV}).")
 @click.option("--table", default="last_login", show_default=True)
 @click.option("--user-column", default="userid", show_default=True)
 @click.option("--time-column", default="last_login", show_default=True)
@@ -95,15 +122,18 @@ def import_dovecot_log(ctx: Context, files, utc, year, since, until, progress) -
               help="The plugin does not record one; its rows land under this.")
 @pass_ctx
 @edge
-def import_last_login(ctx: Context, source_url, table, user_column, time_column, precision,
-                      protocol) -> None:
-    """Take over the rows of Dovecot's last_login plugin (dict-sql table at SOURCE_URL).
+def import_last_login(ctx: Context, source_url_file, table, user_column, time_column,
+                      precision, protocol) -> None:
+    """Take over the rows of Dovecot's last_login plugin (its dict-sql table).
 
-    SOURCE_URL: sqlite:///PATH, postgresql://USER@HOST/DB or
+    The plugin database's URL (it holds a password) is read from
+    $LASTLOGIN_IMPORT_SOURCE_URL or from the file --source-url-file names,
+    never from the command line: sqlite:///PATH, postgresql://USER@HOST/DB or
     mysql://USER:PASSWORD@HOST/DB (MySQL and MariaDB).
     """
+    source_url, where = source_url_from(source_url_file)
     try:
-        source = source_engine(source_url)
+        source = source_engine(source_url, where)
     except SourceError as exc:
         raise CliError(exc.reason, exc.option, EXIT_USAGE) from None
     try:
@@ -116,7 +146,7 @@ def import_last_login(ctx: Context, source_url, table, user_column, time_column,
     except SourceError as exc:
         raise CliError(exc.reason, exc.option, EXIT_USAGE) from None
     except SourceUnreachable as exc:
-        raise CliError(f"source database error: {exc}", "SOURCE_URL", EXIT_DATABASE) from None
+        raise CliError(f"source database error: {exc}", where, EXIT_DATABASE) from None
     finally:
         source.dispose()
     click.echo(f"{result.rows} rows read, {result.imported} folded into last_logins, "

@@ -7,18 +7,18 @@ import click
 from ..db.overrides import (add_alert, list_alerts, list_overrides, remove_alert,
                             set_override, unset_override)
 from ..errors import InvalidInput
-from ..overrides import version_warning
+from ..overrides import validate_scope, version_warning
 from ..timeparse import DURATION_HELP, localize
 from .common import ID, Context, edge, main_group, pass_ctx, utc_option
 from .output import format_option, render
-from .rule import window
+from .rule import table_safe, window
 
 
 def scope_options(fn):
     fn = click.option("--global", "is_global", is_flag=True,
                       help="For every login (the default when no scope is given).")(fn)
     fn = click.option("--domain", help="For logins of one domain.")(fn)
-    fn = click.option("--user", help="For one user (exact username).")(fn)
+    fn = click.option("--user", help="For one user (matched case-insensitively).")(fn)
     return fn
 
 
@@ -30,7 +30,8 @@ def scope_of(user: str | None, domain: str | None, is_global: bool,
     if not given:
         return ("global", None) if required else (None, None)
     scope = given[0]
-    return scope, (user if scope == "user" else domain if scope == "domain" else None)
+    value = user if scope == "user" else domain if scope == "domain" else None
+    return scope, (validate_scope(scope, value)[1] or None)
 
 
 @main_group.group()
@@ -47,13 +48,21 @@ def override() -> None:
 @click.argument("key")
 @click.argument("value")
 @scope_options
+@click.option("--allow-uid-gid", "allow_ids", is_flag=True,
+              help="Allow KEY uid or gid (changes who the session runs as; never 0).")
 @pass_ctx
 @edge
-def override_set(ctx: Context, key: str, value: str, user, domain, is_global) -> None:
-    """Set userdb field KEY to VALUE (e.g. mail, quota_rule, acl_groups)."""
+def override_set(ctx: Context, key: str, value: str, user, domain, is_global,
+                 allow_ids: bool) -> None:
+    """Set userdb field KEY to VALUE (e.g. mail, quota_rule, acl_groups).
+
+    VALUE may use Dovecot's variables, expanded by lastlogin for each login:
+    %u/%{user}, %n/%{username}, %d/%{domain}, %s/%{service}/%{protocol},
+    %r/%{rip}/%{remote_ip}, %l/%{lip}/%{local_ip}, %% for a %.
+    """
     scope, scope_value = scope_of(user, domain, is_global)
     with ctx.begin() as conn:
-        set_override(conn, scope, scope_value, key, value)
+        set_override(conn, scope, scope_value, key, value, allow_ids)
     warning = version_warning(key, ctx.settings.dovecot_version)
     if warning:
         click.echo(f"lastlogin: warning: {key}: Dovecot {ctx.settings.dovecot_version} "
@@ -84,7 +93,7 @@ def override_list(ctx: Context, user, domain, is_global, fmt: str) -> None:
     scope, scope_value = scope_of(user, domain, is_global, required=False)
     with ctx.begin() as conn:
         rows = [dict(r) for r in list_overrides(conn, scope, scope_value)]
-    render(rows, ("scope", "scope_value", "key", "value"), fmt)
+    render(table_safe(rows, fmt), ("scope", "scope_value", "key", "value"), fmt)
 
 
 @main_group.group()
@@ -108,7 +117,10 @@ def alert() -> None:
 @edge
 def alert_add(ctx: Context, message: str, user, domain, is_global, start, until, duration,
               once: bool, utc: bool) -> None:
-    """Add an alert with MESSAGE for every login, a domain's or a user's."""
+    """Add an alert with MESSAGE for every login, a domain's or a user's.
+
+    MESSAGE may use the variables `override set` knows (%u, %n, %d, ...).
+    """
     scope, scope_value = scope_of(user, domain, is_global)
     valid_from, valid_until = window(start, until, duration, utc)
     with ctx.begin() as conn:
@@ -126,7 +138,8 @@ def alert_list(ctx: Context, fmt: str, utc: bool) -> None:
     with ctx.begin() as conn:
         rows = [dict(r) for r in list_alerts(conn)]
     localize(rows, utc)
-    render(rows, ("id", "scope", "scope_value", "show_once", "valid_from", "valid_until",
+    render(table_safe(rows, fmt), ("id", "scope", "scope_value", "show_once", "valid_from",
+                                   "valid_until",
                   "message"), fmt)
 
 

@@ -8,7 +8,8 @@ from typing import Any, Callable
 
 import click
 
-from ..db import reports
+from ..db import make_engine, reports
+from ..db.migrate import ensure_at_head
 from ..db.retention import affected, prune as do_prune
 from ..timeparse import DURATION_HELP, localize, parse_duration, parse_since as since_of
 from .common import EXIT_PROBLEM, EXIT_USAGE, Context, edge, fail, main_group, pass_ctx
@@ -48,6 +49,19 @@ def limit_option(fn):
                              "were left out.")(fn)
 
 
+def host_option(fn):
+    return click.option("--host", help="Only logins seen by this mail host (its host_name).")(fn)
+
+
+def reading(ctx: Context):
+    """A transaction where reports read: report_database_url (a standby) if set."""
+    if not ctx.settings.report_database_url:
+        return ctx.begin()
+    engine = make_engine(ctx.settings.report_database_url)
+    ensure_at_head(engine)
+    return engine.begin()
+
+
 def since_option(fn):
     return click.option("--since", metavar="TIME|DURATION",
                         help="From TIME (ISO 8601, local zone unless --utc or an offset) "
@@ -74,13 +88,14 @@ def report() -> None:
 @click.option("--user", help="Only this user.")
 @click.option("--domain", help="Only users of this domain.")
 @limit_option
+@host_option
 @report_options
 @pass_ctx
 @edge
-def report_last(ctx: Context, user, domain, limit, fmt, utc) -> None:
+def report_last(ctx: Context, user, domain, limit, host, fmt, utc) -> None:
     """Each user's last login over all protocols, newest first."""
-    with ctx.begin() as conn:
-        rows = reports.last(conn, user, domain, limit or None)
+    with reading(ctx) as conn:
+        rows = reports.last(conn, user, domain, limit or None, host)
     show(rows, reports.LAST_COLUMNS, fmt, utc)
 
 
@@ -98,7 +113,7 @@ def report_inactive(ctx: Context, days, accounts, fmt, utc) -> None:
     names = None
     if accounts is not None:
         names = [ln.strip() for ln in accounts if ln.strip() and not ln.startswith("#")]
-    with ctx.begin() as conn:
+    with reading(ctx) as conn:
         rows = reports.inactive(conn, days, now_utc(), names)
     show(rows, reports.INACTIVE_COLUMNS, fmt, utc)
 
@@ -107,14 +122,15 @@ def report_inactive(ctx: Context, days, accounts, fmt, utc) -> None:
 @click.argument("username")
 @since_option
 @limit_option
+@host_option
 @report_options
 @pass_ctx
 @edge
-def report_history(ctx: Context, username, since, limit, fmt, utc) -> None:
+def report_history(ctx: Context, username, since, limit, host, fmt, utc) -> None:
     """One user's logins, allowed and refused, newest first."""
     start = parse_since(since, None, utc)
-    with ctx.begin() as conn:
-        rows = reports.history(conn, username, start, limit or None)
+    with reading(ctx) as conn:
+        rows = reports.history(conn, username, start, limit or None, host)
     show(rows, reports.HISTORY_COLUMNS, fmt, utc)
 
 
@@ -125,7 +141,7 @@ def report_history(ctx: Context, username, since, limit, fmt, utc) -> None:
 @edge
 def report_ips(ctx: Context, username, fmt, utc) -> None:
     """The client addresses a user logged in from, with first and last use."""
-    with ctx.begin() as conn:
+    with reading(ctx) as conn:
         rows = reports.ips(conn, username)
     show(rows, reports.IPS_COLUMNS, fmt, utc)
 
@@ -133,28 +149,31 @@ def report_ips(ctx: Context, username, fmt, utc) -> None:
 @report.command("refused")
 @since_option
 @limit_option
+@host_option
 @report_options
 @pass_ctx
 @edge
-def report_refused(ctx: Context, since, limit, fmt, utc) -> None:
+def report_refused(ctx: Context, since, limit, host, fmt, utc) -> None:
     """Refused logins (default: the last 7 days) with the rule and its message."""
     start = parse_since(since, dt.timedelta(days=7), utc)
-    with ctx.begin() as conn:
-        rows = reports.refused(conn, start, limit or None)
+    with reading(ctx) as conn:
+        rows = reports.refused(conn, start, limit or None, host)
     show(rows, reports.REFUSED_COLUMNS, fmt, utc)
 
 
 @report.command("daily")
 @click.option("--days", type=click.IntRange(min=1, max=3660), default=7, show_default=True)
+@host_option
+@click.option("--by-host", is_flag=True, help="A row per mail host too.")
 @report_options
 @pass_ctx
 @edge
-def report_daily(ctx: Context, days, fmt, utc) -> None:
-    """Logins per day and protocol, allowed and refused."""
+def report_daily(ctx: Context, days, host, by_host, fmt, utc) -> None:
+    """Logins per day and protocol (and mail host), allowed and refused."""
     zone = dt.timezone.utc if utc else dt.datetime.now().astimezone().tzinfo
-    with ctx.begin() as conn:
-        rows = reports.daily(conn, days, now_utc(), zone)
-    show(rows, reports.DAILY_COLUMNS, fmt, utc)
+    with reading(ctx) as conn:
+        rows = reports.daily(conn, days, now_utc(), zone, host, by_host)
+    show(rows, reports.DAILY_HOST_COLUMNS if by_host else reports.DAILY_COLUMNS, fmt, utc)
 
 
 @main_group.command()

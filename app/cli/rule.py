@@ -11,11 +11,13 @@ import click
 
 from ..db.rules import add_rule, get_rule, list_rules, remove_rule, set_enabled
 from ..errors import InvalidInput
-from ..policy import LoginFacts, decide, parse_ip
+from ..names import normalize_user, parse_ip, printable
+from ..policy import login_decision
 from ..protocol import LoginRequest
 from ..service import plan_login
-from ..snapshot import load_snapshot
+from ..snapshot import load_snapshot, skipped_warnings
 from ..sysgroups import GroupCache
+from ..templates import ExpansionRefused
 from ..timeparse import DURATION_HELP, localize, parse_duration, parse_time
 from .common import EXIT_PROBLEM, ID, INT32, Context, edge, main_group, pass_ctx, utc_option
 from .output import cell, format_option, render
@@ -23,6 +25,13 @@ from .output import cell, format_option, render
 LIST_COLUMNS = ("id", "action", "priority", "enabled", "username", "domain",
                 "remote_network", "local_network", "protocol", "valid_from",
                 "valid_until", "message")
+
+
+def table_safe(rows: list[dict], fmt: str) -> list[dict]:
+    """For a terminal table, control characters escaped (csv and json quote them)."""
+    if fmt != "table":
+        return rows
+    return [{k: printable(v) for k, v in r.items()} for r in rows]
 
 
 def operator() -> str:
@@ -46,13 +55,15 @@ def rule() -> None:
 
     The first enabled rule that matches, lowest priority number first,
     decides; when none matches, `default_action` (allow) applies. Changes
-    reach a running daemon within a second.
+    reach a running daemon within a second. Usernames match
+    case-insensitively and without surrounding spaces; domains are
+    lowercased, without a leading @.
     """
 
 
 @rule.command("add")
 @click.argument("action", type=click.Choice(["allow", "deny"]))
-@click.option("--user", help="Exact username to match.")
+@click.option("--user", help="Username to match (case-insensitive).")
 @click.option("--domain", help="Domain (the part after the last @) to match.")
 @click.option("--network", help="Client network to match, CIDR (IPv4 or IPv6).")
 @click.option("--local-network", help="Server address/network to match, CIDR.")
@@ -65,11 +76,15 @@ def rule() -> None:
 @click.option("--message", help="Text a refused client sees.")
 @click.option("--comment", help="Why the rule exists (for the next admin).")
 @click.option("--disabled", is_flag=True, help="Add it switched off.")
+@click.option("--everyone", is_flag=True,
+              help="Match every login (needed when no --user, --domain, --network, "
+                   "--local-network or --protocol is given).")
 @utc_option
 @pass_ctx
 @edge
 def rule_add(ctx: Context, action, user, domain, network, local_network, protocol,
-             start, until, duration, priority, message, comment, disabled, utc) -> None:
+             start, until, duration, priority, message, comment, disabled, everyone,
+             utc) -> None:
     """Add a rule that allows or denies matching logins."""
     valid_from, valid_until = window(start, until, duration, utc)
     with ctx.begin() as conn:
@@ -77,7 +92,7 @@ def rule_add(ctx: Context, action, user, domain, network, local_network, protoco
             conn, action=action, username=user, domain=domain, remote_network=network,
             local_network=local_network, protocol=protocol, valid_from=valid_from,
             valid_until=valid_until, priority=priority, message=message, comment=comment,
-            enabled=not disabled, created_by=operator())
+            enabled=not disabled, created_by=operator(), everyone=everyone)
     click.echo(f"added rule {rule_id}")
 
 
@@ -91,7 +106,7 @@ def rule_list(ctx: Context, fmt: str, utc: bool) -> None:
     with ctx.begin() as conn:
         rows = [dict(r) for r in list_rules(conn)]
     localize(rows, utc)
-    render(rows, LIST_COLUMNS, fmt)
+    render(table_safe(rows, fmt), LIST_COLUMNS, fmt)
 
 
 @rule.command("show")
@@ -105,6 +120,7 @@ def rule_show(ctx: Context, rule_id: int, fmt: str, utc: bool) -> None:
     with ctx.begin() as conn:
         row = dict(get_rule(conn, rule_id))
     localize([row], utc)
+    (row,) = table_safe([row], fmt)
     if fmt == "table":
         for key, value in row.items():
             click.echo(f"{key:15} {cell(value, fmt)}".rstrip())
@@ -146,7 +162,11 @@ def check(ctx: Context, username: str, ip: str, protocol: str, local_ip: str | N
     Prints the decision and the rule that made it; for an allowed login also
     the userdb fields lastlogin would set and the alerts it would show.
     Exit status 0 when it would be allowed, 1 when it would be refused.
+    The decision is made by the daemon's own code, on the same rules.
     """
+    username = normalize_user(username)
+    if not username:
+        raise InvalidInput("USERNAME", "must not be empty")
     if parse_ip(ip) is None:
         raise InvalidInput("IP", f"not an IP address: {ip!r}")
     if local_ip and parse_ip(local_ip) is None:
@@ -154,9 +174,11 @@ def check(ctx: Context, username: str, ip: str, protocol: str, local_ip: str | N
     now = parse_time(at, "--at", utc) if at else dt.datetime.now(dt.timezone.utc)
     with ctx.begin() as conn:
         snap = load_snapshot(conn)
-    facts = LoginFacts.of(protocol, username, ip, local_ip, now)
+    for line in skipped_warnings(snap.skipped):
+        click.echo(f"lastlogin: warning: {line}", err=True)
     s = ctx.settings
-    decision = decide(snap.rules, facts, s.default_action, s.rules_unloaded_action)
+    decision = login_decision(snap.rules, protocol, username, ip, local_ip, now,
+                              s.default_action, s.rules_unloaded_action)
     click.echo(f"decision: {decision.action}")
     if decision.rule:
         r = decision.rule
@@ -167,9 +189,13 @@ def check(ctx: Context, username: str, ip: str, protocol: str, local_ip: str | N
         click.echo(f"rule:     none matched; default_action is {s.default_action}")
     if not decision.allowed:
         raise SystemExit(EXIT_PROBLEM)
-    req = LoginRequest(b"", b"", username.encode(), [])
+    req = LoginRequest((local_ip or "").encode(), ip.encode(), username.encode(), [])
     groups = GroupCache() if s.acl_groups_from_system else None
-    plan = asyncio.run(plan_login(snap, groups, protocol, req, username, now))
+    try:
+        plan = asyncio.run(plan_login(snap, groups, protocol, req, username, now))
+    except ExpansionRefused as exc:
+        click.echo(f"refused:  temporary failure: {exc}")
+        raise SystemExit(EXIT_PROBLEM) from None
     for f in plan.fields:
         click.echo(f"field:    {f.decode('utf-8', 'backslashreplace')}")
     if not plan.fields:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 
 import click
 from sqlalchemy.engine import make_url
@@ -29,9 +30,10 @@ def serve(ctx: Context) -> None:
     Listens on one socket per protocol; point Dovecot's `executable = imap
     <socket>` at them. SIGTERM/SIGINT drain and stop, SIGHUP reloads.
     """
+    os.umask(0o077)                 # also set for every command; the daemon relies on it
     settings = ctx.settings
     ctx.checked_url()                       # a malformed URL is one line, before anything
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log_level, settings.log_format, settings.secrets())
     click.echo(start_line(settings))        # stdout: stderr is for the log and errors
     try:
         run(settings, ctx.config_path)

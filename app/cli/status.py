@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import time
+from pathlib import Path
 
 import click
 import sqlalchemy as sa
@@ -13,7 +14,8 @@ from sqlalchemy.engine import make_url
 
 from ..db import make_engine
 from ..db.migrate import SchemaNotCurrent, ensure_at_head
-from ..spool import Spool
+from ..snapshot import status_checks
+from ..spool import Quarantine, Spool
 from .common import Context, edge, main_group, pass_ctx
 
 OK, WARNING, CRITICAL = 0, 1, 2
@@ -47,6 +49,12 @@ def checks(settings) -> list[tuple[int, str, str]]:
     else:
         out.append((OK, "daemon", f"pid {daemon['pid']}, {daemon['committed']} committed, "
                                   f"{daemon['spooled']} spooled, {daemon['dropped']} dropped"))
+        if daemon.get("refusing"):
+            out.append((CRITICAL, "logins", "logins are being refused (spool full: "
+                                            f"{daemon['refusing']})"))
+        elif daemon.get("unrecorded"):
+            out.append((CRITICAL, "logins", "logins are allowed but not recorded (spool full: "
+                                            f"{daemon['unrecorded']})"))
         age = daemon.get("config_checked_age")
         if age is None or age > RULES_MAX_AGE:
             shown = "never loaded" if age is None else f"last confirmed {age:.0f} s ago"
@@ -54,10 +62,16 @@ def checks(settings) -> list[tuple[int, str, str]]:
         else:
             out.append((OK, "rules", f"{daemon['rules']} rules, version "
                                      f"{daemon['config_version']}, confirmed {age:.0f} s ago"))
+        out += status_checks(daemon)     # rows the loader left out, load errors
     out.append(_database(settings.effective_database_url))
     spool_dir = settings.effective_spool_dir
     depth = Spool(spool_dir, settings.spool_max_bytes).depth() if os.path.isdir(spool_dir) else 0
     out.append((WARNING if depth else OK, "spool", f"{depth} records waiting in {spool_dir}"))
+    quarantine = Quarantine(Path(spool_dir) / "quarantine")
+    held = quarantine.count()
+    if held:
+        out.append((WARNING, "quarantine", f"{held} records set aside in {quarantine.path} "
+                                           "(see docs/reliability.md)"))
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -25,13 +26,55 @@ def dialect_insert(conn: sa.Connection, table: sa.Table):
     return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table)
 
 
+SQLITE_SIDE_FILES = ("", "-wal", "-shm", "-journal")
+
+
+def private_sqlite_file(path: str, group: str | int | None = None,
+                        tighten: bool = False) -> None:
+    """Make the SQLite database file exist as 0600 (0640 and ``group`` when a
+    reader group is configured) before SQLite opens it. SQLite gives its
+    -wal/-shm/-journal files the database file's mode. With ``tighten`` (the
+    daemon, which knows ``database_group``), files that are ours get exactly
+    that mode, e.g. those an older version left world-readable."""
+    from ..safedirs import group_id
+    gid = group_id(group)
+    mode = 0o640 if gid is not None else 0o600
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode)
+        try:
+            if gid is not None:
+                os.fchown(fd, -1, gid)
+            os.fchmod(fd, mode)         # exactly: the umask may be tighter than 0640
+        finally:
+            os.close(fd)
+    except FileExistsError:
+        pass
+    if not tighten:
+        return
+    for suffix in SQLITE_SIDE_FILES:
+        try:
+            st = os.lstat(path + suffix)
+        except FileNotFoundError:
+            continue
+        if st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode):
+            continue
+        if gid is not None and st.st_gid != gid:
+            os.chown(path + suffix, -1, gid, follow_symlinks=False)
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(path + suffix, mode)
+
+
 def make_engine(url: str, *, connect_timeout: int = 5,
-                write_bound: float | None = None) -> sa.Engine:
-    """An engine for ``url``; the SQLite file's directory is created."""
+                write_bound: float | None = None,
+                file_group: str | int | None = None, tighten: bool = False) -> sa.Engine:
+    """An engine for ``url``; the SQLite file (and its directory) is created
+    private (``private_sqlite_file``)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
+            private_sqlite_file(parsed.database, file_group, tighten)
         engine = sa.create_engine(url, connect_args={"timeout": 5})
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine

@@ -18,7 +18,8 @@ from .types import IPAddress, UTCDateTime
 v_last_login = sa.table(
     "v_last_login", sa.column("username"), sa.column("last_protocol"),
     sa.column("last_seen", UTCDateTime), sa.column("last_remote_ip", IPAddress),
-    sa.column("first_seen", UTCDateTime), sa.column("logins", sa.BigInteger))
+    sa.column("first_seen", UTCDateTime), sa.column("logins", sa.BigInteger),
+    sa.column("last_host"))
 v_user_ips = sa.table(
     "v_user_ips", sa.column("username"), sa.column("remote_ip", IPAddress),
     sa.column("first_seen", UTCDateTime), sa.column("last_seen", UTCDateTime),
@@ -27,16 +28,20 @@ v_refused_logins = sa.table(
     "v_refused_logins", sa.column("occurred_at", UTCDateTime), sa.column("username"),
     sa.column("protocol"), sa.column("remote_ip", IPAddress),
     sa.column("local_ip", IPAddress), sa.column("rule_id", sa.Integer),
-    sa.column("message"), sa.column("comment"))
+    sa.column("message"), sa.column("comment"), sa.column("policy_applied", sa.Boolean),
+    sa.column("host"))
 
 LAST_COLUMNS = ("username", "last_seen", "last_protocol", "last_remote_ip", "logins",
-                "first_seen")
+                "first_seen", "last_host")
 INACTIVE_COLUMNS = ("username", "last_seen", "last_protocol", "idle_days")
+# policy_applied: false when the login was decided without rules loaded
 HISTORY_COLUMNS = ("occurred_at", "protocol", "outcome", "remote_ip", "local_ip", "rule_id",
-                   "auth_mech", "master_user")
+                   "auth_mech", "master_user", "message", "policy_applied", "host")
 IPS_COLUMNS = ("remote_ip", "first_seen", "last_seen", "logins", "refused")
-REFUSED_COLUMNS = ("occurred_at", "username", "protocol", "remote_ip", "rule_id", "message")
+REFUSED_COLUMNS = ("occurred_at", "username", "protocol", "remote_ip", "rule_id", "message",
+                   "policy_applied", "host")
 DAILY_COLUMNS = ("day", "protocol", "allowed", "denied")
+DAILY_HOST_COLUMNS = ("day", "host", "protocol", "allowed", "denied")
 
 
 class Rows(list):
@@ -62,9 +67,12 @@ def _limited(conn: sa.Connection, query: sa.Select, limit: int | None) -> Rows:
 
 
 def last(conn: sa.Connection, user: str | None = None, domain: str | None = None,
-         limit: int | None = None) -> list[dict[str, object]]:
+         limit: int | None = None, host: str | None = None) -> list[dict[str, object]]:
+    """Each user's last login; with ``host``, the users whose last login was there."""
     v = v_last_login
     q = sa.select(*(v.c[c] for c in LAST_COLUMNS)).order_by(v.c.last_seen.desc())
+    if host:
+        q = q.where(v.c.last_host == host)
     if user:
         q = q.where(v.c.username == user)
     if domain:
@@ -105,10 +113,12 @@ def _utc(value):
 
 
 def history(conn: sa.Connection, user: str, since: dt.datetime | None = None,
-            limit: int | None = 1000) -> list[dict[str, object]]:
+            limit: int | None = 1000, host: str | None = None) -> list[dict[str, object]]:
     e = login_events
     q = (sa.select(*(e.c[c] for c in HISTORY_COLUMNS)).where(e.c.username == user)
          .order_by(e.c.occurred_at.desc()))
+    if host:
+        q = q.where(e.c.host == host)
     if since:
         q = q.where(e.c.occurred_at >= since)
     return _limited(conn, q, limit)
@@ -121,20 +131,25 @@ def ips(conn: sa.Connection, user: str) -> list[dict[str, object]]:
     return _rows(conn, q)
 
 
-def refused(conn: sa.Connection, since: dt.datetime, limit: int | None = 1000
-            ) -> list[dict[str, object]]:
+def refused(conn: sa.Connection, since: dt.datetime, limit: int | None = 1000,
+            host: str | None = None) -> list[dict[str, object]]:
     v = v_refused_logins
     q = (sa.select(*(v.c[c] for c in REFUSED_COLUMNS)).where(v.c.occurred_at >= since)
          .order_by(v.c.occurred_at.desc()))
+    if host:
+        q = q.where(v.c.host == host)
     return _limited(conn, q, limit)
 
 
 def daily(conn: sa.Connection, days: int, now: dt.datetime,
-          tz: dt.tzinfo = dt.timezone.utc) -> list[dict[str, object]]:
+          tz: dt.tzinfo = dt.timezone.utc, host: str | None = None,
+          by_host: bool = False) -> list[dict[str, object]]:
     """Logins per day (in ``tz``) and protocol, for the last ``days`` days.
 
     The database counts per UTC hour; the hours are put into days here, so
-    a day is the operator's day whatever zone the database runs in.
+    a day is the operator's day whatever zone the database runs in. With
+    ``host`` only that mail host's logins; ``by_host`` adds a row per host
+    (``host`` None: logins stored before hosts were recorded).
     """
     start_day = now.astimezone(tz).date() - dt.timedelta(days=days - 1)
     start = dt.datetime.combine(start_day, dt.time(), tz).astimezone(dt.timezone.utc)
@@ -143,13 +158,19 @@ def daily(conn: sa.Connection, days: int, now: dt.datetime,
         hour = sa.func.date_trunc("hour", sa.func.timezone("UTC", e.c.occurred_at))
     else:
         hour = sa.func.strftime("%Y-%m-%d %H:00:00", e.c.occurred_at)
-    q = (sa.select(hour.label("hour"), e.c.protocol, e.c.outcome, sa.func.count().label("n"))
-         .where(e.c.occurred_at >= start).group_by(hour, e.c.protocol, e.c.outcome))
-    buckets: dict[tuple[dt.date, str], dict[str, object]] = {}
+    group = [hour, e.c.protocol, e.c.outcome] + ([e.c.host] if by_host else [])
+    q = (sa.select(hour.label("hour"), *group[1:], sa.func.count().label("n"))
+         .where(e.c.occurred_at >= start).group_by(*group))
+    if host:
+        q = q.where(e.c.host == host)
+    buckets: dict[tuple[object, ...], dict[str, object]] = {}
     for r in conn.execute(q):
         h = r.hour if isinstance(r.hour, dt.datetime) else dt.datetime.fromisoformat(r.hour)
         day = h.replace(tzinfo=dt.timezone.utc).astimezone(tz).date()
-        row = buckets.setdefault((day, r.protocol), {"day": day, "protocol": r.protocol,
-                                                     "allowed": 0, "denied": 0})
+        where = {"host": r.host} if by_host else {}
+        row = buckets.setdefault((day, *where.values(), r.protocol),
+                                 {"day": day, **where, "protocol": r.protocol,
+                                  "allowed": 0, "denied": 0})
         row[r.outcome] += r.n
-    return sorted(buckets.values(), key=lambda r: (r["day"], r["protocol"]))
+    return sorted(buckets.values(),
+                  key=lambda r: (r["day"], r.get("host") or "", r["protocol"]))

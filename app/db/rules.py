@@ -1,47 +1,80 @@
-"""Access rules in the database: validated writes, and loading for the daemon."""
+"""Access rules in the database: validated writes, and loading for the daemon.
+
+The loader reads rule by rule: a row it cannot use (written with plain SQL:
+a network with host bits set, an unknown protocol, a broken time) is skipped
+with a log line naming its id and why; every other rule still applies.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 from typing import Any
 
 import sqlalchemy as sa
 
 from ..config import PROTOCOLS
 from ..errors import InvalidInput, NotFound
+from ..names import check_text, control_char, normalize_domain, normalize_user, parse_network
 from ..policy import Rule, order
+from .loading import Skipped, raw_columns, skip, when
 from .schema import access_rules, config_version
 
 RULE_FIELDS = ("action", "priority", "enabled", "username", "domain", "remote_network",
                "local_network", "protocol", "valid_from", "valid_until", "message",
                "comment", "created_by")
+MATCH_FIELDS = ("username", "domain", "remote_network", "local_network", "protocol")
 
 
-def _network(field: str, value: str | None) -> str | None:
+def _network(field: str, value: Any) -> str | None:
+    """A network as stored: canonical text; host bits set are an error."""
     if value is None:
         return None
+    text = str(value)
     try:
-        return str(ipaddress.ip_network(value.strip(), strict=False))
+        return str(parse_network(text, strict=True))
     except ValueError:
-        raise InvalidInput(field, f"not an IPv4 or IPv6 network: {value!r}") from None
+        pass
+    try:
+        loose = parse_network(text, strict=False)
+    except ValueError:
+        raise InvalidInput(field, f"not an IPv4 or IPv6 network: {text!r}") from None
+    host = text.strip().split("/", 1)[0]
+    raise InvalidInput(field, f"{text!r} has host bits set: write {loose} for the network "
+                              f"or {host}/{loose.max_prefixlen} for the one address")
+
+
+def _scope_text(field: str, value: Any, normalise) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput(field, f"must be text, got {value!r}")
+    out = normalise(value)
+    if not out:
+        raise InvalidInput(field, "must not be empty")
+    bad = control_char(out)
+    if bad:
+        raise InvalidInput(field, f"must not contain {bad}")
+    return out
 
 
 def validate_rule(values: dict[str, Any]) -> dict[str, Any]:
-    """Check and normalise a rule's fields; raises InvalidInput naming the field."""
+    """Check and normalise a rule's fields; raises InvalidInput naming the field.
+
+    The same checks for a new rule and for a row the loader reads.
+    """
     out = dict(values)
     if out.get("action") not in ("allow", "deny"):
         raise InvalidInput("ACTION", f"must be allow or deny, got {out.get('action')!r}")
-    if out.get("protocol") is not None and out["protocol"] not in PROTOCOLS:
-        raise InvalidInput("--protocol", f"unknown protocol {out['protocol']!r} "
-                           f"(known: {', '.join(PROTOCOLS)})")
+    proto = out.get("protocol")
+    if proto is not None:
+        proto = out["protocol"] = str(proto).strip().lower()
+        if proto not in PROTOCOLS:
+            raise InvalidInput("--protocol", f"unknown protocol {values['protocol']!r} "
+                               f"(known: {', '.join(PROTOCOLS)})")
     out["remote_network"] = _network("--network", out.get("remote_network"))
     out["local_network"] = _network("--local-network", out.get("local_network"))
-    for key in ("username", "domain"):
-        if out.get(key) is not None and not out[key].strip():
-            raise InvalidInput("--" + ("user" if key == "username" else key), "must not be empty")
-    if out.get("domain"):
-        out["domain"] = out["domain"].strip().lower().lstrip("@")
+    out["username"] = _scope_text("--user", out.get("username"), normalize_user)
+    out["domain"] = _scope_text("--domain", out.get("domain"), normalize_domain)
     start, end = out.get("valid_from"), out.get("valid_until")
     for key in ("valid_from", "valid_until"):
         if out.get(key) is not None and out[key].tzinfo is None:
@@ -49,16 +82,36 @@ def validate_rule(values: dict[str, Any]) -> dict[str, Any]:
     if start and end and end <= start:
         raise InvalidInput("--until", f"the window ends ({end.isoformat()}) before it "
                            f"starts ({start.isoformat()})")
-    if "priority" in out and not isinstance(out["priority"], int):
+    if "priority" in out and (not isinstance(out["priority"], int)
+                              or isinstance(out["priority"], bool)):
         raise InvalidInput("--priority", "must be an integer")
     return out
 
 
-def add_rule(conn: sa.Connection, **values: Any) -> int:
+def add_rule(conn: sa.Connection, *, everyone: bool = False, now: dt.datetime | None = None,
+             **values: Any) -> int:
+    """A new rule, with the guard rails of the CLI.
+
+    A rule that matches every login needs ``everyone``; a window that has
+    already ended is an error; messages and comments are one line of text.
+    """
     unknown = set(values) - set(RULE_FIELDS)
     if unknown:
         raise TypeError(f"unknown rule fields: {sorted(unknown)}")
     row = validate_rule(values)
+    check_text("--message", row.get("message"))
+    check_text("--comment", row.get("comment"))
+    has_match = any(row.get(k) is not None for k in MATCH_FIELDS)
+    if not has_match and not everyone:
+        raise InvalidInput("--everyone", "a rule with no --user, --domain, --network, "
+                                         "--local-network or --protocol would match every "
+                                         "login: give --everyone if that is meant")
+    if has_match and everyone:
+        raise InvalidInput("--everyone", "cannot be combined with match options")
+    now = now or dt.datetime.now(dt.timezone.utc)
+    end = row.get("valid_until")
+    if end is not None and end <= now:
+        raise InvalidInput("--until", f"the window has already ended ({end.isoformat()})")
     return conn.execute(access_rules.insert().values(**row)
                         .returning(access_rules.c.id)).scalar_one()
 
@@ -88,27 +141,47 @@ def set_enabled(conn: sa.Connection, rule_id: int, enabled: bool) -> None:
         raise NotFound(f"no rule with id {rule_id}")
 
 
-def rule_of(row: sa.RowMapping) -> Rule:
-    net = row["remote_network"]
-    lnet = row["local_network"]
+def rule_of(row: sa.RowMapping, dialect: sa.Dialect | None = None) -> Rule:
+    """A stored row as a Rule; InvalidInput or ValueError if it cannot be one."""
+    dialect = dialect or sa.dialects.sqlite.dialect()
+    values = {k: row[k] for k in ("action", "priority", "username", "domain", "protocol",
+                                  "remote_network", "local_network")}
+    values["valid_from"] = when(row["valid_from"], dialect)
+    values["valid_until"] = when(row["valid_until"], dialect)
+    if isinstance(values["priority"], str):
+        values["priority"] = int(values["priority"])
+    v = validate_rule(values)
     return Rule(
-        id=row["id"], action=row["action"], priority=row["priority"],
-        enabled=row["enabled"], username=row["username"], domain=row["domain"],
-        remote_network=ipaddress.ip_network(net) if net else None,
-        local_network=ipaddress.ip_network(lnet) if lnet else None,
-        protocol=row["protocol"], valid_from=row["valid_from"],
-        valid_until=row["valid_until"], message=row["message"])
+        id=row["id"], action=v["action"], priority=v["priority"], enabled=bool(row["enabled"]),
+        username=v["username"], domain=v["domain"],
+        remote_network=parse_network(v["remote_network"]) if v["remote_network"] else None,
+        local_network=parse_network(v["local_network"]) if v["local_network"] else None,
+        protocol=v["protocol"], valid_from=v["valid_from"], valid_until=v["valid_until"],
+        message=row["message"])
 
 
-def load_rules(conn: sa.Connection) -> tuple[Rule, ...]:
-    """Every enabled rule, in evaluation order."""
-    rows = conn.execute(sa.select(access_rules).where(access_rules.c.enabled)).mappings()
-    return order(rule_of(r) for r in rows)
+def load_rules(conn: sa.Connection, skipped: Skipped | None = None) -> tuple[Rule, ...]:
+    """Every enabled rule that can be read, in evaluation order; others are skipped."""
+    skipped = [] if skipped is None else skipped
+    cols = raw_columns(access_rules, ("remote_network", "local_network", "valid_from",
+                                      "valid_until"))
+    rules = []
+    for row in conn.execute(sa.select(*cols).where(access_rules.c.enabled)).mappings():
+        try:
+            rules.append(rule_of(row, conn.dialect))
+        except (InvalidInput, ValueError, TypeError) as exc:
+            skip(skipped, "access_rules", row["id"], exc)
+    return order(rules)
 
 
-def config_version_of(conn: sa.Connection) -> int:
-    return conn.execute(sa.select(config_version.c.version)
-                        .where(config_version.c.id == 1)).scalar_one()
+def config_version_of(conn: sa.Connection) -> int | None:
+    """The version of rules, overrides and alerts; None unless exactly one row holds it."""
+    rows = conn.execute(sa.select(config_version.c.version).limit(2)).all()
+    return int(rows[0][0]) if len(rows) == 1 else None
+
+
+def config_version_rows(conn: sa.Connection) -> int:
+    return conn.execute(sa.select(sa.func.count()).select_from(config_version)).scalar_one()
 
 
 def utc(value: dt.datetime | None) -> dt.datetime | None:

@@ -48,6 +48,7 @@ access_rules = sa.Table(
     sa.CheckConstraint("valid_until IS NULL OR valid_from IS NULL OR valid_until > valid_from",
                        name="window"),
     comment="Allow/deny rules checked at every login (first match by priority wins).",
+    sqlite_autoincrement=True,      # a removed rule's id is never reused
 )
 
 login_events = sa.Table(
@@ -68,6 +69,11 @@ login_events = sa.Table(
     sa.Column("auth_mech", sa.Text, comment="SASL mechanism, e.g. PLAIN"),
     sa.Column("master_user", sa.Text, comment="master user who logged in as this user"),
     sa.Column("auth_user", sa.Text, comment="login name, when it differs from username"),
+    sa.Column("message", sa.Text,
+              comment="what a refused client was told (the rule's text then, or the default)"),
+    sa.Column("policy_applied", sa.Boolean, nullable=False, server_default=sa.true(),
+              comment="false: decided without rules loaded (rules_unloaded_action)"),
+    sa.Column("host", sa.Text, comment="the mail host whose daemon saw the login (host_name)"),
     sa.CheckConstraint(PROTOCOL_CHECK, name="protocol"),
     sa.CheckConstraint("outcome IN ('allowed', 'denied')", name="outcome"),
     sa.Index("ix_login_events_username_occurred_at", "username", "occurred_at"),
@@ -91,6 +97,7 @@ last_logins = sa.Table(
     sa.Column("last_remote_ip", IPAddress),
     sa.Column("last_local_ip", IPAddress),
     sa.Column("login_count", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("last_host", sa.Text, comment="the mail host of the last allowed login"),
     sa.CheckConstraint(PROTOCOL_CHECK, name="protocol"),
     sa.Index("ix_last_logins_last_seen", "last_seen"),
     comment="One row per user and protocol: the last allowed login.",
@@ -109,6 +116,7 @@ userdb_overrides = sa.Table(
     sa.UniqueConstraint("scope", "scope_value", "key",
                         name="uq_userdb_overrides_scope_key"),
     comment="Userdb fields set per login: user beats domain beats global.",
+    sqlite_autoincrement=True,
 )
 
 login_alerts = sa.Table(
@@ -126,6 +134,7 @@ login_alerts = sa.Table(
                        name="window"),
     sa.Index("ix_login_alerts_scope", "scope", "scope_value"),
     comment="IMAP [ALERT] messages shown at login.",
+    sqlite_autoincrement=True,      # deliveries of a removed alert never hide a new one
 )
 
 config_version = sa.Table(

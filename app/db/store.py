@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import ipaddress
 import uuid
 from dataclasses import dataclass
@@ -29,6 +30,30 @@ def text_form(value: bytes) -> tuple[str, bytes | None]:
     if "\x00" in text:
         return text.replace("\x00", "\\x00"), value
     return text, None
+
+
+# Longest username text stored as the key of a row. PostgreSQL's btree index
+# rows hold at most ~2.7 kB, so a longer username (which Dovecot can send)
+# would be refused by the database and block its batch. Longer ones are
+# stored as a prefix plus their SHA-256 -- the same name always gives the
+# same key -- with the exact bytes beside it in username_raw.
+NAME_TEXT_MAX = 1024
+_NAME_PREFIX = NAME_TEXT_MAX - 96
+
+
+def username_text(value: bytes) -> tuple[str, bytes | None]:
+    """(key text to store, exact bytes when the text does not hold them).
+
+    Like ``text_form``, and bounded to ``NAME_TEXT_MAX`` UTF-8 bytes. Every
+    place that stores or looks up a username by its text uses this.
+    """
+    text, raw = text_form(value)
+    encoded = text.encode("utf-8")
+    if len(encoded) <= NAME_TEXT_MAX:
+        return text, raw
+    prefix = encoded[:_NAME_PREFIX].decode("utf-8", "ignore")
+    digest = hashlib.sha256(value).hexdigest()
+    return f"{prefix}...[{len(value)} bytes sha256:{digest}]", value
 
 
 @functools.lru_cache(maxsize=65536)
@@ -63,9 +88,12 @@ class LoginRecord:
     master_user: bytes | None = None
     auth_user: bytes | None = None
     alerts_shown: tuple[int, ...] = ()      # show-once alerts this login displayed
+    message: str | None = None              # what a refused client was told
+    policy_applied: bool = True             # False: decided without rules loaded
+    host: str | None = None                 # the mail host (host_name) that saw it
 
     def event_row(self) -> dict[str, object]:
-        name, raw = text_form(self.username)
+        name, raw = username_text(self.username)
         return {
             "event_id": self.event_id,
             "occurred_at": self.occurred_at,
@@ -79,7 +107,21 @@ class LoginRecord:
             "auth_mech": _opt_text(self.auth_mech),
             "master_user": _opt_text(self.master_user),
             "auth_user": _opt_text(self.auth_user),
+            "message": self.message,
+            "policy_applied": self.policy_applied,
+            "host": self.host,
         }
+
+
+def unique_events(records: Sequence[LoginRecord]) -> list[LoginRecord]:
+    """The records with each event id once (the first copy wins)."""
+    seen: set[uuid.UUID] = set()
+    out = []
+    for rec in records:
+        if rec.event_id not in seen:
+            seen.add(rec.event_id)
+            out.append(rec)
+    return out
 
 
 def _opt_text(value: bytes | None) -> str | None:
@@ -90,8 +132,12 @@ def record_logins(conn: sa.Connection, records: Sequence[LoginRecord]) -> int:
     """Store the events and fold them into last_logins; return how many were new.
 
     Idempotent: an event id already stored is skipped, and only new allowed
-    events count towards last_logins, so a replay changes nothing.
+    events count towards last_logins, so a replay changes nothing. The fold
+    is decided by what the INSERT itself returns, in the same transaction,
+    so a record written twice (a slow commit that also went to the spool)
+    counts once -- even twice within one batch.
     """
+    records = unique_events(records)
     if not records:
         return 0
     rows = [r.event_row() for r in records]
@@ -105,6 +151,7 @@ def record_logins(conn: sa.Connection, records: Sequence[LoginRecord]) -> int:
                   for rec, row in zip(records, rows) if row["event_id"] in new_ids
                   for a in rec.alerts_shown]
     if deliveries:
+        deliveries.sort(key=lambda d: (d["alert_id"], d["username"]))     # lock order
         conn.execute(dialect_insert(conn, login_alert_deliveries).on_conflict_do_nothing(),
                      deliveries)
     return len(fresh)
@@ -122,7 +169,7 @@ def _fold(rows: Iterable[dict[str, object]]) -> list[dict[str, object]]:
                 "username_raw": row["username_raw"],
                 "first_seen": row["occurred_at"], "last_seen": row["occurred_at"],
                 "last_remote_ip": row["remote_ip"], "last_local_ip": row["local_ip"],
-                "login_count": 1,
+                "last_host": row["host"], "login_count": 1,
             }
             continue
         cur["login_count"] += 1  # type: ignore[operator]
@@ -131,7 +178,10 @@ def _fold(rows: Iterable[dict[str, object]]) -> list[dict[str, object]]:
             cur["last_seen"] = row["occurred_at"]
             cur["last_remote_ip"] = row["remote_ip"]
             cur["last_local_ip"] = row["local_ip"]
-    return list(folded.values())
+            cur["last_host"] = row["host"]
+    # In key order: concurrent writers (one daemon per mail host) then lock
+    # the same users' rows in the same order and cannot deadlock.
+    return [folded[k] for k in sorted(folded)]
 
 
 def _upsert_last_logins(conn: sa.Connection, rows: list[dict[str, object]]) -> None:
@@ -150,6 +200,7 @@ def _upsert_last_logins(conn: sa.Connection, rows: list[dict[str, object]]) -> N
                                       else_=t.c.last_remote_ip),
             "last_local_ip": sa.case((newer, ins.excluded.last_local_ip),
                                      else_=t.c.last_local_ip),
+            "last_host": sa.case((newer, ins.excluded.last_host), else_=t.c.last_host),
             "login_count": t.c.login_count + ins.excluded.login_count,
         },
     )

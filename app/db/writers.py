@@ -15,7 +15,7 @@ from typing import Sequence
 
 import sqlalchemy as sa
 
-from .store import LoginRecord, record_logins
+from .store import LoginRecord, record_logins, unique_events
 
 # Parameters are arrays, one element per record (unnest keeps them in step).
 PG_BATCH = """
@@ -24,24 +24,31 @@ WITH input AS (
                          %(username)s::text[], %(username_raw)s::bytea[],
                          %(protocol)s::text[], %(remote_ip)s::inet[], %(local_ip)s::inet[],
                          %(outcome)s::text[], %(rule_id)s::int[], %(auth_mech)s::text[],
-                         %(master_user)s::text[], %(auth_user)s::text[])
+                         %(master_user)s::text[], %(auth_user)s::text[],
+                         %(message)s::text[], %(policy_applied)s::bool[], %(host)s::text[])
         AS t(event_id, occurred_at, username, username_raw, protocol, remote_ip, local_ip,
-             outcome, rule_id, auth_mech, master_user, auth_user)
+             outcome, rule_id, auth_mech, master_user, auth_user, message, policy_applied,
+             host)
 ), new AS (
+    -- Only the rows this statement inserts are folded below: a record
+    -- written twice (spooled and committed late) counts once.
     INSERT INTO login_events (event_id, occurred_at, username, username_raw, protocol,
                               remote_ip, local_ip, outcome, rule_id, auth_mech,
-                              master_user, auth_user)
+                              master_user, auth_user, message, policy_applied, host)
     SELECT * FROM input
     ON CONFLICT (event_id, occurred_at) DO NOTHING
     RETURNING event_id, occurred_at, username, username_raw, protocol, remote_ip, local_ip,
-              outcome
+              outcome, host
 ), folded AS (
+    -- ORDER BY: writers on several mail hosts lock the same users' rows in
+    -- the same order, so concurrent batches wait for each other, never deadlock.
     INSERT INTO last_logins AS l (username, protocol, username_raw, first_seen, last_seen,
-                                  last_remote_ip, last_local_ip, login_count)
+                                  last_remote_ip, last_local_ip, last_host, login_count)
     SELECT username, protocol, (array_agg(username_raw))[1], min(occurred_at), max(occurred_at),
            (array_agg(remote_ip ORDER BY occurred_at DESC))[1],
-           (array_agg(local_ip ORDER BY occurred_at DESC))[1], count(*)
-    FROM new WHERE outcome = 'allowed' GROUP BY username, protocol
+           (array_agg(local_ip ORDER BY occurred_at DESC))[1],
+           (array_agg(host ORDER BY occurred_at DESC))[1], count(*)
+    FROM new WHERE outcome = 'allowed' GROUP BY username, protocol ORDER BY username, protocol
     ON CONFLICT (username, protocol) DO UPDATE SET
         first_seen = LEAST(l.first_seen, EXCLUDED.first_seen),
         last_seen = GREATEST(l.last_seen, EXCLUDED.last_seen),
@@ -49,6 +56,8 @@ WITH input AS (
                               THEN EXCLUDED.last_remote_ip ELSE l.last_remote_ip END,
         last_local_ip = CASE WHEN EXCLUDED.last_seen >= l.last_seen
                              THEN EXCLUDED.last_local_ip ELSE l.last_local_ip END,
+        last_host = CASE WHEN EXCLUDED.last_seen >= l.last_seen
+                         THEN EXCLUDED.last_host ELSE l.last_host END,
         login_count = l.login_count + EXCLUDED.login_count
     RETURNING 1
 ), delivered AS (
@@ -56,6 +65,7 @@ WITH input AS (
     SELECT d.alert_id, n.username, n.occurred_at
     FROM unnest(%(d_event)s::uuid[], %(d_alert)s::int[]) AS d(event_id, alert_id)
     JOIN new n ON n.event_id = d.event_id
+    ORDER BY d.alert_id, n.username
     ON CONFLICT DO NOTHING
     RETURNING 1
 )
@@ -63,10 +73,12 @@ SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM folded), (SELECT count(
 """
 
 COLUMNS = ("event_id", "occurred_at", "username", "username_raw", "protocol", "remote_ip",
-           "local_ip", "outcome", "rule_id", "auth_mech", "master_user", "auth_user")
+           "local_ip", "outcome", "rule_id", "auth_mech", "master_user", "auth_user",
+           "message", "policy_applied", "host")
 
 
 def pg_params(records: Sequence[LoginRecord]) -> dict[str, list[object]]:
+    records = unique_events(records)
     rows = [r.event_row() for r in records]
     params: dict[str, list[object]] = {c: [row[c] for row in rows] for c in COLUMNS}
     params["d_event"] = [r.event_id for r in records for _ in r.alerts_shown]

@@ -1,0 +1,158 @@
+"""The one place that says what a username, a domain and an address are.
+
+Pure, no I/O. The CLI, the loader, the daemon and `lastlogin check` all go
+through these functions, so a scope written one way matches a login written
+another way everywhere or nowhere:
+
+* a username is trimmed; it matches case-insensitively (Dovecot's default
+  ``auth_username_format = %Lu`` lowercases it anyway);
+* a domain is trimmed, lowercased and loses a leading ``@``;
+* an address is parsed once; an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``)
+  counts as the IPv4 address, and a network inside ``::ffff:0:0/96`` as the
+  IPv4 network, so a rule matches both spellings of one client.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+from typing import Union
+
+from .errors import InvalidInput
+
+IPNet = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPAddr = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+# C0 controls, DEL and C1 controls: never wanted in a message, a comment or a value.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def normalize_user(value: str) -> str:
+    """A username as stored: surrounding whitespace removed, case kept."""
+    return value.strip()
+
+
+def user_key(value: str) -> str:
+    """What two usernames are compared by: trimmed and lowercased."""
+    return value.strip().lower()
+
+
+def normalize_domain(value: str) -> str:
+    """A domain as stored and compared: trimmed, lowercased, no leading @."""
+    return value.strip().lstrip("@").strip().lower()
+
+
+def domain_of(username: str) -> str | None:
+    """The domain of a login's username (after the last @), or None."""
+    if "@" not in username:
+        return None
+    return normalize_domain(username.rsplit("@", 1)[1]) or None
+
+
+def scope_value(scope: str, value: str | None, field: str | None = None) -> str:
+    """A scope's value as stored ('' for global); InvalidInput if empty."""
+    if scope == "global":
+        return ""
+    name = field or f"--{scope}"
+    if value is None or not value.strip():
+        raise InvalidInput(name, "must not be empty")
+    out = normalize_domain(value) if scope == "domain" else normalize_user(value)
+    if not out:
+        raise InvalidInput(name, "must not be empty")
+    bad = control_char(out)
+    if bad:
+        raise InvalidInput(name, f"must not contain {bad}")
+    return out
+
+
+def scope_key(scope: str, value: str) -> str:
+    """What a stored scope value is compared by."""
+    if scope == "user":
+        return user_key(value)
+    if scope == "domain":
+        return normalize_domain(value)
+    return ""
+
+
+def control_char(text: str) -> str | None:
+    """A name for the first control character in ``text``, or None."""
+    m = _CONTROL.search(text)
+    if m is None:
+        return None
+    ch = m.group()
+    names = {"\x00": "a NUL byte", "\t": "a TAB", "\n": "a line feed", "\r": "a CR"}
+    return names.get(ch, f"a control character (0x{ord(ch):02x})")
+
+
+def printable(value):
+    """A value for a terminal table: control characters shown as escapes.
+
+    Rows written with SQL may hold them; printed raw, a CR or an escape
+    sequence would rewrite what the operator sees.
+    """
+    if not isinstance(value, str) or _CONTROL.search(value) is None:
+        return value
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), value)
+
+
+def check_text(field: str, text: str | None) -> str | None:
+    """A message or comment: refused if it holds a control character."""
+    if text is None:
+        return None
+    bad = control_char(text)
+    if bad:
+        raise InvalidInput(field, f"must not contain {bad}")
+    return text
+
+
+# --- addresses --------------------------------------------------------------
+
+@functools.lru_cache(maxsize=65536)      # addresses repeat; parsing them is not cheap
+def _parse_ip(text: str) -> IPAddr | None:
+    try:
+        addr = ipaddress.ip_address(text.split("%", 1)[0].strip())
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def parse_ip(value: str | bytes | None) -> IPAddr | None:
+    """An address for matching, or None when absent or not an address.
+
+    An IPv6 zone (``fe80::1%eth0``) is dropped; an IPv4-mapped IPv6 address
+    counts as IPv4.
+    """
+    if not value:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return _parse_ip(value)
+
+
+def parse_network(text: str, strict: bool = False) -> IPNet:
+    """A network for matching; ValueError when it is not one.
+
+    ``strict``: host bits set (``10.1.2.3/8``) are an error rather than
+    masked off. A network inside ``::ffff:0:0/96`` becomes the IPv4 network
+    it maps, so it matches the same clients as the IPv4 spelling.
+    """
+    net = ipaddress.ip_network(text.strip(), strict=strict)
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.subnet_of(_MAPPED):
+        mapped = net.network_address.ipv4_mapped
+        assert mapped is not None
+        return ipaddress.IPv4Network((mapped, net.prefixlen - 96), strict=strict)
+    return net
+
+
+def in_network(addr: IPAddr | None, net: IPNet | None) -> bool:
+    """Does ``addr`` lie in ``net``? (None ``net``: any address, even none.)"""
+    if net is None:
+        return True
+    if addr is None or addr.version != net.version:
+        return False
+    return addr in net
