@@ -223,7 +223,7 @@ def _database_url(v: Any) -> str:
         try:
             url = make_url(s)
         except (ArgumentError, ValueError):
-            raise ValueError("is not a valid URL (value not shown: it may hold a "
+            raise ValueError("not a database URL (value not shown: it may hold a "
                              "password)") from None
         # "user:p@ss@host": the tail of the password would become the host
         # name and end up in connection errors.

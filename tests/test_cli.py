@@ -52,8 +52,8 @@ def test_bad_setting_is_one_line_and_exit_2():
     out = lastlogin("db", "current", env={"LASTLOGIN_DATABASE_URL": "mysql://x/y"})
     assert out.returncode == 2
     assert out.stderr.splitlines() == [
-        "lastlogin: configuration error: database_url: must start with sqlite:/// or "
-        "postgresql+psycopg:// (got scheme 'mysql')"]
+        "lastlogin: must start with sqlite:/// or "
+        "postgresql+psycopg:// (got scheme 'mysql') (database_url)"]
 
 
 def test_unreachable_database_is_one_line_and_exit_4():
@@ -99,3 +99,14 @@ def test_upgrade_makes_the_sqlite_directory(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (data / "lastlogin.db").exists()
     assert lastlogin("db", "check", env={"LASTLOGIN_DATA_DIR": str(data)}).returncode == 0
+
+
+def test_serve_start_line_is_readable_and_hides_the_password():
+    from app.cli.serve import start_line
+    from app.config import load_settings
+    settings = load_settings(None, {
+        "LASTLOGIN_DATABASE_URL": "postgresql://ll:s3cret@db.example.com/lastlogin",
+        "LASTLOGIN_SOCKET_DIR": "/run/ll", "LASTLOGIN_PROTOCOLS": "imap,pop3"})
+    assert start_line(settings) == (
+        f"lastlogin {__version__}: serving /run/ll/imap.sock, /run/ll/pop3.sock; "
+        "database postgresql+psycopg://ll:***@db.example.com/lastlogin")

@@ -267,7 +267,7 @@ def test_override_and_alert_cli(db_url):
     assert warn.returncode == 0 and "2.4 ignores it" in warn.stderr
     both = lastlogin("override", "set", "mail", "x", "--user", "a", "--domain", "b", env=env)
     assert both.returncode == 2 and both.stderr.strip() == (
-        "lastlogin: invalid scope: give one of --user, --domain, --global")
+        "lastlogin: give one of --user, --domain, --global (scope)")
     listed = lastlogin("override", "list", "--user", "alice@example.com", "--format", "csv",
                        env=env).stdout.splitlines()
     assert listed == ["scope,scope_value,key,value", "user,alice@example.com,mail,maildir:/tmp/test"]
@@ -376,24 +376,24 @@ def test_sql_written_rows_that_fail_the_checks_are_skipped_and_reported(engine):
 
 @pytest.mark.parametrize("args,line", [
     (["override", "set", "uid", "0", "--user", "a@x", "--allow-uid-gid"],
-     "lastlogin: invalid VALUE: uid 0 (root) is never allowed"),
+     "lastlogin: uid 0 (root) is never allowed (VALUE)"),
     (["override", "set", "uid", "5000", "--user", "a@x"],
-     "lastlogin: invalid KEY: uid changes who the session runs as; "
-     "give --allow-uid-gid to set it"),
+     "lastlogin: uid changes who the session runs as; give --allow-uid-gid to set it "
+     "(KEY)"),
     (["override", "set", "mail", "maildir:/srv/%h", "--global"],
-     "lastlogin: invalid VALUE: unknown variable '%h' (write %% for a %)"),
+     "lastlogin: unknown variable '%h' (write %% for a %) (VALUE)"),
     (["override", "set", "note", "a\tb", "--global"],
-     "lastlogin: invalid VALUE: must not contain a TAB"),
+     "lastlogin: must not contain a TAB (VALUE)"),
     (["override", "set", "user", "root", "--global"],
-     "lastlogin: invalid KEY: user must reach Dovecot unchanged; it cannot be overridden"),
+     "lastlogin: user must reach Dovecot unchanged; it cannot be overridden (KEY)"),
     (["override", "set", "mail", "x", "--domain", " @ "],
-     "lastlogin: invalid --domain: must not be empty"),
+     "lastlogin: must not be empty (--domain)"),
     (["alert", "add", "hello\r\n* OK [ALERT] fake"],
-     "lastlogin: invalid MESSAGE: must not contain a CR"),
+     "lastlogin: must not contain a CR (MESSAGE)"),
     (["alert", "add", "hello %x"],
-     "lastlogin: invalid MESSAGE: unknown variable '%x' (write %% for a %)"),
+     "lastlogin: unknown variable '%x' (write %% for a %) (MESSAGE)"),
     (["alert", "add", "hello", "--until", "2020-01-01T00:00:00Z"],
-     "lastlogin: invalid --until: the window has already ended (2020-01-01T00:00:00+00:00)"),
+     "lastlogin: the window has already ended (2020-01-01T00:00:00+00:00) (--until)"),
 ])
 def test_override_cli_refusals_are_one_line(sqlite_url, args, line):
     out = lastlogin(*args, env={"LASTLOGIN_DATABASE_URL": sqlite_url})

@@ -31,7 +31,7 @@ def test_add_validates(engine):
             (dict(action="maybe"), "ACTION"),
             (dict(action="deny", username="  "), "--user"),
             (dict(action="deny", remote_network="10.1.2.3/8"), "--network"),   # host bits
-            (dict(action="deny"), "rule"),                          # matches everyone
+            (dict(action="deny"), "--everyone"),                    # matches everyone
             (dict(action="deny", username="x", message="a\r\nb"), "--message"),
             (dict(action="deny", username="x", comment="a\x1bb"), "--comment"),
             (dict(action="deny", username="x",
@@ -127,14 +127,14 @@ def test_rule_cli(db_url):
 
 @pytest.mark.parametrize("args,line", [
     (["rule", "add", "deny", "--network", "10.0.0.300/8"],
-     "lastlogin: invalid --network: not an IPv4 or IPv6 network: '10.0.0.300/8'"),
+     "lastlogin: not an IPv4 or IPv6 network: '10.0.0.300/8' (--network)"),
     (["rule", "add", "deny", "--protocol", "smtp"],
-     "lastlogin: invalid --protocol: unknown protocol 'smtp' "
-     "(known: imap, pop3, submission, managesieve)"),
+     "lastlogin: unknown protocol 'smtp' "
+     "(known: imap, pop3, submission, managesieve) (--protocol)"),
     (["rule", "add", "deny", "--from", "2026-12-02", "--until", "2026-12-01"], None),
     (["rule", "add", "deny", "--for", "soon"],
-     "lastlogin: invalid --for: not a duration like 30m, 12h or 7d: 'soon'"),
-    (["check", "bob", "not-an-ip"], "lastlogin: invalid IP: not an IP address: 'not-an-ip'"),
+     "lastlogin: not a duration like 30s, 10min, 12h, 7d, 2w, 6mo, 1y: 'soon' (--for)"),
+    (["check", "bob", "not-an-ip"], "lastlogin: not an IP address: 'not-an-ip' (IP)"),
 ])
 def test_rule_cli_errors_are_one_line(sqlite_url, args, line):
     out = lastlogin(*args, env={"LASTLOGIN_DATABASE_URL": sqlite_url})
@@ -143,7 +143,8 @@ def test_rule_cli_errors_are_one_line(sqlite_url, args, line):
     if line:
         assert out.stderr.strip() == line
     else:
-        assert out.stderr.startswith("lastlogin: invalid --until: the window ends")
+        assert out.stderr.startswith("lastlogin: the window ends")
+        assert out.stderr.endswith("(--until)\n")
 
 
 # --- enforcement by the daemon, at the socket level -------------------------
@@ -337,20 +338,20 @@ def test_a_load_error_at_start_is_rules_unloaded_never_a_crash(own_db):
 def test_rule_cli_guard_rails_and_safe_listing(sqlite_url):
     env = {"LASTLOGIN_DATABASE_URL": sqlite_url}
     for args, line in [
-        (["rule", "add", "deny"], "lastlogin: invalid rule: it has no --user, --domain, "
-         "--network, --local-network or --protocol and would match every login; give "
-         "--everyone if that is meant"),
+        (["rule", "add", "deny"], "lastlogin: a rule with no --user, --domain, --network, "
+         "--local-network or --protocol would match every login: give --everyone if that "
+         "is meant (--everyone)"),
         (["rule", "add", "deny", "--user", "x", "--until", "2020-01-01T00:00:00Z"],
-         "lastlogin: invalid --until: the window has already ended (2020-01-01T00:00:00+00:00)"),
+         "lastlogin: the window has already ended (2020-01-01T00:00:00+00:00) (--until)"),
         (["rule", "add", "deny", "--user", "x", "--message", "a\r\n* OK [ALERT] b"],
-         "lastlogin: invalid --message: must not contain a CR"),
+         "lastlogin: must not contain a CR (--message)"),
         (["rule", "add", "deny", "--user", "x", "--comment", "a\x1b[2Jb"],
-         "lastlogin: invalid --comment: must not contain a control character (0x1b)"),
+         "lastlogin: must not contain a control character (0x1b) (--comment)"),
         (["rule", "add", "deny", "--network", "10.1.2.3/8"],
-         "lastlogin: invalid --network: '10.1.2.3/8' has host bits set: write 10.0.0.0/8 "
-         "for the network or 10.1.2.3/32 for the one address"),
+         "lastlogin: '10.1.2.3/8' has host bits set: write 10.0.0.0/8 for the network "
+         "or 10.1.2.3/32 for the one address (--network)"),
         (["rule", "add", "deny", "--everyone", "--user", "x"],
-         "lastlogin: invalid --everyone: cannot be combined with match options"),
+         "lastlogin: cannot be combined with match options (--everyone)"),
     ]:
         out = lastlogin(*args, env=env)
         assert (out.returncode, out.stderr) == (2, line + "\n"), args

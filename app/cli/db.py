@@ -7,11 +7,14 @@ import sys
 import click
 
 from ..db.migrate import (current_revision, downgrade as do_downgrade, head_revision,
-                          history as do_history, schema_differences,
+                          history as do_history, schema_differences, state,
                           upgrade as do_upgrade)
 from .common import Context, edge, fail, main_group, pass_ctx
 
 EXIT_DRIFT = 1
+
+# `db downgrade -1`: a relative revision is an argument, not an unknown option.
+REVISION_SETTINGS = {"ignore_unknown_options": True}
 
 
 @main_group.group()
@@ -19,35 +22,51 @@ def db() -> None:
     """Create and migrate the database schema."""
 
 
-@db.command()
+@db.command(context_settings=REVISION_SETTINGS)
 @click.argument("revision", default="head")
 @pass_ctx
 @edge
 def upgrade(ctx: Context, revision: str) -> None:
-    """Migrate the database up to REVISION (default: head)."""
-    do_upgrade(ctx.settings.effective_database_url, revision)
-    click.echo(f"database at {current_revision(ctx.engine(check_schema=False)) or 'base'}")
+    """Migrate the database up to REVISION (default: head; +1 for one step)."""
+    ctx.engine(check_schema=False, create=True).dispose()    # makes the SQLite directory
+    do_upgrade(ctx.checked_url(), revision)
+    engine = ctx.engine(check_schema=False)
+    click.echo(f"database at {current_revision(engine) or 'base'}")
+    engine.dispose()
 
 
-@db.command()
+@db.command(context_settings=REVISION_SETTINGS)
 @click.argument("revision")
 @pass_ctx
 @edge
 def downgrade(ctx: Context, revision: str) -> None:
-    """Migrate the database down to REVISION (`base` removes every table)."""
-    do_downgrade(ctx.settings.effective_database_url, revision)
-    click.echo(f"database at {current_revision(ctx.engine(check_schema=False)) or 'base'}")
+    """Migrate the database down to REVISION (`base` removes every table; -1 one step)."""
+    ctx.engine(check_schema=False).dispose()                  # refuses a missing SQLite file
+    do_downgrade(ctx.checked_url(), revision)
+    engine = ctx.engine(check_schema=False)
+    click.echo(f"database at {current_revision(engine) or 'base'}")
+    engine.dispose()
 
 
 @db.command()
 @pass_ctx
 @edge
 def current(ctx: Context) -> None:
-    """Show the database's revision and whether it is the newest."""
-    rev = current_revision(ctx.engine(check_schema=False))
+    """Show the database's revision and whether it is the newest (creates nothing)."""
     head = head_revision()
-    state = "head" if rev == head else f"behind, head is {head}"
-    click.echo(f"{rev or 'base'} ({state})")
+    if not ctx.database_exists():
+        click.echo(f"base (behind, head is {head}; no database file at {ctx.sqlite_path()})")
+        return
+    engine = ctx.engine(check_schema=False)
+    try:
+        rev = current_revision(engine)
+    finally:
+        engine.dispose()
+    shown = {"head": "head", "behind": f"behind, head is {head}",
+             "empty": f"behind, head is {head}",
+             "newer": f"newer than this lastlogin knows, its head is {head}: "
+                      "was lastlogin downgraded?"}[state(rev)]
+    click.echo(f"{rev or 'base'} ({shown})")
 
 
 @db.command()
@@ -55,7 +74,7 @@ def current(ctx: Context) -> None:
 @edge
 def history(ctx: Context) -> None:
     """List the migrations, oldest last."""
-    do_history(ctx.settings.effective_database_url, sys.stdout)
+    do_history(ctx.checked_url(), sys.stdout)
 
 
 @db.command()
@@ -64,7 +83,10 @@ def history(ctx: Context) -> None:
 def check(ctx: Context) -> None:
     """Check that the database's tables match this version's models."""
     engine = ctx.engine()
-    diffs = schema_differences(engine)
+    try:
+        diffs = schema_differences(engine)
+    finally:
+        engine.dispose()
     if diffs:
         for d in diffs:
             click.echo(f"differs: {d}", err=True)

@@ -8,7 +8,8 @@ from ..db.overrides import (add_alert, list_alerts, list_overrides, remove_alert
                             set_override, unset_override)
 from ..errors import InvalidInput
 from ..overrides import validate_scope, version_warning
-from .common import Context, edge, main_group, pass_ctx
+from ..timeparse import DURATION_HELP, localize
+from .common import ID, Context, edge, main_group, pass_ctx, utc_option
 from .output import format_option, render
 from .rule import table_safe, window
 
@@ -109,18 +110,19 @@ def alert() -> None:
 @scope_options
 @click.option("--from", "start", metavar="TIME", help="Shown from TIME (ISO 8601, local zone).")
 @click.option("--until", metavar="TIME", help="Shown until TIME.")
-@click.option("--for", "duration", metavar="DURATION", help="Shown for DURATION (12h, 7d).")
+@click.option("--for", "duration", metavar="DURATION", help=f"Shown for DURATION ({DURATION_HELP}).")
 @click.option("--once", is_flag=True, help="Show it to each user only once.")
+@utc_option
 @pass_ctx
 @edge
 def alert_add(ctx: Context, message: str, user, domain, is_global, start, until, duration,
-              once: bool) -> None:
+              once: bool, utc: bool) -> None:
     """Add an alert with MESSAGE for every login, a domain's or a user's.
 
     MESSAGE may use the variables `override set` knows (%u, %n, %d, ...).
     """
     scope, scope_value = scope_of(user, domain, is_global)
-    valid_from, valid_until = window(start, until, duration)
+    valid_from, valid_until = window(start, until, duration, utc)
     with ctx.begin() as conn:
         alert_id = add_alert(conn, scope, scope_value, message, valid_from, valid_until, once)
     click.echo(f"added alert {alert_id}")
@@ -128,18 +130,21 @@ def alert_add(ctx: Context, message: str, user, domain, is_global, start, until,
 
 @alert.command("list")
 @format_option
+@utc_option
 @pass_ctx
 @edge
-def alert_list(ctx: Context, fmt: str) -> None:
-    """List the alerts with their scope, window and show-once flag."""
+def alert_list(ctx: Context, fmt: str, utc: bool) -> None:
+    """List the alerts with their scope, window and show-once flag (local zone unless --utc)."""
     with ctx.begin() as conn:
         rows = [dict(r) for r in list_alerts(conn)]
-    render(table_safe(rows, fmt), ("id", "scope", "scope_value", "show_once", "valid_from", "valid_until",
+    localize(rows, utc)
+    render(table_safe(rows, fmt), ("id", "scope", "scope_value", "show_once", "valid_from",
+                                   "valid_until",
                   "message"), fmt)
 
 
 @alert.command("remove")
-@click.argument("alert_id", type=int)
+@click.argument("alert_id", type=ID)
 @pass_ctx
 @edge
 def alert_remove(ctx: Context, alert_id: int) -> None:

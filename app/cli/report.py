@@ -10,10 +10,10 @@ import click
 
 from ..db import make_engine, reports
 from ..db.migrate import ensure_at_head
-from ..db.retention import prune as do_prune
-from ..errors import InvalidInput
-from ..timeparse import parse_duration, parse_time
-from .common import EXIT_PROBLEM, Context, edge, main_group, pass_ctx
+from ..db.retention import affected, prune as do_prune
+from ..timeparse import DURATION_HELP, localize, parse_duration, parse_since as since_of
+from .common import EXIT_PROBLEM, EXIT_USAGE, Context, edge, fail, main_group, pass_ctx
+from .common import utc_option
 from .output import format_option, render
 
 
@@ -22,20 +22,31 @@ def now_utc() -> dt.datetime:
 
 
 def report_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--utc", is_flag=True, help="Show times in UTC, not the local zone.")(fn)
+    fn = utc_option(fn)
     return format_option(fn)
 
 
 def show(rows: list[dict[str, Any]], columns: tuple[str, ...], fmt: str, utc: bool) -> None:
-    """Print rows (times in the local zone unless --utc); exit 1 if there are none."""
-    zone = dt.timezone.utc if utc else None
-    for row in rows:
-        for key, value in row.items():
-            if isinstance(value, dt.datetime):
-                row[key] = value.astimezone(zone)
+    """Print rows (times in the local zone unless --utc); exit 1 if there are none.
+
+    When --limit cut the report, stderr says so, in every format (stdout
+    stays pure CSV/JSON).
+    """
+    localize(rows, utc)
     render(rows, columns, fmt)
+    total = getattr(rows, "total", None)
+    if total is not None:
+        click.echo(f"lastlogin: {len(rows):,} of {total:,} rows (use --limit 0 for all)",
+                   err=True)
     if not rows:
         raise SystemExit(EXIT_PROBLEM)
+
+
+def limit_option(fn):
+    return click.option("--limit", type=click.IntRange(min=0, max=10**9), default=1000,
+                        show_default=True,
+                        help="At most this many rows (0: all); stderr says when rows "
+                             "were left out.")(fn)
 
 
 def host_option(fn):
@@ -53,16 +64,15 @@ def reading(ctx: Context):
 
 def since_option(fn):
     return click.option("--since", metavar="TIME|DURATION",
-                        help="From TIME (ISO 8601) or DURATION ago (7d, 12h).")(fn)
+                        help="From TIME (ISO 8601, local zone unless --utc or an offset) "
+                             f"or DURATION ago ({DURATION_HELP}).")(fn)
 
 
-def parse_since(text: str | None, default: dt.timedelta | None) -> dt.datetime | None:
+def parse_since(text: str | None, default: dt.timedelta | None, utc: bool = False
+                ) -> dt.datetime | None:
     if not text:
         return now_utc() - default if default else None
-    try:
-        return now_utc() - parse_duration(text, "--since")
-    except InvalidInput:
-        return parse_time(text, "--since")
+    return since_of(text, "--since", now_utc(), utc)
 
 
 @main_group.group()
@@ -77,8 +87,7 @@ def report() -> None:
 @report.command("last")
 @click.option("--user", help="Only this user.")
 @click.option("--domain", help="Only users of this domain.")
-@click.option("--limit", type=click.IntRange(min=0), default=1000, show_default=True,
-              help="At most this many rows (0: every user).")
+@limit_option
 @host_option
 @report_options
 @pass_ctx
@@ -91,7 +100,7 @@ def report_last(ctx: Context, user, domain, limit, host, fmt, utc) -> None:
 
 
 @report.command("inactive")
-@click.option("--days", type=click.IntRange(min=1), required=True,
+@click.option("--days", type=click.IntRange(min=1, max=36600), required=True,
               help="Report users whose last login is older than this.")
 @click.option("--accounts", type=click.File("r"),
               help="File (or - for stdin) with every account, one per line, e.g. from "
@@ -112,15 +121,16 @@ def report_inactive(ctx: Context, days, accounts, fmt, utc) -> None:
 @report.command("history")
 @click.argument("username")
 @since_option
-@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
+@limit_option
 @host_option
 @report_options
 @pass_ctx
 @edge
 def report_history(ctx: Context, username, since, limit, host, fmt, utc) -> None:
     """One user's logins, allowed and refused, newest first."""
+    start = parse_since(since, None, utc)
     with reading(ctx) as conn:
-        rows = reports.history(conn, username, parse_since(since, None), limit, host)
+        rows = reports.history(conn, username, start, limit or None, host)
     show(rows, reports.HISTORY_COLUMNS, fmt, utc)
 
 
@@ -138,15 +148,16 @@ def report_ips(ctx: Context, username, fmt, utc) -> None:
 
 @report.command("refused")
 @since_option
-@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True)
+@limit_option
 @host_option
 @report_options
 @pass_ctx
 @edge
 def report_refused(ctx: Context, since, limit, host, fmt, utc) -> None:
     """Refused logins (default: the last 7 days) with the rule and its message."""
+    start = parse_since(since, dt.timedelta(days=7), utc)
     with reading(ctx) as conn:
-        rows = reports.refused(conn, parse_since(since, dt.timedelta(days=7)), limit, host)
+        rows = reports.refused(conn, start, limit or None, host)
     show(rows, reports.REFUSED_COLUMNS, fmt, utc)
 
 
@@ -167,22 +178,66 @@ def report_daily(ctx: Context, days, host, by_host, fmt, utc) -> None:
 
 @main_group.command()
 @click.option("--older-than", "older_than", required=True, metavar="DURATION",
-              help="Remove login history older than this (e.g. 180d).")
-@click.option("--batch", type=click.IntRange(min=100), default=10_000, show_default=True,
-              help="Rows deleted per transaction.")
+              help=f"Remove login history older than this ({DURATION_HELP}; "
+                   "`m` is refused as ambiguous).")
+@click.option("--dry-run", is_flag=True,
+              help="Only say how many login events would go, and their oldest and newest.")
+@click.option("--yes", "-y", "assume_yes", is_flag=True,
+              help="Do not ask for confirmation (for cron).")
+@click.option("--batch", type=click.IntRange(min=100, max=1_000_000), default=10_000,
+              show_default=True, help="Rows deleted per transaction.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar (default: when stderr is a terminal).")
+@utc_option
 @pass_ctx
 @edge
-def prune(ctx: Context, older_than: str, batch: int, progress: bool | None) -> None:
+def prune(ctx: Context, older_than: str, dry_run: bool, assume_yes: bool, batch: int,
+          progress: bool | None, utc: bool) -> None:
     """Remove old login history in bounded batches (last_logins is kept).
 
-    On PostgreSQL whole months go at once (the table is partitioned by
-    month); the rest is deleted in short transactions of --batch rows, so
-    the daemon keeps recording logins meanwhile.
+    Asks for confirmation, showing how many events go, unless --yes; with
+    --dry-run it only shows them. On PostgreSQL whole months go at once
+    (the table is partitioned by month); the rest is deleted in short
+    transactions of --batch rows, so the daemon keeps recording logins
+    meanwhile.
     """
     cutoff = now_utc() - parse_duration(older_than, "--older-than")
+    zone = dt.timezone.utc if utc else None
+    shown_cutoff = cutoff.astimezone(zone).isoformat(timespec="seconds")
     engine = ctx.engine()
+    try:
+        with engine.connect() as conn:
+            what = affected(conn, cutoff)
+        if what.rows == 0:
+            click.echo(f"no login events older than {shown_cutoff}")
+            return
+        oldest = what.oldest.astimezone(zone).isoformat(timespec="seconds")
+        newest = what.newest.astimezone(zone).isoformat(timespec="seconds")
+        summary = (f"{what.rows} login events older than {shown_cutoff} "
+                   f"(oldest {oldest}, newest {newest})")
+        if dry_run:
+            click.echo(f"would remove {summary}")
+            return
+        if not assume_yes:
+            if not sys.stdin.isatty():
+                fail(f"not removing {summary} without confirmation: give --yes (or run "
+                     "it on a terminal)", EXIT_USAGE)
+            try:
+                ok = click.confirm(f"remove {summary}?", err=True)
+            except click.Abort:
+                ok = False
+            if not ok:
+                fail("nothing removed", EXIT_PROBLEM)
+        result = _prune_with_bar(engine, cutoff, batch, progress)
+    finally:
+        engine.dispose()
+    click.echo(f"removed {result.rows_dropped + result.rows_deleted} login events older "
+               f"than {shown_cutoff} "
+               f"({len(result.partitions)} monthly partitions dropped, "
+               f"{result.rows_deleted} rows deleted in batches)")
+
+
+def _prune_with_bar(engine, cutoff: dt.datetime, batch: int, progress: bool | None):
     show_bar = sys.stderr.isatty() if progress is None else progress
     bar_holder: dict[str, Any] = {}
 
@@ -197,12 +252,7 @@ def prune(ctx: Context, older_than: str, batch: int, progress: bool | None) -> N
             bar_holder["bar"].update(n)
 
     try:
-        result = do_prune(engine, cutoff, batch, step, on_total)
+        return do_prune(engine, cutoff, batch, step, on_total)
     finally:
         if "bar" in bar_holder:
             bar_holder["bar"].__exit__(None, None, None)
-        engine.dispose()
-    click.echo(f"removed {result.rows_dropped + result.rows_deleted} login events older "
-               f"than {cutoff.astimezone().isoformat(timespec='seconds')} "
-               f"({len(result.partitions)} monthly partitions dropped, "
-               f"{result.rows_deleted} rows deleted in batches)")

@@ -18,8 +18,8 @@ from ..service import plan_login
 from ..snapshot import load_snapshot, skipped_warnings
 from ..sysgroups import GroupCache
 from ..templates import ExpansionRefused
-from ..timeparse import parse_duration, parse_time
-from .common import EXIT_PROBLEM, Context, edge, main_group, pass_ctx
+from ..timeparse import DURATION_HELP, localize, parse_duration, parse_time
+from .common import EXIT_PROBLEM, ID, INT32, Context, edge, main_group, pass_ctx, utc_option
 from .output import cell, format_option, render
 
 LIST_COLUMNS = ("id", "action", "priority", "enabled", "username", "domain",
@@ -38,12 +38,12 @@ def operator() -> str:
     return os.environ.get("SUDO_USER") or getpass.getuser()
 
 
-def window(start: str | None, until: str | None, duration: str | None
+def window(start: str | None, until: str | None, duration: str | None, utc: bool = False
            ) -> tuple[dt.datetime | None, dt.datetime | None]:
     if until and duration:
         raise InvalidInput("--for", "give --until or --for, not both")
-    begin = parse_time(start, "--from") if start else None
-    end = parse_time(until, "--until") if until else None
+    begin = parse_time(start, "--from", utc) if start else None
+    end = parse_time(until, "--until", utc) if until else None
     if duration:
         end = (begin or dt.datetime.now(dt.timezone.utc)) + parse_duration(duration, "--for")
     return begin, end
@@ -68,10 +68,10 @@ def rule() -> None:
 @click.option("--network", help="Client network to match, CIDR (IPv4 or IPv6).")
 @click.option("--local-network", help="Server address/network to match, CIDR.")
 @click.option("--protocol", help="imap, pop3, submission or managesieve.")
-@click.option("--from", "start", metavar="TIME", help="Active from TIME (ISO 8601, local zone).")
+@click.option("--from", "start", metavar="TIME", help="Active from TIME (ISO 8601; local zone unless --utc or an offset).")
 @click.option("--until", metavar="TIME", help="Active until TIME.")
-@click.option("--for", "duration", metavar="DURATION", help="Active for DURATION (30m, 12h, 7d).")
-@click.option("--priority", type=int, default=100, show_default=True,
+@click.option("--for", "duration", metavar="DURATION", help=f"Active for DURATION ({DURATION_HELP}).")
+@click.option("--priority", type=INT32, default=100, show_default=True,
               help="Lower numbers are checked first.")
 @click.option("--message", help="Text a refused client sees.")
 @click.option("--comment", help="Why the rule exists (for the next admin).")
@@ -79,12 +79,14 @@ def rule() -> None:
 @click.option("--everyone", is_flag=True,
               help="Match every login (needed when no --user, --domain, --network, "
                    "--local-network or --protocol is given).")
+@utc_option
 @pass_ctx
 @edge
 def rule_add(ctx: Context, action, user, domain, network, local_network, protocol,
-             start, until, duration, priority, message, comment, disabled, everyone) -> None:
+             start, until, duration, priority, message, comment, disabled, everyone,
+             utc) -> None:
     """Add a rule that allows or denies matching logins."""
-    valid_from, valid_until = window(start, until, duration)
+    valid_from, valid_until = window(start, until, duration, utc)
     with ctx.begin() as conn:
         rule_id = add_rule(
             conn, action=action, username=user, domain=domain, remote_network=network,
@@ -96,24 +98,28 @@ def rule_add(ctx: Context, action, user, domain, network, local_network, protoco
 
 @rule.command("list")
 @format_option
+@utc_option
 @pass_ctx
 @edge
-def rule_list(ctx: Context, fmt: str) -> None:
-    """List every rule in the order they are checked."""
+def rule_list(ctx: Context, fmt: str, utc: bool) -> None:
+    """List every rule in the order they are checked (times in the local zone unless --utc)."""
     with ctx.begin() as conn:
         rows = [dict(r) for r in list_rules(conn)]
+    localize(rows, utc)
     render(table_safe(rows, fmt), LIST_COLUMNS, fmt)
 
 
 @rule.command("show")
-@click.argument("rule_id", type=int)
+@click.argument("rule_id", type=ID)
 @format_option
+@utc_option
 @pass_ctx
 @edge
-def rule_show(ctx: Context, rule_id: int, fmt: str) -> None:
+def rule_show(ctx: Context, rule_id: int, fmt: str, utc: bool) -> None:
     """Show one rule with all its fields."""
     with ctx.begin() as conn:
         row = dict(get_rule(conn, rule_id))
+    localize([row], utc)
     (row,) = table_safe([row], fmt)
     if fmt == "table":
         for key, value in row.items():
@@ -124,7 +130,7 @@ def rule_show(ctx: Context, rule_id: int, fmt: str) -> None:
 
 def _simple(name: str, doc: str, fn):
     @rule.command(name, help=doc)
-    @click.argument("rule_id", type=int)
+    @click.argument("rule_id", type=ID)
     @pass_ctx
     @edge
     def command(ctx: Context, rule_id: int) -> None:
@@ -146,10 +152,11 @@ _simple("disable", "Switch a rule off without deleting it; daemons follow within
               type=click.Choice(["imap", "pop3", "submission", "managesieve"]))
 @click.option("--local-ip", help="The server address the client connected to.")
 @click.option("--at", "at", metavar="TIME", help="Decide as of TIME instead of now.")
+@utc_option
 @pass_ctx
 @edge
 def check(ctx: Context, username: str, ip: str, protocol: str, local_ip: str | None,
-          at: str | None) -> None:
+          at: str | None, utc: bool) -> None:
     """Dry run: what would happen to a login of USERNAME from IP, and why.
 
     Prints the decision and the rule that made it; for an allowed login also
@@ -164,7 +171,7 @@ def check(ctx: Context, username: str, ip: str, protocol: str, local_ip: str | N
         raise InvalidInput("IP", f"not an IP address: {ip!r}")
     if local_ip and parse_ip(local_ip) is None:
         raise InvalidInput("--local-ip", f"not an IP address: {local_ip!r}")
-    now = parse_time(at, "--at") if at else dt.datetime.now(dt.timezone.utc)
+    now = parse_time(at, "--at", utc) if at else dt.datetime.now(dt.timezone.utc)
     with ctx.begin() as conn:
         snap = load_snapshot(conn)
     for line in skipped_warnings(snap.skipped):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
 from ..db import make_engine
 from ..db.migrate import SchemaNotCurrent, ensure_at_head
@@ -62,17 +63,7 @@ def checks(settings) -> list[tuple[int, str, str]]:
             out.append((OK, "rules", f"{daemon['rules']} rules, version "
                                      f"{daemon['config_version']}, confirmed {age:.0f} s ago"))
         out += status_checks(daemon)     # rows the loader left out, load errors
-    engine = make_engine(settings.effective_database_url, connect_timeout=3)
-    try:
-        ensure_at_head(engine)
-        out.append((OK, "database", "reachable, schema at head"))
-    except SchemaNotCurrent as exc:
-        out.append((CRITICAL, "database", str(exc)))
-    except sa.exc.DBAPIError as exc:
-        first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        out.append((WARNING, "database", f"unreachable ({first}); logins are spooled"))
-    finally:
-        engine.dispose()
+    out.append(_database(settings.effective_database_url))
     spool_dir = settings.effective_spool_dir
     depth = Spool(spool_dir, settings.spool_max_bytes).depth() if os.path.isdir(spool_dir) else 0
     out.append((WARNING if depth else OK, "spool", f"{depth} records waiting in {spool_dir}"))
@@ -82,6 +73,36 @@ def checks(settings) -> list[tuple[int, str, str]]:
         out.append((WARNING, "quarantine", f"{held} records set aside in {quarantine.path} "
                                            "(see docs/reliability.md)"))
     return out
+
+
+def _database(url: str) -> tuple[int, str, str]:
+    """Reachable and at head? Looks only: never creates an SQLite file."""
+    try:
+        make_url(url).port
+        path = _sqlite_file(url)
+    except (ValueError, sa.exc.ArgumentError) as exc:
+        return CRITICAL, "database", f"not a database URL: {exc}"
+    if path is not None and not os.path.isfile(path):
+        return CRITICAL, "database", f"no database at {path}: run `lastlogin db upgrade`"
+    engine = make_engine(url, connect_timeout=3)
+    try:
+        ensure_at_head(engine)
+        return OK, "database", "reachable, schema at head"
+    except SchemaNotCurrent as exc:
+        return CRITICAL, "database", str(exc)
+    except sa.exc.DBAPIError as exc:
+        first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        return WARNING, "database", f"unreachable ({first}); logins are spooled"
+    finally:
+        engine.dispose()
+
+
+def _sqlite_file(url: str) -> str | None:
+    """The SQLite file behind ``url`` (status only looks; it never creates one)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return os.path.abspath(parsed.database)
 
 
 def _daemon_state(settings) -> dict | None:

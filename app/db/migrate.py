@@ -12,6 +12,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 
 from .schema import include_name, metadata
 
@@ -21,6 +22,19 @@ FILE_TEMPLATE = ("%%(year)d_%%(month).2d_%%(day).2d_%%(hour).2d%%(minute).2d"
 
 class SchemaNotCurrent(Exception):
     """The database is not at the newest migration."""
+
+
+class SchemaNewer(SchemaNotCurrent):
+    """The database is at a revision this lastlogin does not know (it was downgraded)."""
+
+    def __init__(self, revision: str) -> None:
+        super().__init__(f"the database is at revision {revision}, newer than this lastlogin "
+                         "knows (was lastlogin downgraded?)")
+        self.revision = revision
+
+
+class BadRevision(ValueError):
+    """A revision given to upgrade/downgrade that Alembic cannot use."""
 
 
 def script_location() -> str:
@@ -59,10 +73,33 @@ def current_revision(engine: sa.Engine) -> str | None:
         return current_revision_of(conn)
 
 
+def is_known(revision: str) -> bool:
+    """Is ``revision`` one of this version's migrations?"""
+    try:
+        return ScriptDirectory(script_location()).get_revision(revision) is not None
+    except Exception:   # alembic raises several kinds for an unknown id
+        return False
+
+
+def state(current: str | None) -> str:
+    """``head``, ``behind``, ``empty`` or ``newer`` (unknown to this version)."""
+    if current is None:
+        return "empty"
+    if current == head_revision():
+        return "head"
+    return "behind" if is_known(current) else "newer"
+
+
 def ensure_at_head(engine: sa.Engine) -> None:
-    """Raise SchemaNotCurrent unless the database is at the newest migration."""
+    """Raise SchemaNotCurrent unless the database is at the newest migration.
+
+    A revision this version does not know is newer (lastlogin was rolled
+    back): upgrading cannot help, so the message does not advise it.
+    """
     head = head_revision()
     current = current_revision(engine)
+    if current is not None and current != head and not is_known(current):
+        raise SchemaNewer(current)
     if current != head:
         shown = current or "empty (no migration applied)"
         raise SchemaNotCurrent(
@@ -70,13 +107,32 @@ def ensure_at_head(engine: sa.Engine) -> None:
             "run `lastlogin db upgrade`")
 
 
+def _refuse_newer(url: str) -> None:
+    engine = sa.create_engine(url)
+    try:
+        current = current_revision(engine)
+    finally:
+        engine.dispose()
+    if current is not None and not is_known(current):
+        raise SchemaNewer(current)
+
+
+def _alembic(fn, url: str, revision: str) -> None:
+    _refuse_newer(url)
+    try:
+        fn(alembic_config(url), revision)
+    except CommandError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown revision"
+        raise BadRevision(first) from None
+
+
 def upgrade(url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(url), revision)
+    _alembic(command.upgrade, url, revision)
 
 
 def downgrade(url: str, revision: str) -> None:
     """Migrate down; at ``base`` Alembic's own bookkeeping table goes too."""
-    command.downgrade(alembic_config(url), revision)
+    _alembic(command.downgrade, url, revision)
     if revision == "base":
         engine = sa.create_engine(url)
         try:

@@ -44,8 +44,26 @@ DAILY_COLUMNS = ("day", "protocol", "allowed", "denied")
 DAILY_HOST_COLUMNS = ("day", "host", "protocol", "allowed", "denied")
 
 
+class Rows(list):
+    """A report's rows; ``total`` is set when ``limit`` cut the answer short."""
+
+    total: int | None = None        # rows there were before the limit (None: not cut)
+
+
 def _rows(conn: sa.Connection, query: sa.Select) -> list[dict[str, object]]:
     return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def _limited(conn: sa.Connection, query: sa.Select, limit: int | None) -> Rows:
+    """At most ``limit`` rows; when there were more, ``total`` says how many."""
+    if not limit:
+        return Rows(_rows(conn, query))
+    rows = Rows(_rows(conn, query.limit(limit + 1)))
+    if len(rows) > limit:
+        del rows[limit:]
+        rows.total = conn.execute(sa.select(sa.func.count()).select_from(
+            query.order_by(None).subquery())).scalar_one()
+    return rows
 
 
 def last(conn: sa.Connection, user: str | None = None, domain: str | None = None,
@@ -60,7 +78,7 @@ def last(conn: sa.Connection, user: str | None = None, domain: str | None = None
     if domain:
         q = q.where(sa.func.lower(v.c.username).endswith("@" + domain.lower().lstrip("@"),
                                                        autoescape=True))
-    return _rows(conn, q.limit(limit) if limit else q)
+    return _limited(conn, q, limit)
 
 
 def inactive(conn: sa.Connection, days: int, now: dt.datetime,
@@ -95,15 +113,15 @@ def _utc(value):
 
 
 def history(conn: sa.Connection, user: str, since: dt.datetime | None = None,
-            limit: int = 1000, host: str | None = None) -> list[dict[str, object]]:
+            limit: int | None = 1000, host: str | None = None) -> list[dict[str, object]]:
     e = login_events
     q = (sa.select(*(e.c[c] for c in HISTORY_COLUMNS)).where(e.c.username == user)
-         .order_by(e.c.occurred_at.desc()).limit(limit))
+         .order_by(e.c.occurred_at.desc()))
     if host:
         q = q.where(e.c.host == host)
     if since:
         q = q.where(e.c.occurred_at >= since)
-    return _rows(conn, q)
+    return _limited(conn, q, limit)
 
 
 def ips(conn: sa.Connection, user: str) -> list[dict[str, object]]:
@@ -113,14 +131,14 @@ def ips(conn: sa.Connection, user: str) -> list[dict[str, object]]:
     return _rows(conn, q)
 
 
-def refused(conn: sa.Connection, since: dt.datetime, limit: int = 1000,
+def refused(conn: sa.Connection, since: dt.datetime, limit: int | None = 1000,
             host: str | None = None) -> list[dict[str, object]]:
     v = v_refused_logins
     q = (sa.select(*(v.c[c] for c in REFUSED_COLUMNS)).where(v.c.occurred_at >= since)
-         .order_by(v.c.occurred_at.desc()).limit(limit))
+         .order_by(v.c.occurred_at.desc()))
     if host:
         q = q.where(v.c.host == host)
-    return _rows(conn, q)
+    return _limited(conn, q, limit)
 
 
 def daily(conn: sa.Connection, days: int, now: dt.datetime,

@@ -24,6 +24,23 @@ def rows_older_than(conn: sa.Connection, cutoff: dt.datetime) -> int:
                         .where(login_events.c.occurred_at < cutoff)).scalar_one()
 
 
+@dataclass
+class Affected:
+    """What a prune at ``cutoff`` would remove (for --dry-run and the confirmation)."""
+
+    rows: int
+    oldest: dt.datetime | None
+    newest: dt.datetime | None
+
+
+def affected(conn: sa.Connection, cutoff: dt.datetime) -> Affected:
+    e = login_events
+    count, oldest, newest = conn.execute(
+        sa.select(sa.func.count(), sa.func.min(e.c.occurred_at), sa.func.max(e.c.occurred_at))
+        .where(e.c.occurred_at < cutoff)).one()
+    return Affected(count, oldest, newest)
+
+
 def prune(engine: sa.Engine, cutoff: dt.datetime, batch: int = 10_000,
           progress: Callable[[int], None] | None = None,
           on_total: Callable[[int], None] | None = None) -> PruneResult:

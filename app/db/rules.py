@@ -103,9 +103,9 @@ def add_rule(conn: sa.Connection, *, everyone: bool = False, now: dt.datetime | 
     check_text("--comment", row.get("comment"))
     has_match = any(row.get(k) is not None for k in MATCH_FIELDS)
     if not has_match and not everyone:
-        raise InvalidInput("rule", "it has no --user, --domain, --network, --local-network or "
-                                   "--protocol and would match every login; give --everyone "
-                                   "if that is meant")
+        raise InvalidInput("--everyone", "a rule with no --user, --domain, --network, "
+                                         "--local-network or --protocol would match every "
+                                         "login: give --everyone if that is meant")
     if has_match and everyone:
         raise InvalidInput("--everyone", "cannot be combined with match options")
     now = now or dt.datetime.now(dt.timezone.utc)
