@@ -23,7 +23,8 @@ import sqlalchemy as sa
 
 from .db.engine import dialect_insert
 from .db.schema import last_logins
-from .db.store import LoginRecord, normalize_ip, record_logins, text_form
+from .db.store import record_logins
+from .login import LoginRecord, normalize_ip, text_form
 
 NAMESPACE = uuid.UUID("6f0f7c52-3f43-4c55-9a4e-8a3c1e0b5d21")
 PENDING = 5000          # logins kept open for a later "denied" line

@@ -6,7 +6,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from .errors import InvalidInput
-from .names import control_char, domain_of, normalize_domain, scope_key, scope_value, user_key
+from .login import control_char, domain_of, normalize_domain, scope_key, scope_value, user_key
 from .protocol import field_key
 from .templates import check_template
 

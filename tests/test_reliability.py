@@ -166,7 +166,7 @@ def test_full_spool(tmp_path, action):
     assert results[:3] == [False] * 3
     if action == "refuse":
         assert all(results[4:])
-        assert "reason=\"spool: spool holds" in d.logs()
+        assert "reason=\"not recorded: spool: spool holds" in d.logs()
     else:
         assert not any(results)
         assert "event=spool_full action=allow_unrecorded" in d.logs()

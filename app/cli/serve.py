@@ -6,7 +6,7 @@ import os
 
 from ..daemon import run
 from ..logs import setup_logging
-from ..server import SocketInUse
+from ..sockets import SocketInUse
 from .common import EXIT_CONFIG, Context, edge, fail, main_group, pass_ctx
 
 
