@@ -427,9 +427,6 @@ class Settings:
         return frozenset(uids)
 
 
-def setting_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(Settings)]
-
 
 def describe_settings() -> list[tuple[str, str, str]]:
     """(key, env variable, doc) for the configuration reference."""

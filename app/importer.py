@@ -70,11 +70,6 @@ class ImportStats:
             self.examples.append(line[:200].decode("utf-8", "backslashreplace"))
 
 
-@dataclass
-class _Pending:
-    record: LoginRecord
-    key: str
-
 
 class StampParser:
     """Turns a line's time stamp into UTC.

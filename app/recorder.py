@@ -42,7 +42,7 @@ from .db.store import record_logins
 from .login import DENIED, LoginRecord
 from .db.writers import writer_for
 from .logs import show
-from .spool import QuarantineFull, Spool, SpoolFull, encode, record_key
+from .spool import Spool, SpoolFull, encode, record_key
 from .worker import Worker
 
 log = logging.getLogger("lastlogin.recorder")

@@ -17,7 +17,9 @@ import errno
 import logging
 import os
 import socket
+import struct
 import time
+from dataclasses import dataclass
 
 from .config import Settings
 from .fdio import PeerError, close_all, read_message, send_all, write_fd
@@ -25,7 +27,7 @@ from .logs import Shown, show
 from .protocol import LoginRequest, ProtocolError, parse_request, request_complete
 from .safedirs import write_file_atomic
 from .service import Answer, LoginService
-from .sockets import Listener, Peer, peer_of
+from .sockets import Listener
 from .status import STATUS_FILE
 
 log = logging.getLogger("lastlogin.server")
@@ -35,6 +37,24 @@ INLINE_PARSE_BYTES = 16 << 10       # real requests are a few hundred bytes
 
 class ConnectionRefused(Exception):
     """A connection that ends without a reply; the text is logged."""
+
+
+_PEERCRED = struct.Struct("3i")
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+    def __str__(self) -> str:
+        return f"pid={self.pid} uid={self.uid}"
+
+
+def peer_of(conn: socket.socket) -> Peer:
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    return Peer(*_PEERCRED.unpack(raw))
 
 
 class Server:

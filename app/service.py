@@ -19,20 +19,20 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .config import Settings
-from .login import ALLOWED, DENIED, LoginRecord, domain_of, new_event_id, normalize_ip, text_form
+from .login import ALLOWED, DENIED, LoginRecord, new_event_id, normalize_ip, text_form
 from .metrics import Metrics
 from .nexthop import forward
-from .overrides import alerts_for, merge_fields, union_list
+from .overrides import Plan, plan
 from .policy import ALLOW, DENY, Decision, login_decision
-from .protocol import (DEFAULT_DENY_TEXT, TEMPFAIL_TEXT, LoginRequest, alert_line, build_reply,
-                       deny_line, field_value, tempfail_line)
+from .protocol import (DEFAULT_DENY_TEXT, TEMPFAIL_TEXT, LoginRequest, build_reply, deny_line,
+                       tempfail_line)
 from .recorder import Recorder, RecordError
 from .snapshot import ConfigCache, Snapshot
 from .status import DaemonStatus
 from .sysgroups import GroupCache
-from .templates import ExpansionRefused, LoginVars, expand, expand_fields
+from .templates import ExpansionRefused
 
-__all__ = ["Answer", "Explanation", "LoginService", "Steps", "explain", "plan"]
+__all__ = ["Answer", "Explanation", "LoginService", "Plan", "Steps", "explain"]
 
 
 def utcnow() -> dt.datetime:
@@ -57,16 +57,6 @@ class Answer:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """What an allowed login gets: the fields to send and the alerts to show."""
-
-    fields: list[bytes]
-    alerts: list[int]               # show-once alerts it displays (remembered)
-    alert_bytes: bytes
-    shown: int = 0                  # alerts it displays, all of them
-
-
-@dataclass(frozen=True)
 class Explanation:
     """The decision for one login and, when allowed, its plan."""
 
@@ -84,33 +74,6 @@ class Explanation:
         return self.decision.message or DEFAULT_DENY_TEXT
 
 
-def plan(snap: Snapshot | None, protocol: str, req: LoginRequest, user: str,
-         now: dt.datetime, system_groups: tuple[str, ...] = ()) -> Plan:
-    """Fields and alerts for an allowed login. Pure.
-
-    Override values and alert texts are expanded for this login; an unsafe
-    expansion raises ExpansionRefused (the login must be refused).
-    """
-    domain = domain_of(user)
-    wanted = snap.overrides.for_login(user, domain) if snap else {}
-    tvars = LoginVars.of(req.username, protocol, req.remote_ip, req.local_ip)
-    wanted = expand_fields(wanted, tvars)
-    if system_groups:
-        base = wanted.get("acl_groups")
-        if base is None:
-            current = field_value(req.fields, b"acl_groups")
-            base = current.decode("utf-8", "replace") if current is not None else None
-        wanted = {**wanted, "acl_groups": union_list(base, list(system_groups))}
-    fields = merge_fields(req.fields, wanted)
-    alerts = []
-    if protocol == "imap" and snap is not None:
-        # IMAP only: elsewhere an unsolicited line would break the session.
-        alerts = alerts_for(snap.alerts, snap.delivered, user, domain, now)
-    shown = [a.id for a in alerts if a.show_once]
-    return Plan(fields, shown, b"".join(alert_line(expand(a.message, tvars)) for a in alerts),
-                len(alerts))
-
-
 def explain(snap: Snapshot | None, protocol: str, req: LoginRequest, now: dt.datetime,
             default: str = ALLOW, unloaded: str = ALLOW,
             system_groups: tuple[str, ...] = ()) -> Explanation:
@@ -121,9 +84,11 @@ def explain(snap: Snapshot | None, protocol: str, req: LoginRequest, now: dt.dat
                               default, unloaded)
     if not decision.allowed:
         return Explanation(decision, None, rules is not None)
+    overrides, alerts, delivered = ((snap.overrides, snap.alerts, snap.delivered)
+                                    if snap is not None else (None, (), set()))
     try:
-        return Explanation(decision, plan(snap, protocol, req, user, now, system_groups),
-                           rules is not None)
+        planned = plan(overrides, alerts, delivered, protocol, req, user, now, system_groups)
+        return Explanation(decision, planned, rules is not None)
     except ExpansionRefused as exc:
         return Explanation(Decision(DENY, None, f"override: {exc}", temporary=True), None,
                            rules is not None)

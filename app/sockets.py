@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import stat
-import struct
 import subprocess
 from dataclasses import dataclass
 
@@ -23,24 +22,6 @@ from .config import Settings
 from .safedirs import ensure_private_dir
 
 log = logging.getLogger("lastlogin.sockets")
-
-_PEERCRED = struct.Struct("3i")
-
-
-@dataclass(frozen=True)
-class Peer:
-    pid: int
-    uid: int
-    gid: int
-
-    def __str__(self) -> str:
-        return f"pid={self.pid} uid={self.uid}"
-
-
-def peer_of(conn: socket.socket) -> Peer:
-    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    return Peer(*_PEERCRED.unpack(raw))
-
 
 # --- listening sockets ----------------------------------------------------
 

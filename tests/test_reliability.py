@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from app.db import make_engine
 from app.db.migrate import upgrade
 from app.db.schema import last_logins, login_events
-from app.spool import Spool, SpoolFull, decode, encode
+from app.spool import Spool, decode, encode
 from tests.builders import HOSTILE_USERNAMES, record, request_bytes
 from tests.harness.daemon import make_daemon, wait_for
 from tests.harness.pg import start_server

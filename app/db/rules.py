@@ -183,5 +183,3 @@ def config_version_rows(conn: sa.Connection) -> int:
     return conn.execute(sa.select(sa.func.count()).select_from(config_version)).scalar_one()
 
 
-def utc(value: dt.datetime | None) -> dt.datetime | None:
-    return None if value is None else value.astimezone(dt.timezone.utc)
