@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .login import PROTOCOLS
+
 DEFAULT_CONFIG_PATH = Path("/etc/lastlogin/lastlogin.toml")
 ENV_PREFIX = "LASTLOGIN_"
-PROTOCOLS = ("imap", "pop3", "submission", "managesieve")
 # Variables the daemon sets for itself (graceful restart) and the import
 # command's source URL: not settings.
 INTERNAL_ENV = frozenset({"handover_fds", "handover_notify", "import_source_url"})
@@ -425,9 +426,6 @@ class Settings:
                     pass
         return frozenset(uids)
 
-
-def setting_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(Settings)]
 
 
 def describe_settings() -> list[tuple[str, str, str]]:

@@ -1,76 +1,184 @@
-"""`lastlogin serve`: build everything from the settings, run, shut down."""
+"""`lastlogin serve`: the daemon's lifecycle, in one place and in order.
+
+    startup()   directories, engine, rules in memory, recorder and its
+                spool, sockets (bound or inherited), metrics, threads
+    serve()     the event loop: accept and answer logins; signals only set
+                a flag that this loop acts on (stop, reload, hand over)
+    shutdown()  drain in-flight logins (bounded), then stop the threads in
+                the order that keeps every record: refresher, retention,
+                replayer, and last the writer (which closes its spool
+                segment for a successor to replay)
+
+Nothing here handles a login: that is app/server.py (bytes) and
+app/service.py (decisions and records).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import os
+import signal
 
 import sqlalchemy as sa
 
-from .config import Settings
+from .config import ConfigError, Settings, load_settings
 from .db import make_engine
 from .db.migrate import ensure_at_head
+from .logs import show
 from .maintenance import Maintenance
 from .metrics import Metrics
 from .recorder import Recorder, Replayer, first_line
 from .safedirs import prepare_daemon_dirs
 from .server import Server
-from .service import Extras, LoginService, Policy
+from .service import LoginService, Steps
 from .snapshot import ConfigCache, Refresher
+from .sockets import hand_over, notify_ready, sd_notify, take_listeners
 from .spool import Spool
+from .status import status_path
 
 log = logging.getLogger("lastlogin.daemon")
 
+# Exit statuses of `lastlogin serve` (the CLI's table: README "Exit statuses").
+EXIT_OK = 0
+EXIT_CONFIG = 2             # a setting, a directory or a socket path is unusable
+EXIT_SCHEMA = 3             # the database schema is not at head
 
-def run(settings: Settings, config_path: str | None = None) -> None:
-    """Serve until SIGTERM/SIGINT. Raises before binding if the schema is old.
+# Settings a running daemon cannot change (SIGHUP): they need a restart.
+FIXED_SETTINGS = ("database_url", "socket_dir", "protocols", "socket_imap", "socket_pop3",
+                  "socket_submission", "socket_managesieve", "socket_mode", "socket_owner",
+                  "socket_group", "max_connections", "data_dir", "spool_dir", "database_group")
 
-    A database that cannot be reached at start is not fatal: logins are
-    spooled and decided by `rules_unloaded_action` until it answers.
-    """
-    prepare_daemon_dirs(settings)       # socket, database and spool dirs: private or refused
-    engine = make_engine(settings.effective_database_url,
-                         connect_timeout=max(1, math.ceil(settings.record_timeout)),
-                         write_bound=settings.record_timeout,
-                         file_group=settings.database_group or None, tighten=True)
-    cache = ConfigCache()
-    refresher = Refresher(engine, cache)
-    spool = Spool(settings.effective_spool_dir, settings.spool_max_bytes)
-    recorder = Recorder(engine, batch_max=settings.batch_max, spool=spool,
-                        spool_full_action=settings.spool_full_action)
-    try:
-        ensure_at_head(engine)
-        refresher.refresh()             # rules in memory before the first login
-    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-        log.error("event=database_unreachable_at_start action=spooling error=%s",
-                  first_line(exc).replace(" ", "_")[:200])
-        recorder.down = True
-    replayer = Replayer(engine, recorder, stuck_after=settings.record_timeout)
-    policy = Policy(cache, settings.default_action, settings.rules_unloaded_action)
-    service = LoginService(recorder, policy, settings.record_timeout,
-                           Extras.from_settings(settings))
-    server = Server(settings, service, config_path)
-    server.bind()
-    if settings.metrics_listen:
-        metrics = Metrics()
-        metrics.watch(service.status)
-        metrics.serve(settings.metrics_listen)
-        service.metrics = metrics
-        log.info("event=metrics_listening address=%s", settings.metrics_listen)
-    maintenance = Maintenance(engine, settings.retention_days)
-    threads = (recorder, refresher, replayer, maintenance)
-    for t in threads:
-        t.start()
-    try:
-        asyncio.run(server.serve())
-    finally:
-        server.close_listeners()
-        refresher.stop()
-        maintenance.stop()
-        replayer.stop()
-        if not recorder.stop(timeout=settings.drain_timeout):
+STOP, RELOAD, HANDOVER = "stop", "reload", "handover"
+
+
+class Daemon:
+    def __init__(self, settings: Settings, config_path: str | None = None) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self._wanted: asyncio.Queue[str] | None = None
+
+    # --- startup ---------------------------------------------------------------
+
+    def startup(self) -> None:
+        """Build everything from the settings. Raises before binding if the
+        schema is not at head; a database that cannot be reached is not
+        fatal (logins are spooled and decided by rules_unloaded_action)."""
+        s = self.settings
+        prepare_daemon_dirs(s)      # socket, database and spool dirs: private or refused
+        self.engine = make_engine(s.effective_database_url,
+                                  connect_timeout=max(1, math.ceil(s.record_timeout)),
+                                  write_bound=s.record_timeout,
+                                  file_group=s.database_group or None, tighten=True)
+        self.cache = ConfigCache()
+        self.refresher = Refresher(self.engine, self.cache)
+        self.recorder = Recorder(self.engine, batch_max=s.batch_max,
+                                 spool=Spool(s.effective_spool_dir, s.spool_max_bytes),
+                                 spool_full_action=s.spool_full_action)
+        try:
+            ensure_at_head(self.engine)
+            self.refresher.refresh()    # rules in memory before the first login
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            log.error("event=database_unreachable_at_start action=spooling error=%s",
+                      show(first_line(exc)[:200]))
+            self.recorder.down = True
+        self.replayer = Replayer(self.engine, self.recorder, stuck_after=s.record_timeout)
+        self.maintenance = Maintenance(self.engine, s.retention_days)
+        self.service = LoginService(self.recorder, self.cache, Steps.from_settings(s))
+        self.server = Server(s, self.service, take_listeners(s))
+        if s.metrics_listen:
+            metrics = Metrics()
+            metrics.watch(self.service.status)
+            metrics.serve(s.metrics_listen)
+            self.service.metrics = metrics
+            log.info("event=metrics_listening address=%s", s.metrics_listen)
+        for thread in self._threads():
+            thread.start()
+
+    def _threads(self):
+        return (self.recorder, self.refresher, self.replayer, self.maintenance)
+
+    # --- serve -------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Answer logins until asked to stop (SIGTERM, SIGINT, a handover)."""
+        loop = asyncio.get_running_loop()
+        self._wanted = asyncio.Queue()
+        for sig, what in ((signal.SIGTERM, STOP), (signal.SIGINT, STOP),
+                          (signal.SIGHUP, RELOAD), (signal.SIGUSR2, HANDOVER)):
+            loop.add_signal_handler(sig, self._wanted.put_nowait, what)
+        self.server.start()
+        notify_ready()
+        status = asyncio.create_task(self.server.write_status())
+        try:
+            while True:
+                what = await self._wanted.get()
+                if what == RELOAD:
+                    self.reload()
+                elif what == HANDOVER and not await self.hand_over():
+                    continue
+                elif what in (STOP, HANDOVER):
+                    break
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
+                loop.remove_signal_handler(sig)
+            status.cancel()
+            with contextlib.suppress(OSError):
+                os.unlink(status_path(self.settings.runtime_dir()))
+            sd_notify("STOPPING=1")
+            await self.server.drain(self.settings.drain_timeout)
+
+    def request_stop(self) -> None:
+        if self._wanted is not None:
+            self._wanted.put_nowait(STOP)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the settings; keep the old ones if the new are bad."""
+        try:
+            new = load_settings(self.config_path)
+        except ConfigError as exc:
+            log.error("event=reload_failed key=%s reason=%s", exc.key, show(exc.reason))
+            return
+        fixed = [k for k in FIXED_SETTINGS if getattr(new, k) != getattr(self.settings, k)]
+        if fixed:
+            log.warning("event=reload_needs_restart keys=%s", ",".join(fixed))
+        self.settings = new
+        self.server.reconfigure(new)
+        self.service.reconfigure(new)
+        logging.getLogger("lastlogin").setLevel(new.log_level.upper())
+        log.info("event=reloaded")
+
+    async def hand_over(self) -> bool:
+        """SIGUSR2: a successor takes the sockets; True once it is ready."""
+        pid = await hand_over(self.server.listeners, self.settings.runtime_dir(),
+                              self.config_path)
+        return pid is not None
+
+    # --- shutdown -----------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop the threads in order; the writer last, so every record queued
+        by a drained login is written (or spooled) first."""
+        self.server.close_listeners()
+        self.refresher.stop()
+        self.maintenance.stop()
+        self.replayer.stop()
+        if not self.recorder.stop(timeout=self.settings.drain_timeout):
             log.error("event=writer_stuck detail=\"records still queued at exit\"")
-        engine.dispose()
-        log.info("event=stopped records=%d commits=%d spooled=%d dropped=%d",
-                 recorder.records, recorder.commits, recorder.spooled, recorder.dropped)
+        self.engine.dispose()
+        rec = self.recorder
+        log.info("event=stopped records=%d commits=%d spooled=%d dropped=%d quarantined=%d",
+                 rec.records, rec.commits, rec.spooled, rec.dropped, rec.quarantined)
+
+
+def run(settings: Settings, config_path: str | None = None) -> int:
+    """`lastlogin serve`: start, serve until asked, shut down; the exit status."""
+    daemon = Daemon(settings, config_path)
+    daemon.startup()
+    try:
+        asyncio.run(daemon.serve())
+    finally:
+        daemon.shutdown()
+    return EXIT_OK

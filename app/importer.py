@@ -24,7 +24,8 @@ import sqlalchemy as sa
 
 from .db.engine import dialect_insert
 from .db.schema import last_logins, login_events
-from .db.store import LoginRecord, normalize_ip, record_logins, username_text
+from .db.store import record_logins
+from .login import LoginRecord, normalize_ip, username_text
 
 NAMESPACE = uuid.UUID("6f0f7c52-3f43-4c55-9a4e-8a3c1e0b5d21")
 PENDING = 5000          # logins kept open for a later "denied" line

@@ -12,6 +12,8 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .status import DaemonStatus
+
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -30,7 +32,7 @@ class Metrics:
             "lastlogin_record_seconds", "Time until a login's record was durable",
             buckets=BUCKETS, registry=self.registry)
 
-    def watch(self, state: Callable[[], dict[str, object]]) -> None:
+    def watch(self, state: Callable[[], "DaemonStatus"]) -> None:
         """Gauges read from ``state()`` at every scrape."""
         self.registry.register(_StateCollector(state))
 
@@ -41,30 +43,30 @@ class Metrics:
 
 
 class _StateCollector:
-    def __init__(self, state: Callable[[], dict[str, object]]) -> None:
+    def __init__(self, state: Callable[[], "DaemonStatus"]) -> None:
         self.state = state
 
     def collect(self):
         s = self.state()
         yield GaugeMetricFamily("lastlogin_spool_bytes", "Bytes waiting in the outage spool",
-                                value=float(s.get("spool_bytes") or 0))
+                                value=float(s.spool_bytes))
         yield GaugeMetricFamily("lastlogin_database_down",
                                 "1 while records go to the spool instead of the database",
-                                value=1.0 if s.get("database_down") else 0.0)
+                                value=1.0 if s.database_down else 0.0)
         yield CounterMetricFamily("lastlogin_database_errors",
                                   "Commits that failed or took longer than record_timeout",
-                                  value=float(s.get("database_errors") or 0))
+                                  value=float(s.database_errors))
         yield GaugeMetricFamily("lastlogin_config_rows_skipped",
                                 "Rule, override and alert rows the loader left out",
-                                value=float(len(s.get("config_skipped") or [])))
+                                value=float(len(s.config_skipped)))
         yield GaugeMetricFamily("lastlogin_quarantined_records",
                                 "Records set aside in the quarantine (see docs/reliability.md)",
-                                value=float(s.get("quarantined") or 0))
+                                value=float(s.quarantined))
         yield GaugeMetricFamily("lastlogin_logins_refused_spool_full",
                                 "1 while logins are refused (or let in unrecorded) because "
                                 "the spool cannot take records",
-                                value=1.0 if (s.get("refusing") or s.get("unrecorded")) else 0.0)
-        age = s.get("config_checked_age")
+                                value=1.0 if (s.refusing or s.unrecorded) else 0.0)
+        age = s.config_checked_age
         yield GaugeMetricFamily("lastlogin_rules_age_seconds",
                                 "Seconds since the rules in memory were confirmed current "
                                 "(-1: never loaded)", value=float(-1 if age is None else age))

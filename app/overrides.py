@@ -1,4 +1,9 @@
-"""Userdb overrides and login alerts: pure merging and selection, no I/O."""
+"""Userdb overrides and login alerts: what an allowed login gets. Pure, no I/O.
+
+``plan`` is the planning step of a login: the overrides that apply (user
+beats domain beats global), expanded for this login, merged into Dovecot's
+fields, system groups added to acl_groups, and the alerts to show.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,9 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from .errors import InvalidInput
-from .names import control_char, domain_of, normalize_domain, scope_key, scope_value, user_key
-from .protocol import field_key
-from .templates import check_template
+from .login import control_char, domain_of, normalize_domain, scope_key, scope_value, user_key
+from .protocol import alert_line, field_key, field_value, LoginRequest
+from .templates import LoginVars, check_template, expand, expand_fields
 
 SCOPES = ("global", "domain", "user")
 
@@ -163,3 +168,38 @@ def alerts_for(alerts: tuple[Alert, ...], delivered: set[tuple[int, str]], usern
                domain: str | None, now: dt.datetime) -> list[Alert]:
     return [a for a in alerts if a.applies(username, domain, now)
             and not (a.show_once and (a.id, username) in delivered)]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an allowed login gets: the fields to send and the alerts to show."""
+
+    fields: list[bytes]
+    alerts: list[int]               # show-once alerts it displays (remembered)
+    alert_bytes: bytes
+    shown: int = 0                  # alerts it displays, all of them
+
+
+def plan(overrides: "Overrides | None", alerts: tuple[Alert, ...],
+         delivered: set[tuple[int, str]], protocol: str, req: LoginRequest, user: str,
+         now: dt.datetime, system_groups: tuple[str, ...] = ()) -> Plan:
+    """Fields and alerts for an allowed login.
+
+    Override values and alert texts are expanded for this login; an unsafe
+    expansion raises ExpansionRefused (the login must be refused).
+    """
+    domain = domain_of(user)
+    wanted = overrides.for_login(user, domain) if overrides is not None else {}
+    tvars = LoginVars.of(req.username, protocol, req.remote_ip, req.local_ip)
+    wanted = expand_fields(wanted, tvars)
+    if system_groups:
+        base = wanted.get("acl_groups")
+        if base is None:
+            current = field_value(req.fields, b"acl_groups")
+            base = current.decode("utf-8", "replace") if current is not None else None
+        wanted = {**wanted, "acl_groups": union_list(base, list(system_groups))}
+    fields = merge_fields(req.fields, wanted)
+    # IMAP only: elsewhere an unsolicited line would break the session.
+    shown = alerts_for(alerts, delivered, user, domain, now) if protocol == "imap" else []
+    return Plan(fields, [a.id for a in shown if a.show_once],
+                b"".join(alert_line(expand(a.message, tvars)) for a in shown), len(shown))

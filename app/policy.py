@@ -13,7 +13,7 @@ import functools
 from dataclasses import dataclass
 from typing import Iterable
 
-from .names import IPAddr, IPNet, domain_of, in_network, normalize_domain, parse_ip, user_key
+from .login import IPAddr, IPNet, domain_of, in_network, normalize_domain, parse_ip, user_key
 
 __all__ = ["ALLOW", "DENY", "Rule", "LoginFacts", "Decision", "decide", "order",
            "login_decision", "parse_ip", "domain_of"]

@@ -18,7 +18,6 @@ _UNESC = {ord("0"): b"\x00", ord("1"): b"\x01", ord("t"): b"\t",
           ord("r"): b"\r", ord("n"): b"\n"}
 
 # Userdb fields that are secrets: never stored, never logged (spec §14.18).
-SECRET_KEYS = frozenset({b"auth_token"})
 
 
 class ProtocolError(ValueError):
@@ -156,17 +155,6 @@ def parse_reply(line: bytes) -> tuple[bytes, list[bytes]]:
         raise ProtocolError("empty reply")
     return parts[0], parts[1:]
 
-
-def redacted_fields(fields: list[bytes]) -> list[bytes]:
-    """Fields safe to log: secret values replaced."""
-    out = []
-    for f in fields:
-        key = field_key(f)
-        if key in SECRET_KEYS or b"pass" in key.lower():
-            out.append(key + b"=<hidden>")
-        else:
-            out.append(f)
-    return out
 
 
 # --- messages to the client on a refusal (spec §9.2) -----------------------

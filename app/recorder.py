@@ -38,10 +38,11 @@ from typing import Callable, Sequence
 import psycopg
 import sqlalchemy as sa
 
-from .db.store import LoginRecord, record_logins
+from .db.store import record_logins
+from .login import DENIED, LoginRecord
 from .db.writers import writer_for
 from .logs import show
-from .spool import QuarantineFull, Spool, SpoolFull, encode, record_key
+from .spool import Spool, SpoolFull, encode, record_key
 from .worker import Worker
 
 log = logging.getLogger("lastlogin.recorder")
@@ -106,7 +107,7 @@ def canary(now: dt.datetime | None = None) -> LoginRecord:
     """A record that any working database accepts; written and rolled back."""
     return LoginRecord(event_id=uuid.uuid4(), occurred_at=now or dt.datetime.now(dt.timezone.utc),
                        username=b"lastlogin-canary", protocol="imap", remote_ip=None,
-                       local_ip=None, outcome="denied")
+                       local_ip=None, outcome=DENIED)
 
 
 def accepts_writes(engine: sa.Engine) -> bool:

@@ -45,7 +45,6 @@ class Snapshot:
     # (alert id, username) of show-once alerts already shown. The daemon adds
     # to it as it shows them, so this one set is shared, not copied.
     delivered: set[tuple[int, str]] = field(default_factory=set, compare=False)
-    loaded_at: float = field(default_factory=time.monotonic, compare=False)
     # Rows left out: (table, id, reason). Empty when everything loaded.
     skipped: tuple[tuple[str, int, str], ...] = ()
 
@@ -104,9 +103,6 @@ class ConfigCache:
         snap = self.snapshot
         return None if snap is None else snap.rules
 
-    def age(self) -> float | None:
-        snap = self.snapshot
-        return None if snap is None else time.monotonic() - snap.loaded_at
 
     def checked_age(self) -> float | None:
         """Seconds since the snapshot was last known to be current."""

@@ -42,11 +42,9 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from .db.store import LoginRecord
+from .login import OUTCOMES, PROTOCOLS, LoginRecord
 from .logs import show
 
-PROTOCOLS = ("imap", "pop3", "submission", "managesieve")
-OUTCOMES = ("allowed", "denied")
 
 log = logging.getLogger("lastlogin.spool")
 

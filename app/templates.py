@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import InvalidInput
-from .names import control_char
+from .login import control_char
 
 SHORT = {"u": "user", "n": "username", "d": "domain", "s": "service", "r": "rip", "l": "lip"}
 LONG = {"user": "user", "username": "username", "domain": "domain", "service": "service",

@@ -44,7 +44,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from app.db import make_engine
-from app.db.store import LoginRecord
+from app.login import LoginRecord
 from app.db.writers import PostgresWriter
 from app.protocol import build_request
 from bench.doc import write_section

@@ -7,7 +7,7 @@ import random
 import string
 import uuid
 
-from app.db.store import LoginRecord
+from app.login import LoginRecord
 from app.protocol import LoginRequest, build_request
 
 T0 = dt.datetime(2026, 11, 26, 8, 0, tzinfo=dt.timezone.utc)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 
-import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
@@ -19,6 +18,7 @@ from app.cli import main_group
 from app.db import make_engine
 from app.db.rules import add_rule
 from app.db.schema import login_events
+from app.login import normalize_ip
 from tests.builders import request_bytes
 from tests.harness.daemon import make_daemon
 from tests.harness.postlogin import send_request
@@ -122,19 +122,17 @@ def test_check_and_the_daemon_agree_on_every_row(db_url):
     with engine.connect() as conn:
         events = conn.execute(sa.select(login_events.c.username, login_events.c.protocol,
                                         login_events.c.remote_ip, login_events.c.local_ip,
-                                        login_events.c.outcome, login_events.c.rule_id)).all()
+                                        login_events.c.outcome, login_events.c.rule_id)
+                              .order_by(login_events.c.occurred_at)).all()
     engine.dispose()
-    assert len(events) == len(LOGINS)
-    recorded = {}
-    for e in events:
-        recorded.setdefault((e.username, e.protocol, e.remote_ip, e.local_ip), []).append(
-            (e.outcome, e.rule_id))
-    for (user, ip, proto, local, expected), seen in zip(LOGINS, daemon):
+    assert len(events) == len(LOGINS)       # one after the other: in the same order
+    for (user, ip, proto, local, expected), seen, ev in zip(LOGINS, daemon, events):
         checked = check_verdict(db_url, user, ip, proto, local)
         key = (user, proto, ip, local)
-        (rec,) = [r for k, rs in recorded.items() for r in rs
-                  if k[0] == user and k[1] == proto and _same_ip(k[2], ip)
-                  and _same_ip(k[3], local)]
+        assert (ev.username, ev.protocol) == (user, proto)
+        # stored as matched: one spelling for a v4-mapped address
+        assert ev.remote_ip == normalize_ip(ip) and ev.local_ip == normalize_ip(local)
+        rec = (ev.outcome, ev.rule_id)
         want = ("allowed" if expected is None or RULES[expected]["action"] == "allow"
                 else "denied", ids[expected] if expected else None)
         row = f"{key}: table {expected}, check {checked}, daemon {seen}/{rec}"
@@ -144,6 +142,4 @@ def test_check_and_the_daemon_agree_on_every_row(db_url):
         assert by_id.get(checked[1]) == expected, row
 
 
-def _same_ip(stored: str | None, given: str) -> bool:
-    import ipaddress
-    return stored is not None and ipaddress.ip_address(stored) == ipaddress.ip_address(given)
+

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from app.db import make_engine
 from app.db.rules import add_rule
 from app.db.schema import access_rules, last_logins, login_events
-from app.db.store import username_text
+from app.login import username_text
 from tests.harness.daemon import make_daemon
 from tests.harness.dovecot import make_dovecot
 from tests.harness.stack import running

@@ -5,7 +5,7 @@ import ipaddress
 
 import pytest
 
-from app.names import parse_network
+from app.login import parse_network
 from app.policy import ALLOW, DENY, LoginFacts, Rule, decide, login_decision, order, parse_ip
 from app.protocol import tempfail_line
 

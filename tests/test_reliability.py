@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from app.db import make_engine
 from app.db.migrate import upgrade
 from app.db.schema import last_logins, login_events
-from app.spool import Spool, SpoolFull, decode, encode
+from app.spool import Spool, decode, encode
 from tests.builders import HOSTILE_USERNAMES, record, request_bytes
 from tests.harness.daemon import make_daemon, wait_for
 from tests.harness.pg import start_server
@@ -166,7 +166,7 @@ def test_full_spool(tmp_path, action):
     assert results[:3] == [False] * 3
     if action == "refuse":
         assert all(results[4:])
-        assert "reason=\"spool: spool holds" in d.logs()
+        assert "reason=\"not recorded: spool: spool holds" in d.logs()
     else:
         assert not any(results)
         assert "event=spool_full action=allow_unrecorded" in d.logs()

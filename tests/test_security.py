@@ -427,7 +427,7 @@ def test_max_connections_is_sized_to_the_open_file_limit():
 
 
 def test_restart_successor_command_is_isolated(tmp_path):
-    from app.server import successor_command
+    from app.sockets import successor_command
     cmd = successor_command("rel.toml")
     assert cmd[:3] == [sys.executable, "-I", "-c"]
     assert cmd[-3:] == ["--config", os.path.abspath("rel.toml"), "serve"]

@@ -6,7 +6,8 @@ import pytest
 import sqlalchemy as sa
 
 from app.db.schema import last_logins, login_events
-from app.db.store import normalize_ip, record_logins, text_form, username_text
+from app.db.store import record_logins
+from app.login import normalize_ip, text_form, username_text
 from app.db.writers import writer_for
 from tests.builders import HOSTILE_USERNAMES, T0, record
 

@@ -11,13 +11,11 @@ import click
 
 from ..db.rules import add_rule, get_rule, list_rules, remove_rule, set_enabled
 from ..errors import InvalidInput
-from ..names import normalize_user, parse_ip, printable
-from ..policy import login_decision
+from ..login import normalize_user, parse_ip, printable
 from ..protocol import LoginRequest
-from ..service import plan_login
+from ..service import explain
 from ..snapshot import load_snapshot, skipped_warnings
 from ..sysgroups import GroupCache
-from ..templates import ExpansionRefused
 from ..timeparse import DURATION_HELP, localize, parse_duration, parse_time
 from .common import EXIT_PROBLEM, ID, INT32, Context, edge, main_group, pass_ctx, utc_option
 from .output import cell, format_option, render
@@ -177,25 +175,26 @@ def check(ctx: Context, username: str, ip: str, protocol: str, local_ip: str | N
     for line in skipped_warnings(snap.skipped):
         click.echo(f"lastlogin: warning: {line}", err=True)
     s = ctx.settings
-    decision = login_decision(snap.rules, protocol, username, ip, local_ip, now,
-                              s.default_action, s.rules_unloaded_action)
+    req = LoginRequest((local_ip or "").encode(), ip.encode(), username.encode(), [])
+    groups = tuple(asyncio.run(GroupCache().groups(username))) if s.acl_groups_from_system \
+        else ()
+    ex = explain(snap, protocol, req, now, s.default_action, s.rules_unloaded_action, groups)
+    decision = ex.decision
+    if decision.temporary and decision.reason.startswith("override:"):
+        click.echo("decision: allow")
+        click.echo(f"refused:  temporary failure: {decision.reason[len('override: '):]}")
+        raise SystemExit(EXIT_PROBLEM)
     click.echo(f"decision: {decision.action}")
     if decision.rule:
         r = decision.rule
         click.echo(f"rule:     {r.id} (priority {r.priority})")
-        if not decision.allowed:
-            click.echo(f"message:  {r.message or '(default) Access denied.'}")
     else:
         click.echo(f"rule:     none matched; default_action is {s.default_action}")
     if not decision.allowed:
+        click.echo(f"message:  {ex.client_text}")
         raise SystemExit(EXIT_PROBLEM)
-    req = LoginRequest((local_ip or "").encode(), ip.encode(), username.encode(), [])
-    groups = GroupCache() if s.acl_groups_from_system else None
-    try:
-        plan = asyncio.run(plan_login(snap, groups, protocol, req, username, now))
-    except ExpansionRefused as exc:
-        click.echo(f"refused:  temporary failure: {exc}")
-        raise SystemExit(EXIT_PROBLEM) from None
+    plan = ex.plan
+    assert plan is not None
     for f in plan.fields:
         click.echo(f"field:    {f.decode('utf-8', 'backslashreplace')}")
     if not plan.fields:

@@ -10,7 +10,7 @@ from sqlalchemy.engine import make_url
 from .. import __version__
 from ..daemon import run
 from ..logs import setup_logging
-from ..server import SocketInUse
+from ..sockets import SocketInUse
 from .common import EXIT_CONFIG, CliError, Context, edge, fail, main_group, pass_ctx
 
 

@@ -12,7 +12,7 @@ import datetime as dt
 import sqlalchemy as sa
 
 from ..errors import InvalidInput, NotFound
-from ..names import check_text, scope_key
+from ..login import check_text, scope_key
 from ..overrides import Alert, Overrides, validate_override, validate_scope
 from ..templates import check_template
 from .engine import dialect_insert

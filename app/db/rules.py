@@ -12,9 +12,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from ..config import PROTOCOLS
 from ..errors import InvalidInput, NotFound
-from ..names import check_text, control_char, normalize_domain, normalize_user, parse_network
+from ..login import PROTOCOLS, check_text, control_char, normalize_domain, normalize_user, parse_network
 from ..policy import Rule, order
 from .loading import Skipped, raw_columns, skip, when
 from .schema import access_rules, config_version
@@ -184,5 +183,3 @@ def config_version_rows(conn: sa.Connection) -> int:
     return conn.execute(sa.select(sa.func.count()).select_from(config_version)).scalar_one()
 
 
-def utc(value: dt.datetime | None) -> dt.datetime | None:
-    return None if value is None else value.astimezone(dt.timezone.utc)

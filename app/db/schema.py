@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from ..login import OUTCOMES, PROTOCOLS
 from .types import IPAddress, IPNetwork, UTCDateTime
 
 NAMING_CONVENTION = {
@@ -20,7 +21,8 @@ NAMING_CONVENTION = {
 
 metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
-PROTOCOL_CHECK = "protocol IN ('imap', 'pop3', 'submission', 'managesieve')"
+PROTOCOL_CHECK = "protocol IN (" + ", ".join(f"'{p}'" for p in PROTOCOLS) + ")"
+OUTCOME_CHECK = "outcome IN (" + ", ".join(f"'{o}'" for o in OUTCOMES) + ")"
 SCOPE_CHECK = ("(scope = 'global' AND scope_value = '') OR "
                "(scope IN ('domain', 'user') AND scope_value <> '')")
 NOW = sa.text("CURRENT_TIMESTAMP")
@@ -75,7 +77,7 @@ login_events = sa.Table(
               comment="false: decided without rules loaded (rules_unloaded_action)"),
     sa.Column("host", sa.Text, comment="the mail host whose daemon saw the login (host_name)"),
     sa.CheckConstraint(PROTOCOL_CHECK, name="protocol"),
-    sa.CheckConstraint("outcome IN ('allowed', 'denied')", name="outcome"),
+    sa.CheckConstraint(OUTCOME_CHECK, name="outcome"),
     sa.Index("ix_login_events_username_occurred_at", "username", "occurred_at"),
     sa.Index("ix_login_events_remote_ip_occurred_at", "remote_ip", "occurred_at"),
     sa.Index("ix_login_events_occurred_at", "occurred_at"),

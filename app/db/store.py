@@ -2,115 +2,14 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import functools
-import hashlib
-import ipaddress
 import uuid
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import sqlalchemy as sa
 
+from ..login import LoginRecord
 from .engine import dialect_insert
 from .schema import last_logins, login_alert_deliveries, login_events
-
-
-def text_form(value: bytes) -> tuple[str, bytes | None]:
-    """(text to store, exact bytes when the text cannot hold them).
-
-    Valid UTF-8 without NUL is stored as it is. Anything else is shown with
-    \\xNN escapes and its exact bytes are kept beside it, so nothing is lost.
-    """
-    try:
-        text = value.decode("utf-8")
-    except UnicodeDecodeError:
-        text = value.decode("utf-8", "backslashreplace")
-        return text.replace("\x00", "\\x00"), value
-    if "\x00" in text:
-        return text.replace("\x00", "\\x00"), value
-    return text, None
-
-
-# Longest username text stored as the key of a row. PostgreSQL's btree index
-# rows hold at most ~2.7 kB, so a longer username (which Dovecot can send)
-# would be refused by the database and block its batch. Longer ones are
-# stored as a prefix plus their SHA-256 -- the same name always gives the
-# same key -- with the exact bytes beside it in username_raw.
-NAME_TEXT_MAX = 1024
-_NAME_PREFIX = NAME_TEXT_MAX - 96
-
-
-def username_text(value: bytes) -> tuple[str, bytes | None]:
-    """(key text to store, exact bytes when the text does not hold them).
-
-    Like ``text_form``, and bounded to ``NAME_TEXT_MAX`` UTF-8 bytes. Every
-    place that stores or looks up a username by its text uses this.
-    """
-    text, raw = text_form(value)
-    encoded = text.encode("utf-8")
-    if len(encoded) <= NAME_TEXT_MAX:
-        return text, raw
-    prefix = encoded[:_NAME_PREFIX].decode("utf-8", "ignore")
-    digest = hashlib.sha256(value).hexdigest()
-    return f"{prefix}...[{len(value)} bytes sha256:{digest}]", value
-
-
-@functools.lru_cache(maxsize=65536)
-def normalize_ip(value: bytes | None) -> str | None:
-    """An address from the request as canonical text; NULL when unknown.
-
-    2.4 may append an IPv6 zone (``fe80::1%eth0``); ``inet`` has no room for
-    it, so it is dropped. Text that is not an address is stored as NULL.
-    """
-    if not value:
-        return None
-    text = value.decode("ascii", "replace").split("%", 1)[0]
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return None
-
-
-@dataclass(frozen=True)
-class LoginRecord:
-    """One login as it is stored."""
-
-    event_id: uuid.UUID
-    occurred_at: dt.datetime
-    username: bytes
-    protocol: str
-    remote_ip: str | None
-    local_ip: str | None
-    outcome: str
-    rule_id: int | None = None
-    auth_mech: bytes | None = None
-    master_user: bytes | None = None
-    auth_user: bytes | None = None
-    alerts_shown: tuple[int, ...] = ()      # show-once alerts this login displayed
-    message: str | None = None              # what a refused client was told
-    policy_applied: bool = True             # False: decided without rules loaded
-    host: str | None = None                 # the mail host (host_name) that saw it
-
-    def event_row(self) -> dict[str, object]:
-        name, raw = username_text(self.username)
-        return {
-            "event_id": self.event_id,
-            "occurred_at": self.occurred_at,
-            "username": name,
-            "username_raw": raw,
-            "protocol": self.protocol,
-            "remote_ip": self.remote_ip,
-            "local_ip": self.local_ip,
-            "outcome": self.outcome,
-            "rule_id": self.rule_id,
-            "auth_mech": _opt_text(self.auth_mech),
-            "master_user": _opt_text(self.master_user),
-            "auth_user": _opt_text(self.auth_user),
-            "message": self.message,
-            "policy_applied": self.policy_applied,
-            "host": self.host,
-        }
 
 
 def unique_events(records: Sequence[LoginRecord]) -> list[LoginRecord]:
@@ -122,10 +21,6 @@ def unique_events(records: Sequence[LoginRecord]) -> list[LoginRecord]:
             seen.add(rec.event_id)
             out.append(rec)
     return out
-
-
-def _opt_text(value: bytes | None) -> str | None:
-    return None if value is None else text_form(value)[0]
 
 
 def record_logins(conn: sa.Connection, records: Sequence[LoginRecord]) -> int:

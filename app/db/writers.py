@@ -15,7 +15,8 @@ from typing import Sequence
 
 import sqlalchemy as sa
 
-from .store import LoginRecord, record_logins, unique_events
+from ..login import LoginRecord
+from .store import record_logins, unique_events
 
 # Parameters are arrays, one element per record (unnest keeps them in step).
 PG_BATCH = """

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sqlite3
 
-import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from app.db import make_engine

@@ -1,25 +1,40 @@
-"""The one place that says what a username, a domain and an address are.
+"""What a login is: the value types and the one normaliser of names and addresses.
 
-Pure, no I/O. The CLI, the loader, the daemon and `lastlogin check` all go
-through these functions, so a scope written one way matches a login written
-another way everywhere or nowhere:
+Pure, no I/O, and imports nothing of lastlogin's but its errors: the wire
+codec, the policy, the service, the recorder and the database layer all
+import it. The CLI, the loader, the daemon and `lastlogin check` go through
+these functions, so a scope written one way matches a login written another
+way everywhere or nowhere, and what is stored is what was matched:
 
 * a username is trimmed; it matches case-insensitively (Dovecot's default
   ``auth_username_format = %Lu`` lowercases it anyway);
 * a domain is trimmed, lowercased and loses a leading ``@``;
 * an address is parsed once; an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``)
-  counts as the IPv4 address, and a network inside ``::ffff:0:0/96`` as the
-  IPv4 network, so a rule matches both spellings of one client.
+  counts as the IPv4 address -- for matching and for storing alike -- and a
+  network inside ``::ffff:0:0/96`` as the IPv4 network, so a rule matches
+  both spellings of one client and the history shows one;
+* a username is stored as text (``username_text``), bounded for the
+  database's indexes, with its exact bytes beside it when the text cannot
+  hold them.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
+import hashlib
 import ipaddress
+import random
 import re
+import uuid
+from dataclasses import dataclass
 from typing import Union
 
 from .errors import InvalidInput
+
+PROTOCOLS = ("imap", "pop3", "submission", "managesieve")
+ALLOWED, DENIED = "allowed", "denied"
+OUTCOMES = (ALLOWED, DENIED)
 
 IPNet = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 IPAddr = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -156,3 +171,111 @@ def in_network(addr: IPAddr | None, net: IPNet | None) -> bool:
     if addr is None or addr.version != net.version:
         return False
     return addr in net
+
+
+def normalize_ip(value: str | bytes | None) -> str | None:
+    """An address as stored: canonical text, IPv4 for a v4-mapped one; None
+    when absent or not an address (the same parse as matching)."""
+    addr = parse_ip(value)
+    return None if addr is None else str(addr)
+
+
+# --- usernames as stored --------------------------------------------------------
+
+def text_form(value: bytes) -> tuple[str, bytes | None]:
+    """(text to store, exact bytes when the text cannot hold them).
+
+    Valid UTF-8 without NUL is stored as it is. Anything else is shown with
+    \\xNN escapes and its exact bytes are kept beside it, so nothing is lost.
+    """
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        text = value.decode("utf-8", "backslashreplace")
+        return text.replace("\x00", "\\x00"), value
+    if "\x00" in text:
+        return text.replace("\x00", "\\x00"), value
+    return text, None
+
+
+# Longest username text stored as the key of a row. PostgreSQL's btree index
+# rows hold at most ~2.7 kB, so a longer username (which Dovecot can send)
+# would be refused by the database. Longer ones are stored as a prefix plus
+# their SHA-256 -- the same name always gives the same key -- with the exact
+# bytes beside it in username_raw.
+NAME_TEXT_MAX = 1024
+_NAME_PREFIX = NAME_TEXT_MAX - 96
+
+
+def username_text(value: bytes) -> tuple[str, bytes | None]:
+    """(key text to store, exact bytes when the text does not hold them).
+
+    Like ``text_form``, and bounded to ``NAME_TEXT_MAX`` UTF-8 bytes. Every
+    place that stores or looks up a username by its text uses this.
+    """
+    text, raw = text_form(value)
+    encoded = text.encode("utf-8")
+    if len(encoded) <= NAME_TEXT_MAX:
+        return text, raw
+    prefix = encoded[:_NAME_PREFIX].decode("utf-8", "ignore")
+    digest = hashlib.sha256(value).hexdigest()
+    return f"{prefix}...[{len(value)} bytes sha256:{digest}]", value
+
+
+# --- one login as it is stored ----------------------------------------------------
+
+_random = random.Random()     # seeded from os.urandom when the module loads
+
+
+def new_event_id() -> uuid.UUID:
+    """A random (version 4) UUID without a system call per login.
+
+    Event ids need to be unique, not secret: a PRNG seeded from the OS per
+    process gives 122 random bits, as uuid4() does with os.urandom.
+    """
+    return uuid.UUID(int=_random.getrandbits(128), version=4)
+
+
+@dataclass(frozen=True, slots=True)
+class LoginRecord:
+    """One login as it is stored (and spooled)."""
+
+    event_id: uuid.UUID
+    occurred_at: dt.datetime
+    username: bytes
+    protocol: str
+    remote_ip: str | None
+    local_ip: str | None
+    outcome: str
+    rule_id: int | None = None
+    auth_mech: bytes | None = None
+    master_user: bytes | None = None
+    auth_user: bytes | None = None
+    alerts_shown: tuple[int, ...] = ()      # show-once alerts this login displayed
+    message: str | None = None              # what a refused client was told
+    policy_applied: bool = True             # False: decided without rules loaded
+    host: str | None = None                 # the mail host that saw it
+
+    def event_row(self) -> dict[str, object]:
+        name, raw = username_text(self.username)
+        return {
+            "event_id": self.event_id,
+            "occurred_at": self.occurred_at,
+            "username": name,
+            "username_raw": raw,
+            "protocol": self.protocol,
+            "remote_ip": self.remote_ip,
+            "local_ip": self.local_ip,
+            "outcome": self.outcome,
+            "rule_id": self.rule_id,
+            "auth_mech": _opt_text(self.auth_mech),
+            "master_user": _opt_text(self.master_user),
+            "auth_user": _opt_text(self.auth_user),
+            "message": self.message,
+            "policy_applied": self.policy_applied,
+            "host": self.host,
+        }
+
+
+def _opt_text(value: bytes | None) -> str | None:
+    return None if value is None else text_form(value)[0]
