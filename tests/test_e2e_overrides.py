@@ -12,7 +12,8 @@ from tests.harness.daemon import make_daemon
 from tests.harness.dovecot import MAIL_UID, make_dovecot
 from tests.harness.stack import running
 from tests.harness.cli import lastlogin
-from tests.test_e2e_dovecot import events_of, imap_login, pop3_login, raw_session
+from tests.harness.db import events_of
+from tests.harness.mailclients import imap_login, pop3_login, raw_session
 
 pytestmark = pytest.mark.e2e
 
