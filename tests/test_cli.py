@@ -103,7 +103,8 @@ def test_concurrent_upgrades_take_turns_on_postgresql(pg_cluster):
             == [head_revision()]
         # the lock was released: nobody holds it after both commands ended
         assert conn.exec_driver_sql(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").scalar() == 0
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())").scalar() == 0
     assert schema_differences(engine) == []
     engine.dispose()
 
