@@ -8,6 +8,7 @@ config, then lastlogin's own settings (file + LASTLOGIN_* environment), so
 
 from contextlib import contextmanager
 
+import sqlalchemy as sa
 from alembic import context
 
 from app.config import load_settings
@@ -50,14 +51,15 @@ def _migration_lock(connection):
     if connection.dialect.name != "postgresql":
         yield
         return
-    connection.exec_driver_sql(f"SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})")
+    connection.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
     connection.commit()         # the lock is the session's; end the implicit transaction
     try:
         yield
     finally:
         if connection.in_transaction():
             connection.rollback()   # a failed migration: unlock outside its transaction
-        connection.exec_driver_sql(f"SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})")
+        connection.execute(sa.text("SELECT pg_advisory_unlock(:key)"),
+                           {"key": MIGRATION_LOCK_KEY})
         connection.commit()
 
 
