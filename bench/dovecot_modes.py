@@ -24,27 +24,22 @@ import argparse
 import datetime as dt
 import os
 import platform
-import shutil
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import sqlalchemy as sa
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from app.db import make_engine  # noqa: E402
-from app.db.migrate import upgrade  # noqa: E402
-from bench.doc import write_section  # noqa: E402
-from bench.handler import start_lastlogin  # noqa: E402
-from bench.load import Run, drive  # noqa: E402
-from tests.harness.dovecot import MAIL_UID, Dovecot, _wait_port  # noqa: E402
-from tests.harness.pg import free_port, start_server  # noqa: E402
+from app.db import make_engine
+from app.db.migrate import upgrade
+from bench.doc import write_section
+from bench.handler import start_lastlogin
+from bench.load import Run, drive
+from tests.harness.dovecot import MAIL_UID, Dovecot
+from tests.harness.mailclients import imap_login_ok, pop3_login_ok
+from tests.harness.pg import free_port, start_server
 
 MODES = ["floor", "exec", "wiki", "plugin", "lastlogin-pg", "lastlogin-sqlite"]
 
@@ -54,14 +49,6 @@ WIKI = """#!/bin/sh
 echo "UPDATE mailbox SET modified = now(), logins = logins + 1 WHERE username = '$USER'" \\
   | psql -q -h 127.0.0.1 -p {port} -U postgres wiki >/dev/null 2>&1
 exec "$@"
-"""
-SCRIPT_SERVICE = """
-service {proto}-postlogin {{
-  executable = script-login {script}
-  user = dovecot
-  unix_listener {proto}-postlogin {{
-  }}
-}}
 """
 PLUGIN = """
 protocol imap {{
@@ -120,40 +107,6 @@ def cpu_of_tree(root: int) -> float:
     return total
 
 
-def recv_until(s: socket.socket, done) -> bytes:
-    buf = b""
-    while not done(buf):
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
-
-
-def imap_login(port: int, user: str) -> bool:
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        recv_until(s, lambda b: b.endswith(b"\r\n"))
-        s.sendall(f'a LOGIN "{user}" "secret"\r\n'.encode())
-        reply = recv_until(s, lambda b: b"\r\na " in b"\r\n" + b and b.endswith(b"\r\n")
-                           and b.rsplit(b"\r\n", 2)[-2].startswith(b"a "))
-        ok = b"a OK" in reply and b"Logged in" in reply and b"initialization failed" not in reply
-        s.sendall(b"b LOGOUT\r\n")
-        recv_until(s, lambda b: b"b OK" in b)
-        return ok
-
-
-def pop3_login(port: int, user: str) -> bool:
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        recv_until(s, lambda b: b.endswith(b"\r\n"))
-        s.sendall(f"USER {user}\r\n".encode())
-        recv_until(s, lambda b: b.endswith(b"\r\n"))
-        s.sendall(b"PASS secret\r\n")
-        ok = recv_until(s, lambda b: b.endswith(b"\r\n")).startswith(b"+OK Logged in.")
-        s.sendall(b"QUIT\r\n")
-        recv_until(s, lambda b: b.endswith(b"\r\n"))
-        return ok
-
-
 class Bench:
     def __init__(self, users: int) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="lldb-", dir="/tmp"))
@@ -194,40 +147,20 @@ class Bench:
         self.daemon = None
 
     def config(self, mode: str) -> None:
-        template = (ROOT / "deploy" / "dovecot" / "lastlogin-test.conf").read_text()
-        template = template.replace("mail_debug = yes", "mail_debug = no")
-        extra = ""
-        if mode in ("floor", "plugin"):
-            for proto in ("imap", "pop3"):
-                template = template.replace(f"executable = {proto} @SOCKET_DIR@/{proto}.sock",
-                                            f"executable = {proto}")
-            if mode == "plugin":
-                extra = PLUGIN.format(base=self.dir)
-        elif mode in ("exec", "wiki"):
-            script = self.dir / ("noop.sh" if mode == "exec" else "wiki.sh")
-            for proto in ("imap", "pop3"):
-                template = template.replace(f"executable = {proto} @SOCKET_DIR@/{proto}.sock",
-                                            f"executable = {proto} {proto}-postlogin")
-                extra += SCRIPT_SERVICE.format(proto=proto, script=script)
-        values = {"BASE": str(self.dir), "SOCKET_DIR": str(self.dir / "ll"),
-                  "IMAP_PORT": str(self.dovecot.imap_port), "LISTEN": "127.0.0.1",
-                  "POP3_PORT": str(self.dovecot.pop3_port), "MAIL_UID": str(MAIL_UID),
-                  "EXTRA": extra}
-        for key, value in values.items():
-            template = template.replace("@" + key + "@", value)
-        Path(self.dovecot.config_path).write_text(template)
+        """Wire this Dovecot for ``mode`` (written when it starts)."""
+        d = self.dovecot
+        d.mail_debug = False
+        d.extra = PLUGIN.format(base=self.dir) if mode == "plugin" else ""
+        d.script = str(self.dir / ("noop.sh" if mode == "exec" else "wiki.sh"))
+        d.mode = {"floor": "none", "plugin": "none", "exec": "script",
+                  "wiki": "script"}.get(mode, "lastlogin")
 
     def start(self, mode: str) -> None:
         if mode.startswith("lastlogin"):
             url = self.ll_pg_url if mode == "lastlogin-pg" else self.ll_sqlite_url
             self.daemon = start_lastlogin(url, self.dir, protocols="imap,pop3")
         self.config(mode)
-        with open(self.dir / "start.out", "wb") as out:
-            subprocess.run([shutil.which("dovecot") or "/usr/sbin/dovecot", "-c",
-                            self.dovecot.config_path], stdout=out, stderr=out, check=True,
-                           stdin=subprocess.DEVNULL)
-        for port in (self.dovecot.imap_port, self.dovecot.pop3_port):
-            _wait_port(port, self.dovecot.logs)
+        self.dovecot.start()
 
     def pg_pid(self) -> int:
         return int(Path(self.pg.datadir, "postmaster.pid").read_text().split()[0])
@@ -283,7 +216,8 @@ def main() -> None:
     try:
         bench.start("floor")                 # every user's maildir exists before timing
         for u in bench.users:
-            assert imap_login(bench.dovecot.imap_port, u) and pop3_login(bench.dovecot.pop3_port, u)
+            assert (imap_login_ok(bench.dovecot.imap_port, u)
+                    and pop3_login_ok(bench.dovecot.pop3_port, u))
         bench.stop()
         for rnd in range(args.rounds):
             for mode in modes:
@@ -294,8 +228,8 @@ def main() -> None:
                 daemon_cpu0 = cpu_seconds(bench.daemon.proc.pid) if bench.daemon else 0.0
                 try:
                     done = 0
-                    for proto, login, port in (("imap", imap_login, bench.dovecot.imap_port),
-                                               ("pop3", pop3_login, bench.dovecot.pop3_port)):
+                    for proto, login, port in (("imap", imap_login_ok, bench.dovecot.imap_port),
+                                               ("pop3", pop3_login_ok, bench.dovecot.pop3_port)):
                         for c in (1, 16):
                             r = drive(lambda n, _i: login(port, bench.users[n]),
                                       Run(mode, c, proto), args.seconds)

@@ -20,12 +20,10 @@ import datetime as dt
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -35,6 +33,9 @@ from app.db.migrate import upgrade
 from app.protocol import build_request
 from bench.doc import write_section
 from bench.load import Run, drive as drive_load
+from tests.harness.daemon import Daemon, make_daemon
+from tests.harness.pg import PgServer, server_url
+from tests.harness.postlogin import answered
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = [b"uid=5000", b"gid=5000", b"home=/var/vmail/example.com/user",
@@ -44,29 +45,7 @@ FIELDS = [b"uid=5000", b"gid=5000", b"home=/var/vmail/example.com/user",
 
 def one_login(path: str, username: bytes) -> bool:
     """One exchange exactly as Dovecot does it; True if a reply line came back."""
-    client, remote = socket.socketpair()
-    conn = socket.socket(socket.AF_UNIX)
-    try:
-        conn.settimeout(30)
-        conn.connect(path)
-        req = build_request(b"192.0.2.25", b"198.51.100.7", username, FIELDS)
-        conn.sendmsg([req], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                              memoryview(remote.fileno().to_bytes(4, sys.byteorder)))])
-        remote.close()
-        reply = b""
-        while not reply.endswith(b"\n"):
-            chunk = conn.recv(4096)
-            if not chunk:
-                return False
-            reply += chunk
-        return True
-    except OSError:
-        return False
-    finally:
-        conn.close()
-        client.close()
-        if remote.fileno() >= 0:
-            remote.close()
+    return answered(path, build_request(b"192.0.2.25", b"198.51.100.7", username, FIELDS))
 
 
 def drive(path: str, mode: str, concurrency: int, seconds: float | None, count: int | None,
@@ -76,23 +55,19 @@ def drive(path: str, mode: str, concurrency: int, seconds: float | None, count: 
                       Run(mode, concurrency), seconds, count)
 
 
-class Proc:
-    """A server process we start and end by its pid."""
+class NullHandler:
+    """bench/null_handler.py as a process: it prints READY once it listens."""
 
-    def __init__(self, args: list[str], env: dict[str, str], ready: str, log: Path) -> None:
-        self.log = open(log, "ab")
-        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=self.log,
-                                     cwd=ROOT)
+    def __init__(self, workdir: Path) -> None:
+        self.path = str(workdir / "null.sock")
+        self.log = open(workdir / "null.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.null_handler", self.path],
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                     stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
-        if ready not in line:
-            raise RuntimeError(f"{args} did not start: {line!r}; see {log}")
-
-    def rss_kib(self) -> int:
-        for ln in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if ln.startswith("VmRSS:"):
-                return int(ln.split()[1])
-        return 0
+        if "READY" not in line:
+            raise RuntimeError(f"the null handler did not start: {line!r}; see {self.log.name}")
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -100,47 +75,27 @@ class Proc:
         self.log.close()
 
 
-def start_lastlogin(url: str, workdir: Path, env_extra: dict[str, str] | None = None,
-                    protocols: str = "imap") -> Proc:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LASTLOGIN_")}
-    env.update(LASTLOGIN_DATABASE_URL=url, LASTLOGIN_SOCKET_DIR=str(workdir / "ll"),
-               LASTLOGIN_DATA_DIR=str(workdir / "data"), LASTLOGIN_PROTOCOLS=protocols,
-               LASTLOGIN_LOG_LEVEL="warning", PYTHONPATH=str(ROOT),
-               **(env_extra or {}))
-    # `serve` logs to stderr; readiness is the socket answering
-    proc = Proc([sys.executable, "-c",
-                 "import sys; from app.cli import main; print('READY', flush=True); "
-                 "sys.argv=['lastlogin','serve']; main()"], env, "READY", workdir / "ll.log")
-    sock = workdir / "ll" / "imap.sock"
-    for _ in range(200):
-        if sock.exists():
-            probe = socket.socket(socket.AF_UNIX)
-            try:
-                probe.connect(str(sock))
-                probe.close()
-                return proc
-            except OSError:
-                probe.close()
-        time.sleep(0.05)
-    raise RuntimeError("lastlogin did not listen")
+def start_lastlogin(url: str, workdir: Path, protocols: str = "imap",
+                    **settings: str) -> Daemon:
+    """`lastlogin serve` through the test harness (ready when it says so on
+    NOTIFY_SOCKET), sockets in ``workdir``/ll, quiet logs."""
+    daemon = make_daemon(url, socket_dir=str(workdir / "ll"), protocols=protocols,
+                         data_dir=str(workdir / "data"), log_level="warning", **settings)
+    daemon.start()
+    return daemon
 
 
-def start_null(workdir: Path) -> tuple[Proc, str]:
-    path = str(workdir / "null.sock")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return Proc([sys.executable, "-m", "bench.null_handler", path], env, "READY",
-                workdir / "null.log"), path
+def rss_kib(pid: int) -> int:
+    for ln in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if ln.startswith("VmRSS:"):
+            return int(ln.split()[1])
+    return 0
 
 
-def database() -> tuple[str, object]:
-    url = os.environ.get("LASTLOGIN_BENCH_DATABASE_URL")
-    server = None
-    if not url:
-        sys.path.insert(0, str(ROOT))
-        from tests.harness.pg import start_server
-        server = start_server()
-        url = server.url()
-    url = url.replace("postgresql://", "postgresql+psycopg://", 1)
+def database() -> tuple[str, PgServer | None]:
+    """A PostgreSQL database at head: LASTLOGIN_BENCH_DATABASE_URL's, or on a
+    throw-away server (returned, to stop) as the test suite starts one."""
+    url, server = server_url("LASTLOGIN_BENCH_DATABASE_URL")
     upgrade(url)
     return url, server
 
@@ -168,9 +123,10 @@ def main() -> None:
     url, server = database()
     runs: list[Run] = []
     try:
-        null, null_path = start_null(workdir)
+        null = NullHandler(workdir)
+        null_path = null.path
         ll = start_lastlogin(url, workdir)
-        ll_path = str(workdir / "ll" / "imap.sock")
+        ll_path = ll.sock("imap")
         try:
             if args.smoke:
                 smoke(null_path, ll_path, url)
@@ -208,7 +164,7 @@ def smoke(null_path: str, ll_path: str, url: str) -> None:
     print("smoke: 2 x 96 logins answered by both handlers, every lastlogin login stored once")
 
 
-def profile(ll: Proc, path: str, workdir: Path) -> None:
+def profile(ll: Daemon, path: str, workdir: Path) -> None:
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)
     pyspy = str(Path(sys.executable).with_name("py-spy"))
@@ -220,14 +176,13 @@ def profile(ll: Proc, path: str, workdir: Path) -> None:
     spy.wait(60)
 
 
-
-def memory_run(ll: Proc, path: str, total: int) -> tuple[int, int, int]:
+def memory_run(ll: Daemon, path: str, total: int) -> tuple[int, int, int]:
     """RSS after the first tenth of ``total`` logins and after all of them."""
     first = total // 10
     drive(path, "lastlogin", 16, None, first, "memA-")
-    early = ll.rss_kib()
+    early = rss_kib(ll.proc.pid)
     drive(path, "lastlogin", 16, None, total - first, "memB-")
-    late = ll.rss_kib()
+    late = rss_kib(ll.proc.pid)
     return total, early, late
 
 

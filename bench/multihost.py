@@ -32,9 +32,7 @@ import os
 import platform
 import random
 import shutil
-import socket
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -51,6 +49,7 @@ from bench.doc import write_section
 from bench.dovecot_modes import cpu_of_tree, cpu_seconds
 from bench.handler import database, start_lastlogin
 from bench.load import Run, drive
+from tests.harness.postlogin import answered
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "scaling.md"
@@ -124,27 +123,7 @@ def load_run(engine: sa.Engine, socks: list[str], daemons: list, mode: str, conc
         user = f"user{(n * 7919 + i * 104729) % users:06d}@example.com".encode()
         fields = [b"uid=5000", b"gid=5000", b"home=/var/vmail/u", b"auth_mech=PLAIN",
                   b"auth_user=" + f"{prefix}{n}-{i}".encode()]
-        client, remote = socket.socketpair()
-        conn = socket.socket(socket.AF_UNIX)
-        try:
-            conn.settimeout(30)
-            conn.connect(path)
-            conn.sendmsg([build_request(b"192.0.2.25", b"198.51.100.7", user, fields)],
-                          [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                            memoryview(remote.fileno().to_bytes(4, sys.byteorder)))])
-            remote.close()
-            reply = b""
-            while not reply.endswith(b"\n"):
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return False
-                reply += chunk
-            return True
-        finally:
-            conn.close()
-            client.close()
-            if remote.fileno() >= 0:
-                remote.close()
+        return answered(path, build_request(b"192.0.2.25", b"198.51.100.7", user, fields))
 
     x0, w0 = stats(engine)
     d0 = sum(cpu_seconds(d.proc.pid) for d in daemons)
@@ -282,9 +261,9 @@ def main() -> None:
         postmaster = pg_pid(engine)
         for d in ("a", "b"):
             (workdir / d).mkdir()
-        a = start_lastlogin(url, workdir / "a", {"LASTLOGIN_HOST_NAME": "mx-a"})
-        b = start_lastlogin(url, workdir / "b", {"LASTLOGIN_HOST_NAME": "mx-b"})
-        socks = {d: str(workdir / d / "ll" / "imap.sock") for d in ("a", "b")}
+        a = start_lastlogin(url, workdir / "a", host_name="mx-a")
+        b = start_lastlogin(url, workdir / "b", host_name="mx-b")
+        socks = {"a": a.sock("imap"), "b": b.sock("imap")}
         try:
             for rnd in range(args.rounds):
                 for mode, daemons, paths in (("1 daemon", [a], [socks["a"]]),

@@ -17,7 +17,6 @@ import os
 import platform
 import statistics
 import time
-import uuid
 
 import sqlalchemy as sa
 
@@ -25,6 +24,7 @@ from app.db import make_engine, reports
 from app.db.migrate import upgrade
 from app.db.partitions import ensure_partitions, months_from
 from bench.doc import write_section
+from tests.harness.pg import create_database, server_url
 
 
 GENERATE = """
@@ -51,22 +51,6 @@ SELECT username, protocol, min(occurred_at), max(occurred_at),
        (array_agg(remote_ip ORDER BY occurred_at DESC))[1], '192.0.2.25', count(*)
 FROM login_events WHERE outcome = 'allowed' GROUP BY username, protocol
 """
-
-
-def database_url() -> tuple[str, object]:
-    url = os.environ.get("LASTLOGIN_BENCH_DATABASE_URL")
-    server = None
-    if not url:
-        from tests.harness.pg import start_server
-        server = start_server()
-        url = server.url()
-    url = url.replace("postgresql://", "postgresql+psycopg://", 1)
-    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-    name = f"llbench_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    admin.dispose()
-    return url.rsplit("/", 1)[0] + "/" + name, server
 
 
 def generate(engine: sa.Engine, events: int, users: int) -> float:
@@ -125,7 +109,8 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=10_000_000)
     ap.add_argument("--users", type=int, default=200_000)
     args = ap.parse_args()
-    url, server = database_url()
+    admin_url, server = server_url("LASTLOGIN_BENCH_DATABASE_URL")
+    url = create_database(admin_url, "llbench")
     try:
         upgrade(url)
         engine = make_engine(url)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import tempfile
 import uuid
 from typing import Iterator
 
@@ -18,8 +20,8 @@ import sqlalchemy as sa
 
 from app.db import make_engine
 from app.db.migrate import upgrade
-from app.db.schema import metadata
-from tests.harness.pg import MissingComponent, PgServer, start_server
+from tests.harness.db import empty_tables
+from tests.harness.pg import MissingComponent, PgServer, database_url, server_url
 
 _counter = itertools.count()
 
@@ -38,7 +40,7 @@ class PgCluster:
         with self.admin.connect() as conn:
             conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
         self.created.append(name)
-        return self.admin_url.rsplit("/", 1)[0] + "/" + name
+        return database_url(self.admin_url, name)
 
     def close(self) -> None:
         with self.admin.connect() as conn:
@@ -49,16 +51,10 @@ class PgCluster:
 
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PgCluster]:
-    url = os.environ.get("LASTLOGIN_TEST_DATABASE_URL")
-    server = None
-    if not url:
-        try:
-            server = start_server()
-        except MissingComponent as exc:
-            pytest.fail(f"PostgreSQL is required for this test: {exc}", pytrace=False)
-        url = server.url()
-    elif url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    try:
+        url, server = server_url("LASTLOGIN_TEST_DATABASE_URL")
+    except MissingComponent as exc:
+        pytest.fail(f"PostgreSQL is required for this test: {exc}", pytrace=False)
     cluster = PgCluster(url, server)
     try:
         yield cluster
@@ -81,13 +77,6 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'lastlogin.db'}"
     upgrade(url)
     return url
-
-
-def empty_tables(engine: sa.Engine) -> None:
-    with engine.begin() as conn:
-        for table in reversed(metadata.sorted_tables):
-            if table.name != "config_version":      # one row the schema owns
-                conn.execute(table.delete())
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -115,3 +104,18 @@ def empty_db_url(request: pytest.FixtureRequest, tmp_path) -> str:
     if request.param == "postgresql":
         return request.getfixturevalue("pg_cluster").create_database()
     return f"sqlite:///{tmp_path / 'empty.db'}"
+
+
+@pytest.fixture
+def tiny_tmpfs():
+    """A real file system with room for a few records: ENOSPC for real."""
+    if os.geteuid() != 0:
+        pytest.fail("mounting a tmpfs for the full-disk tests needs root", pytrace=False)
+    path = tempfile.mkdtemp(prefix="llfull-", dir="/tmp")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k,mode=0700", "tmpfs", path],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", path], check=True)
+        os.rmdir(path)

@@ -13,6 +13,8 @@ from click.testing import CliRunner
 from app import __version__
 from app.cli import main_group
 from app.db import make_engine
+from app.db.migrate import head_revision, schema_differences
+from tests.harness.cli import cli_env, lastlogin, spawn
 
 
 def all_commands(group: click.Group, prefix=()):
@@ -31,13 +33,6 @@ def test_every_command_has_help_text():
         seen.append(" ".join(path))
     assert {"db", "db upgrade", "db downgrade", "db current", "db history", "db check",
             "serve"} <= set(seen)
-
-
-def lastlogin(*args, env=None):
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("LASTLOGIN_")}
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "app", *args], env=full_env,
-                          capture_output=True, text=True, timeout=60)
 
 
 def test_help_and_version():
@@ -82,14 +77,36 @@ def test_db_commands_round_trip(empty_db_url):
 
 
 def test_alembic_itself_uses_the_same_settings(empty_db_url):
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LASTLOGIN_")},
-           "LASTLOGIN_DATABASE_URL": empty_db_url}
+    env = cli_env({"LASTLOGIN_DATABASE_URL": empty_db_url})
     alembic = os.path.join(os.path.dirname(sys.executable), "alembic")
     out = subprocess.run([alembic, "upgrade", "head"], env=env, capture_output=True,
                          text=True, timeout=60,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr
     assert lastlogin("db", "check", env={"LASTLOGIN_DATABASE_URL": empty_db_url}).returncode == 0
+
+
+def test_concurrent_upgrades_take_turns_on_postgresql(pg_cluster):
+    """Every host runs `db upgrade` before `serve`: two at once on one empty
+    PostgreSQL both succeed (the advisory lock serialises them) and leave the
+    schema at head exactly once, with no duplicate-object error."""
+    url = pg_cluster.create_database()
+    env = {"LASTLOGIN_DATABASE_URL": url}
+    runs = [spawn("db", "upgrade", env=env) for _ in range(2)]
+    results = [(p.wait(120), *p.communicate()) for p in runs]
+    for rc, _out, err in results:
+        assert rc == 0, err
+        assert "already exists" not in err
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() \
+            == [head_revision()]
+        # the lock was released: nobody holds it after both commands ended
+        assert conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())").scalar() == 0
+    assert schema_differences(engine) == []
+    engine.dispose()
 
 
 def test_upgrade_makes_the_sqlite_directory(tmp_path):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import imaplib
-import poplib
-import socket
 import time
 
 import pytest
@@ -13,9 +11,10 @@ import sqlalchemy as sa
 from app.db import make_engine
 from app.db.rules import add_rule
 from app.db.schema import access_rules, last_logins, login_events
-from app.login import username_text
 from tests.harness.daemon import make_daemon
+from tests.harness.db import events_of, last_of
 from tests.harness.dovecot import make_dovecot
+from tests.harness.mailclients import imap_login, pop3_login, raw_session
 from tests.harness.stack import running
 
 pytestmark = pytest.mark.e2e
@@ -45,46 +44,6 @@ def stack(pg_url):
     dovecot = make_dovecot(daemon.socket_dir)
     with running(pg_url, daemon, dovecot, PLAIN_USERS + HOSTILE_THROUGH_DOVECOT) as parts:
         yield parts
-
-
-def imap_quote(value: bytes) -> bytes:
-    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-
-
-def imap_login(port: int, user: bytes, password: bytes = b"secret") -> imaplib.IMAP4:
-    client = imaplib.IMAP4("127.0.0.1", port, timeout=20)
-    typ, data = client._simple_command("LOGIN", imap_quote(user), imap_quote(password))
-    text = b" ".join(data)
-    assert typ == "OK" and b"Logged in" in text, (typ, data)
-    assert b"initialization failed" not in text
-    client.state = "AUTH"
-    typ, data = client.select("INBOX")       # the session really works
-    assert typ == "OK", data
-    return client
-
-
-def pop3_login(port: int, user: bytes, password: bytes = b"secret") -> poplib.POP3:
-    client = poplib.POP3("127.0.0.1", port, timeout=20)
-    client._putcmd("USER " + user.decode("latin-1"))   # poplib sends latin-1 as bytes
-    assert client._getresp().startswith(b"+OK")
-    client._putcmd("PASS " + password.decode("latin-1"))
-    assert client._getresp() == b"+OK Logged in."
-    assert client.stat() == (0, 0)          # -ERR [SYS/TEMP] would raise here
-    return client
-
-
-def events_of(engine, user: bytes):
-    text, _ = username_text(user)
-    with engine.connect() as conn:
-        return conn.execute(sa.select(login_events).where(login_events.c.username == text)
-                            .order_by(login_events.c.occurred_at)).all()
-
-
-def last_of(engine, user: bytes, protocol: str):
-    text, _ = username_text(user)
-    with engine.connect() as conn:
-        return conn.execute(sa.select(last_logins).where(
-            last_logins.c.username == text, last_logins.c.protocol == protocol)).one_or_none()
 
 
 def test_imap_login_is_recorded_and_second_login_counts(stack):
@@ -146,24 +105,6 @@ def test_without_the_daemon_dovecot_refuses_the_login(stack):
 
 
 # --- deny rules through the real thing --------------------------------------
-
-def raw_session(port: int, lines: list[bytes]) -> bytes:
-    """Send the lines after the greeting; everything the server said, to EOF."""
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
-        f = s.makefile("rb")
-        greeting = f.readline()
-        assert greeting.startswith((b"* OK", b"+OK")), greeting
-        for line in lines:
-            s.sendall(line + b"\r\n")
-            if line.startswith(b"USER"):
-                assert f.readline().startswith(b"+OK")
-        said = b""
-        while line := f.readline():
-            said += line
-            if line.startswith((b"a1 OK", b"+OK Logged in")):   # let in: leave politely
-                s.sendall(b"a2 LOGOUT\r\n" if line.startswith(b"a1") else b"QUIT\r\n")
-        return said
-
 
 @pytest.fixture
 def rules(stack):

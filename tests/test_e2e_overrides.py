@@ -11,8 +11,9 @@ from app.db.overrides import add_alert, set_override
 from tests.harness.daemon import make_daemon
 from tests.harness.dovecot import MAIL_UID, make_dovecot
 from tests.harness.stack import running
-from tests.test_cli import lastlogin
-from tests.test_e2e_dovecot import events_of, imap_login, pop3_login, raw_session
+from tests.harness.cli import lastlogin
+from tests.harness.db import events_of
+from tests.harness.mailclients import imap_login, pop3_login, raw_session
 
 pytestmark = pytest.mark.e2e
 

@@ -18,7 +18,8 @@ from tests.harness.daemon import make_daemon
 from tests.harness.dovecot24 import MAIL_UID, make_dovecot24
 from tests.harness.pg import MissingComponent
 from tests.harness.stack import running
-from tests.test_e2e_dovecot import events_of, imap_login, raw_session
+from tests.harness.db import events_of
+from tests.harness.mailclients import imap_login, raw_session
 
 pytestmark = pytest.mark.e2e
 

@@ -27,12 +27,11 @@ from app.db.schema import last_logins, login_events
 from app.protocol import TEMPFAIL_TEXT, tempfail_line
 from app.spool import Quarantine, Spool
 from tests.builders import HOSTILE_USERNAMES, request_bytes
-from tests.conftest import empty_tables
+from tests.harness.db import empty_tables
 from tests.harness.daemon import make_daemon, wait_for
 from tests.harness.faults import hold_lock, reject_rows, slow_commits
 from tests.harness.pg import start_server
 from tests.harness.postlogin import send_request
-from tests.test_spool import tiny_tmpfs  # noqa: F401 - a fixture
 
 ROLE = "lldaemon"
 

@@ -9,6 +9,7 @@ from app.db.migrate import (current_revision, downgrade, ensure_at_head,
                             head_revision, SchemaNotCurrent, schema_differences,
                             script_location, upgrade)
 from app.db.schema import is_partition, metadata
+from tests.harness.schema import schema_diff, schema_snapshot
 
 
 def revisions():
@@ -21,16 +22,27 @@ def test_single_head():
 
 
 def test_every_step_up_and_down(empty_db_url):
-    """Each migration upgrades, downgrades to its parent and upgrades again."""
+    """Each migration upgrades, downgrades to its parent and upgrades again.
+
+    The whole schema is compared, not only table names: the downgrade must
+    give back exactly the parent's schema (a leftover view, index, trigger,
+    function or column fails here), and the upgrade after it exactly the
+    schema the first upgrade made."""
     engine = make_engine(empty_db_url)
+    parent = schema_snapshot(empty_db_url)
     for rev in revisions():
         upgrade(empty_db_url, rev.revision)
-        before = tables(empty_db_url)
+        at_rev = schema_snapshot(empty_db_url)
+        assert at_rev != parent, f"{rev.revision} changed nothing the snapshot sees"
         downgrade(empty_db_url, rev.down_revision or "base")
         assert current_revision(engine) == rev.down_revision
+        assert schema_diff(parent, schema_snapshot(empty_db_url)) == [], \
+            f"downgrade of {rev.revision} left a trace"
         upgrade(empty_db_url, rev.revision)
-        assert tables(empty_db_url) == before
+        assert schema_diff(at_rev, schema_snapshot(empty_db_url)) == [], \
+            f"{rev.revision} upgraded again differs"
         assert current_revision(engine) == rev.revision
+        parent = at_rev
     engine.dispose()
 
 

@@ -34,7 +34,7 @@ from app.db.store import _fold
 from app.db.writers import PostgresWriter, SqlAlchemyWriter
 from app.spool import decode, encode
 from tests.builders import T0, record, request_bytes
-from tests.conftest import empty_tables
+from tests.harness.db import empty_tables
 from tests.harness.daemon import make_daemon, wait_for
 from tests.harness.postlogin import send_request
 

@@ -23,7 +23,7 @@ from app.sysgroups import system_groups
 from tests.builders import request_bytes
 from tests.harness.daemon import make_daemon, wait_for
 from tests.harness.postlogin import send_request
-from tests.test_cli import lastlogin
+from tests.harness.cli import lastlogin
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.timezone.utc)
 

@@ -187,7 +187,7 @@ def test_database_away_at_start_is_not_fatal(tmp_path):
 
 
 def test_status_command(db_url, tmp_path):
-    from tests.test_cli import lastlogin
+    from tests.harness.cli import lastlogin
     d = make_daemon(db_url, protocols="imap,pop3", data_dir=str(tmp_path))
     env = {k: v for k, v in d.env.items() if k.startswith("LASTLOGIN_")}
     down = lastlogin("status", env=env)

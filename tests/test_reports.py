@@ -19,7 +19,7 @@ from app.db.schema import last_logins, login_events
 from app.db.store import record_logins
 from app.importer import import_last_login_table, import_logs
 from tests.builders import record
-from tests.test_cli import lastlogin
+from tests.harness.cli import lastlogin
 
 NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 DAY = dt.timedelta(days=1)

@@ -17,12 +17,12 @@ import sqlalchemy as sa
 
 from app.db import make_engine
 from app.db.schema import login_events
-from tests.conftest import empty_tables
+from tests.harness.db import empty_tables
 from tests.harness.daemon import make_daemon, wait_for
 from tests.harness.dovecot import make_dovecot
 from tests.harness.postlogin import send_request
 from tests.builders import request_bytes
-from tests.test_e2e_dovecot import imap_login
+from tests.harness.mailclients import imap_login
 
 pytestmark = pytest.mark.e2e
 

@@ -19,7 +19,7 @@ from app.snapshot import ConfigCache, Refresher, status_checks
 from tests.builders import request_bytes
 from tests.harness.daemon import make_daemon, wait_for
 from tests.harness.postlogin import send_request
-from tests.test_cli import lastlogin
+from tests.harness.cli import lastlogin
 
 
 def test_add_validates(engine):

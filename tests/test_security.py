@@ -31,7 +31,7 @@ from tests.builders import record, request_bytes
 from tests.harness.daemon import make_daemon, wait_for
 from tests.harness.pg import free_port
 from tests.harness.postlogin import send_request
-from tests.test_cli import lastlogin
+from tests.harness.cli import lastlogin
 
 OTHER_UID = pwd.getpwnam("nobody").pw_uid
 HOSTILE = b"evil\x1b]52;c;cm0gLXJmIH4=\x07\x1b]0;pwned\x07\r\nforged row\xc2\x9b2J\xe2\x80\xaeoops"

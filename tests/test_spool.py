@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import sqlalchemy as sa
@@ -356,21 +355,6 @@ def test_a_full_quarantine_follows_spool_full_action(engine, db_url, tmp_path, a
 
 
 # --- a full disk ------------------------------------------------------------------
-
-@pytest.fixture
-def tiny_tmpfs():
-    """A real file system with room for a few records: ENOSPC for real."""
-    if os.geteuid() != 0:
-        pytest.fail("mounting a tmpfs for the full-disk tests needs root", pytrace=False)
-    path = tempfile.mkdtemp(prefix="llfull-", dir="/tmp")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k,mode=0700", "tmpfs", path],
-                   check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", path], check=True)
-        os.rmdir(path)
-
 
 def fill(spool: Spool) -> int:
     written = 0

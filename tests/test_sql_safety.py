@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from app.db.rules import add_rule, list_rules
 from app.db.overrides import list_overrides, set_override
-from tests.test_cli import lastlogin
+from tests.harness.cli import lastlogin
 
 ROOT = Path(__file__).resolve().parents[1]
 SQL_CALLS = {"text", "execute", "exec_driver_sql"}

@@ -94,8 +94,15 @@ class Daemon:
         return rc
 
 
-def make_daemon(db_url: str, **settings: str) -> Daemon:
-    sockdir = tempfile.mkdtemp(prefix="lld-", dir="/tmp")
+def make_daemon(db_url: str, socket_dir: str | None = None, **settings: str) -> Daemon:
+    """A daemon on ``db_url`` with LASTLOGIN_<KEY> = value for every setting.
+    Its sockets, notify socket and log go to ``socket_dir`` (made if missing;
+    a fresh directory under /tmp by default)."""
+    if socket_dir:
+        os.makedirs(socket_dir, exist_ok=True)
+        sockdir = socket_dir
+    else:
+        sockdir = tempfile.mkdtemp(prefix="lld-", dir="/tmp")
     os.chmod(sockdir, 0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LASTLOGIN_")}
     env.update({"LASTLOGIN_DATABASE_URL": db_url, "LASTLOGIN_SOCKET_DIR": sockdir,

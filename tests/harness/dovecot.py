@@ -22,6 +22,44 @@ MAIL_UID = MAIL_GID = 65534          # nobody/nogroup owns the test maildirs
 TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "dovecot" / "lastlogin-test.conf"
 
 
+MODES = ("lastlogin", "none", "script")
+SCRIPT_SERVICE = """
+service {proto}-postlogin {{
+  executable = script-login {script}
+  user = dovecot
+  unix_listener {proto}-postlogin {{
+  }}
+}}
+"""
+
+
+def render_config(template: Path, values: dict[str, str], mode: str = "lastlogin",
+                  script: str = "", mail_debug: bool = True) -> str:
+    """A test config (2.3 or 2.4 template) with its @PLACEHOLDERS@ filled in.
+
+    ``mode`` is what the imap and pop3 services run after a login:
+    ``lastlogin`` its sockets in SOCKET_DIR (the template as written),
+    ``none`` nothing (the mail process starts at once), ``script`` Dovecot's
+    script-login running ``script``, the classic shell post-login hook.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown post-login mode {mode!r}; one of {', '.join(MODES)}")
+    text = template.read_text()
+    if not mail_debug:
+        text = text.replace("mail_debug = yes", "mail_debug = no")
+    extra = values.get("EXTRA", "")
+    for proto in ("imap", "pop3"):
+        wired = f"executable = {proto} @SOCKET_DIR@/{proto}.sock"
+        if mode == "none":
+            text = text.replace(wired, f"executable = {proto}")
+        elif mode == "script":
+            text = text.replace(wired, f"executable = {proto} {proto}-postlogin")
+            extra += SCRIPT_SERVICE.format(proto=proto, script=script)
+    for key, value in {**values, "EXTRA": extra}.items():
+        text = text.replace("@" + key + "@", value)
+    return text
+
+
 def passwd_escape(name: bytes) -> bytes:
     """A username as a passwd-file lookup sees it.
 
@@ -40,6 +78,9 @@ class Dovecot:
     pop3_port: int = 0
     users: dict[bytes, bytes] = field(default_factory=dict)
     extra: str = ""
+    mode: str = "lastlogin"         # see render_config
+    script: str = ""
+    mail_debug: bool = True
 
     @property
     def config_path(self) -> str:
@@ -72,13 +113,11 @@ class Dovecot:
         shutil.chown(path, "root", "dovecot")
 
     def write_config(self) -> None:
-        text = TEMPLATE.read_text()
         values = {"BASE": self.base, "SOCKET_DIR": self.socket_dir,
                   "IMAP_PORT": str(self.imap_port), "POP3_PORT": str(self.pop3_port),
                   "MAIL_UID": str(MAIL_UID), "EXTRA": self.extra, "LISTEN": "127.0.0.1"}
-        for key, value in values.items():
-            text = text.replace("@" + key + "@", value)
-        Path(self.config_path).write_text(text)
+        Path(self.config_path).write_text(render_config(
+            TEMPLATE, values, self.mode, self.script, self.mail_debug))
 
     def start(self) -> None:
         dovecot = shutil.which("dovecot") or "/usr/sbin/dovecot"
@@ -94,7 +133,7 @@ class Dovecot:
             raise RuntimeError("dovecot did not start: "
                                + Path(self.base, "start.out").read_text() + self.logs())
         for port in (self.imap_port, self.pop3_port):
-            _wait_port(port, self.logs)
+            wait_port(port, self.logs)
 
     def pid(self) -> int | None:
         try:
@@ -125,7 +164,8 @@ def stop_master(pid_file: Path, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def _wait_port(port: int, logs, timeout: float = 20.0) -> None:
+def wait_port(port: int, logs, timeout: float = 20.0) -> None:
+    """Wait until 127.0.0.1:``port`` accepts; on timeout raise with ``logs()``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.harness.dovecot import _wait_port, stop_master
+from tests.harness.dovecot import render_config, stop_master, wait_port
 from tests.harness.pg import MissingComponent, free_port
 
 ROOT = Path(os.environ.get("LASTLOGIN_TEST_DOVECOT24_ROOT",
@@ -68,13 +68,10 @@ class Dovecot24:
         os.chmod(path, 0o640)
 
     def start(self) -> None:
-        text = TEMPLATE.read_text()
-        for key, value in {"BASE": self.inside, "SOCKET_DIR": f"{self.inside}/ll",
-                           "LISTEN": "127.0.0.1", "IMAP_PORT": str(self.imap_port),
-                           "POP3_PORT": str(self.pop3_port), "MAIL_UID": str(MAIL_UID),
-                           "EXTRA": ""}.items():
-            text = text.replace(f"@{key}@", value)
-        (self.outside / "dovecot.conf").write_text(text)
+        (self.outside / "dovecot.conf").write_text(render_config(TEMPLATE, {
+            "BASE": self.inside, "SOCKET_DIR": f"{self.inside}/ll", "LISTEN": "127.0.0.1",
+            "IMAP_PORT": str(self.imap_port), "POP3_PORT": str(self.pop3_port),
+            "MAIL_UID": str(MAIL_UID), "EXTRA": ""}))
         with open(self.outside / "start.out", "wb") as out:
             rc = subprocess.run(["chroot", str(ROOT), "dovecot", "-c",
                                  f"{self.inside}/dovecot.conf"], stdout=out, stderr=out,
@@ -83,7 +80,7 @@ class Dovecot24:
             raise RuntimeError("dovecot 2.4 did not start: "
                                + (self.outside / "start.out").read_text() + self.logs())
         for port in (self.imap_port, self.pop3_port):
-            _wait_port(port, self.logs)
+            wait_port(port, self.logs)
 
     def stop(self) -> None:
         stop_master(self.outside / "run" / "master.pid")

@@ -15,7 +15,10 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import uuid
 from dataclasses import dataclass
+
+import sqlalchemy as sa
 
 
 class MissingComponent(RuntimeError):
@@ -109,3 +112,38 @@ def start_server() -> PgServer:
         raise MissingComponent(
             f"could not start PostgreSQL: {exc.stderr.decode(errors='replace')} {tail}") from None
     return server
+
+
+def psycopg_url(url: str) -> str:
+    """postgresql://... as SQLAlchemy's psycopg 3 dialect spells it."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url[len("postgresql://"):]
+    return url
+
+
+def server_url(env_var: str) -> tuple[str, PgServer | None]:
+    """A PostgreSQL URL whose user may CREATE DATABASE: the one in ``env_var``
+    or, without it, a throw-away server started here. The server (None when
+    the URL came from the environment) is the caller's to stop."""
+    url = os.environ.get(env_var)
+    if url:
+        return psycopg_url(url), None
+    server = start_server()
+    return server.url(), server
+
+
+def database_url(server: str, name: str) -> str:
+    """The URL of database ``name`` on the server of URL ``server``."""
+    return server.rsplit("/", 1)[0] + "/" + name
+
+
+def create_database(admin_url: str, prefix: str = "lltest") -> str:
+    """A new, empty database with a unique name; returns its URL."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    finally:
+        admin.dispose()
+    return database_url(admin_url, name)

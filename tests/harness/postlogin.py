@@ -34,7 +34,11 @@ def send_request(path: str, request: bytes, *, fds: int = 1, timeout: float = 20
     """One login: request + ``fds`` passed descriptors; returns the reply."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.settimeout(timeout)
-    conn.connect(path)
+    try:
+        conn.connect(path)
+    except OSError:
+        conn.close()
+        raise
     client, remote = socket.socketpair()
     extra = [socket.socketpair() for _ in range(max(0, fds - 1))]
     passed = [remote.fileno()] + [b.fileno() for _, b in extra]
@@ -60,3 +64,14 @@ def send_request(path: str, request: bytes, *, fds: int = 1, timeout: float = 20
         remote.close()
         conn.close()
     return Exchange(bytes(reply), client)
+
+
+def answered(path: str, request: bytes, timeout: float = 30.0) -> bool:
+    """One login for a load generator: True if a reply line came back.
+    Nothing is raised and every socket is closed either way."""
+    try:
+        ex = send_request(path, request, timeout=timeout)
+    except OSError:             # refused, or no reply within the timeout
+        return False
+    ex.client.close()
+    return not ex.refused

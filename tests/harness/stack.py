@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from app.db import make_engine
-from tests.conftest import empty_tables
+from tests.harness.db import empty_tables
 
 
 @contextmanager
