@@ -415,10 +415,10 @@ def check_source(source: sa.Engine, table: str, user_column: str, time_column: s
     tables = inspector.get_table_names()
     if table not in tables:
         shown = ", ".join(sorted(tables)[:20]) or "none"
-        raise SourceError("--table", f"no table {table!r} in the source database "
+        raise SourceError("table", f"no table {table!r} in the source database "
                                      f"(its tables: {shown})")
     columns = [c["name"] for c in inspector.get_columns(table)]
-    for option, column in (("--user-column", user_column), ("--time-column", time_column)):
+    for option, column in (("user_column", user_column), ("time_column", time_column)):
         if column not in columns:
             raise SourceError(option, f"no column {column!r} in table {table!r} "
                                       f"(its columns: {', '.join(columns)})")
@@ -467,12 +467,12 @@ def import_last_login_table(source: sa.Engine, target: sa.Engine, table: str = "
         try:
             numbers.append(int(stamp))  # type: ignore[call-overload]
         except (TypeError, ValueError):
-            raise SourceError("--time-column", f"column {time_column!r} holds {stamp!r}, "
+            raise SourceError("time_column", f"column {time_column!r} holds {stamp!r}, "
                                                "not a Unix time stamp") from None
     guessed = guess_precision(numbers, now)
     if precision == "auto":
         if numbers and guessed is None:
-            raise SourceError("--precision", "the time stamps fit no precision (s, ms, us, "
+            raise SourceError("precision", "the time stamps fit no precision (s, ms, us, "
                                              f"ns): they range from {min(numbers)} to "
                                              f"{max(numbers)}")
         precision = guessed or "s"
@@ -480,7 +480,7 @@ def import_last_login_table(source: sa.Engine, target: sa.Engine, table: str = "
                              for n in (min(numbers), max(numbers))):
         hint = (f"timestamps look like {_PRECISION_NAMES[guessed]}: use --precision "
                 f"{guessed}" if guessed else "the time stamps fit no precision")
-        raise SourceError("--precision", hint)
+        raise SourceError("precision", hint)
     result.precision = precision
     divisor = _PRECISION[precision]
     out = []

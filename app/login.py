@@ -71,7 +71,7 @@ def scope_value(scope: str, value: str | None, field: str | None = None) -> str:
     """A scope's value as stored ('' for global); InvalidInput if empty."""
     if scope == "global":
         return ""
-    name = field or f"--{scope}"
+    name = field or scope
     if value is None or not value.strip():
         raise InvalidInput(name, "must not be empty")
     out = normalize_domain(value) if scope == "domain" else normalize_user(value)

@@ -39,18 +39,18 @@ IGNORED_BY = {
 
 def validate_key(key: str, allow_ids: bool = False) -> str:
     if not key:
-        raise InvalidInput("KEY", "must not be empty")
+        raise InvalidInput("key", "must not be empty")
     if "=" in key:
-        raise InvalidInput("KEY", f"must not contain '=': {key!r}")
+        raise InvalidInput("key", f"must not contain '=': {key!r}")
     bad = control_char(key)
     if bad:
-        raise InvalidInput("KEY", f"must not contain {bad}: {key!r}")
+        raise InvalidInput("key", f"must not contain {bad}: {key!r}")
     if any(ch.isspace() for ch in key):
-        raise InvalidInput("KEY", f"must not contain white space: {key!r}")
+        raise InvalidInput("key", f"must not contain white space: {key!r}")
     if key.lower() in PROTECTED_KEYS:
-        raise InvalidInput("KEY", f"{key} must reach Dovecot unchanged; it cannot be overridden")
+        raise InvalidInput("key", f"{key} must reach Dovecot unchanged; it cannot be overridden")
     if key.lower() in ID_KEYS and not allow_ids:
-        raise InvalidInput("KEY", f"{key} changes who the session runs as; "
+        raise InvalidInput("key", f"{key} changes who the session runs as; "
                                   f"give --allow-uid-gid to set it")
     return key
 
@@ -60,14 +60,14 @@ def validate_value(key: str, value: str) -> str:
     for bad, name in (("\x00", "a NUL byte"), ("\t", "a TAB"), ("\r", "a CR"),
                       ("\n", "a line feed")):
         if bad in value:
-            raise InvalidInput("VALUE", f"must not contain {name}")
+            raise InvalidInput("value", f"must not contain {name}")
     if key.lower() in ID_KEYS:
         v = value.strip()
         if (v.isdigit() and int(v) == 0) or v == _ROOT_IDS[key.lower()]:
-            raise InvalidInput("VALUE", f"{key} 0 (root) is never allowed")
+            raise InvalidInput("value", f"{key} 0 (root) is never allowed")
         if not v:
-            raise InvalidInput("VALUE", f"{key} must not be empty")
-    return check_template("VALUE", value)
+            raise InvalidInput("value", f"{key} must not be empty")
+    return check_template("value", value)
 
 
 def validate_override(key: str, value: str, allow_ids: bool = False) -> None:

@@ -65,17 +65,17 @@ def load_snapshot(conn: sa.Connection) -> Snapshot:
                     delivered=load_deliveries(conn), skipped=tuple(skipped))
 
 
-def status_checks(doc: dict) -> list[tuple[int, str, str]]:
-    """What `lastlogin status` adds from the daemon's status file (status.json).
+def status_checks(state) -> list[tuple[int, str, str]]:
+    """What `lastlogin status` adds from the daemon's state (a DaemonStatus).
 
     (level, check, detail) with status's levels: 1 warning. A row left out
     and a load that fails are warnings until fixed (the exit status says so).
     """
     out = [(1, "config", line) for line in skipped_warnings(
-        tuple(doc.get("config_skipped") or ()))]
-    if doc.get("config_load_error"):
+        tuple(state.config_skipped or ()))]
+    if state.config_load_error:
         out.append((1, "config", f"cannot load rules, overrides and alerts: "
-                                 f"{doc['config_load_error']}"))
+                                 f"{state.config_load_error}"))
     return out
 
 

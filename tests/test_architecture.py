@@ -26,7 +26,7 @@ LAYERS = {
     "metrics": 1, "sysgroups": 1, "db": 1,
     # 2 state kept beside the login path: spool, recorder, rules in memory, hooks
     "spool": 2, "recorder": 2, "snapshot": 2, "maintenance": 2, "nexthop": 2,
-    "importer": 2,
+    "importer": 2, "health": 2,
     # 3 one login
     "service": 3,
     # 4 the sockets around it

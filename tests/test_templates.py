@@ -50,8 +50,8 @@ def test_unknown_variables_are_refused(template, error):
         parse(template)
     assert str(exc.value) == error
     with pytest.raises(InvalidInput) as bad:
-        check_template("VALUE", template)
-    assert bad.value.field == "VALUE" and bad.value.reason == error
+        check_template("value", template)
+    assert bad.value.field == "value" and bad.value.reason == error
 
 
 @pytest.mark.parametrize("user,reason", [

@@ -136,6 +136,23 @@ def fail(message: str, code: int) -> NoReturn:
     raise SystemExit(code)
 
 
+# The library names what is wrong by setting, column or value; the command
+# line calls them by its options and arguments. The one translation:
+FLAG_OF = {
+    "action": "ACTION", "protocol": "--protocol", "remote_network": "--network",
+    "local_network": "--local-network", "username": "--user", "user": "--user",
+    "domain": "--domain", "valid_from": "--from", "valid_until": "--until",
+    "priority": "--priority", "message": "--message", "comment": "--comment",
+    "everyone": "--everyone", "key": "KEY", "value": "VALUE", "alert": "MESSAGE",
+    "table": "--table", "user_column": "--user-column", "time_column": "--time-column",
+    "precision": "--precision",
+}
+
+
+def flag_of(field: str) -> str:
+    return FLAG_OF.get(field, field)
+
+
 def classify(exc: BaseException) -> tuple[str, int]:
     """The one line (without the `lastlogin: ` prefix) and the exit status."""
     if isinstance(exc, CliError):
@@ -143,7 +160,7 @@ def classify(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, ConfigError):
         return f"{exc.reason} ({exc.key})", EXIT_CONFIG
     if isinstance(exc, InvalidInput):
-        return f"{exc.reason} ({exc.field})", EXIT_USAGE
+        return f"{exc.reason} ({flag_of(exc.field)})", EXIT_USAGE
     if isinstance(exc, NotFound):
         return str(exc), EXIT_PROBLEM
     if isinstance(exc, BadRevision):

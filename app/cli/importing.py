@@ -11,7 +11,8 @@ import click
 from ..importer import (DamagedLog, SourceError, SourceUnreachable, import_last_login_table,
                         import_logs, source_engine)
 from ..timeparse import DURATION_HELP, parse_since
-from .common import EXIT_DATABASE, EXIT_USAGE, CliError, Context, edge, main_group, pass_ctx
+from .common import (EXIT_DATABASE, EXIT_USAGE, CliError, Context, edge, flag_of, main_group,
+                     pass_ctx)
 from .output import safe_text
 
 
@@ -135,7 +136,7 @@ def import_last_login(ctx: Context, source_url_file, table, user_column, time_co
     try:
         source = source_engine(source_url, where)
     except SourceError as exc:
-        raise CliError(exc.reason, exc.option, EXIT_USAGE) from None
+        raise CliError(exc.reason, flag_of(exc.option), EXIT_USAGE) from None
     try:
         target = ctx.engine()
         try:
@@ -144,7 +145,7 @@ def import_last_login(ctx: Context, source_url_file, table, user_column, time_co
         finally:
             target.dispose()
     except SourceError as exc:
-        raise CliError(exc.reason, exc.option, EXIT_USAGE) from None
+        raise CliError(exc.reason, flag_of(exc.option), EXIT_USAGE) from None
     except SourceUnreachable as exc:
         raise CliError(f"source database error: {exc}", where, EXIT_DATABASE) from None
     finally:

@@ -86,11 +86,19 @@ def rule_add(ctx: Context, action, user, domain, network, local_network, protoco
     """Add a rule that allows or denies matching logins."""
     valid_from, valid_until = window(start, until, duration, utc)
     with ctx.begin() as conn:
-        rule_id = add_rule(
-            conn, action=action, username=user, domain=domain, remote_network=network,
-            local_network=local_network, protocol=protocol, valid_from=valid_from,
-            valid_until=valid_until, priority=priority, message=message, comment=comment,
-            enabled=not disabled, created_by=operator(), everyone=everyone)
+        try:
+            rule_id = add_rule(
+                conn, action=action, username=user, domain=domain, remote_network=network,
+                local_network=local_network, protocol=protocol, valid_from=valid_from,
+                valid_until=valid_until, priority=priority, message=message, comment=comment,
+                enabled=not disabled, created_by=operator(), everyone=everyone)
+        except InvalidInput as exc:
+            if exc.field == "everyone" and not everyone:
+                raise InvalidInput("everyone", "a rule with no --user, --domain, --network, "
+                                               "--local-network or --protocol would match "
+                                               "every login: give --everyone if that is "
+                                               "meant") from None
+            raise
     click.echo(f"added rule {rule_id}")
 
 

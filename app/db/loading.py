@@ -21,18 +21,15 @@ Skipped = list[tuple[str, int, str]]        # (table, row id, reason)
 _TIME = UTCDateTime()
 
 
-# The checks name the CLI's options; a row's problem is named by its column.
-COLUMN_OF = {"ACTION": "action", "--network": "remote_network",
-             "--local-network": "local_network", "--user": "username", "--domain": "domain",
-             "--protocol": "protocol", "--until": "valid_until", "--priority": "priority",
-             "KEY": "key", "VALUE": "value", "MESSAGE": "message", "scope": "scope"}
+# The checks name what is wrong by its column; a few by what it is.
+COLUMN_OF = {"alert": "message", "everyone": "(no match)"}
 
 
 def why(exc: Exception, table: str) -> str:
     """The reason a row is skipped, naming the column."""
     if isinstance(exc, InvalidInput):
         column = COLUMN_OF.get(exc.field, exc.field)
-        if table != "access_rules" and exc.field in ("--user", "--domain"):
+        if table != "access_rules" and exc.field in ("user", "username", "domain"):
             column = "scope_value"
         return f"{column}: {exc.reason}"
     return str(exc)

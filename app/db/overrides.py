@@ -101,11 +101,11 @@ def load_overrides(conn: sa.Connection, skipped: Skipped | None = None) -> Overr
 def validate_alert(message: str, valid_from: dt.datetime | None,
                    valid_until: dt.datetime | None) -> None:
     if not message or not message.strip():
-        raise InvalidInput("MESSAGE", "must not be empty")
-    check_text("MESSAGE", message)
-    check_template("MESSAGE", message)
+        raise InvalidInput("alert", "must not be empty")
+    check_text("alert", message)
+    check_template("alert", message)
     if valid_from and valid_until and valid_until <= valid_from:
-        raise InvalidInput("--until", "the window ends before it starts")
+        raise InvalidInput("valid_until", "the window ends before it starts")
 
 
 def add_alert(conn: sa.Connection, scope: str, scope_value: str | None, message: str,
@@ -115,7 +115,7 @@ def add_alert(conn: sa.Connection, scope: str, scope_value: str | None, message:
     validate_alert(message, valid_from, valid_until)
     now = now or dt.datetime.now(dt.timezone.utc)
     if valid_until is not None and valid_until <= now:
-        raise InvalidInput("--until", f"the window has already ended "
+        raise InvalidInput("valid_until", f"the window has already ended "
                                       f"({valid_until.isoformat()})")
     return conn.execute(login_alerts.insert().values(
         scope=scope, scope_value=scope_value, message=message, valid_from=valid_from,

@@ -63,27 +63,27 @@ def validate_rule(values: dict[str, Any]) -> dict[str, Any]:
     """
     out = dict(values)
     if out.get("action") not in ("allow", "deny"):
-        raise InvalidInput("ACTION", f"must be allow or deny, got {out.get('action')!r}")
+        raise InvalidInput("action", f"must be allow or deny, got {out.get('action')!r}")
     proto = out.get("protocol")
     if proto is not None:
         proto = out["protocol"] = str(proto).strip().lower()
         if proto not in PROTOCOLS:
-            raise InvalidInput("--protocol", f"unknown protocol {values['protocol']!r} "
+            raise InvalidInput("protocol", f"unknown protocol {values['protocol']!r} "
                                f"(known: {', '.join(PROTOCOLS)})")
-    out["remote_network"] = _network("--network", out.get("remote_network"))
-    out["local_network"] = _network("--local-network", out.get("local_network"))
-    out["username"] = _scope_text("--user", out.get("username"), normalize_user)
-    out["domain"] = _scope_text("--domain", out.get("domain"), normalize_domain)
+    out["remote_network"] = _network("remote_network", out.get("remote_network"))
+    out["local_network"] = _network("local_network", out.get("local_network"))
+    out["username"] = _scope_text("username", out.get("username"), normalize_user)
+    out["domain"] = _scope_text("domain", out.get("domain"), normalize_domain)
     start, end = out.get("valid_from"), out.get("valid_until")
     for key in ("valid_from", "valid_until"):
         if out.get(key) is not None and out[key].tzinfo is None:
             raise InvalidInput(key, "needs a time zone")
     if start and end and end <= start:
-        raise InvalidInput("--until", f"the window ends ({end.isoformat()}) before it "
+        raise InvalidInput("valid_until", f"the window ends ({end.isoformat()}) before it "
                            f"starts ({start.isoformat()})")
     if "priority" in out and (not isinstance(out["priority"], int)
                               or isinstance(out["priority"], bool)):
-        raise InvalidInput("--priority", "must be an integer")
+        raise InvalidInput("priority", "must be an integer")
     return out
 
 
@@ -98,19 +98,19 @@ def add_rule(conn: sa.Connection, *, everyone: bool = False, now: dt.datetime | 
     if unknown:
         raise TypeError(f"unknown rule fields: {sorted(unknown)}")
     row = validate_rule(values)
-    check_text("--message", row.get("message"))
-    check_text("--comment", row.get("comment"))
+    check_text("message", row.get("message"))
+    check_text("comment", row.get("comment"))
     has_match = any(row.get(k) is not None for k in MATCH_FIELDS)
     if not has_match and not everyone:
-        raise InvalidInput("--everyone", "a rule with no --user, --domain, --network, "
-                                         "--local-network or --protocol would match every "
-                                         "login: give --everyone if that is meant")
+        raise InvalidInput("everyone", "a rule with no user, domain, network, local "
+                                       "network or protocol to match would match every "
+                                       "login: say so explicitly if that is meant")
     if has_match and everyone:
-        raise InvalidInput("--everyone", "cannot be combined with match options")
+        raise InvalidInput("everyone", "cannot be combined with match options")
     now = now or dt.datetime.now(dt.timezone.utc)
     end = row.get("valid_until")
     if end is not None and end <= now:
-        raise InvalidInput("--until", f"the window has already ended ({end.isoformat()})")
+        raise InvalidInput("valid_until", f"the window has already ended ({end.isoformat()})")
     return conn.execute(access_rules.insert().values(**row)
                         .returning(access_rules.c.id)).scalar_one()
 
