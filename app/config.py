@@ -382,6 +382,8 @@ class Settings:
                                    "(empty: off)")
     log_level: str = _opt(_choice("debug", "info", "warning", "error"), "info",
                           doc="log level")
+    event_loop: str = _opt(_choice("asyncio", "uvloop"), "asyncio",
+                           doc="the daemon's event loop: asyncio, or uvloop (libuv)")
     log_format: str = _opt(_choice("kv", "json"), "kv", doc="log line format")
 
     @property

@@ -175,10 +175,24 @@ class Daemon:
 
 def run(settings: Settings, config_path: str | None = None) -> int:
     """`lastlogin serve`: start, serve until asked, shut down; the exit status."""
+    factory = loop_factory(settings.event_loop)        # a bad choice fails before anything
     daemon = Daemon(settings, config_path)
     daemon.startup()
     try:
-        asyncio.run(daemon.serve())
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(daemon.serve())
     finally:
         daemon.shutdown()
     return EXIT_OK
+
+
+def loop_factory(name: str):
+    """The event loop the settings ask for (None: asyncio's own)."""
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise ConfigError("event_loop", "uvloop is not installed (pip install "
+                              "'lastlogin[uvloop]')") from None
+        return uvloop.new_event_loop
+    return None

@@ -75,12 +75,13 @@ class NullHandler:
         self.log.close()
 
 
-def start_lastlogin(url: str, workdir: Path, protocols: str = "imap",
+def start_lastlogin(url: str, workdir: Path, protocols: str = "imap", name: str = "ll",
                     **settings: str) -> Daemon:
     """`lastlogin serve` through the test harness (ready when it says so on
-    NOTIFY_SOCKET), sockets in ``workdir``/ll, quiet logs."""
-    daemon = make_daemon(url, socket_dir=str(workdir / "ll"), protocols=protocols,
-                         data_dir=str(workdir / "data"), log_level="warning", **settings)
+    NOTIFY_SOCKET), sockets in ``workdir``/``name``, quiet logs."""
+    daemon = make_daemon(url, socket_dir=str(workdir / name), protocols=protocols,
+                         data_dir=str(workdir / f"{name}-data"), log_level="warning",
+                         **settings)
     daemon.start()
     return daemon
 
@@ -117,7 +118,10 @@ def main() -> None:
     ap.add_argument("--memory-logins", type=int, default=100_000)
     ap.add_argument("--profile", action="store_true", help="py-spy the daemon at c=64")
     ap.add_argument("--smoke", action="store_true", help="few logins, correctness only")
+    ap.add_argument("--loops", default="asyncio,uvloop",
+                    help="event loops to run lastlogin with, each its own daemon, interleaved")
     args = ap.parse_args()
+    loops = [lp for lp in args.loops.split(",") if lp]
     levels = [int(c) for c in args.concurrency.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="llbench-", dir="/tmp"))
     url, server = database()
@@ -125,7 +129,9 @@ def main() -> None:
     try:
         null = NullHandler(workdir)
         null_path = null.path
-        ll = start_lastlogin(url, workdir)
+        daemons = {lp: start_lastlogin(url, workdir, name=f"ll-{lp}", event_loop=lp)
+                   for lp in loops}
+        ll = daemons[loops[0]]
         ll_path = ll.sock("imap")
         try:
             if args.smoke:
@@ -134,24 +140,34 @@ def main() -> None:
             for rnd in range(args.rounds):
                 for c in levels:
                     runs.append(drive(null_path, "null", c, args.seconds, None, f"n{rnd}c{c}-"))
-                    prefix = f"b{rnd}c{c}-"
-                    run = drive(ll_path, "lastlogin", c, args.seconds, None, prefix)
-                    stored = stored_events(url, prefix)
-                    if stored != run.logins:
-                        raise SystemExit(f"{prefix}: {run.logins} answered but {stored} stored")
-                    runs.append(run)
-                    print(f"round {rnd + 1} c={c}: null {runs[-2].rate:.0f}/s, "
-                          f"lastlogin {run.rate:.0f}/s (stored {stored})", flush=True)
+                    line = f"round {rnd + 1} c={c}: null {runs[-1].rate:.0f}/s"
+                    for lp, daemon in daemons.items():
+                        prefix = f"b{rnd}c{c}{lp}-"
+                        run = drive(daemon.sock("imap"), mode_of(lp), c, args.seconds, None,
+                                    prefix)
+                        stored = stored_events(url, prefix)
+                        if stored != run.logins:
+                            raise SystemExit(f"{prefix}: {run.logins} answered but "
+                                             f"{stored} stored")
+                        runs.append(run)
+                        line += f", {mode_of(lp)} {run.rate:.0f}/s (stored {stored})"
+                    print(line, flush=True)
             if args.profile:
                 profile(ll, ll_path, workdir)
-            memory = memory_run(ll, ll_path, args.memory_logins)
+            memory = {lp: memory_run(d, d.sock("imap"), args.memory_logins, lp)
+                      for lp, d in daemons.items()}
         finally:
             null.stop()
-            ll.stop()
-        write_doc(runs, levels, memory, args)
+            for daemon in daemons.values():
+                daemon.stop()
+        write_doc(runs, levels, memory, args, [mode_of(lp) for lp in loops])
     finally:
         if server:
             server.stop()
+
+
+def mode_of(loop: str) -> str:
+    return "lastlogin" if loop == "asyncio" else f"lastlogin-{loop}"
 
 
 def smoke(null_path: str, ll_path: str, url: str) -> None:
@@ -176,38 +192,42 @@ def profile(ll: Daemon, path: str, workdir: Path) -> None:
     spy.wait(60)
 
 
-def memory_run(ll: Daemon, path: str, total: int) -> tuple[int, int, int]:
+def memory_run(ll: Daemon, path: str, total: int, tag: str = "") -> tuple[int, int, int]:
     """RSS after the first tenth of ``total`` logins and after all of them."""
     first = total // 10
-    drive(path, "lastlogin", 16, None, first, "memA-")
+    drive(path, "lastlogin", 16, None, first, f"memA{tag}-")
     early = rss_kib(ll.proc.pid)
-    drive(path, "lastlogin", 16, None, total - first, "memB-")
+    drive(path, "lastlogin", 16, None, total - first, f"memB{tag}-")
     late = rss_kib(ll.proc.pid)
     return total, early, late
 
 
-def write_doc(runs: list[Run], levels: list[int], memory, args) -> None:
+def write_doc(runs: list[Run], levels: list[int], memory, args, modes: list[str]) -> None:
     lines = [f"Measured {dt.date.today().isoformat()} on {platform.node()} ({os.cpu_count()} "
              f"cores, Python {platform.python_version()}); `python -m bench.handler`: "
              f"{args.rounds} rounds x {args.seconds:g} s per mode and concurrency, interleaved "
-             "(null, lastlogin, null, lastlogin, ...), medians over rounds. lastlogin on "
-             "PostgreSQL, every login committed before its reply; the null handler does no "
-             "work at all. Client and servers share the 2 cores.", "",
-             "| concurrency | null handler logins/s | lastlogin logins/s | ratio | "
+             f"(null, {', '.join(modes)}, null, ...), medians over rounds. lastlogin on "
+             "PostgreSQL, every login committed before its reply (one daemon per event "
+             "loop, same database); the null handler does no work at all. Client and "
+             "servers share the 2 cores.", "",
+             "| concurrency | mode | null handler logins/s | lastlogin logins/s | ratio | "
              "lastlogin p50 | p95 | p99 | null p50 | spread (lastlogin rates) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    med = lambda rs, p: statistics.median(r.pct(p) for r in rs)   # noqa: E731
     for c in levels:
         null = [r for r in runs if r.mode == "null" and r.concurrency == c]
-        ll = [r for r in runs if r.mode == "lastlogin" and r.concurrency == c]
-        nr, lr = statistics.median(r.rate for r in null), statistics.median(r.rate for r in ll)
-        med = lambda rs, p: statistics.median(r.pct(p) for r in rs)   # noqa: E731
-        lines.append(f"| {c} | {nr:,.0f} | {lr:,.0f} | {lr / nr:.2f} | {med(ll, 50):.2f} ms | "
-                     f"{med(ll, 95):.2f} ms | {med(ll, 99):.2f} ms | {med(null, 50):.2f} ms | "
-                     f"{', '.join(f'{r.rate:,.0f}' for r in ll)} |")
-    total, early, late = memory
-    lines += ["", f"Memory: resident size {early / 1024:.1f} MiB after {total // 10:,} logins, "
-                  f"{late / 1024:.1f} MiB after {total:,} ({(late - early) / early * 100:+.1f} %).",
-              ]
+        nr = statistics.median(r.rate for r in null)
+        for mode in modes:
+            ll = [r for r in runs if r.mode == mode and r.concurrency == c]
+            lr = statistics.median(r.rate for r in ll)
+            lines.append(f"| {c} | {mode} | {nr:,.0f} | {lr:,.0f} | {lr / nr:.2f} | "
+                         f"{med(ll, 50):.2f} ms | {med(ll, 95):.2f} ms | {med(ll, 99):.2f} ms | "
+                         f"{med(null, 50):.2f} ms | {', '.join(f'{r.rate:,.0f}' for r in ll)} |")
+    lines.append("")
+    for mode, (loop, (total, early, late)) in zip(modes, memory.items()):
+        lines.append(f"Memory ({mode}): resident size {early / 1024:.1f} MiB after "
+                     f"{total // 10:,} logins, {late / 1024:.1f} MiB after {total:,} "
+                     f"({(late - early) / early * 100:+.1f} %).")
     write_section("HANDLER", "Handler only (no Dovecot)", lines)
 
 
