@@ -71,15 +71,19 @@ def scope_value(scope: str, value: str | None, field: str | None = None) -> str:
     """A scope's value as stored ('' for global); InvalidInput if empty."""
     if scope == "global":
         return ""
-    name = field or scope
-    if value is None or not value.strip():
-        raise InvalidInput(name, "must not be empty")
-    out = normalize_domain(value) if scope == "domain" else normalize_user(value)
+    normalise = normalize_domain if scope == "domain" else normalize_user
+    return normalized_name(field or scope, value or "", normalise)
+
+
+def normalized_name(field: str, value: str, normalise) -> str:
+    """``value`` through ``normalise``; InvalidInput when that leaves nothing
+    or a control character (one check for rules' and overrides' scopes)."""
+    out = normalise(value)
     if not out:
-        raise InvalidInput(name, "must not be empty")
+        raise InvalidInput(field, "must not be empty")
     bad = control_char(out)
     if bad:
-        raise InvalidInput(name, f"must not contain {bad}")
+        raise InvalidInput(field, f"must not contain {bad}")
     return out
 
 

@@ -173,18 +173,25 @@ def _sieve_quoted(msg: bytes) -> bytes:
     return b'"' + msg.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
+# The goodbye lines, per protocol: (prefix, quoted as a ManageSieve string).
+_DENY = {"imap": b"* BYE [ALERT] ", "pop3": b"-ERR [AUTH] ", "submission": b"421 4.7.0 ",
+         "managesieve": b"BYE "}
+_TEMPFAIL = {"imap": b"* BYE [UNAVAILABLE] ", "pop3": b"-ERR [SYS/TEMP] ",
+             "submission": b"421 4.3.0 ", "managesieve": b"BYE (TRYLATER) "}
+
+
+def _goodbye(prefixes: dict[str, bytes], protocol: str, text: str) -> bytes:
+    try:
+        prefix = prefixes[protocol]
+    except KeyError:
+        raise ValueError(f"unknown protocol {protocol!r}") from None
+    msg = sanitize_message(text)
+    return prefix + (_sieve_quoted(msg) if protocol == "managesieve" else msg) + b"\r\n"
+
+
 def deny_line(protocol: str, text: str) -> bytes:
     """What a client refused by a rule sees: a permanent 'no'."""
-    msg = sanitize_message(text)
-    if protocol == "imap":
-        return b"* BYE [ALERT] " + msg + b"\r\n"
-    if protocol == "pop3":
-        return b"-ERR [AUTH] " + msg + b"\r\n"
-    if protocol == "submission":
-        return b"421 4.7.0 " + msg + b"\r\n"
-    if protocol == "managesieve":
-        return b"BYE " + _sieve_quoted(msg) + b"\r\n"
-    raise ValueError(f"unknown protocol {protocol!r}")
+    return _goodbye(_DENY, protocol, text)
 
 
 TEMPFAIL_TEXT = "Temporary server failure, try again later."
@@ -200,16 +207,7 @@ def tempfail_line(protocol: str, text: str = TEMPFAIL_TEXT) -> bytes:
     when the spool is full, when an override cannot be expanded safely and
     when the next post-login hop answers with something unusable.
     """
-    msg = sanitize_message(text or TEMPFAIL_TEXT)
-    if protocol == "imap":
-        return b"* BYE [UNAVAILABLE] " + msg + b"\r\n"
-    if protocol == "pop3":
-        return b"-ERR [SYS/TEMP] " + msg + b"\r\n"
-    if protocol == "submission":
-        return b"421 4.3.0 " + msg + b"\r\n"
-    if protocol == "managesieve":
-        return b"BYE (TRYLATER) " + _sieve_quoted(msg) + b"\r\n"
-    raise ValueError(f"unknown protocol {protocol!r}")
+    return _goodbye(_TEMPFAIL, protocol, text or TEMPFAIL_TEXT)
 
 
 def alert_line(text: str) -> bytes:

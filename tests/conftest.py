@@ -83,12 +83,29 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 def db_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """A migrated database on each backend, empty before and after the test
     (tests that use the session's databases directly may leave rows)."""
-    url = request.getfixturevalue("pg_url" if request.param == "postgresql" else "sqlite_url")
+    yield from emptied(request.getfixturevalue(
+        "pg_url" if request.param == "postgresql" else "sqlite_url"))
+
+
+def emptied(url: str) -> Iterator[str]:
+    """``url``, with its tables emptied before and after the test."""
     engine = make_engine(url)
     empty_tables(engine)
     yield url
     empty_tables(engine)
     engine.dispose()
+
+
+@pytest.fixture
+def pg_db(pg_url: str) -> Iterator[str]:
+    """The session's PostgreSQL database alone, empty before and after the test."""
+    yield from emptied(pg_url)
+
+
+@pytest.fixture
+def sqlite_db(sqlite_url: str) -> Iterator[str]:
+    """The session's SQLite database alone, empty before and after the test."""
+    yield from emptied(sqlite_url)
 
 
 @pytest.fixture

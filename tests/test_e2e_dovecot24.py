@@ -8,8 +8,6 @@ names (mail_path, not mail) are what an override must use there.
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -19,10 +17,8 @@ from app.db.migrate import upgrade
 from app.db.overrides import set_override
 from app.db.rules import add_rule
 from app.importer import import_logs
-from tests.harness.daemon import make_daemon
-from tests.harness.dovecot24 import MAIL_UID, make_dovecot24
-from tests.harness.pg import MissingComponent
-from tests.harness.stack import running
+from tests.harness.dovecot24 import MAIL_UID
+from tests.harness.stack import running24
 from tests.harness.db import events_of, last_of
 from tests.harness.mailclients import imap_login, pop3_login, raw_session
 
@@ -33,19 +29,8 @@ USERS = [b"alice@example.com", b"bob@example.com", b"carol@example.com", b"mallo
 
 @pytest.fixture(scope="module")
 def stack(pg_url):
-    try:
-        dovecot = make_dovecot24()
-    except MissingComponent as exc:
-        pytest.fail(str(exc), pytrace=False)
-    daemon = make_daemon(pg_url, protocols="imap,pop3")
-    daemon.env["LASTLOGIN_SOCKET_DIR"] = dovecot.socket_dir
-    daemon.socket_dir = dovecot.socket_dir
-    daemon.log_path = str(Path(dovecot.socket_dir) / "daemon.log")
-    try:
-        with running(pg_url, daemon, dovecot, USERS) as parts:
-            yield parts
-    finally:
-        shutil.rmtree(dovecot.outside, ignore_errors=True)
+    with running24(pg_url, USERS) as parts:
+        yield parts
 
 
 def test_imap_and_pop3_logins_through_dovecot_24(stack):

@@ -8,16 +8,12 @@ on 2.4 as `mail maildir:/.../%d/%n` does on 2.3.
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 
 import pytest
 
 from app.db.overrides import set_override
-from tests.harness.daemon import make_daemon
-from tests.harness.dovecot24 import MAIL_UID, make_dovecot24
-from tests.harness.pg import MissingComponent
-from tests.harness.stack import running
+from tests.harness.dovecot24 import MAIL_UID
+from tests.harness.stack import running24
 from tests.harness.db import events_of
 from tests.harness.mailclients import imap_login, raw_session
 
@@ -28,19 +24,8 @@ USERS = [b"kim@example.net", b"lee@example.net", b".dot@example.net"]
 
 @pytest.fixture(scope="module")
 def stack(pg_url):
-    try:
-        dovecot = make_dovecot24()
-    except MissingComponent as exc:
-        pytest.fail(str(exc), pytrace=False)
-    daemon = make_daemon(pg_url, protocols="imap,pop3", dovecot_version="2.4")
-    daemon.env["LASTLOGIN_SOCKET_DIR"] = dovecot.socket_dir
-    daemon.socket_dir = dovecot.socket_dir
-    daemon.log_path = str(Path(dovecot.socket_dir) / "daemon.log")
-    try:
-        with running(pg_url, daemon, dovecot, USERS) as parts:
-            yield parts
-    finally:
-        shutil.rmtree(dovecot.outside, ignore_errors=True)
+    with running24(pg_url, USERS, dovecot_version="2.4") as parts:
+        yield parts
 
 
 def test_domain_mail_path_template_gives_two_mailboxes_on_24(stack):

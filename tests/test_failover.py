@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from app.db import make_engine
 from app.db.migrate import upgrade
 from app.db.rules import config_version_of
-from app.db.schema import last_logins, login_events
 from tests.builders import request_bytes
+from tests.harness.db import stored
 from tests.harness.daemon import make_daemon, wait_for
 from tests.harness.pg import MissingComponent, free_port
 from tests.harness.pgpair import start_pair
@@ -48,15 +47,6 @@ def pair():
     p.stop()
 
 
-def stored(url: str) -> tuple[list[str], int]:
-    engine = make_engine(url)
-    try:
-        with engine.connect() as conn:
-            names = conn.execute(sa.select(login_events.c.username)).scalars().all()
-            total = conn.execute(sa.select(sa.func.sum(last_logins.c.login_count))).scalar()
-    finally:
-        engine.dispose()
-    return sorted(names), int(total or 0)
 
 
 class Stream:

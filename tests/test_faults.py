@@ -23,11 +23,11 @@ from sqlalchemy.engine import make_url
 
 from app.db import make_engine
 from app.db.migrate import upgrade
-from app.db.schema import last_logins, login_events
+from app.db.schema import login_events
 from app.protocol import TEMPFAIL_TEXT, tempfail_line
 from app.spool import Quarantine, Spool
 from tests.builders import HOSTILE_USERNAMES, request_bytes
-from tests.harness.db import empty_tables
+from tests.harness.db import stored
 from tests.harness.daemon import make_daemon, wait_for
 from tests.harness.faults import hold_lock, reject_rows, slow_commits
 from tests.harness.pg import start_server
@@ -36,16 +36,6 @@ from tests.harness.postlogin import send_request
 ROLE = "lldaemon"
 
 
-def stored(url) -> tuple[list[str], int]:
-    """(usernames in login_events, sum of login_count)."""
-    engine = make_engine(url)
-    try:
-        with engine.connect() as conn:
-            names = conn.execute(sa.select(login_events.c.username)).scalars().all()
-            total = conn.execute(sa.select(sa.func.sum(last_logins.c.login_count))).scalar()
-    finally:
-        engine.dispose()
-    return sorted(names), int(total or 0)
 
 
 def exact(url, allowed: list[str], denied: list[str] = ()) -> bool:
@@ -95,26 +85,6 @@ def status(daemon) -> tuple[int, dict]:
 
 
 # --- the database is slow ---------------------------------------------------------
-
-@pytest.fixture
-def pg_db(pg_url):
-    """The session's PostgreSQL database, empty before and after the test."""
-    engine = make_engine(pg_url)
-    empty_tables(engine)
-    yield pg_url
-    empty_tables(engine)
-    engine.dispose()
-
-
-@pytest.fixture
-def sqlite_db(sqlite_url):
-    """The session's SQLite database, empty before and after the test."""
-    engine = make_engine(sqlite_url)
-    empty_tables(engine)
-    yield sqlite_url
-    empty_tables(engine)
-    engine.dispose()
-
 
 def on(request, backend: str) -> str:
     return request.getfixturevalue("pg_db" if backend == "postgresql" else "sqlite_db")

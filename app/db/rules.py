@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..errors import InvalidInput, NotFound
-from ..login import PROTOCOLS, check_text, control_char, normalize_domain, normalize_user, parse_network
+from ..login import PROTOCOLS, check_text, normalized_name, normalize_domain, normalize_user, parse_network
 from ..policy import Rule, order
 from .loading import Skipped, raw_columns, skip, when
 from .schema import access_rules, config_version
@@ -47,13 +47,7 @@ def _scope_text(field: str, value: Any, normalise) -> str | None:
         return None
     if not isinstance(value, str):
         raise InvalidInput(field, f"must be text, got {value!r}")
-    out = normalise(value)
-    if not out:
-        raise InvalidInput(field, "must not be empty")
-    bad = control_char(out)
-    if bad:
-        raise InvalidInput(field, f"must not contain {bad}")
-    return out
+    return normalized_name(field, value, normalise)
 
 
 def validate_rule(values: dict[str, Any]) -> dict[str, Any]:

@@ -30,3 +30,16 @@ def last_of(engine: sa.Engine, user: bytes, protocol: str):
     with engine.connect() as conn:
         return conn.execute(sa.select(last_logins).where(
             last_logins.c.username == text, last_logins.c.protocol == protocol)).one_or_none()
+
+
+def stored(url: str) -> tuple[list[str], int]:
+    """What the trail holds: (usernames in login_events, sorted; sum of login_count)."""
+    from app.db import make_engine
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            names = conn.execute(sa.select(login_events.c.username)).scalars().all()
+            total = conn.execute(sa.select(sa.func.sum(last_logins.c.login_count))).scalar()
+    finally:
+        engine.dispose()
+    return sorted(names), int(total or 0)

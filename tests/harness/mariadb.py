@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from tests.harness.pg import MissingComponent, free_port
+from tests.harness.pg import MissingComponent, free_port, run_as
 
 
 def _binary(*names: str) -> str:
@@ -35,15 +35,7 @@ def _binary(*names: str) -> str:
 
 
 def _run_as() -> str | None:
-    if os.geteuid() != 0:
-        return None
-    for name in ("mysql", "nobody"):
-        try:
-            pwd.getpwnam(name)
-            return name
-        except KeyError:
-            continue
-    raise MissingComponent("running as root and no 'mysql' or 'nobody' user to run MariaDB")
+    return run_as("mysql", "MariaDB")
 
 
 @dataclass

@@ -44,16 +44,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_as() -> str | None:
+def run_as(user: str, server: str) -> str | None:
+    """Who runs a database server we start: as root, ``user`` (or nobody);
+    None when we are not root (it runs as us)."""
     if os.geteuid() != 0:
         return None
-    for name in ("postgres", "nobody"):
+    for name in (user, "nobody"):
         try:
             pwd.getpwnam(name)
             return name
         except KeyError:
             continue
-    raise MissingComponent("running as root and no 'postgres' or 'nobody' user to run PostgreSQL")
+    raise MissingComponent(f"running as root and no '{user}' or 'nobody' user to run {server}")
+
+
+def _run_as() -> str | None:
+    return run_as("postgres", "PostgreSQL")
 
 
 @dataclass

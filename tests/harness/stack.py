@@ -26,3 +26,27 @@ def running(pg_url: str, daemon, dovecot, users: list[bytes]) -> Iterator[tuple]
         daemon.stop()
         empty_tables(engine)
         engine.dispose()
+
+
+@contextmanager
+def running24(pg_url: str, users: list[bytes], **settings: str) -> Iterator[tuple]:
+    """A Dovecot 2.4 (in its chroot) and a daemon on ``pg_url`` with
+    ``settings``, running, the database emptied: (dovecot, daemon, engine)."""
+    import shutil
+
+    import pytest
+
+    from tests.harness.daemon import make_daemon
+    from tests.harness.dovecot24 import make_dovecot24
+    from tests.harness.pg import MissingComponent
+    try:
+        dovecot = make_dovecot24()
+    except MissingComponent as exc:
+        pytest.fail(str(exc), pytrace=False)
+    daemon = make_daemon(pg_url, socket_dir=dovecot.socket_dir, protocols="imap,pop3",
+                         **settings)
+    try:
+        with running(pg_url, daemon, dovecot, users) as parts:
+            yield parts
+    finally:
+        shutil.rmtree(dovecot.outside, ignore_errors=True)
