@@ -13,7 +13,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..errors import InvalidInput, NotFound
-from ..login import PROTOCOLS, check_text, normalized_name, normalize_domain, normalize_user, parse_network
+from ..login import (PROTOCOLS, check_text, normalize_domain, normalize_user, normalized_name,
+                     parse_network)
 from ..policy import Rule, order
 from .loading import Skipped, raw_columns, skip, when
 from .schema import access_rules, config_version
