@@ -114,9 +114,12 @@ def inherited_sockets() -> list[tuple[socket.socket, str | None, bool]]:
         found += [(fd, None, False)
                   for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)]
     for item in filter(None, os.environ.get(HANDOVER_ENV, "").split(",")):
-        path, _, fd = item.rpartition("=")
+        # path=fd:owned -- owned 0 for a socket that stays systemd's (a
+        # predecessor that was socket-activated); a bare path=fd is ours.
+        path, _, handed = item.rpartition("=")
+        fd, _, owned = handed.partition(":")
         if fd.isdigit():
-            found.append((int(fd), path, True))
+            found.append((int(fd), path, owned != "0"))
     for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", HANDOVER_ENV):
         os.environ.pop(var, None)
     out = []
@@ -200,6 +203,15 @@ def take_listeners(settings: Settings) -> list[Listener]:
     return listeners
 
 
+def handover_value(listeners: list[Listener]) -> str:
+    """LASTLOGIN_HANDOVER_FDS for a successor: path=fd:owned for each socket.
+
+    A socket that is systemd's (socket activation) stays systemd's in the
+    successor too: it must never unlink the path systemd keeps listening on.
+    """
+    return ",".join(f"{lst.path}={lst.sock.fileno()}:{int(lst.owned)}" for lst in listeners)
+
+
 async def hand_over(listeners: list[Listener], runtime_dir: str, config_path: str | None,
                     ready_timeout: float = 30.0) -> int | None:
     """Start a successor on ``listeners``; its pid once it said READY=1, else None.
@@ -212,7 +224,7 @@ async def hand_over(listeners: list[Listener], runtime_dir: str, config_path: st
     """
     loop = asyncio.get_running_loop()
     fds = [lst.sock.fileno() for lst in listeners]
-    handed = ",".join(f"{lst.path}={lst.sock.fileno()}" for lst in listeners)
+    handed = handover_value(listeners)
     notify_path = os.path.join(runtime_dir, f".handover-{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(notify_path)

@@ -140,6 +140,16 @@ def test_production_install_matches_the_unit(tmp_path):
                             str(root / "usr/lib/sysusers.d/lastlogin.conf")],
                            capture_output=True, text=True)
     assert users.returncode == 0, users.stderr
+    # the daemon and the CLI read one settings file: the same database and sockets
+    from app.config import load_settings
+    toml = root / "etc/lastlogin/lastlogin.toml"
+    assert stat.S_IMODE(toml.stat().st_mode) == 0o640
+    settings = load_settings(str(toml), environ={})
+    assert (settings.socket_dir, settings.data_dir) == ("/run/lastlogin", "/var/lib/lastlogin")
+    assert not any(e.startswith(("LASTLOGIN_SOCKET_DIR", "LASTLOGIN_DATA_DIR"))
+                   for e in unit_value(service, "Environment"))
+    assert unit_value(service, "RuntimeDirectory") == ["lastlogin"]
+    assert unit_value(service, "StateDirectory") == ["lastlogin"]
     env_file = root / "etc/lastlogin/lastlogin.env"        # where the password goes
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600 and env_file.read_bytes() == b""
     (user,) = unit_value(service, "User")
@@ -174,4 +184,4 @@ def test_systemd_units_keep_their_promises(tmp_path):
     paths = unit_value(socket_unit, "ListenStream")
     assert paths == [f"/run/lastlogin/{p}.sock" for p in
                      ("imap", "pop3", "submission", "managesieve")]
-    assert "LASTLOGIN_SOCKET_DIR=/run/lastlogin" in unit_value(service, "Environment")
+    assert "lastlogin.toml" in service     # where socket_dir and data_dir come from

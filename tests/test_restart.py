@@ -180,3 +180,27 @@ def test_sigusr2_runs_only_lastlogin_and_hands_systemd_the_successor(sqlite_url,
         log.close()
         notify.close()
     assert not marker.exists(), "the planted ./app ran"
+
+
+def test_a_socket_systemd_owns_stays_systemds_after_a_handover(tmp_path, monkeypatch):
+    """Socket activation, then SIGUSR2: the successor must not unlink the path
+    when it stops (systemd keeps listening on it); a socket we bound is ours."""
+    from app.sockets import HANDOVER_ENV, Listener, handover_value, inherited_sockets
+    made = []
+    for name, owned in (("imap", False), ("pop3", True)):
+        path = str(tmp_path / f"{name}.sock")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        sock.listen()
+        made.append((Listener(name, path, sock, os.stat(path).st_ino, owned), sock))
+    monkeypatch.setenv(HANDOVER_ENV, handover_value([lst for lst, _ in made]))
+    got = {path: (sock, owned) for sock, path, owned in inherited_sockets()}
+    assert {p: o for p, (_, o) in got.items()} == {
+        str(tmp_path / "imap.sock"): False, str(tmp_path / "pop3.sock"): True}
+    for path, (sock, owned) in got.items():      # the successor stops
+        sock.detach()                             # (same fds as ours: close once, below)
+        Listener("x", path, socket.socket(socket.AF_UNIX), os.stat(path).st_ino, owned).close()
+    assert os.path.exists(tmp_path / "imap.sock")          # still systemd's
+    assert not os.path.exists(tmp_path / "pop3.sock")      # ours: cleaned up
+    for _, sock in made:
+        sock.close()
