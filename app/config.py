@@ -244,8 +244,12 @@ def url_secrets(url: str) -> tuple[str, ...]:
             found.append(userinfo.split(":", 1)[1])
     try:
         from sqlalchemy.engine import make_url
-        if make_url(url).password:
-            found.append(str(make_url(url).password))
+        parsed = make_url(url)
+        if parsed.password:
+            found.append(str(parsed.password))
+        for key in ("password", "sslpassword"):          # libpq takes them in the query too
+            value = parsed.query.get(key)
+            found += [value] if isinstance(value, str) else list(value or ())
     except Exception:  # noqa: BLE001 - a URL that does not parse still has its raw part
         pass
     from urllib.parse import unquote

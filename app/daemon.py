@@ -16,10 +16,8 @@ app/service.py (decisions and records).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
-import os
 import signal
 
 import sqlalchemy as sa
@@ -37,7 +35,7 @@ from .service import LoginService, Steps
 from .snapshot import ConfigCache, Refresher
 from .sockets import hand_over, notify_ready, sd_notify, take_listeners
 from .spool import Spool
-from .status import status_path
+from .status import remove_own_status
 
 log = logging.getLogger("lastlogin.daemon")
 
@@ -80,7 +78,9 @@ class Daemon:
         try:
             ensure_at_head(self.engine)
             self.refresher.refresh()    # rules in memory before the first login
-        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        except sa.exc.DBAPIError as exc:
+            # Unreachable, refusing us, or a damaged SQLite file: an outage
+            # (logins are spooled), never a crash loop that refuses them all.
             log.error("event=database_unreachable_at_start action=spooling error=%s",
                       show(first_line(exc)[:200]))
             self.recorder.down = True
@@ -125,14 +125,9 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
                 loop.remove_signal_handler(sig)
             status.cancel()
-            with contextlib.suppress(OSError):
-                os.unlink(status_path(self.settings.runtime_dir()))
+            remove_own_status(self.settings.runtime_dir())
             sd_notify("STOPPING=1")
             await self.server.drain(self.settings.drain_timeout)
-
-    def request_stop(self) -> None:
-        if self._wanted is not None:
-            self._wanted.put_nowait(STOP)
 
     def reload(self) -> None:
         """SIGHUP: re-read the settings; keep the old ones if the new are bad."""

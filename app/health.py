@@ -60,6 +60,9 @@ def checks(settings) -> list[Check]:
             out.append((CRITICAL, "logins", "logins are allowed but not recorded (spool full: "
                                             f"{daemon.unrecorded})"))
         age = daemon.config_checked_age
+        if daemon.rules is None and settings.rules_unloaded_action == "deny":
+            out.append((CRITICAL, "logins", "logins are being refused (rules not loaded; "
+                                            "rules_unloaded_action = deny)"))
         if age is None or age > RULES_MAX_AGE:
             shown = "never loaded" if age is None else f"last confirmed {age:.0f} s ago"
             out.append((WARNING, "rules", shown))

@@ -526,8 +526,9 @@ def source_engine(url: str, where: str = "SOURCE_URL") -> sa.Engine:
         scheme = rewrite[scheme]
     known = ("sqlite", "postgresql+psycopg", "mysql+pymysql")
     if scheme not in known:
-        raise SourceError(where, f"unsupported database {scheme!r}: use sqlite:///PATH, "
-                                        "postgresql://... or mysql://... (MariaDB too)")
+        # (the value is not quoted: a file named by mistake may hold a secret)
+        raise SourceError(where, "not a URL of a supported database: use sqlite:///PATH, "
+                                 "postgresql://... or mysql://... (MariaDB too)")
     try:
         parsed = make_url(url)
         parsed.port     # a non-numeric port fails here

@@ -50,21 +50,27 @@ def normalize_user(value: str) -> str:
     return value.strip()
 
 
+# ASCII only, as Dovecot's %L does: Unicode's rules would make a Kelvin sign
+# (U+212A) match "k" here while Dovecot keeps them apart.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def user_key(value: str) -> str:
-    """What two usernames are compared by: trimmed and lowercased."""
-    return value.strip().lower()
+    """What two usernames are compared by: trimmed and lowercased (ASCII)."""
+    return value.strip().translate(_ASCII_LOWER)
 
 
 def normalize_domain(value: str) -> str:
-    """A domain as stored and compared: trimmed, lowercased, no leading @."""
-    return value.strip().lstrip("@").strip().lower()
+    """A domain as stored and compared: trimmed, lowercased (ASCII), no leading @."""
+    return value.strip().lstrip("@").strip().translate(_ASCII_LOWER)
 
 
 def domain_of(username: str) -> str | None:
-    """The domain of a login's username (after the last @), or None."""
+    """The domain of a login's username, or None: after the first @, as
+    Dovecot's %d (and lastlogin's templates) take it."""
     if "@" not in username:
         return None
-    return normalize_domain(username.rsplit("@", 1)[1]) or None
+    return normalize_domain(username.split("@", 1)[1]) or None
 
 
 def scope_value(scope: str, value: str | None, field: str | None = None) -> str:

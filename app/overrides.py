@@ -8,6 +8,7 @@ fields, system groups added to acl_groups, and the alerts to show.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass, field
 
 from .errors import InvalidInput
@@ -22,9 +23,12 @@ SCOPES = ("global", "domain", "user")
 PROTECTED_KEYS = frozenset({"auth_mech", "auth_token", "auth_user", "auth_token_session_pid",
                             "local_name", "master_user", "user", "username", "orig_user",
                             "session", "session_pid"})
-# Who the session runs as: only with an explicit flag, and never root.
-ID_KEYS = frozenset({"uid", "gid"})
-_ROOT_IDS = {"uid": "root", "gid": "root"}
+# Who the session runs as, or which ids and groups it may use: only with an
+# explicit flag, never root (0), never a template, a plain id or name each.
+ID_KEYS = frozenset({"uid", "gid", "mail_uid", "mail_gid", "mail_access_groups",
+                     "mail_privileged_group", "system_groups_user", "first_valid_uid",
+                     "last_valid_uid", "first_valid_gid", "last_valid_gid"})
+_ID = re.compile(r"[0-9]+|[A-Za-z_][A-Za-z0-9_.-]*")      # an id, or a name
 
 # Keys one Dovecot version reads and the other ignores (spec §7.2, §7.3).
 IGNORED_BY = {
@@ -56,18 +60,26 @@ def validate_key(key: str, allow_ids: bool = False) -> str:
 
 
 def validate_value(key: str, value: str) -> str:
-    """A value Dovecot gets intact: no NUL, TAB, CR or LF, known variables only."""
-    for bad, name in (("\x00", "a NUL byte"), ("\t", "a TAB"), ("\r", "a CR"),
-                      ("\n", "a line feed")):
-        if bad in value:
-            raise InvalidInput("value", f"must not contain {name}")
+    """A value Dovecot gets intact and the operator's terminal shows safely: no
+    control character at all (NUL, TAB, CR, LF, ESC ...), known variables only."""
+    bad = control_char(value)
+    if bad:
+        raise InvalidInput("value", f"must not contain {bad}")
     if key.lower() in ID_KEYS:
-        v = value.strip()
-        if (v.isdigit() and int(v) == 0) or v == _ROOT_IDS[key.lower()]:
-            raise InvalidInput("value", f"{key} 0 (root) is never allowed")
-        if not v:
-            raise InvalidInput("value", f"{key} must not be empty")
+        _check_ids(key, value)
     return check_template("value", value)
+
+
+def _check_ids(key: str, value: str) -> None:
+    """An id key: plain decimal ids or names (a comma list for groups), none root."""
+    items = [v.strip() for v in value.split(",")]
+    if not value.strip() or not all(items):
+        raise InvalidInput("value", f"{key} must not be empty")
+    for item in items:
+        if not _ID.fullmatch(item):
+            raise InvalidInput("value", f"{key} takes plain ids or names, not {item!r}")
+        if item == "root" or (item.isdigit() and int(item) == 0):
+            raise InvalidInput("value", f"{key} 0 (root) is never allowed")
 
 
 def validate_override(key: str, value: str, allow_ids: bool = False) -> None:

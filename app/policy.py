@@ -58,12 +58,6 @@ class Rule:
                 and in_network(login.remote_ip, self.remote_network)
                 and in_network(login.local_ip, self.local_network))
 
-    @property
-    def criteria(self) -> bool:
-        """Does the rule narrow anything down (or does it match every login)?"""
-        return any(v is not None for v in (self.username, self.domain, self.remote_network,
-                                           self.local_network, self.protocol))
-
 
 @dataclass(frozen=True)
 class LoginFacts:

@@ -147,7 +147,7 @@ def build_reply(username: bytes, fields: list[bytes]) -> bytes:
 
 
 def parse_reply(line: bytes) -> tuple[bytes, list[bytes]]:
-    """The mail process's view of a reply (used by tests and the next hop)."""
+    """The mail process's view of a reply: the inverse of ``build_reply``."""
     if not line.endswith(b"\n"):
         raise ProtocolError("reply does not end in LF")
     parts = split_tabescaped(line[:-1])

@@ -68,3 +68,16 @@ def read_status(runtime_dir: str) -> DaemonStatus | None:
     except PermissionError:
         pass                        # alive, run by another user
     return state
+
+
+def remove_own_status(runtime_dir: str) -> None:
+    """Remove status.json if this process wrote it (after a hand-over the
+    successor's is there, and `lastlogin status` must keep seeing it)."""
+    path = status_path(runtime_dir)
+    try:
+        with open(path) as fh:
+            pid = json.load(fh).get("pid")
+        if pid == os.getpid():
+            os.unlink(path)
+    except (OSError, ValueError, AttributeError):
+        pass

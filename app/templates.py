@@ -35,25 +35,16 @@ from dataclasses import dataclass
 from .errors import InvalidInput
 from .login import control_char
 
+# ASCII only, as Dovecot's %L and %U
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+_ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
 SHORT = {"u": "user", "n": "username", "d": "domain", "s": "service", "r": "rip", "l": "lip"}
 LONG = {"user": "user", "username": "username", "domain": "domain", "service": "service",
         "protocol": "service", "rip": "rip", "remote_ip": "rip", "lip": "lip",
         "local_ip": "lip"}
 FILTERS = ("lower", "upper", "username", "domain")
 _MODIFIERS = {"L": "lower", "U": "upper"}
-
-# Keys whose value names a file or directory (2.3 and 2.4 names).
-PATH_KEYS = frozenset({"mail", "mail_location", "home", "chroot", "mail_home", "mail_path",
-                       "mail_index_path", "mail_control_path", "mail_inbox_path",
-                       "mail_alt_path", "mail_cache_path", "mail_volatile_path", "sieve",
-                       "sieve_dir", "sieve_script_path", "mail_attachment_dir"})
-_PATH_SUFFIXES = ("_path", "_dir", "_location", "_home", "_root")
-
-
-def is_path_key(key: str) -> bool:
-    base = key.split("/")[-1]          # 2.4: set/mail_path, namespace/x/mail_path
-    return base in PATH_KEYS or base.endswith(_PATH_SUFFIXES)
-
 
 class TemplateError(ValueError):
     """A template that cannot be expanded: an unknown variable or bad syntax."""
@@ -126,10 +117,6 @@ def parse(text: str) -> tuple[Part, ...]:
     return tuple(parts)
 
 
-def has_variables(text: str) -> bool:
-    return any(isinstance(p, Var) for p in parse(text))
-
-
 def check_template(field: str, text: str) -> str:
     """At the entrance (CLI, loader): InvalidInput if ``text`` cannot be expanded."""
     try:
@@ -190,9 +177,9 @@ def _domain(user: str) -> str:
 def _apply(value: str, filters: tuple[str, ...]) -> str:
     for f in filters:
         if f == "lower":
-            value = value.lower()
+            value = value.translate(_ASCII_LOWER)
         elif f == "upper":
-            value = value.upper()
+            value = value.translate(_ASCII_UPPER)
         elif f == "username":
             value = _username(value)
         elif f == "domain":
@@ -209,7 +196,10 @@ def expand(text: str, v: LoginVars, key: str | None = None) -> str:
     parts = parse(text)
     if len(parts) == 1 and isinstance(parts[0], str):
         return parts[0]
-    path = key is not None and is_path_key(key)
+    # Every userdb value is held to the path rules, not only the keys known
+    # to be paths: Dovecot has too many that take a location (namespace/x/
+    # location, *_dict = file:..., sieve_before, 2.4 filters) to list them.
+    path = key is not None
     out = []
     for p in parts:
         if isinstance(p, str):
@@ -225,6 +215,8 @@ def expand(text: str, v: LoginVars, key: str | None = None) -> str:
         if path:
             if not v.exact and p.name in ("user", "username", "domain"):
                 raise ExpansionRefused(f"{where}: the username is not UTF-8 text")
+            if not value and p.name in ("user", "username", "domain"):
+                raise ExpansionRefused(f"{where} would be empty (a directory shared by all)")
             if "/" in value:
                 raise ExpansionRefused(f"{where} would put a / into a path")
             if ":" in value and p.name in ("user", "username", "domain"):

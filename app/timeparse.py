@@ -88,11 +88,11 @@ def parse_time(text: str, field: str, utc: bool = False) -> dt.datetime:
     except ValueError:
         raise InvalidInput(field, f"not a date/time like 2026-12-01T08:00 or "
                                   f"2026-12-01T08:00+01:00: {text!r}") from None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc) if utc else value.astimezone()
     try:
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc) if utc else value.astimezone()
         return value.astimezone(dt.timezone.utc)
-    except OverflowError:
+    except (OverflowError, ValueError):     # year 1 in a zone east of UTC, and the like
         raise InvalidInput(field, f"out of range: {text!r}") from None
 
 

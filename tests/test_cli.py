@@ -61,11 +61,12 @@ def test_unreachable_database_is_one_line_and_exit_4():
 def test_db_commands_round_trip(empty_db_url):
     env = {"LASTLOGIN_DATABASE_URL": empty_db_url}
     current = lastlogin("db", "current", env=env)
-    assert current.returncode == 0 and current.stdout.startswith("base (behind")
+    assert current.returncode == 3 and current.stdout.startswith("base (behind")
     check = lastlogin("db", "check", env=env)
     assert check.returncode == 3 and "run `lastlogin db upgrade`" in check.stderr
     assert lastlogin("db", "upgrade", env=env).returncode == 0
-    assert lastlogin("db", "current", env=env).stdout.endswith("(head)\n")
+    current = lastlogin("db", "current", env=env)
+    assert current.returncode == 0 and current.stdout.endswith("(head)\n")
     check = lastlogin("db", "check", env=env)
     assert check.returncode == 0 and "schema matches" in check.stdout
     assert "create schema v1" in lastlogin("db", "history", env=env).stdout.lower()

@@ -436,7 +436,7 @@ def test_newer_schema_is_named_and_not_advised_to_upgrade(tmp_path):
         out = run(args, env)
         assert (out.returncode, out.stderr) == (3, message), args
     current = run(["db", "current"], env)
-    assert current.returncode == 0 and current.stdout.startswith("f00dfeedbeef (newer than")
+    assert current.returncode == 3 and current.stdout.startswith("f00dfeedbeef (newer than")
     assert "upgrade" not in current.stdout
 
 
@@ -453,7 +453,7 @@ def test_relative_revisions_without_double_dash(tmp_path):
 def test_read_only_commands_create_nothing(tmp_path):
     env = {"LASTLOGIN_DATA_DIR": str(tmp_path / "state" / "lastlogin"),
            "LASTLOGIN_SOCKET_DIR": str(tmp_path / "run")}
-    for args, code in ((["db", "current"], 0), (["report", "last"], 3), (["rule", "list"], 3),
+    for args, code in ((["db", "current"], 3), (["report", "last"], 3), (["rule", "list"], 3),
                        (["alert", "list"], 3), (["db", "check"], 3), (["status"], 2),
                        (["prune", "--older-than", "30d", "--dry-run"], 3)):
         out = run(args, env)

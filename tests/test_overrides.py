@@ -475,3 +475,25 @@ def test_two_sql_rows_for_one_user_in_different_case_keep_the_first(engine):
     assert snap.skipped == (("userdb_overrides", second, "mail is set twice for user Bob@X "
                              "(usernames match case-insensitively)"),)
     assert first < second
+
+
+@pytest.mark.parametrize("key,value,allow", [
+    ("mail_access_groups", "root", False),          # who the session runs as: flag first
+    ("mail_access_groups", "mail,root", True),      # never root, also inside a list
+    ("first_valid_uid", "0", True),
+    ("uid", "+0", True), ("gid", "0x0", True),      # 0 spelled otherwise
+    ("uid", "%{user}", True),                       # a template would make a user root
+    ("quota_rule", "*:storage=1G\x1b]52;c;cHduZWQ=\x07", False),   # OSC 52 to a terminal
+    ("note", "a\x7fb", False),
+])
+def test_ids_and_control_characters_are_refused(key, value, allow):
+    from app.errors import InvalidInput
+    from app.overrides import validate_override
+    with pytest.raises(InvalidInput):
+        validate_override(key, value, allow_ids=allow)
+
+
+def test_plain_ids_and_names_pass_with_the_flag():
+    from app.overrides import validate_override
+    validate_override("uid", "5000", allow_ids=True)
+    validate_override("mail_access_groups", "mail,vmail", allow_ids=True)

@@ -18,6 +18,7 @@ from app.db.migrate import upgrade
 from app.db.schema import last_logins, login_events
 from app.spool import Spool, decode, encode
 from tests.builders import HOSTILE_USERNAMES, record, request_bytes
+from tests.harness.cli import lastlogin
 from tests.harness.daemon import make_daemon, wait_for
 from tests.harness.pg import start_server
 from tests.harness.postlogin import send_request
@@ -182,6 +183,11 @@ def test_database_away_at_start_is_not_fatal(tmp_path):
         # no rules were ever loaded, and the setting says deny
         assert ex.refused and b"BYE" in ex.client_saw()
         assert "event=database_unreachable_at_start" in d.logs()
+        # and status says so, critically: every login is being refused
+        env = {k: v for k, v in d.env.items() if k.startswith("LASTLOGIN_")}
+        assert wait_for(lambda: "logins are being refused (rules not loaded"
+                        in lastlogin("status", env=env).stdout, timeout=10)
+        assert lastlogin("status", env=env).returncode == 2
     finally:
         d.stop()
 

@@ -374,3 +374,37 @@ def test_rule_cli_guard_rails_and_safe_listing(sqlite_url):
         assert as_json[0]["message"] == "two\r\nlines"
     finally:        # the session's SQLite database is shared with other tests
         assert lastlogin("rule", "remove", str(rid), env=env).returncode == 0
+
+
+def test_a_rule_enabled_with_text_is_reported_not_silently_off(engine):
+    """SQLite keeps enabled='true' as text and reads it as false: the loader
+    must say so, not drop a deny rule without a word."""
+    from app.snapshot import load_snapshot
+    if engine.dialect.name != "sqlite":
+        return              # PostgreSQL refuses 'yes' for a boolean itself
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO access_rules (action, username, enabled) "
+                             "VALUES ('deny', 'frank', 'true')")
+        conn.exec_driver_sql("INSERT INTO access_rules (action, username, enabled) "
+                             "VALUES ('deny', 'gina', 1)")
+        snap = load_snapshot(conn)
+    assert [r.username for r in snap.rules] == ["gina"]
+    assert [(t, reason) for t, _, reason in snap.skipped] == [
+        ("access_rules", "enabled: not a boolean (0 or 1): 'true'")]
+
+
+def test_check_cannot_steer_the_operators_terminal(engine, db_url):
+    """A message written with SQL may hold ESC/BEL/CR/LF: `check` shows it escaped."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO access_rules (action, username, message) VALUES "
+                             "('deny', 'eve', 'hi' || char(27) || ']0;pwned' || char(7) || "
+                             "char(13) || char(10) || 'rule: 999 fake')"
+                             if engine.dialect.name == "sqlite" else
+                             "INSERT INTO access_rules (action, username, message) VALUES "
+                             "('deny', 'eve', 'hi' || chr(27) || ']0;pwned' || chr(7) || "
+                             "chr(13) || chr(10) || 'rule: 999 fake')")
+    out = lastlogin("check", "eve", "192.0.2.1", env={"LASTLOGIN_DATABASE_URL": db_url})
+    assert out.returncode == 1
+    assert not any(ch in out.stdout for ch in "\x1b\x07\r")
+    assert [ln for ln in out.stdout.splitlines() if ln.startswith("rule:")] == [
+        ln for ln in out.stdout.splitlines() if ln.startswith("rule:") and "999" not in ln]

@@ -9,7 +9,7 @@ import click
 from ..db.migrate import (current_revision, downgrade as do_downgrade, head_revision,
                           history as do_history, schema_differences, state,
                           upgrade as do_upgrade)
-from .common import Context, edge, fail, main_group, pass_ctx
+from .common import EXIT_SCHEMA, Context, edge, fail, main_group, pass_ctx
 
 EXIT_DRIFT = 1
 
@@ -52,11 +52,14 @@ def downgrade(ctx: Context, revision: str) -> None:
 @pass_ctx
 @edge
 def current(ctx: Context) -> None:
-    """Show the database's revision and whether it is the newest (creates nothing)."""
+    """Show the database's revision and whether it is the newest (creates nothing).
+
+    Exit status 0 at head, 3 otherwise (behind, newer, or no database yet).
+    """
     head = head_revision()
     if not ctx.database_exists():
         click.echo(f"base (behind, head is {head}; no database file at {ctx.sqlite_path()})")
-        return
+        raise SystemExit(EXIT_SCHEMA)
     engine = ctx.engine(check_schema=False)
     try:
         rev = current_revision(engine)
@@ -67,6 +70,8 @@ def current(ctx: Context) -> None:
              "newer": f"newer than this lastlogin knows, its head is {head}: "
                       "was lastlogin downgraded?"}[state(rev)]
     click.echo(f"{rev or 'base'} ({shown})")
+    if state(rev) != "head":
+        raise SystemExit(EXIT_SCHEMA)
 
 
 @db.command()

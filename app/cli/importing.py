@@ -10,6 +10,7 @@ import click
 
 from ..importer import (DamagedLog, SourceError, SourceUnreachable, import_last_login_table,
                         import_logs, source_engine)
+from ..login import PROTOCOLS
 from ..timeparse import DURATION_HELP, parse_since
 from .common import (EXIT_DATABASE, EXIT_USAGE, CliError, Context, edge, flag_of, main_group,
                      pass_ctx)
@@ -118,7 +119,7 @@ def source_url_from(url_file: str | None) -> tuple[str, str]:
 @click.option("--precision", type=click.Choice(["auto", "s", "ms", "us", "ns"]),
               default="auto", show_default=True,
               help="last_login_precision of the plugin; auto tells them apart by size.")
-@click.option("--protocol", type=click.Choice(["imap", "pop3", "submission", "managesieve"]),
+@click.option("--protocol", type=click.Choice(PROTOCOLS),
               default="imap", show_default=True,
               help="The plugin does not record one; its rows land under this.")
 @pass_ctx

@@ -11,14 +11,14 @@ import click
 
 from ..db.rules import add_rule, get_rule, list_rules, remove_rule, set_enabled
 from ..errors import InvalidInput
-from ..login import normalize_user, parse_ip, printable
+from ..login import PROTOCOLS, normalize_user, parse_ip, printable
 from ..protocol import LoginRequest
 from ..service import explain
 from ..snapshot import load_snapshot, skipped_warnings
 from ..sysgroups import GroupCache
 from ..timeparse import DURATION_HELP, localize, parse_duration, parse_time
 from .common import EXIT_PROBLEM, ID, INT32, Context, edge, main_group, pass_ctx, utc_option
-from .output import cell, format_option, render
+from .output import cell, format_option, render, safe_text
 
 LIST_COLUMNS = ("id", "action", "priority", "enabled", "username", "domain",
                 "remote_network", "local_network", "protocol", "valid_from",
@@ -155,7 +155,7 @@ _simple("disable", "Switch a rule off without deleting it; daemons follow within
 @click.argument("username")
 @click.argument("ip")
 @click.option("--protocol", default="imap", show_default=True,
-              type=click.Choice(["imap", "pop3", "submission", "managesieve"]))
+              type=click.Choice(PROTOCOLS))
 @click.option("--local-ip", help="The server address the client connected to.")
 @click.option("--at", "at", metavar="TIME", help="Decide as of TIME instead of now.")
 @utc_option
@@ -190,7 +190,8 @@ def check(ctx: Context, username: str, ip: str, protocol: str, local_ip: str | N
     decision = ex.decision
     if decision.temporary and decision.reason.startswith("override:"):
         click.echo("decision: allow")
-        click.echo(f"refused:  temporary failure: {decision.reason[len('override: '):]}")
+        click.echo("refused:  temporary failure: "
+                   f"{safe_text(decision.reason[len('override: '):])}")
         raise SystemExit(EXIT_PROBLEM)
     click.echo(f"decision: {decision.action}")
     if decision.rule:
@@ -199,13 +200,13 @@ def check(ctx: Context, username: str, ip: str, protocol: str, local_ip: str | N
     else:
         click.echo(f"rule:     none matched; default_action is {s.default_action}")
     if not decision.allowed:
-        click.echo(f"message:  {ex.client_text}")
+        click.echo(f"message:  {safe_text(ex.client_text or '')}")
         raise SystemExit(EXIT_PROBLEM)
     plan = ex.plan
     assert plan is not None
     for f in plan.fields:
-        click.echo(f"field:    {f.decode('utf-8', 'backslashreplace')}")
+        click.echo(f"field:    {safe_text(f.decode('utf-8', 'backslashreplace'))}")
     if not plan.fields:
         click.echo("fields:   Dovecot's own, unchanged")
     for line in plan.alert_bytes.decode("utf-8", "replace").splitlines():
-        click.echo(f"alert:    {line}")
+        click.echo(f"alert:    {safe_text(line)}")

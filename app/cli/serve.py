@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import click
-from sqlalchemy.engine import make_url
 
 from .. import __version__
+from ..config import redact_url
 from ..daemon import run
 from ..logs import setup_logging
 from ..sockets import SocketInUse
@@ -16,7 +16,7 @@ from .common import EXIT_CONFIG, CliError, Context, edge, fail, main_group, pass
 
 def start_line(settings) -> str:
     """What is starting, where, in one readable line (the password hidden)."""
-    url = make_url(settings.effective_database_url).render_as_string(hide_password=True)
+    url = redact_url(settings.effective_database_url)   # user:***@, and ?password=***
     sockets = ", ".join(settings.socket_path(p) for p in settings.protocols)
     return f"lastlogin {__version__}: serving {sockets}; database {url}"
 

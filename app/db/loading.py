@@ -55,3 +55,14 @@ def when(value: Any, dialect: sa.Dialect) -> dt.datetime | None:
         return _TIME.process_result_value(value, dialect)
     except ValueError:
         raise ValueError(f"not a time: {value!r}") from None
+
+
+def strict_bool(field: str, value: object) -> bool:
+    """A boolean column as written with SQL: 0/1 (or true/false) only.
+
+    SQLite stores any text in a BOOLEAN column and reads 'true' as 0: a row
+    written enabled='true' would be silently off. It is refused instead.
+    """
+    if value in (True, False, 0, 1):
+        return bool(value)
+    raise InvalidInput(field, f"not a boolean (0 or 1): {value!r}")

@@ -16,7 +16,7 @@ from ..login import check_text, scope_key
 from ..overrides import Alert, Overrides, validate_override, validate_scope
 from ..templates import check_template
 from .engine import dialect_insert
-from .loading import Skipped, raw_columns, skip, when
+from .loading import Skipped, raw_columns, skip, strict_bool, when
 from .schema import login_alert_deliveries, login_alerts, userdb_overrides
 
 
@@ -138,19 +138,19 @@ def load_alerts(conn: sa.Connection, skipped: Skipped | None = None) -> tuple[Al
     skipped = [] if skipped is None else skipped
     t = login_alerts
     out = []
-    for r in conn.execute(sa.select(*raw_columns(t, ("valid_from", "valid_until")))
+    for r in conn.execute(sa.select(*raw_columns(t, ("valid_from", "valid_until", "show_once")))
                           .order_by(t.c.id)).mappings():
         try:
             valid_from = when(r["valid_from"], conn.dialect)
             valid_until = when(r["valid_until"], conn.dialect)
             scope, value = validate_scope(r["scope"], r["scope_value"])
             validate_alert(r["message"], valid_from, valid_until)
+            show_once = strict_bool("show_once", r["show_once"])
         except (InvalidInput, ValueError, TypeError) as exc:
             skip(skipped, "login_alerts", r["id"], exc)
             continue
         out.append(Alert(id=r["id"], scope=scope, scope_value=value, message=r["message"],
-                         valid_from=valid_from, valid_until=valid_until,
-                         show_once=bool(r["show_once"])))
+                         valid_from=valid_from, valid_until=valid_until, show_once=show_once))
     return tuple(out)
 
 

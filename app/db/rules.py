@@ -16,7 +16,7 @@ from ..errors import InvalidInput, NotFound
 from ..login import (PROTOCOLS, check_text, normalize_domain, normalize_user, normalized_name,
                      parse_network)
 from ..policy import Rule, order
-from .loading import Skipped, raw_columns, skip, when
+from .loading import Skipped, raw_columns, skip, strict_bool, when
 from .schema import access_rules, config_version
 
 RULE_FIELDS = ("action", "priority", "enabled", "username", "domain", "remote_network",
@@ -158,10 +158,15 @@ def load_rules(conn: sa.Connection, skipped: Skipped | None = None) -> tuple[Rul
     """Every enabled rule that can be read, in evaluation order; others are skipped."""
     skipped = [] if skipped is None else skipped
     cols = raw_columns(access_rules, ("remote_network", "local_network", "valid_from",
-                                      "valid_until"))
+                                      "valid_until", "enabled"))
     rules = []
-    for row in conn.execute(sa.select(*cols).where(access_rules.c.enabled)).mappings():
+    # Every row, enabled or not: a value of `enabled` that is not a boolean
+    # (SQLite keeps 'true' as text, and reads it as false) is reported, not
+    # silently taken for "off".
+    for row in conn.execute(sa.select(*cols)).mappings():
         try:
+            if not strict_bool("enabled", row["enabled"]):
+                continue
             rules.append(rule_of(row, conn.dialect))
         except (InvalidInput, ValueError, TypeError) as exc:
             skip(skipped, "access_rules", row["id"], exc)
