@@ -15,6 +15,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from .config import redact_url
 from .db import make_engine
 from .db.migrate import SchemaNotCurrent, ensure_at_head
 from .snapshot import status_checks
@@ -60,7 +61,11 @@ def checks(settings) -> list[Check]:
             out.append((CRITICAL, "logins", "logins are allowed but not recorded (spool full: "
                                             f"{daemon.unrecorded})"))
         age = daemon.config_checked_age
-        if daemon.rules is None and settings.rules_unloaded_action == "deny":
+        if daemon.database and daemon.database != redact_url(settings.effective_database_url):
+            out.append((WARNING, "settings", "the daemon uses another database than this "
+                                             f"command ({daemon.database}): run the CLI with "
+                                             "the daemon's settings (docs: Deployment)"))
+        if daemon.rules is None and daemon.unloaded_action == "deny":
             out.append((CRITICAL, "logins", "logins are being refused (rules not loaded; "
                                             "rules_unloaded_action = deny)"))
         if age is None or age > RULES_MAX_AGE:

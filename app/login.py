@@ -45,9 +45,12 @@ _MAPPED = ipaddress.ip_network("::ffff:0:0/96")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
+_BLANK = " \t"      # what is trimmed: ASCII blanks only (Dovecot trims nothing)
+
+
 def normalize_user(value: str) -> str:
-    """A username as stored: surrounding whitespace removed, case kept."""
-    return value.strip()
+    """A username as stored: surrounding blanks removed, case kept."""
+    return value.strip(_BLANK)
 
 
 # ASCII only, as Dovecot's %L does: Unicode's rules would make a Kelvin sign
@@ -57,12 +60,12 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 
 def user_key(value: str) -> str:
     """What two usernames are compared by: trimmed and lowercased (ASCII)."""
-    return value.strip().translate(_ASCII_LOWER)
+    return value.strip(_BLANK).translate(_ASCII_LOWER)
 
 
 def normalize_domain(value: str) -> str:
     """A domain as stored and compared: trimmed, lowercased (ASCII), no leading @."""
-    return value.strip().lstrip("@").strip().translate(_ASCII_LOWER)
+    return value.strip(_BLANK).lstrip("@").strip(_BLANK).translate(_ASCII_LOWER)
 
 
 def domain_of(username: str) -> str | None:

@@ -51,9 +51,10 @@ def validate_key(key: str, allow_ids: bool = False) -> str:
         raise InvalidInput("key", f"must not contain {bad}: {key!r}")
     if any(ch.isspace() for ch in key):
         raise InvalidInput("key", f"must not contain white space: {key!r}")
-    if key.lower() in PROTECTED_KEYS:
+    base = key.lower().rsplit("/", 1)[-1]     # 2.4: set/mail_uid, namespace/x/...
+    if base in PROTECTED_KEYS:
         raise InvalidInput("key", f"{key} must reach Dovecot unchanged; it cannot be overridden")
-    if key.lower() in ID_KEYS and not allow_ids:
+    if base in ID_KEYS and not allow_ids:
         raise InvalidInput("key", f"{key} changes who the session runs as; "
                                   f"give --allow-uid-gid to set it")
     return key
@@ -65,7 +66,7 @@ def validate_value(key: str, value: str) -> str:
     bad = control_char(value)
     if bad:
         raise InvalidInput("value", f"must not contain {bad}")
-    if key.lower() in ID_KEYS:
+    if key.lower().rsplit("/", 1)[-1] in ID_KEYS:
         _check_ids(key, value)
     return check_template("value", value)
 

@@ -13,7 +13,8 @@ import functools
 from dataclasses import dataclass
 from typing import Iterable
 
-from .login import IPAddr, IPNet, domain_of, in_network, normalize_domain, parse_ip, user_key
+from .login import (IPAddr, IPNet, domain_of, in_network, normalize_domain, normalize_user,
+                    parse_ip, user_key)
 
 __all__ = ["ALLOW", "DENY", "Rule", "LoginFacts", "Decision", "decide", "order",
            "login_decision", "parse_ip", "domain_of"]
@@ -82,7 +83,8 @@ class LoginFacts:
     @classmethod
     def of(cls, protocol: str, username: str, remote_ip: str | bytes | None,
            local_ip: str | bytes | None, now: dt.datetime) -> "LoginFacts":
-        return cls(protocol, username.strip(), parse_ip(remote_ip), parse_ip(local_ip), now)
+        return cls(protocol, normalize_user(username), parse_ip(remote_ip), parse_ip(local_ip),
+                   now)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .config import Settings
+from .config import Settings, redact_url
 from .login import ALLOWED, DENIED, LoginRecord, new_event_id, normalize_ip, text_form
 from .metrics import Metrics
 from .nexthop import forward
@@ -105,6 +105,7 @@ class Steps:
     next_sockets: dict[str, str] = field(default_factory=dict)
     next_timeout: float = 20.0
     host_name: str | None = None        # stored with every login (login_events.host)
+    database: str = ""                  # for status: where logins go (password hidden)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Steps":
@@ -115,7 +116,8 @@ class Steps:
             groups=GroupCache() if settings.acl_groups_from_system else None,
             next_sockets={p: settings.next_socket(p) for p in settings.protocols
                           if settings.next_socket(p)},
-            next_timeout=settings.next_timeout, host_name=settings.host_name)
+            next_timeout=settings.next_timeout, host_name=settings.host_name,
+            database=redact_url(settings.effective_database_url))
 
 
 class LoginService:
@@ -148,7 +150,8 @@ class LoginService:
             refusing=full if full and rec.spool_full_action == "refuse" else None,
             unrecorded=full if full and rec.spool_full_action != "refuse" else None,
             config_skipped=[list(x) for x in self.cache.skipped],
-            config_load_error=self.cache.load_error)
+            config_load_error=self.cache.load_error,
+            database=self.steps.database, unloaded_action=self.steps.unloaded_action)
 
     async def login(self, protocol: str, req: LoginRequest, client_fd: int) -> Answer:
         """Decide, plan and record one login; what to send comes back."""

@@ -114,12 +114,14 @@ def inherited_sockets() -> list[tuple[socket.socket, str | None, bool]]:
         found += [(fd, None, False)
                   for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)]
     for item in filter(None, os.environ.get(HANDOVER_ENV, "").split(",")):
-        # path=fd:owned -- owned 0 for a socket that stays systemd's (a
-        # predecessor that was socket-activated); a bare path=fd is ours.
+        # path=fd:owned -- 0 for a socket that stays systemd's (a predecessor
+        # that was socket-activated). A bare path=fd comes from a release
+        # that did not say: not ours to unlink (at worst a stale file stays,
+        # which the next start replaces).
         path, _, handed = item.rpartition("=")
         fd, _, owned = handed.partition(":")
         if fd.isdigit():
-            found.append((int(fd), path, owned != "0"))
+            found.append((int(fd), path, owned == "1"))
     for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", HANDOVER_ENV):
         os.environ.pop(var, None)
     out = []

@@ -37,6 +37,8 @@ class DaemonStatus:
     unrecorded: str | None = None       # logins allowed unrecorded: the same, "allow"
     config_skipped: list[list] = field(default_factory=list)   # [table, id, reason]
     config_load_error: str | None = None
+    database: str = ""                  # the daemon's database URL, password hidden
+    unloaded_action: str = "allow"      # its rules_unloaded_action
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

@@ -215,7 +215,7 @@ def expand(text: str, v: LoginVars, key: str | None = None) -> str:
         if path:
             if not v.exact and p.name in ("user", "username", "domain"):
                 raise ExpansionRefused(f"{where}: the username is not UTF-8 text")
-            if not value and p.name in ("user", "username", "domain"):
+            if not value and p.name in ("user", "username", "domain") and "/" in text:
                 raise ExpansionRefused(f"{where} would be empty (a directory shared by all)")
             if "/" in value:
                 raise ExpansionRefused(f"{where} would put a / into a path")

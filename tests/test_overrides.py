@@ -485,6 +485,9 @@ def test_two_sql_rows_for_one_user_in_different_case_keep_the_first(engine):
     ("uid", "%{user}", True),                       # a template would make a user root
     ("quota_rule", "*:storage=1G\x1b]52;c;cHduZWQ=\x07", False),   # OSC 52 to a terminal
     ("note", "a\x7fb", False),
+    ("set/mail_uid", "0", True),                     # 2.4's prefixed names too
+    ("namespace/inbox/mail_uid", "5000", False),
+    ("set/user", "other@example.com", True),         # a session-identity key, prefixed
 ])
 def test_ids_and_control_characters_are_refused(key, value, allow):
     from app.errors import InvalidInput

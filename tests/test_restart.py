@@ -204,3 +204,10 @@ def test_a_socket_systemd_owns_stays_systemds_after_a_handover(tmp_path, monkeyp
     assert not os.path.exists(tmp_path / "pop3.sock")      # ours: cleaned up
     for _, sock in made:
         sock.close()
+    # a predecessor of the release before said path=fd alone: not ours to unlink
+    spare = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    monkeypatch.setenv(HANDOVER_ENV, f"{tmp_path / 'old.sock'}={spare.fileno()}")
+    ((sock, _, owned),) = inherited_sockets()
+    sock.detach()
+    spare.close()
+    assert owned is False

@@ -431,3 +431,24 @@ def test_restart_successor_command_is_isolated(tmp_path):
     cmd = successor_command("rel.toml")
     assert cmd[:3] == [sys.executable, "-I", "-c"]
     assert cmd[-3:] == ["--config", os.path.abspath("rel.toml"), "serve"]
+
+
+def test_status_warns_when_the_daemon_uses_another_database(tmp_path):
+    """The CLI run with other settings than the daemon's would write rules the
+    daemon never reads: status says so."""
+    import time
+    from app.config import load_settings
+    from app.health import WARNING, checks
+    from app.status import DaemonStatus
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    state = DaemonStatus(pid=os.getpid(), written_at=time.time(), rules=0,
+                         config_checked_age=1.0,
+                         database="postgresql+psycopg://lastlogin:***@db/lastlogin")
+    (run / "status.json").write_text(state.to_json())
+    settings = load_settings(None, environ={"LASTLOGIN_SOCKET_DIR": str(run),
+                                            "LASTLOGIN_DATA_DIR": str(tmp_path / "data"),
+                                            "LASTLOGIN_PROTOCOLS": "imap"})
+    found = [(lv, name, detail) for lv, name, detail in checks(settings) if name == "settings"]
+    assert len(found) == 1 and found[0][0] == WARNING
+    assert "another database" in found[0][2] and "***" in found[0][2]

@@ -87,6 +87,11 @@ def test_every_key_is_held_to_the_path_rules(key, template, user):
     assert "eve" in expand_fields({key: template}, fine)[key]
 
 
+def test_an_empty_variable_outside_a_path_is_fine():
+    v = LoginVars.of(b"admin", "imap")                # no @: %d is empty
+    assert expand_fields({"acl_groups": "grp-%d"}, v) == {"acl_groups": "grp-"}
+
+
 def test_fixed_values_and_nul_bytes():
     v = LoginVars.of(b"eve/x@example.com", "imap")
     assert expand_fields({"mail": "maildir:/srv/fixed"}, v) == {"mail": "maildir:/srv/fixed"}

@@ -62,7 +62,7 @@ def rule() -> None:
 @rule.command("add")
 @click.argument("action", type=click.Choice(["allow", "deny"]))
 @click.option("--user", help="Username to match (case-insensitive).")
-@click.option("--domain", help="Domain (the part after the last @) to match.")
+@click.option("--domain", help="Domain (the part after the first @, as Dovecot's %d) to match.")
 @click.option("--network", help="Client network to match, CIDR (IPv4 or IPv6).")
 @click.option("--local-network", help="Server address/network to match, CIDR.")
 @click.option("--protocol", help="imap, pop3, submission or managesieve.")

@@ -11,6 +11,7 @@ from typing import Iterable
 
 import sqlalchemy as sa
 
+from ..login import normalize_domain
 from .schema import last_logins, login_events
 from .types import IPAddress, UTCDateTime
 
@@ -76,9 +77,18 @@ def last(conn: sa.Connection, user: str | None = None, domain: str | None = None
     if user:
         q = q.where(v.c.username == user)
     if domain:
-        q = q.where(sa.func.lower(v.c.username).endswith("@" + domain.lower().lstrip("@"),
-                                                       autoescape=True))
+        # After the first @, as rules and Dovecot's %d take it (an index-
+        # friendly suffix test first, then the exact part).
+        wanted = normalize_domain(domain)
+        q = q.where(sa.func.lower(v.c.username).endswith("@" + wanted, autoescape=True),
+                    sa.func.lower(_after_first_at(conn, v.c.username)) == wanted)
     return _limited(conn, q, limit)
+
+
+def _after_first_at(conn: sa.Connection, column):
+    at = (sa.func.strpos(column, "@") if conn.dialect.name == "postgresql"
+          else sa.func.instr(column, "@"))
+    return sa.func.substr(column, at + 1)
 
 
 def inactive(conn: sa.Connection, days: int, now: dt.datetime,
