@@ -15,7 +15,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from .config import redact_url
+from .config import ConfigError, redact_url
 from .db import make_engine
 from .db.migrate import SchemaNotCurrent, ensure_at_head
 from .snapshot import status_checks
@@ -120,6 +120,6 @@ def _sqlite_file(url: str) -> str | None:
 def _running(settings) -> DaemonStatus | None:
     try:
         directory = settings.runtime_dir()
-    except Exception:  # noqa: BLE001 - no runtime directory: no daemon to ask
+    except ConfigError:             # no runtime directory: no daemon to ask
         return None
     return read_status(directory)

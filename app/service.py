@@ -63,6 +63,7 @@ class Explanation:
     decision: Decision
     plan: Plan | None = None
     applied: bool = True            # False: decided without rules loaded
+    user: str = ""                  # the username as text (what was matched)
 
     @property
     def client_text(self) -> str | None:
@@ -83,15 +84,15 @@ def explain(snap: Snapshot | None, protocol: str, req: LoginRequest, now: dt.dat
     decision = login_decision(rules, protocol, user, req.remote_ip, req.local_ip, now,
                               default, unloaded)
     if not decision.allowed:
-        return Explanation(decision, None, rules is not None)
+        return Explanation(decision, None, rules is not None, user)
     overrides, alerts, delivered = ((snap.overrides, snap.alerts, snap.delivered)
                                     if snap is not None else (None, (), set()))
     try:
         planned = plan(overrides, alerts, delivered, protocol, req, user, now, system_groups)
-        return Explanation(decision, planned, rules is not None)
+        return Explanation(decision, planned, rules is not None, user)
     except ExpansionRefused as exc:
         return Explanation(Decision(DENY, None, f"override: {exc}", temporary=True), None,
-                           rules is not None)
+                           rules is not None, user)
 
 
 @dataclass
@@ -196,7 +197,7 @@ class LoginService:
             if reply_fd is not None:
                 os.close(reply_fd)
             raise
-        self._mark_shown(ex.plan.alerts, req)
+        self._mark_shown(ex.plan.alerts, ex.user)
         return Answer(record, reply, reply_fd, decision.reason, ex.plan.alert_bytes,
                       ex.plan.shown)
 
@@ -213,10 +214,9 @@ class LoginService:
             alerts_shown=alerts_shown, message=message, policy_applied=ex.applied,
             host=self.steps.host_name)
 
-    def _mark_shown(self, alert_ids: list[int], req: LoginRequest) -> None:
+    def _mark_shown(self, alert_ids: list[int], user: str) -> None:
         snap = self.cache.snapshot
         if snap is not None and alert_ids:
-            user = text_form(req.username)[0]
             snap.delivered.update((a, user) for a in alert_ids)
 
     async def _commit(self, record: LoginRecord) -> str:

@@ -11,10 +11,10 @@ import pytest
 import sqlalchemy as sa
 
 from app.cli.common import flag_of
-from app.status import DaemonStatus
 from app.db import make_engine
 from app.db.rules import add_rule, config_version_of, list_rules
 from app.db.schema import access_rules, login_events
+from app.status import DaemonStatus
 from app.errors import InvalidInput
 from app.protocol import deny_line
 from app.snapshot import ConfigCache, Refresher, status_checks
@@ -376,18 +376,19 @@ def test_rule_cli_guard_rails_and_safe_listing(sqlite_url):
         assert lastlogin("rule", "remove", str(rid), env=env).returncode == 0
 
 
-def test_a_rule_enabled_with_text_is_reported_not_silently_off(engine):
+def test_a_rule_enabled_with_text_is_reported_not_silently_off(sqlite_db):
     """SQLite keeps enabled='true' as text and reads it as false: the loader
-    must say so, not drop a deny rule without a word."""
+    must say so, not drop a deny rule without a word. (PostgreSQL's boolean
+    column refuses such a value itself.)"""
     from app.snapshot import load_snapshot
-    if engine.dialect.name != "sqlite":
-        return              # PostgreSQL refuses 'yes' for a boolean itself
+    engine = make_engine(sqlite_db)
     with engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO access_rules (action, username, enabled) "
                              "VALUES ('deny', 'frank', 'true')")
         conn.exec_driver_sql("INSERT INTO access_rules (action, username, enabled) "
                              "VALUES ('deny', 'gina', 1)")
         snap = load_snapshot(conn)
+    engine.dispose()
     assert [r.username for r in snap.rules] == ["gina"]
     assert [(t, reason) for t, _, reason in snap.skipped] == [
         ("access_rules", "enabled: not a boolean (0 or 1): 'true'")]
