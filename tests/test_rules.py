@@ -108,6 +108,13 @@ def test_rule_cli(db_url):
     listed = json.loads(lastlogin("rule", "list", "--format", "json", env=env).stdout)
     assert [r["username"] for r in listed] == ["bob@example.com", None]
     assert listed[1]["valid_until"] is not None
+    assert [r["state"] for r in listed] == ["on", "on"]
+    from app.db.rules import rule_states
+    eng = make_engine(db_url)
+    with eng.connect() as conn:
+        later = rule_states(conn, now=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=3))
+    eng.dispose()
+    assert later == {rid: "on", listed[1]["id"]: "expired"}
     csv_out = lastlogin("rule", "list", "--format", "csv", env=env).stdout.splitlines()
     assert csv_out[0].startswith("id,action,priority") and len(csv_out) == 3
     shown = lastlogin("rule", "show", str(rid), env=env).stdout
@@ -387,11 +394,19 @@ def test_a_rule_enabled_with_text_is_reported_not_silently_off(sqlite_db):
                              "VALUES ('deny', 'frank', 'true')")
         conn.exec_driver_sql("INSERT INTO access_rules (action, username, enabled) "
                              "VALUES ('deny', 'gina', 1)")
+        conn.exec_driver_sql("INSERT INTO access_rules (action, username, enabled) "
+                             "VALUES ('deny', 'hal', 0)")
         snap = load_snapshot(conn)
     engine.dispose()
     assert [r.username for r in snap.rules] == ["gina"]
     assert [(t, reason) for t, _, reason in snap.skipped] == [
         ("access_rules", "enabled: not a boolean (0 or 1): 'true'")]
+    # `rule list` says the same as the loader: the text row is not in force
+    listed = json.loads(lastlogin("rule", "list", "--format", "json",
+                                  env={"LASTLOGIN_DATABASE_URL": sqlite_db}).stdout)
+    assert {r["username"]: r["state"] for r in listed} == {
+        "frank": "skipped: enabled: not a boolean (0 or 1): 'true'",
+        "gina": "on", "hal": "off"}
 
 
 def test_check_cannot_steer_the_operators_terminal(engine, db_url):

@@ -9,7 +9,7 @@ import os
 
 import click
 
-from ..db.rules import add_rule, get_rule, list_rules, remove_rule, set_enabled
+from ..db.rules import add_rule, get_rule, list_rules, remove_rule, rule_states, set_enabled
 from ..errors import InvalidInput
 from ..login import PROTOCOLS, normalize_user, parse_ip, printable
 from ..protocol import LoginRequest
@@ -20,7 +20,7 @@ from ..timeparse import DURATION_HELP, localize, parse_duration, parse_time
 from .common import EXIT_PROBLEM, ID, INT32, Context, edge, main_group, pass_ctx, utc_option
 from .output import cell, format_option, render, safe_text
 
-LIST_COLUMNS = ("id", "action", "priority", "enabled", "username", "domain",
+LIST_COLUMNS = ("id", "action", "priority", "enabled", "state", "username", "domain",
                 "remote_network", "local_network", "protocol", "valid_from",
                 "valid_until", "message")
 
@@ -108,9 +108,15 @@ def rule_add(ctx: Context, action, user, domain, network, local_network, protoco
 @pass_ctx
 @edge
 def rule_list(ctx: Context, fmt: str, utc: bool) -> None:
-    """List every rule in the order they are checked (times in the local zone unless --utc)."""
+    """List every rule in the order they are checked (times in the local zone unless --utc).
+
+    `state` is what a running daemon makes of the row now: on, off, expired,
+    scheduled, or skipped with the reason (a row written with SQL that the
+    loader cannot use).
+    """
     with ctx.begin() as conn:
-        rows = [dict(r) for r in list_rules(conn)]
+        states = rule_states(conn)
+        rows = [dict(r, state=states.get(r["id"], "")) for r in list_rules(conn)]
     localize(rows, utc)
     render(table_safe(rows, fmt), LIST_COLUMNS, fmt)
 

@@ -157,20 +157,55 @@ def rule_of(row: sa.RowMapping, dialect: sa.Dialect | None = None) -> Rule:
 def load_rules(conn: sa.Connection, skipped: Skipped | None = None) -> tuple[Rule, ...]:
     """Every enabled rule that can be read, in evaluation order; others are skipped."""
     skipped = [] if skipped is None else skipped
+    rules = []
+    for row_id, rule, reason in _read_rules(conn):
+        if reason is not None:
+            skip(skipped, "access_rules", row_id, reason)
+        elif rule is not None:
+            rules.append(rule)
+    return order(rules)
+
+
+def rule_states(conn: sa.Connection, now: dt.datetime | None = None) -> dict[int, str]:
+    """What the daemon makes of each row now: on, off, expired, scheduled or 'skipped: why'.
+
+    `rule list` shows this beside the row, so a row the daemon does not apply
+    (say enabled='true' written with SQL on SQLite) never looks like a rule in
+    force.
+    """
+    states = {}
+    now = now or dt.datetime.now(dt.timezone.utc)
+    for row_id, rule, reason in _read_rules(conn):
+        if reason is not None:
+            skipped: Skipped = []
+            skip(skipped, "access_rules", row_id, reason)
+            states[row_id] = f"skipped: {skipped[0][2]}"
+        elif rule is None:
+            states[row_id] = "off"
+        elif rule.valid_until is not None and rule.valid_until <= now:
+            states[row_id] = "expired"
+        elif rule.valid_from is not None and rule.valid_from > now:
+            states[row_id] = "scheduled"
+        else:
+            states[row_id] = "on"
+    return states
+
+
+def _read_rules(conn: sa.Connection):
+    """(id, Rule or None when switched off, the reason it cannot be read or None) per row."""
     cols = raw_columns(access_rules, ("remote_network", "local_network", "valid_from",
                                       "valid_until", "enabled"))
-    rules = []
     # Every row, enabled or not: a value of `enabled` that is not a boolean
     # (SQLite keeps 'true' as text, and reads it as false) is reported, not
     # silently taken for "off".
     for row in conn.execute(sa.select(*cols)).mappings():
         try:
             if not strict_bool("enabled", row["enabled"]):
+                yield row["id"], None, None
                 continue
-            rules.append(rule_of(row, conn.dialect))
+            yield row["id"], rule_of(row, conn.dialect), None
         except (InvalidInput, ValueError, TypeError) as exc:
-            skip(skipped, "access_rules", row["id"], exc)
-    return order(rules)
+            yield row["id"], None, exc
 
 
 def config_version_of(conn: sa.Connection) -> int | None:
