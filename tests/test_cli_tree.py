@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -419,6 +420,15 @@ def test_config_anywhere_and_debug_traceback(sandbox, tmp_path):
         "lastlogin: Can't locate revision identified by 'nosuchrev' (REVISION)\n")
     debug = run(["db", "upgrade", "nosuchrev", "--config", str(conf), "--debug"], {})
     assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr
+    # an option's value that looks like a global option stays that option's value
+    for word in ("--debug", "--config"):
+        added = runner.invoke(main_group, ["rule", "add", "deny", "--user", "y@example.com",
+                                           "--comment", word, "--config", str(conf)], env=clean)
+        assert added.exit_code == 0, added.output
+        rid = added.stdout.split()[-1]
+        shown = runner.invoke(main_group, ["rule", "show", rid, "--format", "json",
+                                           f"--config={conf}"], env=clean)
+        assert json.loads(shown.stdout)[0]["comment"] == word
 
 
 def test_newer_schema_is_named_and_not_advised_to_upgrade(tmp_path):

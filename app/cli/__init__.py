@@ -6,7 +6,7 @@ at the edge, and nowhere else.
 
 from __future__ import annotations
 
-from .common import main_group
+from .common import accept_global_options, main_group
 from . import db as _db  # noqa: F401  (registers `db`)
 from . import serve as _serve  # noqa: F401  (registers `serve`)
 from . import rule as _rule  # noqa: F401  (registers `rule`, `check`)
@@ -14,6 +14,8 @@ from . import override as _override  # noqa: F401  (registers `override`, `alert
 from . import report as _report  # noqa: F401  (registers `report`, `prune`)
 from . import importing as _importing  # noqa: F401  (registers `import`)
 from . import status as _status  # noqa: F401  (registers `status`)
+
+accept_global_options(main_group)
 
 
 def main() -> None:

@@ -223,38 +223,33 @@ def edge(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-# Options of the root group that may be given anywhere on the command line.
-_GLOBAL_WITH_VALUE = ("--config",)
-_GLOBAL_FLAGS = ("--debug",)
+def _set_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        obj = ctx.find_object(Context)
+        obj.config_path, obj._settings = value, None
 
 
-def hoist_global_options(args: list[str]) -> list[str]:
-    """Move --config/--debug given after a subcommand to the front (before `--`)."""
-    front: list[str] = []
-    rest: list[str] = []
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a == "--":
-            rest.extend(args[i:])
-            break
-        if a in _GLOBAL_WITH_VALUE and i + 1 < len(args):
-            front.extend(args[i:i + 2])
-            i += 2
-            continue
-        if a.startswith(tuple(o + "=" for o in _GLOBAL_WITH_VALUE)) or a in _GLOBAL_FLAGS:
-            front.append(a)
-        else:
-            rest.append(a)
-        i += 1
-    return front + rest
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.find_object(Context).debug = True
+
+
+def accept_global_options(group: click.Group) -> None:
+    """--config and --debug on every subcommand too ("anywhere on the command
+    line"), parsed by click in their place: a pass over argv before click
+    would take the value of `--comment --debug` for the flag."""
+    for cmd in group.commands.values():
+        cmd.params.append(click.Option(["--config"], type=click.Path(dir_okay=False),
+                                       expose_value=False, hidden=True, is_eager=True,
+                                       callback=_set_config))
+        cmd.params.append(click.Option(["--debug"], is_flag=True, expose_value=False,
+                                       hidden=True, is_eager=True, callback=_set_debug))
+        if isinstance(cmd, click.Group):
+            accept_global_options(cmd)
 
 
 class MainGroup(click.Group):
     """The root group: global options anywhere, and the one error path."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, hoist_global_options(list(args)))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
