@@ -28,6 +28,34 @@ def system_groups(username: str) -> list[str]:
     return names
 
 
+# Id keys (app.overrides.ID_KEYS) that take user names; the others take group
+# names (or numbers only: first_valid_uid and friends).
+_USER_NAME_KEYS = frozenset({"uid", "mail_uid", "system_groups_user"})
+_GROUP_NAME_KEYS = frozenset({"gid", "mail_gid", "mail_access_groups", "mail_privileged_group"})
+
+
+def root_name(key: str, value: str) -> str | None:
+    """The name in an id override's value that is root on this host, if any.
+
+    `uid toor` is `uid 0` where toor is an alias of root: the literal checks in
+    app.overrides cannot see that, the system's user and group databases can.
+    """
+    base = key.lower().rsplit("/", 1)[-1]
+    if base not in _USER_NAME_KEYS | _GROUP_NAME_KEYS:
+        return None
+    for name in (v.strip() for v in value.split(",")):
+        if not name or name.isdigit():
+            continue
+        try:
+            num = (pwd.getpwnam(name).pw_uid if base in _USER_NAME_KEYS
+                   else grp.getgrnam(name).gr_gid)
+        except (KeyError, ValueError):
+            continue
+        if num == 0:
+            return name
+    return None
+
+
 class GroupCache:
     def __init__(self, ttl: float = 60.0) -> None:
         self.ttl = ttl

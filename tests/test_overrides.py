@@ -500,3 +500,44 @@ def test_plain_ids_and_names_pass_with_the_flag():
     from app.overrides import validate_override
     validate_override("uid", "5000", allow_ids=True)
     validate_override("mail_access_groups", "mail,vmail", allow_ids=True)
+
+
+@pytest.fixture
+def root_aliases():
+    """A user and a group that are root (id 0) under other names, as `toor`
+    and `wheel`-style aliases are on some hosts; removed afterwards."""
+    import subprocess
+    user, group = f"lltoor{os.getpid()}", f"llwheel{os.getpid()}"
+    subprocess.run(["groupadd", "-o", "-g", "0", group], check=True)
+    try:
+        subprocess.run(["useradd", "-o", "-u", "0", "-g", "0", "-M", "-N", "-s",
+                        "/usr/sbin/nologin", user], check=True)
+        try:
+            yield user, group
+        finally:
+            subprocess.run(["userdel", "-f", user], check=True)
+    finally:
+        subprocess.run(["groupdel", "-f", group], check=True)
+
+
+def test_a_name_that_is_root_on_this_host_is_never_allowed(root_aliases, engine, db_url):
+    user, group = root_aliases
+    env = {"LASTLOGIN_DATABASE_URL": db_url}
+    for key, name in (("uid", user), ("mail_uid", user), ("gid", group),
+                      ("mail_access_groups", f"mail,{group}")):
+        out = lastlogin("override", "set", key, name, "--user", "a@x", "--allow-uid-gid", env=env)
+        bad = name.split(",")[-1]
+        assert (out.returncode, out.stderr) == (
+            2, f"lastlogin: {key} {bad} is root (id 0) on this host; root is never allowed "
+               "(VALUE)\n"), key
+    # written with SQL, the loader skips it and says why
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO userdb_overrides (scope, scope_value, key, value) "
+                             "VALUES ('user', 'a@x', 'uid', :v)"), {"v": user})
+        skipped = []
+        assert load_overrides(conn, skipped).users == {}
+    assert [reason for _, _, reason in skipped] == [
+        f"value: uid {user} is root (id 0) on this host; root is never allowed"]
+    # an ordinary name still goes through
+    assert lastlogin("override", "set", "uid", "nobody", "--user", "a@x", "--allow-uid-gid",
+                     env=env).returncode == 0

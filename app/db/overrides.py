@@ -14,10 +14,20 @@ import sqlalchemy as sa
 from ..errors import InvalidInput, NotFound
 from ..login import check_text, scope_key
 from ..overrides import Alert, Overrides, validate_override, validate_scope
+from ..sysgroups import root_name
 from ..templates import check_template
 from .engine import dialect_insert
 from .loading import Skipped, raw_columns, skip, strict_bool, when
 from .schema import login_alert_deliveries, login_alerts, userdb_overrides
+
+
+def checked_for_root(key: str, value: str, allow_ids: bool) -> None:
+    """validate_override, and no name that is root on this host (uid/gid keys)."""
+    validate_override(key, value, allow_ids)
+    name = root_name(key, value)
+    if name is not None:
+        raise InvalidInput("value", f"{key} {name} is root (id 0) on this host; "
+                                    "root is never allowed")
 
 
 def _same_user_rows(conn: sa.Connection, scope: str, scope_value: str, key: str) -> list[int]:
@@ -32,7 +42,7 @@ def _same_user_rows(conn: sa.Connection, scope: str, scope_value: str, key: str)
 def set_override(conn: sa.Connection, scope: str, scope_value: str | None, key: str,
                  value: str, allow_ids: bool = False) -> None:
     scope, scope_value = validate_scope(scope, scope_value)
-    validate_override(key, value, allow_ids)
+    checked_for_root(key, value, allow_ids)
     t = userdb_overrides
     if scope == "user":
         # Users match case-insensitively: one row per user and key.
@@ -80,7 +90,7 @@ def load_overrides(conn: sa.Connection, skipped: Skipped | None = None) -> Overr
             scope, value = validate_scope(row["scope"], row["scope_value"])
             # uid/gid rows written with SQL are taken (the flag is the CLI's
             # guard rail); a 0 or a bad key or value is not.
-            validate_override(row["key"], row["value"], allow_ids=True)
+            checked_for_root(row["key"], row["value"], allow_ids=True)
         except InvalidInput as exc:
             skip(skipped, "userdb_overrides", row["id"], exc)
             continue
