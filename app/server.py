@@ -150,7 +150,8 @@ class Server:
             except BaseException:
                 slots.release()
                 raise
-            conn.setblocking(False)
+            if conn.getblocking():      # asyncio's sock_accept made it non-blocking
+                conn.setblocking(False)
             task = asyncio.create_task(self._handle(proto, conn))
             self._inflight.add(task)
             task.add_done_callback(self._finished)

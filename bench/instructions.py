@@ -49,14 +49,14 @@ def instructions(pattern: str) -> int:
 
 
 def measure(url: str, workdir: Path, name: str, code_dir: str | None, logins: int,
-            levels: list[int]) -> dict[int, float]:
+            levels: list[int], log_level: str = "info") -> dict[int, float]:
     """Instructions per login at each concurrency, for one daemon."""
     out = workdir / f"cg-{name}"
     out.mkdir()
     wrapper = [shutil.which("valgrind") or "valgrind", "--tool=callgrind",
                "--instr-atstart=no", f"--callgrind-out-file={out}/cg.%p"]
     daemon = start_lastlogin(url, workdir, name=f"ll-{name}", code_dir=code_dir,
-                             wrapper=wrapper, timeout=300)
+                             wrapper=wrapper, timeout=600, log_level=log_level)
     pid = str(daemon.proc.pid)
     result: dict[int, float] = {}
     try:
@@ -89,24 +89,28 @@ def main() -> None:
     ap.add_argument("--logins", type=int, default=1600)
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--baseline", default="", help="also measure this git revision's code")
+    ap.add_argument("--log-level", default="info",
+                    help="the daemon's (info, the default: one line per login, to a file)")
     ap.add_argument("--no-doc", action="store_true", help="print, do not write the doc")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="llinstr-", dir="/tmp"))
     url, server = database()
     try:
-        results = {"lastlogin": measure(url, workdir, "lastlogin", None, args.logins, levels)}
+        results = {"lastlogin": measure(url, workdir, "lastlogin", None, args.logins, levels,
+                                            args.log_level)}
         if args.baseline:
             results[f"base-{args.baseline}"] = measure(
-                url, workdir, "base", checkout(args.baseline, workdir), args.logins, levels)
+                url, workdir, "base", checkout(args.baseline, workdir), args.logins, levels,
+                args.log_level)
     finally:
         if server:
             server.stop()
     lines = [f"Measured {dt.date.today().isoformat()} on {platform.node()} "
              f"(Python {platform.python_version()}); `python -m bench.instructions`: "
              f"{args.logins:,} logins per concurrency under callgrind after 400 warm-up "
-             "logins, instructions of the whole daemon process (event loop, writer thread, "
-             "libpq) divided by the logins; lastlogin on PostgreSQL, every login committed "
+             f"logins, log level {args.log_level}, instructions of the whole daemon process "
+             "(event loop, writer thread, libpq) divided by the logins; lastlogin on PostgreSQL, every login committed "
              "before its reply and counted in the database afterwards.", "",
              "| code | " + " | ".join(f"instructions per login, c={c}" for c in levels) + " |",
              "|---|" + "---:|" * len(levels)]
