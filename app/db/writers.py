@@ -225,7 +225,14 @@ class SqliteWriter:
                                 [_convert(d, self._delivery_conv) for d in deliveries])
             cur.execute("COMMIT")
         except BaseException:
-            self.close()            # rolls back; a fresh connection next time
+            # Roll back here, in the thread that owns the connection (closing
+            # it elsewhere would leave its write lock held), then start afresh.
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except Exception:  # noqa: BLE001 - the connection is dropped anyway
+                pass
+            self.close()
             raise
         return new
 
