@@ -12,6 +12,8 @@ from typing import Callable
 MAX_FDS = 4                     # room for more than the one fd a peer should send
 RECV_CHUNK = 65536
 _INT = array.array("i").itemsize
+_ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * _INT)
+_CLOEXEC, _CTRUNC = socket.MSG_CMSG_CLOEXEC, socket.MSG_CTRUNC
 
 
 class PeerError(ValueError):
@@ -58,27 +60,38 @@ async def read_message(conn: socket.socket, limit: int, fds: list[int],
     kernel drop a descriptor that arrives with those bytes.
     """
     buf = bytearray()
-    anc_size = socket.CMSG_SPACE(MAX_FDS * _INT)
-    while not complete(buf):
+    while True:
         try:
-            data, anc, flags, _ = conn.recvmsg(RECV_CHUNK, anc_size, socket.MSG_CMSG_CLOEXEC)
+            data, anc, flags, _ = conn.recvmsg(RECV_CHUNK, _ANC_SIZE, _CLOEXEC)
         except BlockingIOError:
             await wait_ready(conn.fileno(), False, deadline)
             continue
-        take_fds(anc, fds)
-        if flags & socket.MSG_CTRUNC:
+        if anc:
+            take_fds(anc, fds)
+        if flags & _CTRUNC:
             raise PeerError(f"more fds than a {what} carries")
         if not data:
             raise PeerError(f"peer closed after {len(buf)} bytes, before a full {what}")
+        if not buf and len(data) <= limit and complete(data):
+            return data         # the common case: one recvmsg, no copy
         buf += data
         if len(buf) > limit:
             raise PeerError(f"{what} larger than {limit} bytes")
-    return bytes(buf)
+        if complete(buf):
+            return bytes(buf)
 
 
 async def send_all(conn: socket.socket, data: bytes, fd: int | None = None,
                    deadline: float | None = None) -> None:
     """Send ``data`` on a non-blocking socket; ``fd`` rides on the first byte."""
+    if fd is None:
+        try:                            # the common case: all of it at once
+            sent = conn.send(data, socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
     view = memoryview(data)
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
     while view:

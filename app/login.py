@@ -139,7 +139,10 @@ def check_text(field: str, text: str | None) -> str | None:
 # --- addresses --------------------------------------------------------------
 
 @functools.lru_cache(maxsize=65536)      # addresses repeat; parsing them is not cheap
-def _parse_ip(text: str) -> IPAddr | None:
+def _parse_ip(value: str | bytes) -> IPAddr | None:
+    """Keyed by the value as it came (bytes from the wire, or text): no
+    decoding before the cache is consulted."""
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
     try:
         addr = ipaddress.ip_address(text.split("%", 1)[0].strip())
     except ValueError:
@@ -157,8 +160,6 @@ def parse_ip(value: str | bytes | None) -> IPAddr | None:
     """
     if not value:
         return None
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
     return _parse_ip(value)
 
 
@@ -189,7 +190,14 @@ def in_network(addr: IPAddr | None, net: IPNet | None) -> bool:
 def normalize_ip(value: str | bytes | None) -> str | None:
     """An address as stored: canonical text, IPv4 for a v4-mapped one; None
     when absent or not an address (the same parse as matching)."""
-    addr = parse_ip(value)
+    if not value:
+        return None
+    return _stored_ip(value)
+
+
+@functools.lru_cache(maxsize=65536)     # str() of an address is slow Python code
+def _stored_ip(value: str | bytes) -> str | None:
+    addr = _parse_ip(value)
     return None if addr is None else str(addr)
 
 

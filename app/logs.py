@@ -22,12 +22,23 @@ class Shown(str):
     """Text that ``show`` made safe already (not escaped twice)."""
 
 
+# What needs no escaping and no quotes: printable ASCII but space, '"', '=' and '\\'.
+_PLAIN = re.compile(r'[!#-<>-\[\]-~]{1,256}\Z')
+_PLAIN_BYTES = re.compile(rb'[!#-<>-\[\]-~]{1,256}\Z')
+
+
 def show(value: bytes | str | None) -> str:
     """A value safe for one log line: control bytes and quotes escaped."""
     if value is None:
         return Shown("-")
     if isinstance(value, Shown):
         return value
+    # The common case -- a plain name, an address, a mechanism -- in C.
+    if isinstance(value, str):
+        if _PLAIN.match(value):
+            return Shown(value)
+    elif _PLAIN_BYTES.match(value):
+        return Shown(value.decode("ascii"))
     total = len(value)
     if isinstance(value, bytes):
         value = value[:1024].decode("utf-8", "backslashreplace")
@@ -71,6 +82,8 @@ def _safe_arg(arg: object) -> object:
 def _controls(text: str) -> str:
     """Escape what could still end or steer the line (if a caller put text
     into the format string itself)."""
+    if text.isprintable():
+        return text
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
                    for ch in text)
 
@@ -97,9 +110,27 @@ def _traceback_of(record: logging.LogRecord) -> str | None:
     return redact(text)
 
 
+class _StampCache:
+    """The time stamp, formatted once per second rather than once per line."""
+
+    _second = -1
+    _stamp = ""
+
+    def stamp(self, formatter: logging.Formatter, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = formatter.formatTime(record, "%Y-%m-%dT%H:%M:%S")
+            self._second = second
+        return self._stamp
+
+
 class _KVFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamps = _StampCache()
+
     def format(self, record: logging.LogRecord) -> str:
-        stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
+        stamp = self._stamps.stamp(self, record)
         line = f"{stamp} level={record.levelname.lower()} {message_of(record)}"
         tb = _traceback_of(record)
         if tb:      # whole, on the same line: newlines and quotes escaped
@@ -156,6 +187,12 @@ def _split_kv(message: str) -> list[str]:
 
 def setup_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> None:
     set_secrets(secrets)
+    # No line shows the caller's file, thread or process: do not work them
+    # out for every record (the logging docs' "Optimization" section).
+    logging._srcfile = None             # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JSONFormatter() if fmt == "json" else _KVFormatter())
     root = logging.getLogger("lastlogin")

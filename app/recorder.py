@@ -130,13 +130,31 @@ def accepts_writes(engine: sa.Engine) -> bool:
 
 
 class _Waiter:
-    """A login on the event loop waiting for its batch."""
+    """A login on the event loop waiting for its batch.
 
-    __slots__ = ("loop", "fut")
+    ``fut`` is what the writer settles. When the record timeout fires first,
+    ``fut`` gets TIMED_OUT and ``late`` takes over: the writer's outcome then
+    goes there, for a login that could not be spooled either. ``spooled``:
+    the login's own task spooled it, so the writer must not spool it again.
+    """
+
+    __slots__ = ("loop", "fut", "late", "spooled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fut: "asyncio.Future[str]") -> None:
         self.loop = loop
         self.fut = fut
+        self.late: "asyncio.Future[str] | None" = None
+        self.spooled = False
+
+
+_TIMED_OUT = "timed-out"
+
+
+def _expire(waiter: _Waiter) -> None:
+    """The record timeout (on the loop): wake the login, keep the outcome coming."""
+    if not waiter.fut.done():
+        waiter.late = waiter.loop.create_future()
+        waiter.fut.set_result(_TIMED_OUT)
 
 
 Item = tuple[LoginRecord, _Waiter]
@@ -191,15 +209,21 @@ class Recorder:
         if self.down and self.spool is not None:
             return await self._spool_async(rec)
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[str] = loop.create_future()
-        self._queue.put((rec, _Waiter(loop, fut)))
+        waiter = _Waiter(loop, loop.create_future())
+        # One timer handle per login; no asyncio.timeout/shield (each an
+        # extra future or task callback, and a loop hop, per login).
+        timer = loop.call_at(loop.time() + timeout, _expire, waiter)
+        self._queue.put((rec, waiter))
         try:
-            async with asyncio.timeout(timeout):
-                return await asyncio.shield(fut)
-        except TimeoutError:
-            pass
+            result = await waiter.fut
+        finally:
+            timer.cancel()
+        if result is not _TIMED_OUT:
+            return result
+        late = waiter.late
+        assert late is not None
         if self.spool is None:
-            fut.cancel()
+            late.cancel()
             raise RecordError(f"not committed within {timeout:g}s")
         self.mark_down(f"commit took longer than {timeout:g}s")
         try:
@@ -208,8 +232,9 @@ class Recorder:
             # Neither committed yet nor spooled: the commit in flight decides
             # (the engine's statement_timeout bounds it). A login is refused
             # only when its record is certainly not stored.
-            return await self._late(fut)
-        fut.cancel()                # its commit may still land: a no-op then
+            return await self._late(late)
+        waiter.spooled = True       # the writer must not spool it again
+        late.cancel()               # its commit may still land: a no-op then
         return outcome
 
     @staticmethod
@@ -371,7 +396,7 @@ class Recorder:
 
     def _to_spool(self, items: list[Item]) -> None:
         # A login that timed out was spooled by its own task already.
-        items = [item for item in items if not item[1].fut.cancelled()]
+        items = [item for item in items if not item[1].spooled]
         if not items:
             return
         try:
@@ -382,11 +407,14 @@ class Recorder:
         settle(items, outcome)
 
 
-def _settle_on_loop(futs: list["asyncio.Future[str]"], result: str | None,
+def _settle_on_loop(waiters: list[_Waiter], result: str | None,
                     exc: BaseException | None) -> None:
-    for fut in futs:
+    for waiter in waiters:
+        fut = waiter.fut
         if fut.done():
-            continue            # timed out and spooled meanwhile
+            fut = waiter.late           # timed out: the late outcome, if still wanted
+            if fut is None or fut.done():
+                continue                # cancelled (task gone) or spooled meanwhile
         if exc is not None:
             fut.set_exception(exc)
         else:
@@ -396,9 +424,9 @@ def _settle_on_loop(futs: list["asyncio.Future[str]"], result: str | None,
 def settle(items: list[Item], result: str | None = None,
            exc: BaseException | None = None) -> None:
     """Tell the waiters; one thread-safe call per event loop for a whole batch."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[str]]] = {}
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Waiter]] = {}
     for _, waiter in items:
-        by_loop.setdefault(waiter.loop, []).append(waiter.fut)
+        by_loop.setdefault(waiter.loop, []).append(waiter)
     for loop, futs in by_loop.items():
         try:
             loop.call_soon_threadsafe(_settle_on_loop, futs, result, exc)

@@ -19,7 +19,7 @@ import os
 import socket
 import struct
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .config import Settings
 from .fdio import PeerError, close_all, read_message, send_all, write_fd
@@ -42,8 +42,7 @@ class ConnectionRefused(Exception):
 _PEERCRED = struct.Struct("3i")
 
 
-@dataclass(frozen=True)
-class Peer:
+class Peer(NamedTuple):        # a tuple: made once per connection, cheaply
     pid: int
     uid: int
     gid: int
@@ -52,9 +51,12 @@ class Peer:
         return f"pid={self.pid} uid={self.uid}"
 
 
+_SOL_SOCKET, _SO_PEERCRED = socket.SOL_SOCKET, socket.SO_PEERCRED
+
+
 def peer_of(conn: socket.socket) -> Peer:
-    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    return Peer(*_PEERCRED.unpack(raw))
+    return Peer._make(_PEERCRED.unpack(conn.getsockopt(_SOL_SOCKET, _SO_PEERCRED,
+                                                       _PEERCRED.size)))
 
 
 class Server:
@@ -123,7 +125,9 @@ class Server:
 
     async def _accept_loop(self, proto: str, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        slots = self._slots or asyncio.Semaphore(self.settings.max_connections)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.settings.max_connections)
+        slots = self._slots
         while True:
             if slots.locked():
                 # Further peers wait in the listen backlog (Dovecot retries
@@ -146,11 +150,16 @@ class Server:
             except BaseException:
                 slots.release()
                 raise
-            conn.setblocking(False)
+            if conn.getblocking():      # asyncio's sock_accept made it non-blocking
+                conn.setblocking(False)
             task = asyncio.create_task(self._handle(proto, conn))
             self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
-            task.add_done_callback(lambda _t: slots.release())
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: "asyncio.Task[None]") -> None:
+        self._inflight.discard(task)
+        if self._slots is not None:
+            self._slots.release()
 
     # one connection
     async def _handle(self, proto: str, conn: socket.socket) -> None:

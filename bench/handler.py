@@ -2,13 +2,16 @@
 
     python -m bench.handler [--seconds 5] [--rounds 3] [--concurrency 1,8,64]
                             [--memory-logins 100000] [--profile] [--smoke]
+                            [--baseline REV] [--no-doc]
 
 A client speaks the post-login protocol exactly as Dovecot's mail process
 does (request line + one real socket fd via SCM_RIGHTS, one request per
 connection) from threads, at each concurrency, against (A) the do-nothing
 handler in bench/null_handler.py and (B) `lastlogin serve` on PostgreSQL,
 interleaved round by round (A B A B ...). Every login lastlogin answered is
-counted in the database afterwards. Results (logins/s, p50/p95/p99 from send
+counted in the database afterwards. --baseline REV adds a daemon running
+that git revision's code (extracted to a temporary directory), interleaved
+with the others: what a change bought, measured in the same run. Results (logins/s, p50/p95/p99 from send
 to reply, ratios of medians) go into docs/performance.md between the
 HANDLER markers. --smoke: a few hundred logins, correctness only.
 """
@@ -76,14 +79,34 @@ class NullHandler:
 
 
 def start_lastlogin(url: str, workdir: Path, protocols: str = "imap", name: str = "ll",
-                    **settings: str) -> Daemon:
+                    code_dir: str | None = None, wrapper: list[str] | None = None,
+                    timeout: float = 20.0, **settings: str) -> Daemon:
     """`lastlogin serve` through the test harness (ready when it says so on
-    NOTIFY_SOCKET), sockets in ``workdir``/``name``, quiet logs."""
+    NOTIFY_SOCKET), sockets in ``workdir``/``name``, quiet logs (unless
+    ``log_level`` is given). ``code_dir``: another checkout's code."""
+    settings.setdefault("log_level", "warning")
     daemon = make_daemon(url, socket_dir=str(workdir / name), protocols=protocols,
-                         data_dir=str(workdir / f"{name}-data"), log_level="warning",
-                         **settings)
-    daemon.start()
+                         data_dir=str(workdir / f"{name}-data"), **settings)
+    daemon.code_dir = code_dir
+    daemon.wrapper = wrapper or []
+    daemon.start(timeout)
     return daemon
+
+
+def checkout(rev: str, workdir: Path) -> str:
+    """The code of git revision ``rev``, extracted under ``workdir``."""
+    dest = workdir / f"code-{rev}"
+    dest.mkdir()
+    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return str(dest)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of process ``pid`` (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:
@@ -120,6 +143,11 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="few logins, correctness only")
     ap.add_argument("--loops", default="asyncio,uvloop",
                     help="event loops to run lastlogin with, each its own daemon, interleaved")
+    ap.add_argument("--baseline", default="",
+                    help="also run this git revision's code (asyncio), interleaved")
+    ap.add_argument("--log-level", default="warning",
+                    help="the daemons' log level (info: the one line per login is written)")
+    ap.add_argument("--no-doc", action="store_true", help="print, do not write the doc")
     args = ap.parse_args()
     loops = [lp for lp in args.loops.split(",") if lp]
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -129,9 +157,14 @@ def main() -> None:
     try:
         null = NullHandler(workdir)
         null_path = null.path
-        daemons = {lp: start_lastlogin(url, workdir, name=f"ll-{lp}", event_loop=lp)
+        daemons = {mode_of(lp): start_lastlogin(url, workdir, name=f"ll-{lp}", event_loop=lp,
+                                                log_level=args.log_level)
                    for lp in loops}
-        ll = daemons[loops[0]]
+        if args.baseline:
+            daemons[f"base-{args.baseline}"] = start_lastlogin(
+                url, workdir, name="ll-base", code_dir=checkout(args.baseline, workdir),
+                log_level=args.log_level)
+        ll = next(iter(daemons.values()))
         ll_path = ll.sock("imap")
         try:
             if args.smoke:
@@ -141,32 +174,36 @@ def main() -> None:
                 for c in levels:
                     runs.append(drive(null_path, "null", c, args.seconds, None, f"n{rnd}c{c}-"))
                     line = f"round {rnd + 1} c={c}: null {runs[-1].rate:.0f}/s"
-                    for lp, daemon in daemons.items():
-                        prefix = f"b{rnd}c{c}{lp}-"
-                        run = drive(daemon.sock("imap"), mode_of(lp), c, args.seconds, None,
-                                    prefix)
+                    for k, (mode, daemon) in enumerate(daemons.items()):
+                        prefix = f"b{rnd}c{c}m{k}-"
+                        cpu0 = cpu_seconds(daemon.proc.pid)
+                        run = drive(daemon.sock("imap"), mode, c, args.seconds, None, prefix)
+                        run.cpu = cpu_seconds(daemon.proc.pid) - cpu0
                         stored = stored_events(url, prefix)
                         if stored != run.logins:
                             raise SystemExit(f"{prefix}: {run.logins} answered but "
                                              f"{stored} stored")
                         runs.append(run)
-                        line += f", {mode_of(lp)} {run.rate:.0f}/s (stored {stored})"
+                        line += (f", {mode} {run.rate:.0f}/s "
+                                 f"{run.cpu / max(run.logins, 1) * 1000:.3f} ms CPU/login "
+                                 f"(stored {stored})")
                     print(line, flush=True)
             if args.profile:
                 profile(ll, ll_path, workdir)
-            memory = {lp: memory_run(d, d.sock("imap"), args.memory_logins, lp)
-                      for lp, d in daemons.items()}
+            memory = {mode: memory_run(d, d.sock("imap"), args.memory_logins, str(k))
+                      for k, (mode, d) in enumerate(daemons.items())} if args.memory_logins else {}
         finally:
             null.stop()
             for daemon in daemons.values():
                 daemon.stop()
-        write_doc(runs, levels, memory, args, [mode_of(lp) for lp in loops])
+        write_doc(runs, levels, memory, args, list(daemons))
     finally:
         if server:
             server.stop()
 
 
 def mode_of(loop: str) -> str:
+    """The mode's name in the tables: lastlogin (asyncio), lastlogin-uvloop."""
     return "lastlogin" if loop == "asyncio" else f"lastlogin-{loop}"
 
 
@@ -211,8 +248,9 @@ def write_doc(runs: list[Run], levels: list[int], memory, args, modes: list[str]
              "loop, same database); the null handler does no work at all. Client and "
              "servers share the 2 cores.", "",
              "| concurrency | mode | null handler logins/s | lastlogin logins/s | ratio | "
-             "lastlogin p50 | p95 | p99 | null p50 | spread (lastlogin rates) |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "lastlogin p50 | p95 | p99 | null p50 | daemon CPU per login | "
+             "spread (lastlogin rates) |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     med = lambda rs, p: statistics.median(r.pct(p) for r in rs)   # noqa: E731
     for c in levels:
         null = [r for r in runs if r.mode == "null" and r.concurrency == c]
@@ -222,13 +260,18 @@ def write_doc(runs: list[Run], levels: list[int], memory, args, modes: list[str]
             lr = statistics.median(r.rate for r in ll)
             lines.append(f"| {c} | {mode} | {nr:,.0f} | {lr:,.0f} | {lr / nr:.2f} | "
                          f"{med(ll, 50):.2f} ms | {med(ll, 95):.2f} ms | {med(ll, 99):.2f} ms | "
-                         f"{med(null, 50):.2f} ms | {', '.join(f'{r.rate:,.0f}' for r in ll)} |")
+                         f"{med(null, 50):.2f} ms | "
+                         f"{statistics.median(r.cpu_per_login for r in ll):.3f} ms | "
+                         f"{', '.join(f'{r.rate:,.0f}' for r in ll)} |")
     lines.append("")
-    for mode, (loop, (total, early, late)) in zip(modes, memory.items()):
+    for mode, (total, early, late) in memory.items():
         lines.append(f"Memory ({mode}): resident size {early / 1024:.1f} MiB after "
                      f"{total // 10:,} logins, {late / 1024:.1f} MiB after {total:,} "
                      f"({(late - early) / early * 100:+.1f} %).")
-    write_section("HANDLER", "Handler only (no Dovecot)", lines)
+    if args.no_doc:
+        print("\n".join(lines))
+    else:
+        write_section("HANDLER", "Handler only (no Dovecot)", lines)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,12 @@ class Run:
     failures: int = 0
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
+    cpu: float = 0.0                # the server's CPU seconds over the run, where measured
+
+    @property
+    def cpu_per_login(self) -> float:
+        """The server's CPU per login, in ms."""
+        return self.cpu / self.logins * 1000 if self.logins else float("nan")
 
     @property
     def rate(self) -> float:

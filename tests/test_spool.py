@@ -430,3 +430,35 @@ def test_with_the_database_down_records_are_spooled(tmp_path):
         recorder.stop(5)
     assert got == SPOOLED and recorder.down and spool.depth() == 1
     engine.dispose()
+
+
+def test_a_login_neither_committed_in_time_nor_spooled_waits_for_its_commit(tmp_path):
+    """The record timeout fires while the writer waits behind a held lock and
+    the spool takes nothing: the login is not refused while its commit may
+    still land -- the writer's late outcome decides, and it is COMMITTED."""
+    import sqlite3
+    import threading
+
+    from app.db.migrate import upgrade
+    path = tmp_path / "lastlogin.db"
+    upgrade(f"sqlite:///{path}")
+    engine = make_engine(f"sqlite:///{path}")
+    spool = Spool(tmp_path / "spool", 1)                # full: takes nothing
+    recorder = Recorder(engine, spool=spool, spool_full_action="refuse")
+    recorder.start()
+    locker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    locker.execute("BEGIN IMMEDIATE")                   # the writer waits (busy_timeout)
+    release = threading.Timer(1.0, locker.execute, ("ROLLBACK",))
+    release.start()
+
+    async def one():
+        return await recorder.record(record(b"waited@example.com"), timeout=0.2)
+
+    try:
+        assert asyncio.run(one()) == COMMITTED
+    finally:
+        release.join()
+        locker.close()
+        recorder.stop(5)
+    assert counts(engine) == (1, 1) and spool.depth() == 0 and recorder.down
+    engine.dispose()

@@ -4,9 +4,12 @@ PostgreSQL gets a fast path: the whole batch -- events, last_logins fold,
 alert deliveries -- is one prepared statement over arrays, run on a
 dedicated autocommit connection. A single statement is its own transaction,
 so a batch costs one round trip and one WAL flush, whatever its size.
-Everything else uses the SQLAlchemy path (app/db/store.record_logins),
-which is also what imports and replays use; both give the same rows
-(tests/test_store.py runs against both).
+SQLite gets one too: the same three writes as the SQLAlchemy path, as
+plain SQL on a dedicated sqlite3 connection in one ``BEGIN IMMEDIATE``
+transaction, values converted by the columns' own SQLAlchemy types (so the
+stored text is the same). Anything else uses the SQLAlchemy path
+(app/db/store.record_logins), which is also what imports and replays use;
+all give the same rows (tests/test_store.py runs against each).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Sequence
 import sqlalchemy as sa
 
 from ..login import LoginRecord
-from .store import record_logins, unique_events
+from .schema import last_logins, login_alert_deliveries, login_events
+from .store import _fold, record_logins, unique_events
 
 # Parameters are arrays, one element per record (unnest keeps them in step).
 PG_BATCH = """
@@ -132,7 +136,118 @@ class PostgresWriter:
             self._raw = None
 
 
+_SQLITE_EVENT = (f"INSERT INTO login_events ({', '.join(COLUMNS)}) "
+                 f"VALUES ({', '.join('?' * len(COLUMNS))}) "
+                 "ON CONFLICT (event_id, occurred_at) DO NOTHING")
+_LAST_COLUMNS = ("username", "protocol", "username_raw", "first_seen", "last_seen",
+                 "last_remote_ip", "last_local_ip", "last_host", "login_count")
+# The fold of app/db/store._upsert_last_logins, written out for SQLite
+# (timestamps are fixed-width ISO text there: text order is time order).
+_SQLITE_LAST = (
+    f"INSERT INTO last_logins ({', '.join(_LAST_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_LAST_COLUMNS))}) "
+    "ON CONFLICT (username, protocol) DO UPDATE SET "
+    "first_seen = CASE WHEN excluded.first_seen < last_logins.first_seen "
+    "THEN excluded.first_seen ELSE last_logins.first_seen END, "
+    "last_seen = CASE WHEN excluded.last_seen >= last_logins.last_seen "
+    "THEN excluded.last_seen ELSE last_logins.last_seen END, "
+    "last_remote_ip = CASE WHEN excluded.last_seen >= last_logins.last_seen "
+    "THEN excluded.last_remote_ip ELSE last_logins.last_remote_ip END, "
+    "last_local_ip = CASE WHEN excluded.last_seen >= last_logins.last_seen "
+    "THEN excluded.last_local_ip ELSE last_logins.last_local_ip END, "
+    "last_host = CASE WHEN excluded.last_seen >= last_logins.last_seen "
+    "THEN excluded.last_host ELSE last_logins.last_host END, "
+    "login_count = last_logins.login_count + excluded.login_count")
+_SQLITE_DELIVERY = ("INSERT INTO login_alert_deliveries (alert_id, username, delivered_at) "
+                    "VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
+
+
+def _converters(table: sa.Table, columns: Sequence[str], dialect: sa.Dialect):
+    """Per column, the SQLAlchemy type's own value conversion (None: as is)."""
+    return tuple(table.c[c].type.bind_processor(dialect) for c in columns)
+
+
+def _convert(values: Sequence[object], converters) -> tuple[object, ...]:
+    return tuple(v if f is None or v is None else f(v) for v, f in zip(values, converters))
+
+
+class SqliteWriter:
+    """SQLite: the batch as plain SQL on its own sqlite3 connection.
+
+    One ``BEGIN IMMEDIATE`` ... ``COMMIT`` per batch (one WAL fsync with
+    ``synchronous=FULL``); an event is folded into last_logins only when
+    its INSERT added a row, as in app/db/store.record_logins.
+    """
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self._raw = None
+        d = engine.dialect
+        self._event_conv = _converters(login_events, COLUMNS, d)
+        self._last_conv = _converters(last_logins, _LAST_COLUMNS, d)
+        self._delivery_conv = _converters(login_alert_deliveries,
+                                          ("alert_id", "username", "delivered_at"), d)
+
+    def _conn(self):
+        if self._raw is None:
+            raw = self.engine.raw_connection()
+            raw.driver_connection.isolation_level = None     # we say BEGIN and COMMIT
+            self._raw = raw
+        return self._raw.driver_connection
+
+    def write(self, records: Sequence[LoginRecord]) -> int:
+        records = unique_events(records)
+        if not records:
+            return 0
+        conn = self._conn()
+        try:
+            cur = conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            new, fresh, deliveries = 0, [], []
+            for rec in records:
+                row = rec.event_row()
+                cur.execute(_SQLITE_EVENT, _convert([row[c] for c in COLUMNS],
+                                                    self._event_conv))
+                if cur.rowcount != 1:
+                    continue            # stored already (a replay, a late commit)
+                new += 1
+                if row["outcome"] == "allowed":
+                    fresh.append(row)
+                deliveries += [(a, row["username"], row["occurred_at"])
+                               for a in rec.alerts_shown]
+            if fresh:
+                cur.executemany(_SQLITE_LAST, [
+                    _convert([f[c] for c in _LAST_COLUMNS], self._last_conv)
+                    for f in _fold(fresh)])
+            if deliveries:
+                deliveries.sort(key=lambda d: (d[0], d[1]))
+                cur.executemany(_SQLITE_DELIVERY,
+                                [_convert(d, self._delivery_conv) for d in deliveries])
+            cur.execute("COMMIT")
+        except BaseException:
+            # Roll back here, in the thread that owns the connection (closing
+            # it elsewhere would leave its write lock held), then start afresh.
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except Exception:  # noqa: BLE001 - the connection is dropped anyway
+                pass
+            self.close()
+            raise
+        return new
+
+    def close(self) -> None:
+        if self._raw is not None:
+            try:
+                self._raw.invalidate()
+            except Exception:  # noqa: BLE001 - it is being thrown away anyway
+                pass
+            self._raw = None
+
+
 def writer_for(engine: sa.Engine):
     if engine.dialect.name == "postgresql":
         return PostgresWriter(engine)
+    if engine.dialect.name == "sqlite":
+        return SqliteWriter(engine)
     return SqlAlchemyWriter(engine)

@@ -21,6 +21,10 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
     log_path: str = ""
     config_path: str | None = None
+    # bench/: run another checkout's code (cwd and PYTHONPATH), or under a
+    # wrapper such as valgrind
+    code_dir: str | None = None
+    wrapper: list[str] = field(default_factory=list)
     _notify: socket.socket | None = field(default=None, repr=False)
 
     def sock(self, protocol: str) -> str:
@@ -32,12 +36,14 @@ class Daemon:
         self._notify.bind(notify_path)
         self._notify.settimeout(timeout)
         env = {**self.env, "NOTIFY_SOCKET": notify_path}
-        args = [sys.executable, "-m", "app"]
+        if self.code_dir:
+            env["PYTHONPATH"] = self.code_dir
+        args = [*self.wrapper, sys.executable, "-m", "app"]
         if self.config_path:
             args += ["--config", self.config_path]
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args + ["serve"], env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, cwd=self.code_dir)
         try:
             msg = self._notify.recv(4096)
         except socket.timeout:
