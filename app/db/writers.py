@@ -11,6 +11,7 @@ which is also what imports and replays use; both give the same rows
 
 from __future__ import annotations
 
+import uuid
 from typing import Sequence
 
 import sqlalchemy as sa
@@ -26,29 +27,66 @@ WITH input AS (
                          %(protocol)s::text[], %(remote_ip)s::inet[], %(local_ip)s::inet[],
                          %(outcome)s::text[], %(rule_id)s::int[], %(auth_mech)s::text[],
                          %(master_user)s::text[], %(auth_user)s::text[],
-                         %(message)s::text[], %(policy_applied)s::bool[], %(host)s::text[])
+                         %(message)s::text[], %(policy_applied)s::bool[], %(host)s::text[],
+                         %(country)s::text[], %(asn)s::bigint[])
         AS t(event_id, occurred_at, username, username_raw, protocol, remote_ip, local_ip,
              outcome, rule_id, auth_mech, master_user, auth_user, message, policy_applied,
-             host)
+             host, country, asn)
+), located AS (
+    -- new_location (app/db/store.flag_new_locations says the same in Python):
+    -- an allowed login with a known place, of a user who logged in before
+    -- (stored, or earlier in this batch), never from that country -- or,
+    -- without a country, that ASN. Unlocated logins skip the probes.
+    SELECT i.*,
+           CASE WHEN i.outcome <> 'allowed' OR (i.country IS NULL AND i.asn IS NULL)
+                THEN false
+                -- the first login a user ever makes is not new
+                WHEN NOT (EXISTS (SELECT 1 FROM login_events p
+                                  WHERE p.username = i.username AND p.outcome = 'allowed'
+                                    AND p.occurred_at < i.occurred_at)
+                          OR EXISTS (SELECT 1 FROM input b
+                                     WHERE b.username = i.username AND b.outcome = 'allowed'
+                                       AND b.occurred_at < i.occurred_at))
+                THEN false
+                WHEN i.country IS NOT NULL
+                THEN NOT EXISTS (SELECT 1 FROM login_events p      -- (username, country) index
+                                 WHERE p.username = i.username AND p.country = i.country
+                                   AND p.outcome = 'allowed' AND p.occurred_at < i.occurred_at)
+                     AND NOT EXISTS (SELECT 1 FROM input b
+                                     WHERE b.username = i.username AND b.country = i.country
+                                       AND b.outcome = 'allowed'
+                                       AND b.occurred_at < i.occurred_at)
+                ELSE NOT EXISTS (SELECT 1 FROM login_events p
+                                 WHERE p.username = i.username AND p.asn = i.asn
+                                   AND p.outcome = 'allowed' AND p.occurred_at < i.occurred_at)
+                     AND NOT EXISTS (SELECT 1 FROM input b
+                                     WHERE b.username = i.username AND b.asn = i.asn
+                                       AND b.outcome = 'allowed'
+                                       AND b.occurred_at < i.occurred_at)
+           END AS new_location
+    FROM input i
 ), new AS (
     -- Only the rows this statement inserts are folded below: a record
     -- written twice (spooled and committed late) counts once.
     INSERT INTO login_events (event_id, occurred_at, username, username_raw, protocol,
                               remote_ip, local_ip, outcome, rule_id, auth_mech,
-                              master_user, auth_user, message, policy_applied, host)
-    SELECT * FROM input
+                              master_user, auth_user, message, policy_applied, host,
+                              country, asn, new_location)
+    SELECT * FROM located
     ON CONFLICT (event_id, occurred_at) DO NOTHING
     RETURNING event_id, occurred_at, username, username_raw, protocol, remote_ip, local_ip,
-              outcome, host
+              outcome, host, country, new_location
 ), folded AS (
     -- ORDER BY: writers on several mail hosts lock the same users' rows in
     -- the same order, so concurrent batches wait for each other, never deadlock.
     INSERT INTO last_logins AS l (username, protocol, username_raw, first_seen, last_seen,
-                                  last_remote_ip, last_local_ip, last_host, login_count)
+                                  last_remote_ip, last_local_ip, last_host, last_country,
+                                  login_count)
     SELECT username, protocol, (array_agg(username_raw))[1], min(occurred_at), max(occurred_at),
            (array_agg(remote_ip ORDER BY occurred_at DESC))[1],
            (array_agg(local_ip ORDER BY occurred_at DESC))[1],
-           (array_agg(host ORDER BY occurred_at DESC))[1], count(*)
+           (array_agg(host ORDER BY occurred_at DESC))[1],
+           (array_agg(country ORDER BY occurred_at DESC))[1], count(*)
     FROM new WHERE outcome = 'allowed' GROUP BY username, protocol ORDER BY username, protocol
     ON CONFLICT (username, protocol) DO UPDATE SET
         first_seen = LEAST(l.first_seen, EXCLUDED.first_seen),
@@ -59,6 +97,8 @@ WITH input AS (
                              THEN EXCLUDED.last_local_ip ELSE l.last_local_ip END,
         last_host = CASE WHEN EXCLUDED.last_seen >= l.last_seen
                          THEN EXCLUDED.last_host ELSE l.last_host END,
+        last_country = CASE WHEN EXCLUDED.last_seen >= l.last_seen
+                            THEN EXCLUDED.last_country ELSE l.last_country END,
         login_count = l.login_count + EXCLUDED.login_count
     RETURNING 1
 ), delivered AS (
@@ -70,12 +110,13 @@ WITH input AS (
     ON CONFLICT DO NOTHING
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM folded), (SELECT count(*) FROM delivered)
+SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM folded), (SELECT count(*) FROM delivered),
+       (SELECT array_agg(event_id) FROM new WHERE new_location)
 """
 
 COLUMNS = ("event_id", "occurred_at", "username", "username_raw", "protocol", "remote_ip",
            "local_ip", "outcome", "rule_id", "auth_mech", "master_user", "auth_user",
-           "message", "policy_applied", "host")
+           "message", "policy_applied", "host", "country", "asn")
 
 
 def pg_params(records: Sequence[LoginRecord]) -> dict[str, list[object]]:
@@ -93,9 +134,10 @@ class SqlAlchemyWriter:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
 
-    def write(self, records: Sequence[LoginRecord]) -> int:
+    def write(self, records: Sequence[LoginRecord],
+              flagged: list[uuid.UUID] | None = None) -> int:
         with self.engine.begin() as conn:
-            return record_logins(conn, records)
+            return record_logins(conn, records, flagged)
 
     def close(self) -> None:
         pass
@@ -115,12 +157,16 @@ class PostgresWriter:
             self._raw = raw
         return self._raw.driver_connection
 
-    def write(self, records: Sequence[LoginRecord]) -> int:
+    def write(self, records: Sequence[LoginRecord],
+              flagged: list[uuid.UUID] | None = None) -> int:
+        """Store a batch; ``flagged`` gets the ids of the new locations among it."""
         try:
             row = self._conn().execute(PG_BATCH, pg_params(records), prepare=True).fetchone()
         except Exception:
             self.close()            # a fresh connection next time
             raise
+        if flagged is not None and row[3]:
+            flagged.extend(row[3])
         return int(row[0])
 
     def close(self) -> None:
