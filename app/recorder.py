@@ -147,6 +147,7 @@ class Recorder:
                  writer=None, spool: Spool | None = None,
                  spool_full_action: str = "allow") -> None:
         self._engine = engine
+        self.engine = engine            # also read by the service (previous login for alerts)
         self._batch_max = batch_max
         self._writer = writer or writer_for(engine)
         self.spool = spool

@@ -12,6 +12,7 @@ cannot disagree.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import time
@@ -24,7 +25,10 @@ from .login import (ALLOWED, DENIED, LoginRecord, new_event_id, normalize_ip, st
                     text_form)
 from .metrics import Metrics
 from .nexthop import forward
-from .overrides import Plan, plan
+from .db.store import previous_login
+from .login import domain_of
+from .overrides import Plan, alerts_for, plan
+from .templates import uses_last_login
 from .policy import ALLOW, DENY, Decision, login_decision
 from .protocol import (DEFAULT_DENY_TEXT, TEMPFAIL_TEXT, LoginRequest, build_reply, deny_line,
                        tempfail_line)
@@ -80,7 +84,8 @@ class Explanation:
 
 def explain(snap: Snapshot | None, protocol: str, req: LoginRequest, now: dt.datetime,
             default: str = ALLOW, unloaded: str = ALLOW,
-            system_groups: tuple[str, ...] = (), place: Place = NOWHERE) -> Explanation:
+            system_groups: tuple[str, ...] = (), place: Place = NOWHERE,
+            last_login: tuple[str, str, str] | None = None) -> Explanation:
     """Decide and plan one login, as the daemon does (and `check` shows). Pure.
 
     ``place``: the client's country and ASN, looked up by the caller
@@ -95,7 +100,8 @@ def explain(snap: Snapshot | None, protocol: str, req: LoginRequest, now: dt.dat
     overrides, alerts, delivered = ((snap.overrides, snap.alerts, snap.delivered)
                                     if snap is not None else (None, (), set()))
     try:
-        planned = plan(overrides, alerts, delivered, protocol, req, user, now, system_groups)
+        planned = plan(overrides, alerts, delivered, protocol, req, user, now, system_groups,
+                       last_login)
         return Explanation(decision, planned, rules is not None, user, place)
     except ExpansionRefused as exc:
         return Explanation(Decision(DENY, None, f"override: {exc}", temporary=True), None,
@@ -192,8 +198,10 @@ class LoginService:
         if steps.groups is not None:
             groups = tuple(await steps.groups.groups(text_form(req.username)[0]))
         place = locate(steps.geoip, req.remote_ip)
-        ex = explain(self.cache.snapshot, protocol, req, now, steps.default_action,
-                     steps.unloaded_action, groups, place)
+        snap = self.cache.snapshot
+        last = await self._previous_login(snap, protocol, req, now)
+        ex = explain(snap, protocol, req, now, steps.default_action,
+                     steps.unloaded_action, groups, place, last)
         if self.metrics:
             self.metrics.decision_seconds.observe(time.perf_counter() - started)
         decision = ex.decision
@@ -223,6 +231,27 @@ class LoginService:
         self._mark_shown(ex.plan.alerts, ex.user)
         return Answer(record, reply, reply_fd, decision.reason, ex.plan.alert_bytes,
                       ex.plan.shown)
+
+    async def _previous_login(self, snap: Snapshot | None, protocol: str, req: LoginRequest,
+                              now: dt.datetime) -> tuple[str, str, str] | None:
+        """The previous login, read only when an alert this login shows uses
+        %{last_login_*}; ('', '', '') when it cannot be read in time."""
+        if snap is None or protocol != "imap" or not snap.alerts:
+            return None
+        user = text_form(req.username)[0]
+        shown = alerts_for(snap.alerts, snap.delivered, user, domain_of(user), now)
+        if not any(uses_last_login(a.message) for a in shown):
+            return None
+        try:
+            async with asyncio.timeout(min(1.0, self.steps.record_timeout)):
+                found = await asyncio.to_thread(self._read_previous, req.username)
+        except Exception:  # noqa: BLE001 - an alert without it, never a failed login
+            return ("", "", "")
+        return found or ("", "", "")
+
+    def _read_previous(self, username: bytes) -> tuple[str, str, str] | None:
+        with self.recorder.engine.connect() as conn:
+            return previous_login(conn, username)
 
     def _record_of(self, protocol: str, req: LoginRequest, outcome: str, now: dt.datetime,
                    ex: Explanation, alerts_shown: tuple[int, ...] = (),

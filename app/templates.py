@@ -42,7 +42,11 @@ _ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRST
 SHORT = {"u": "user", "n": "username", "d": "domain", "s": "service", "r": "rip", "l": "lip"}
 LONG = {"user": "user", "username": "username", "domain": "domain", "service": "service",
         "protocol": "service", "rip": "rip", "remote_ip": "rip", "lip": "lip",
-        "local_ip": "lip"}
+        "local_ip": "lip",
+        # the user's previous allowed login (alerts: sshd's "Last login:" line)
+        "last_login_time": "last_login_time", "last_login_ip": "last_login_ip",
+        "last_login_country": "last_login_country"}
+LAST_LOGIN_VARS = ("last_login_time", "last_login_ip", "last_login_country")
 FILTERS = ("lower", "upper", "username", "domain")
 _MODIFIERS = {"L": "lower", "U": "upper"}
 
@@ -117,6 +121,15 @@ def parse(text: str) -> tuple[Part, ...]:
     return tuple(parts)
 
 
+def uses_last_login(text: str) -> bool:
+    """Does ``text`` use %{last_login_*}? (Only then is the previous login looked up.)"""
+    try:
+        parts = parse(text)
+    except TemplateError:
+        return False
+    return any(isinstance(p, Var) and p.name in LAST_LOGIN_VARS for p in parts)
+
+
 def check_template(field: str, text: str) -> str:
     """At the entrance (CLI, loader): InvalidInput if ``text`` cannot be expanded."""
     try:
@@ -137,6 +150,9 @@ class LoginVars:
     rip: str = ""
     lip: str = ""
     exact: bool = True      # False: the username's bytes are not UTF-8 text
+    last_login_time: str = ""       # the previous login ('' when none, or not looked up)
+    last_login_ip: str = ""
+    last_login_country: str = ""
 
     @classmethod
     def of(cls, username: bytes | str, service: str, rip: bytes | str | None = None,

@@ -5,6 +5,7 @@ with small MaxMind-format databases built here (tests/harness/geoipdb.py).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import stat
@@ -269,3 +270,21 @@ def test_status_reports_the_loaded_databases(daemon, eng, pg_url, dbs):
     assert checks["geoip"]["status"] == "ok"
     assert checks["geoip"]["detail"].startswith(f"loaded: geoip_country_db={dbs[0]} "
                                                 "(GeoLite2-Country, built ")
+
+
+def test_an_alert_shows_the_previous_login(daemon, eng, pg_url):
+    env = env_of(pg_url)
+    assert lastlogin("alert", "add", "Last login: %{last_login_time} from %{last_login_ip} "
+                     "(%{last_login_country})", "--user", "kim@example.org",
+                     env=env).returncode == 0
+    daemon.wait_config(eng)
+    ex = send_request(daemon.sock("imap"), request_bytes(b"kim@example.org",
+                                                         remote_ip=geoipdb.DE.encode()))
+    assert ex.client_saw() == b"* OK [ALERT] Last login: from ()\r\n"   # none before (spaces folded)
+    with eng.connect() as conn:
+        first = conn.execute(sa.select(login_events.c.occurred_at)).scalar_one()
+    ex = send_request(daemon.sock("imap"), request_bytes(b"kim@example.org",
+                                                         remote_ip=geoipdb.AT.encode()))
+    when = first.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    assert ex.client_saw() == (f"* OK [ALERT] Last login: {when} from {geoipdb.DE} (DE)\r\n"
+                               ).encode()

@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 
 import sqlalchemy as sa
 
-from ..login import LoginRecord
+from ..login import LoginRecord, username_text
 from .engine import dialect_insert
 from .schema import last_logins, login_alert_deliveries, login_events
 
@@ -154,3 +154,17 @@ def _upsert_last_logins(conn: sa.Connection, rows: list[dict[str, object]]) -> N
         },
     )
     conn.execute(stmt, _fold(rows))
+
+
+def previous_login(conn: sa.Connection, username: bytes) -> tuple[str, str, str] | None:
+    """(time, address, country) of the user's last allowed login, any protocol;
+    one primary-key range read of last_logins. None: never logged in."""
+    t = last_logins
+    name = username_text(username)[0]
+    row = conn.execute(sa.select(t.c.last_seen, t.c.last_remote_ip, t.c.last_country)
+                       .where(t.c.username == name).order_by(t.c.last_seen.desc())
+                       .limit(1)).first()
+    if row is None:
+        return None
+    when = row.last_seen.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return when, str(row.last_remote_ip or ""), row.last_country or ""
