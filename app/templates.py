@@ -13,6 +13,11 @@ Variables (Dovecot's own names; short, 2.3 long, 2.4 long):
     %l  %{lip}       %{local_ip}             the server address it reached
     %%                                       a literal %
 
+In alerts, the user's previous allowed login (read only when an alert shown
+uses them; empty when there is none):
+
+    %{last_login_time}  %{last_login_ip}  %{last_login_country}
+
 Modifiers: ``%Lu``/``%L{user}`` lowercase, ``%Uu`` uppercase, and in the 2.4
 form the filters ``| lower``, ``| upper``, ``| username``, ``| domain``.
 Anything else is an unknown variable: refused when the value is set
