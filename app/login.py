@@ -189,7 +189,16 @@ def in_network(addr: IPAddr | None, net: IPNet | None) -> bool:
 def normalize_ip(value: str | bytes | None) -> str | None:
     """An address as stored: canonical text, IPv4 for a v4-mapped one; None
     when absent or not an address (the same parse as matching)."""
-    addr = parse_ip(value)
+    if not value:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return _canonical_ip(value)
+
+
+@functools.lru_cache(maxsize=65536)      # str() of an IPv6 address costs ~10 µs
+def _canonical_ip(text: str) -> str | None:
+    addr = _parse_ip(text)
     return None if addr is None else str(addr)
 
 
