@@ -304,6 +304,26 @@ def _user(v: Any) -> str:
     return s
 
 
+def _command(v: Any) -> tuple[str, ...]:
+    """A program and its arguments, run without a shell: a TOML list, or a
+    string split as a shell would split words (no expansion, no pipes)."""
+    import shlex
+    if isinstance(v, list):
+        argv = tuple(_as_str(x) for x in v)
+    else:
+        try:
+            argv = tuple(shlex.split(_as_str(v)))
+        except ValueError as exc:
+            raise ValueError(f"cannot split into words: {exc}") from None
+    if not argv:
+        return ()
+    if not os.path.isabs(argv[0]):
+        raise ValueError(f"the program must be an absolute path, got {argv[0]!r}")
+    if not (os.path.isfile(argv[0]) and os.access(argv[0], os.X_OK)):
+        raise ValueError(f"{argv[0]} is not an executable file")
+    return argv
+
+
 def _opt(parse: Callable[[Any], Any], default: Any = None, *, factory: Any = None,
          doc: str = "") -> Any:
     meta = {"parse": parse, "doc": doc}
@@ -389,6 +409,23 @@ class Settings:
     event_loop: str = _opt(_choice("asyncio", "uvloop"), "asyncio",
                            doc="the daemon's event loop: asyncio, or uvloop (libuv)")
     log_format: str = _opt(_choice("kv", "json"), "kv", doc="log line format")
+    geoip_country_db: str = _opt(_as_str, "",
+                                 doc="MaxMind-format country (or city) database, e.g. "
+                                     "GeoLite2-Country.mmdb (empty: no countries)")
+    geoip_asn_db: str = _opt(_as_str, "",
+                             doc="MaxMind-format ASN database, e.g. GeoLite2-ASN.mmdb "
+                                 "(empty: no ASNs)")
+    store_ip: str = _opt(_choice("full", "truncated", "none"), "full",
+                         doc="client addresses kept: full, truncated (/24 IPv4, /48 IPv6) "
+                             "or none; applied before anything is stored, spooled or logged")
+    notify_command: tuple[str, ...] = _opt(_command, (),
+                                           doc="program run (no shell) for each login from "
+                                               "a new location; one JSON object on stdin")
+    notify_timeout: float = _opt(_as_seconds, 10.0,
+                                 doc="seconds notify_command may run before it is killed")
+    notify_queue: int = _opt(_as_positive_int, 1000,
+                             doc="new-location notifications waiting at most; more are "
+                                 "dropped with a log line")
 
     @property
     def effective_database_url(self) -> str:

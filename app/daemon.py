@@ -25,9 +25,11 @@ import sqlalchemy as sa
 from .config import ConfigError, Settings, load_settings
 from .db import make_engine
 from .db.migrate import ensure_at_head
+from .geoip import GeoIP, GeoIPError
 from .logs import show
 from .maintenance import Maintenance
 from .metrics import Metrics
+from .notify import Notifier
 from .recorder import Recorder, Replayer, first_line
 from .safedirs import prepare_daemon_dirs
 from .server import Server
@@ -47,7 +49,8 @@ EXIT_SCHEMA = 3             # the database schema is not at head
 # Settings a running daemon cannot change (SIGHUP): they need a restart.
 FIXED_SETTINGS = ("database_url", "socket_dir", "protocols", "socket_imap", "socket_pop3",
                   "socket_submission", "socket_managesieve", "socket_mode", "socket_owner",
-                  "socket_group", "max_connections", "data_dir", "spool_dir", "database_group")
+                  "socket_group", "max_connections", "data_dir", "spool_dir", "database_group",
+                  "notify_command", "notify_timeout", "notify_queue")
 
 STOP, RELOAD, HANDOVER = "stop", "reload", "handover"
 
@@ -65,6 +68,7 @@ class Daemon:
         schema is not at head; a database that cannot be reached is not
         fatal (logins are spooled and decided by rules_unloaded_action)."""
         s = self.settings
+        self.geoip = open_geoip(s)  # a missing or unreadable file: one line, exit 2
         prepare_daemon_dirs(s)      # socket, database and spool dirs: private or refused
         self.engine = make_engine(s.effective_database_url,
                                   connect_timeout=max(1, math.ceil(s.record_timeout)),
@@ -86,7 +90,14 @@ class Daemon:
             self.recorder.down = True
         self.replayer = Replayer(self.engine, self.recorder, stuck_after=s.record_timeout)
         self.maintenance = Maintenance(self.engine, s.retention_days)
-        self.service = LoginService(self.recorder, self.cache, Steps.from_settings(s))
+        self.notifier = Notifier(self.engine, s.notify_command, s.notify_timeout,
+                                 s.notify_queue) if s.notify_command else None
+        self.recorder.on_new_locations = self.notifier.submit if self.notifier else None
+        self.service = LoginService(self.recorder, self.cache,
+                                    Steps.from_settings(s, self.geoip))
+        self.service.notifier = self.notifier
+        if self.geoip is not None:
+            log.info("event=geoip_loaded %s", show(self.geoip.describe()))
         self.server = Server(s, self.service, take_listeners(s))
         if s.metrics_listen:
             metrics = Metrics()
@@ -98,7 +109,8 @@ class Daemon:
             thread.start()
 
     def _threads(self):
-        return (self.recorder, self.refresher, self.replayer, self.maintenance)
+        extra = (self.notifier,) if self.notifier is not None else ()
+        return (self.recorder, self.refresher, self.replayer, self.maintenance) + extra
 
     # --- serve -------------------------------------------------------------------
 
@@ -139,11 +151,30 @@ class Daemon:
         fixed = [k for k in FIXED_SETTINGS if getattr(new, k) != getattr(self.settings, k)]
         if fixed:
             log.warning("event=reload_needs_restart keys=%s", ",".join(fixed))
+        self.geoip = self._reload_geoip(new)
         self.settings = new
         self.server.reconfigure(new)
-        self.service.reconfigure(new)
+        self.service.reconfigure(new, self.geoip)
         logging.getLogger("lastlogin").setLevel(new.log_level.upper())
         log.info("event=reloaded")
+
+    def _reload_geoip(self, new: Settings) -> GeoIP | None:
+        """The same files: reopened (geoipupdate may have replaced them); other
+        files: opened, or the old ones kept when they cannot be."""
+        old = self.settings
+        same = (new.geoip_country_db, new.geoip_asn_db) == (old.geoip_country_db,
+                                                            old.geoip_asn_db)
+        if same:
+            if self.geoip is not None:
+                self.geoip.reopen()
+            return self.geoip
+        try:
+            geoip = GeoIP.from_settings(new)
+        except GeoIPError as exc:
+            log.error("event=reload_failed key=%s reason=%s", exc.key, show(exc.reason))
+            return self.geoip
+        log.info("event=geoip_loaded %s", show(geoip.describe() if geoip else "none"))
+        return geoip
 
     async def hand_over(self) -> bool:
         """SIGUSR2: a successor takes the sockets; True once it is ready."""
@@ -162,6 +193,8 @@ class Daemon:
         self.replayer.stop()
         if not self.recorder.stop(timeout=self.settings.drain_timeout):
             log.error("event=writer_stuck detail=\"records still queued at exit\"")
+        if self.notifier is not None:
+            self.notifier.stop(timeout=self.settings.notify_timeout)
         self.engine.dispose()
         rec = self.recorder
         log.info("event=stopped records=%d commits=%d spooled=%d dropped=%d quarantined=%d",
@@ -179,6 +212,13 @@ def run(settings: Settings, config_path: str | None = None) -> int:
     finally:
         daemon.shutdown()
     return EXIT_OK
+
+
+def open_geoip(settings: Settings) -> GeoIP | None:
+    try:
+        return GeoIP.from_settings(settings)
+    except GeoIPError as exc:
+        raise ConfigError(exc.key, exc.reason) from None
 
 
 def loop_factory(name: str):

@@ -19,6 +19,7 @@ from .config import ConfigError, redact_url
 from .db import make_engine
 from .db.migrate import SchemaNotCurrent, ensure_at_head
 from .snapshot import status_checks
+from .geoip import GeoIP, GeoIPError
 from .spool import Quarantine, Spool
 from .status import DaemonStatus, read_status
 
@@ -75,6 +76,10 @@ def checks(settings) -> list[Check]:
             out.append((OK, "rules", f"{daemon.rules} rules, version "
                                      f"{daemon.config_version}, confirmed {age:.0f} s ago"))
         out += status_checks(daemon)     # rows the loader left out, load errors
+        if daemon.notify_failed:
+            out.append((WARNING, "notify", f"{daemon.notify_failed} new-location "
+                                           "notifications failed or were dropped (see log)"))
+    out += _geoip(settings, daemon)
     out.append(_database(settings.effective_database_url))
     spool_dir = settings.effective_spool_dir
     depth = Spool(spool_dir, settings.spool_max_bytes).depth() if os.path.isdir(spool_dir) else 0
@@ -85,6 +90,20 @@ def checks(settings) -> list[Check]:
         out.append((WARNING, "quarantine", f"{held} records set aside in {quarantine.path} "
                                            "(see docs/reliability.md)"))
     return out
+
+
+def _geoip(settings, daemon) -> list[tuple[int, str, str]]:
+    """The GeoIP databases: what the daemon loaded, or whether the files open."""
+    if not (settings.geoip_country_db or settings.geoip_asn_db):
+        return []
+    if daemon is not None and daemon.geoip:
+        return [(OK, "geoip", f"loaded: {daemon.geoip}; {daemon.new_locations} new "
+                              "locations since start")]
+    try:
+        geoip = GeoIP.from_settings(settings)
+    except GeoIPError as exc:
+        return [(CRITICAL, "geoip", f"{exc.reason} ({exc.key})")]
+    return [(OK, "geoip", f"readable: {geoip.describe() if geoip else ''}")]
 
 
 def _database(url: str) -> tuple[int, str, str]:

@@ -201,6 +201,45 @@ def _stored_ip(value: str | bytes) -> str | None:
     return None if addr is None else str(addr)
 
 
+STORE_IP_MODES = ("full", "truncated", "none")
+# What "truncated" keeps: a /24 of IPv4 and a /48 of IPv6 (a site), enough
+# to tell networks apart, not enough to name a household.
+TRUNCATE_V4, TRUNCATE_V6 = 24, 48
+
+
+def stored_ip(value: str | None, mode: str = "full") -> str | None:
+    """A normalised address (``normalize_ip``) as the ``store_ip`` setting keeps it:
+    whole, its network's first address (truncated), or nothing."""
+    if value is None or mode == "full":
+        return value
+    if mode == "none":
+        return None
+    addr = ipaddress.ip_address(value)
+    bits = TRUNCATE_V4 if addr.version == 4 else TRUNCATE_V6
+    return str(ipaddress.ip_network((addr, bits), strict=False).network_address)
+
+
+_COUNTRY = re.compile(r"[A-Z]{2}\Z")
+
+
+def country_code(value: str, field: str = "country") -> str:
+    """An ISO 3166-1 alpha-2 code as stored and matched: two letters, upper case."""
+    code = value.strip(_BLANK).upper()
+    if not _COUNTRY.match(code):
+        raise InvalidInput(field, f"not a two-letter country code: {value!r}")
+    return code
+
+
+def asn_number(value: str | int, field: str = "asn") -> int:
+    """An autonomous system number (``AS3320`` or ``3320``)."""
+    text = str(value).strip(_BLANK)
+    if text[:2].upper() == "AS":
+        text = text[2:]
+    if not text.isascii() or not text.isdigit() or not 0 < int(text) < 2**32:
+        raise InvalidInput(field, f"not an AS number: {value!r}")
+    return int(text)
+
+
 # --- usernames as stored --------------------------------------------------------
 
 def text_form(value: bytes) -> tuple[str, bytes | None]:
@@ -276,6 +315,8 @@ class LoginRecord:
     message: str | None = None              # what a refused client was told
     policy_applied: bool = True             # False: decided without rules loaded
     host: str | None = None                 # the mail host that saw it
+    country: str | None = None              # ISO 3166-1 alpha-2, from the full address
+    asn: int | None = None
 
     def event_row(self) -> dict[str, object]:
         name, raw = username_text(self.username)
@@ -295,6 +336,8 @@ class LoginRecord:
             "message": self.message,
             "policy_applied": self.policy_applied,
             "host": self.host,
+            "country": self.country,
+            "asn": self.asn,
         }
 
 

@@ -66,6 +66,12 @@ class _StateCollector:
                                 "1 while logins are refused (or let in unrecorded) because "
                                 "the spool cannot take records",
                                 value=1.0 if (s.refusing or s.unrecorded) else 0.0)
+        yield CounterMetricFamily("lastlogin_new_locations",
+                                  "Logins from a country (or ASN) new for their user",
+                                  value=float(s.new_locations))
+        yield CounterMetricFamily("lastlogin_notify_failures",
+                                  "notify_command runs that failed, timed out or were "
+                                  "dropped (queue full)", value=float(s.notify_failed))
         age = s.config_checked_age
         yield GaugeMetricFamily("lastlogin_rules_age_seconds",
                                 "Seconds since the rules in memory were confirmed current "

@@ -7,6 +7,8 @@ fields, system groups added to acl_groups, and the alerts to show.
 
 from __future__ import annotations
 
+import dataclasses
+
 import datetime as dt
 import re
 from dataclasses import dataclass, field
@@ -195,7 +197,8 @@ class Plan:
 
 def plan(overrides: "Overrides | None", alerts: tuple[Alert, ...],
          delivered: set[tuple[int, str]], protocol: str, req: LoginRequest, user: str,
-         now: dt.datetime, system_groups: tuple[str, ...] = ()) -> Plan:
+         now: dt.datetime, system_groups: tuple[str, ...] = (),
+         last_login: tuple[str, str, str] | None = None) -> Plan:
     """Fields and alerts for an allowed login.
 
     Override values and alert texts are expanded for this login; an unsafe
@@ -204,6 +207,10 @@ def plan(overrides: "Overrides | None", alerts: tuple[Alert, ...],
     domain = domain_of(user)
     wanted = overrides.for_login(user, domain) if overrides is not None else {}
     tvars = LoginVars.of(req.username, protocol, req.remote_ip, req.local_ip)
+    if last_login is not None:
+        tvars = dataclasses.replace(tvars, last_login_time=last_login[0],
+                                    last_login_ip=last_login[1],
+                                    last_login_country=last_login[2])
     wanted = expand_fields(wanted, tvars)
     if system_groups:
         base = wanted.get("acl_groups")

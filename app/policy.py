@@ -37,6 +37,10 @@ class Rule:
     valid_from: dt.datetime | None = None
     valid_until: dt.datetime | None = None
     message: str | None = None
+    # Where the client is (GeoIP): any of these countries / AS numbers;
+    # None: any place, even an unknown one.
+    countries: frozenset[str] | None = None
+    asns: frozenset[int] | None = None
 
     def __post_init__(self) -> None:
         # Held normalised, so matching is a plain comparison.
@@ -57,7 +61,13 @@ class Rule:
                 and (self.username is None or self.username == login.user)
                 and (self.domain is None or self.domain == login.domain)
                 and in_network(login.remote_ip, self.remote_network)
-                and in_network(login.local_ip, self.local_network))
+                and in_network(login.local_ip, self.local_network)
+                and (self.countries is None or login.country in self.countries)
+                and (self.asns is None or login.asn in self.asns))
+
+    @property
+    def by_place(self) -> bool:
+        return self.countries is not None or self.asns is not None
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,8 @@ class LoginFacts:
     remote_ip: IPAddr | None
     local_ip: IPAddr | None
     now: dt.datetime
+    country: str | None = None      # GeoIP, from the full client address
+    asn: int | None = None
 
     # computed once per login, not once per rule
     @functools.cached_property
@@ -82,9 +94,10 @@ class LoginFacts:
 
     @classmethod
     def of(cls, protocol: str, username: str, remote_ip: str | bytes | None,
-           local_ip: str | bytes | None, now: dt.datetime) -> "LoginFacts":
+           local_ip: str | bytes | None, now: dt.datetime, country: str | None = None,
+           asn: int | None = None) -> "LoginFacts":
         return cls(protocol, normalize_user(username), parse_ip(remote_ip), parse_ip(local_ip),
-                   now)
+                   now, country, asn)
 
 
 @dataclass(frozen=True)
@@ -123,7 +136,12 @@ def decide(rules: tuple[Rule, ...] | None, login: LoginFacts,
 
 def login_decision(rules: tuple[Rule, ...] | None, protocol: str, username: str,
                    remote_ip: str | bytes | None, local_ip: str | bytes | None,
-                   now: dt.datetime, default: str = ALLOW, unloaded: str = ALLOW) -> Decision:
-    """The decision for one login: what the daemon enforces and `check` shows."""
-    return decide(rules, LoginFacts.of(protocol, username, remote_ip, local_ip, now),
-                  default, unloaded)
+                   now: dt.datetime, default: str = ALLOW, unloaded: str = ALLOW,
+                   country: str | None = None, asn: int | None = None) -> Decision:
+    """The decision for one login: what the daemon enforces and `check` shows.
+
+    ``country``/``asn``: where the client is (GeoIP); a rule by place never
+    matches a login whose place is unknown.
+    """
+    return decide(rules, LoginFacts.of(protocol, username, remote_ip, local_ip, now,
+                                       country, asn), default, unloaded)

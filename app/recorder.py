@@ -165,6 +165,7 @@ class Recorder:
                  writer=None, spool: Spool | None = None,
                  spool_full_action: str = "allow") -> None:
         self._engine = engine
+        self.engine = engine            # also read by the service (previous login for alerts)
         self._batch_max = batch_max
         self._writer = writer or writer_for(engine)
         self.spool = spool
@@ -182,6 +183,11 @@ class Recorder:
         self.dropped = 0
         self.quarantined = 0
         self.db_errors = 0
+        self.new_locations = 0
+        # Told, on the writer's or replayer's thread, of committed records
+        # that are new locations (the daemon's notifier queues them; it must
+        # not block).
+        self.on_new_locations: Callable[[list[LoginRecord]], None] | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -339,8 +345,9 @@ class Recorder:
             self._to_spool(items)
             return
         started = self.busy_since = time.monotonic()
+        flagged: list[uuid.UUID] = []
         try:
-            self._writer.write([rec for rec, _ in items])
+            self._writer.write([rec for rec, _ in items], flagged)
         except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
             self.busy_since = None
             if database_away(exc):
@@ -362,6 +369,22 @@ class Recorder:
         log.debug("event=commit records=%d ms=%.2f", len(items),
                   (time.monotonic() - started) * 1000)
         settle(items, COMMITTED)
+        if flagged:
+            self.located(flagged, [rec for rec, _ in items])
+
+    def located(self, flagged: list[uuid.UUID], records: Sequence[LoginRecord]) -> None:
+        """Count and hand on the committed records the database flagged as new locations."""
+        ids = set(flagged)
+        found = [rec for rec in records if rec.event_id in ids]
+        found = list({rec.event_id: rec for rec in found}.values())
+        with self._count_lock:
+            self.new_locations += len(found)
+        hook = self.on_new_locations
+        if hook is not None and found:
+            try:
+                hook(found)
+            except Exception:  # noqa: BLE001 - a notification never costs a record
+                log.exception("event=new_location_hook_failed")
 
     def _failed(self, items: list[Item], exc: Exception) -> None:
         """The database is gone, slow or broken: spool if we can, else fail the waiters."""
@@ -499,5 +522,11 @@ class Replayer(Worker):
         return rejected
 
     def _commit(self, records: list[LoginRecord]) -> None:
+        flagged: list[uuid.UUID] = []
         with self.engine.begin() as conn:
-            self.writer(conn, records)
+            if self.writer is record_logins:
+                record_logins(conn, records, flagged)
+            else:
+                self.writer(conn, records)
+        if flagged:
+            self.recorder.located(flagged, records)

@@ -12,6 +12,7 @@ cannot disagree.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import time
@@ -19,10 +20,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .config import Settings, redact_url
-from .login import ALLOWED, DENIED, LoginRecord, new_event_id, normalize_ip, text_form
+from .geoip import NOWHERE, GeoIP, Place
+from .login import (ALLOWED, DENIED, LoginRecord, new_event_id, normalize_ip, stored_ip,
+                    text_form)
 from .metrics import Metrics
 from .nexthop import forward
-from .overrides import Plan, plan
+from .db.store import previous_login
+from .login import domain_of
+from .overrides import Plan, alerts_for, plan
+from .templates import uses_last_login
 from .policy import ALLOW, DENY, Decision, login_decision
 from .protocol import (DEFAULT_DENY_TEXT, TEMPFAIL_TEXT, LoginRequest, build_reply, deny_line,
                        tempfail_line)
@@ -32,7 +38,7 @@ from .status import DaemonStatus
 from .sysgroups import GroupCache
 from .templates import ExpansionRefused
 
-__all__ = ["Answer", "Explanation", "LoginService", "Plan", "Steps", "explain"]
+__all__ = ["Answer", "Explanation", "LoginService", "Plan", "Steps", "explain", "locate"]
 
 
 def utcnow() -> dt.datetime:
@@ -64,6 +70,7 @@ class Explanation:
     plan: Plan | None = None
     applied: bool = True            # False: decided without rules loaded
     user: str = ""                  # the username as text (what was matched)
+    place: Place = NOWHERE          # where the client is (GeoIP), as the rules saw it
 
     @property
     def client_text(self) -> str | None:
@@ -77,22 +84,35 @@ class Explanation:
 
 def explain(snap: Snapshot | None, protocol: str, req: LoginRequest, now: dt.datetime,
             default: str = ALLOW, unloaded: str = ALLOW,
-            system_groups: tuple[str, ...] = ()) -> Explanation:
-    """Decide and plan one login, as the daemon does (and `check` shows). Pure."""
+            system_groups: tuple[str, ...] = (), place: Place = NOWHERE,
+            last_login: tuple[str, str, str] | None = None) -> Explanation:
+    """Decide and plan one login, as the daemon does (and `check` shows). Pure.
+
+    ``place``: the client's country and ASN, looked up by the caller
+    (``locate``) from the full address.
+    """
     user = text_form(req.username)[0]
     rules = snap.rules if snap is not None else None
     decision = login_decision(rules, protocol, user, req.remote_ip, req.local_ip, now,
-                              default, unloaded)
+                              default, unloaded, place.country, place.asn)
     if not decision.allowed:
-        return Explanation(decision, None, rules is not None, user)
+        return Explanation(decision, None, rules is not None, user, place)
     overrides, alerts, delivered = ((snap.overrides, snap.alerts, snap.delivered)
                                     if snap is not None else (None, (), set()))
     try:
-        planned = plan(overrides, alerts, delivered, protocol, req, user, now, system_groups)
-        return Explanation(decision, planned, rules is not None, user)
+        planned = plan(overrides, alerts, delivered, protocol, req, user, now, system_groups,
+                       last_login)
+        return Explanation(decision, planned, rules is not None, user, place)
     except ExpansionRefused as exc:
         return Explanation(Decision(DENY, None, f"override: {exc}", temporary=True), None,
-                           rules is not None, user)
+                           rules is not None, user, place)
+
+
+def locate(geoip: GeoIP | None, remote_ip: bytes | str | None) -> Place:
+    """Where the client is: looked up from the full address (before store_ip)."""
+    if geoip is None:
+        return NOWHERE
+    return geoip.lookup(normalize_ip(remote_ip))
 
 
 @dataclass
@@ -107,9 +127,11 @@ class Steps:
     next_timeout: float = 20.0
     host_name: str | None = None        # stored with every login (login_events.host)
     database: str = ""                  # for status: where logins go (password hidden)
+    geoip: GeoIP | None = None          # country/ASN databases; None: not configured
+    store_ip: str = "full"              # full, truncated or none (before storing/spooling)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Steps":
+    def from_settings(cls, settings: Settings, geoip: GeoIP | None = None) -> "Steps":
         return cls(
             default_action=settings.default_action,
             unloaded_action=settings.rules_unloaded_action,
@@ -118,7 +140,8 @@ class Steps:
             next_sockets={p: settings.next_socket(p) for p in settings.protocols
                           if settings.next_socket(p)},
             next_timeout=settings.next_timeout, host_name=settings.host_name,
-            database=redact_url(settings.effective_database_url))
+            database=redact_url(settings.effective_database_url), geoip=geoip,
+            store_ip=settings.store_ip)
 
 
 class LoginService:
@@ -129,10 +152,11 @@ class LoginService:
         self.steps = steps or Steps()
         self.clock = clock
         self.metrics: "Metrics | None" = None
+        self.notifier = None                # notify.Notifier, for status
 
-    def reconfigure(self, settings: Settings) -> None:
+    def reconfigure(self, settings: Settings, geoip: GeoIP | None = None) -> None:
         """New settings (SIGHUP): the next login uses them."""
-        self.steps = Steps.from_settings(settings)
+        self.steps = Steps.from_settings(settings, geoip)
 
     def status(self) -> DaemonStatus:
         """The service's part of what `lastlogin status` reads."""
@@ -152,7 +176,11 @@ class LoginService:
             unrecorded=full if full and rec.spool_full_action != "refuse" else None,
             config_skipped=[list(x) for x in self.cache.skipped],
             config_load_error=self.cache.load_error,
-            database=self.steps.database, unloaded_action=self.steps.unloaded_action)
+            database=self.steps.database, unloaded_action=self.steps.unloaded_action,
+            new_locations=rec.new_locations,
+            notify_failed=(self.notifier.failed + self.notifier.dropped
+                           if self.notifier else 0),
+            geoip=self.steps.geoip.describe() if self.steps.geoip else "")
 
     async def login(self, protocol: str, req: LoginRequest, client_fd: int) -> Answer:
         """Decide, plan and record one login; what to send comes back."""
@@ -169,8 +197,11 @@ class LoginService:
         groups: tuple[str, ...] = ()
         if steps.groups is not None:
             groups = tuple(await steps.groups.groups(text_form(req.username)[0]))
-        ex = explain(self.cache.snapshot, protocol, req, now, steps.default_action,
-                     steps.unloaded_action, groups)
+        place = locate(steps.geoip, req.remote_ip)
+        snap = self.cache.snapshot
+        last = await self._previous_login(snap, protocol, req, now)
+        ex = explain(snap, protocol, req, now, steps.default_action,
+                     steps.unloaded_action, groups, place, last)
         if self.metrics:
             self.metrics.decision_seconds.observe(time.perf_counter() - started)
         decision = ex.decision
@@ -201,18 +232,40 @@ class LoginService:
         return Answer(record, reply, reply_fd, decision.reason, ex.plan.alert_bytes,
                       ex.plan.shown)
 
+    async def _previous_login(self, snap: Snapshot | None, protocol: str, req: LoginRequest,
+                              now: dt.datetime) -> tuple[str, str, str] | None:
+        """The previous login, read only when an alert this login shows uses
+        %{last_login_*}; ('', '', '') when it cannot be read in time."""
+        if snap is None or protocol != "imap" or not snap.alerts:
+            return None
+        user = text_form(req.username)[0]
+        shown = alerts_for(snap.alerts, snap.delivered, user, domain_of(user), now)
+        if not any(uses_last_login(a.message) for a in shown):
+            return None
+        try:
+            async with asyncio.timeout(min(1.0, self.steps.record_timeout)):
+                found = await asyncio.to_thread(self._read_previous, req.username)
+        except Exception:  # noqa: BLE001 - an alert without it, never a failed login
+            return ("", "", "")
+        return found or ("", "", "")
+
+    def _read_previous(self, username: bytes) -> tuple[str, str, str] | None:
+        with self.recorder.engine.connect() as conn:
+            return previous_login(conn, username)
+
     def _record_of(self, protocol: str, req: LoginRequest, outcome: str, now: dt.datetime,
                    ex: Explanation, alerts_shown: tuple[int, ...] = (),
                    message: str | None = None, by_rule: bool = True) -> LoginRecord:
         rule = ex.decision.rule if by_rule else None
         return LoginRecord(
             event_id=new_event_id(), occurred_at=now, username=req.username,
-            protocol=protocol, remote_ip=normalize_ip(req.remote_ip),
+            protocol=protocol,
+            remote_ip=stored_ip(normalize_ip(req.remote_ip), self.steps.store_ip),
             local_ip=normalize_ip(req.local_ip), outcome=outcome,
             rule_id=rule.id if rule is not None else None,
             auth_mech=req.auth_mech, master_user=req.master_user, auth_user=req.auth_user,
             alerts_shown=alerts_shown, message=message, policy_applied=ex.applied,
-            host=self.steps.host_name)
+            host=self.steps.host_name, country=ex.place.country, asn=ex.place.asn)
 
     def _mark_shown(self, alert_ids: list[int], user: str) -> None:
         snap = self.cache.snapshot

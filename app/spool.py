@@ -81,6 +81,10 @@ def encode(record: LoginRecord) -> bytes:
         doc["policy_applied"] = False
     if record.host is not None:
         doc["host"] = record.host
+    if record.country is not None:
+        doc["country"] = record.country
+    if record.asn is not None:
+        doc["asn"] = record.asn
     for key in _BYTES:
         value = getattr(record, key)
         doc[key] = None if value is None else base64.b64encode(value).decode("ascii")
@@ -134,6 +138,11 @@ def _record_of(doc: dict) -> LoginRecord:
     host = doc.get("host")
     if host is not None and not isinstance(host, str):
         raise DamagedLine("host is not text")
+    country, asn = doc.get("country"), doc.get("asn")
+    if country is not None and not (isinstance(country, str) and len(country) == 2):
+        raise DamagedLine("country is not a two-letter code")
+    if asn is not None and type(asn) is not int:
+        raise DamagedLine("asn is not an integer")
     return LoginRecord(
         event_id=uuid.UUID(doc["event_id"]),
         occurred_at=_aware(dt.datetime.fromisoformat(doc["occurred_at"])),
@@ -141,7 +150,8 @@ def _record_of(doc: dict) -> LoginRecord:
         remote_ip=_address(doc["remote_ip"]), local_ip=_address(doc["local_ip"]),
         outcome=outcome, rule_id=rule_id, auth_mech=raw["auth_mech"],
         master_user=raw["master_user"], auth_user=raw["auth_user"],
-        alerts_shown=tuple(alerts), message=message, policy_applied=applied, host=host)
+        alerts_shown=tuple(alerts), message=message, policy_applied=applied, host=host,
+        country=country, asn=asn)
 
 
 def _opt_b64(value: object) -> bytes | None:

@@ -39,6 +39,9 @@ class DaemonStatus:
     config_load_error: str | None = None
     database: str = ""                  # the daemon's database URL, password hidden
     unloaded_action: str = "allow"      # its rules_unloaded_action
+    new_locations: int = 0              # logins flagged new_location since start
+    notify_failed: int = 0              # notify_command runs that failed or were dropped
+    geoip: str = ""                     # the GeoIP databases loaded ("": none)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

@@ -13,6 +13,11 @@ Variables (Dovecot's own names; short, 2.3 long, 2.4 long):
     %l  %{lip}       %{local_ip}             the server address it reached
     %%                                       a literal %
 
+In alerts, the user's previous allowed login (read only when an alert shown
+uses them; empty when there is none):
+
+    %{last_login_time}  %{last_login_ip}  %{last_login_country}
+
 Modifiers: ``%Lu``/``%L{user}`` lowercase, ``%Uu`` uppercase, and in the 2.4
 form the filters ``| lower``, ``| upper``, ``| username``, ``| domain``.
 Anything else is an unknown variable: refused when the value is set
@@ -42,7 +47,11 @@ _ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRST
 SHORT = {"u": "user", "n": "username", "d": "domain", "s": "service", "r": "rip", "l": "lip"}
 LONG = {"user": "user", "username": "username", "domain": "domain", "service": "service",
         "protocol": "service", "rip": "rip", "remote_ip": "rip", "lip": "lip",
-        "local_ip": "lip"}
+        "local_ip": "lip",
+        # the user's previous allowed login (alerts: sshd's "Last login:" line)
+        "last_login_time": "last_login_time", "last_login_ip": "last_login_ip",
+        "last_login_country": "last_login_country"}
+LAST_LOGIN_VARS = ("last_login_time", "last_login_ip", "last_login_country")
 FILTERS = ("lower", "upper", "username", "domain")
 _MODIFIERS = {"L": "lower", "U": "upper"}
 
@@ -117,6 +126,15 @@ def parse(text: str) -> tuple[Part, ...]:
     return tuple(parts)
 
 
+def uses_last_login(text: str) -> bool:
+    """Does ``text`` use %{last_login_*}? (Only then is the previous login looked up.)"""
+    try:
+        parts = parse(text)
+    except TemplateError:
+        return False
+    return any(isinstance(p, Var) and p.name in LAST_LOGIN_VARS for p in parts)
+
+
 def check_template(field: str, text: str) -> str:
     """At the entrance (CLI, loader): InvalidInput if ``text`` cannot be expanded."""
     try:
@@ -137,6 +155,9 @@ class LoginVars:
     rip: str = ""
     lip: str = ""
     exact: bool = True      # False: the username's bytes are not UTF-8 text
+    last_login_time: str = ""       # the previous login ('' when none, or not looked up)
+    last_login_ip: str = ""
+    last_login_country: str = ""
 
     @classmethod
     def of(cls, username: bytes | str, service: str, rip: bytes | str | None = None,

@@ -19,3 +19,12 @@ def test_handler_benchmark_smoke(pg_cluster):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "every lastlogin login stored once" in out.stdout
+
+
+def test_geoip_benchmark_smoke():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LASTLOGIN_")}
+    env.update(PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "bench.geoip", "--smoke"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "geoip benchmark ran" in out.stdout

@@ -141,6 +141,9 @@ def baselines(base) -> dict[tuple[str, ...], tuple[list[str], list[str]]]:
         ("report", "ips"): (["a@example.com"], []),
         ("report", "refused"): ([], []),
         ("report", "daily"): ([], []),
+        ("report", "new-locations"): ([], []),
+        ("user", "export"): (["a@example.com"], []),
+        ("user", "forget"): (["a@example.com"], ["--yes"]),
         ("prune",): ([], ["--older-than", "30d", "--dry-run"]),
         ("import", "dovecot-log"): ([str(base / "mail.log")], []),
         ("import", "last-login-table"): ([], ["--source-url-file", str(base / "dict.url")]),
@@ -169,6 +172,8 @@ INVALID_BY_NAME: dict[str, list[tuple[str, set[int]]]] = {
     "table": [("no_such_table", {2})],
     "user_column": [("no_such_column", {2})],
     "time_column": [("no_such_column", {2})],
+    "country": [("DEU", {2}), ("D1,AT", {2}), ("DE,,AT", {2})],
+    "asn": [("AS-1", {2}), ("99999999999", {2}), ("3320,x", {2})],
 }
 # Free text (usernames, messages, keys, values): any text is a valid value;
 # they are exercised with a missing value or argument only.

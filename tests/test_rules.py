@@ -350,8 +350,8 @@ def test_rule_cli_guard_rails_and_safe_listing(sqlite_url):
     env = {"LASTLOGIN_DATABASE_URL": sqlite_url}
     for args, line in [
         (["rule", "add", "deny"], "lastlogin: a rule with no --user, --domain, --network, "
-         "--local-network or --protocol would match every login: give --everyone if that "
-         "is meant (--everyone)"),
+         "--local-network, --protocol, --country or --asn would match every login: give "
+         "--everyone if that is meant (--everyone)"),
         (["rule", "add", "deny", "--user", "x", "--until", "2020-01-01T00:00:00Z"],
          "lastlogin: the window has already ended (2020-01-01T00:00:00+00:00) (--until)"),
         (["rule", "add", "deny", "--user", "x", "--message", "a\r\n* OK [ALERT] b"],

@@ -202,3 +202,38 @@ def test_upgrade_starts_sqlite_ids_past_what_history_mentions(tmp_path):
         assert conn.exec_driver_sql("SELECT version FROM config_version").scalar() > version
     eng.dispose()
     assert ids == [1, 4]
+
+
+@pytest.mark.parametrize("path", ["core", "writer"])
+def test_new_locations_and_last_country_on_every_write_path(engine, path):
+    """The flag and the last country come out the same from record_logins and
+    from the daemon's batch writer of each backend (PostgreSQL's one statement,
+    SQLite's own connection)."""
+    writer = writer_for(engine)
+
+    def write(*records):
+        flagged = []
+        if path == "core":
+            with engine.begin() as conn:
+                record_logins(conn, list(records), flagged)
+        else:
+            writer.write(list(records), flagged)
+        return flagged
+
+    h = dt.timedelta(hours=1)
+    first = record(country="DE", asn=3320)
+    assert write(first) == []                                   # the first login is not new
+    known = record(at=T0 + h, country="DE", asn=3320)
+    unlocated = record(at=T0 + 2 * h)
+    assert write(known, unlocated) == []
+    new_country = record(at=T0 + 3 * h, country="FR", asn=3215, protocol="pop3")
+    denied = record(at=T0 + 4 * h, country="BR", asn=1, outcome="denied")
+    same_batch = record(at=T0 + 5 * h, country="FR", asn=3215)  # FR seen earlier in this batch
+    asn_only = record(at=T0 + 6 * h, asn=64500)                 # no country: the ASN decides
+    assert sorted(write(new_country, denied, same_batch, asn_only)) == sorted(
+        [new_country.event_id, asn_only.event_id])
+    flags = {ev.event_id: ev.new_location for ev in events(engine)}
+    assert [k for k, v in flags.items() if v] == [new_country.event_id, asn_only.event_id]
+    assert {k: r.last_country for k, r in lasts(engine).items()} == {
+        ("alice@example.com", "imap"): None, ("alice@example.com", "pop3"): "FR"}
+    writer.close()

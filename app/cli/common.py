@@ -145,7 +145,7 @@ FLAG_OF = {
     "priority": "--priority", "message": "--message", "comment": "--comment",
     "everyone": "--everyone", "key": "KEY", "value": "VALUE", "alert": "MESSAGE",
     "table": "--table", "user_column": "--user-column", "time_column": "--time-column",
-    "precision": "--precision",
+    "precision": "--precision", "countries": "--country", "asns": "--asn",
 }
 
 

@@ -161,6 +161,22 @@ def report_refused(ctx: Context, since, limit, host, fmt, utc) -> None:
     show(rows, reports.REFUSED_COLUMNS, fmt, utc)
 
 
+@report.command("new-locations")
+@since_option
+@click.option("--user", help="Only this user's logins (the username as stored).")
+@limit_option
+@report_options
+@pass_ctx
+@edge
+def report_new_locations(ctx: Context, since, user, limit, fmt, utc) -> None:
+    """Logins from a country (or, without one, an ASN) new for their user
+    (default: the last 7 days); needs a GeoIP database (docs/geoip.md)."""
+    start = parse_since(since, dt.timedelta(days=7), utc)
+    with reading(ctx) as conn:
+        rows = reports.new_locations(conn, start, user, limit or None)
+    show(rows, reports.NEW_LOCATION_COLUMNS, fmt, utc)
+
+
 @report.command("daily")
 @click.option("--days", type=click.IntRange(min=1, max=3660), default=7, show_default=True)
 @host_option

@@ -13,7 +13,9 @@ from ..db.rules import add_rule, get_rule, list_rules, remove_rule, rule_states,
 from ..errors import InvalidInput
 from ..login import PROTOCOLS, normalize_user, parse_ip, printable
 from ..protocol import LoginRequest
-from ..service import explain
+from ..config import ConfigError
+from ..geoip import GeoIP, GeoIPError
+from ..service import explain, locate
 from ..snapshot import load_snapshot, skipped_warnings
 from ..sysgroups import GroupCache
 from ..timeparse import DURATION_HELP, localize, parse_duration, parse_time
@@ -21,8 +23,8 @@ from .common import EXIT_PROBLEM, ID, INT32, Context, edge, main_group, pass_ctx
 from .output import cell, format_option, render, safe_text
 
 LIST_COLUMNS = ("id", "action", "priority", "enabled", "state", "username", "domain",
-                "remote_network", "local_network", "protocol", "valid_from",
-                "valid_until", "message")
+                "remote_network", "local_network", "protocol", "countries", "asns",
+                "valid_from", "valid_until", "message")
 
 
 def table_safe(rows: list[dict], fmt: str) -> list[dict]:
@@ -66,6 +68,10 @@ def rule() -> None:
 @click.option("--network", help="Client network to match, CIDR (IPv4 or IPv6).")
 @click.option("--local-network", help="Server address/network to match, CIDR.")
 @click.option("--protocol", help="imap, pop3, submission or managesieve.")
+@click.option("--country", metavar="CC[,CC...]",
+              help="Client countries to match (ISO 3166-1 codes, GeoIP; needs geoip_country_db).")
+@click.option("--asn", metavar="N[,N...]",
+              help="Client AS numbers to match (GeoIP; needs geoip_asn_db).")
 @click.option("--from", "start", metavar="TIME", help="Active from TIME (ISO 8601; local zone unless --utc or an offset).")
 @click.option("--until", metavar="TIME", help="Active until TIME.")
 @click.option("--for", "duration", metavar="DURATION", help=f"Active for DURATION ({DURATION_HELP}).")
@@ -80,26 +86,52 @@ def rule() -> None:
 @utc_option
 @pass_ctx
 @edge
-def rule_add(ctx: Context, action, user, domain, network, local_network, protocol,
-             start, until, duration, priority, message, comment, disabled, everyone,
+def rule_add(ctx: Context, action, user, domain, network, local_network, protocol, country,
+             asn, start, until, duration, priority, message, comment, disabled, everyone,
              utc) -> None:
-    """Add a rule that allows or denies matching logins."""
+    """Add a rule that allows or denies matching logins.
+
+    A rule by place (--country, --asn) matches only logins whose place is
+    known: "example.org only from DE and AT" is an allow rule with
+    --domain example.org --country DE,AT before a deny rule for the domain.
+    """
     valid_from, valid_until = window(start, until, duration, utc)
+    place_needs_database(ctx, country, asn)
     with ctx.begin() as conn:
         try:
             rule_id = add_rule(
                 conn, action=action, username=user, domain=domain, remote_network=network,
                 local_network=local_network, protocol=protocol, valid_from=valid_from,
                 valid_until=valid_until, priority=priority, message=message, comment=comment,
-                enabled=not disabled, created_by=operator(), everyone=everyone)
+                enabled=not disabled, created_by=operator(), everyone=everyone,
+                countries=country, asns=asn)
         except InvalidInput as exc:
             if exc.field == "everyone" and not everyone:
                 raise InvalidInput("everyone", "a rule with no --user, --domain, --network, "
-                                               "--local-network or --protocol would match "
-                                               "every login: give --everyone if that is "
-                                               "meant") from None
+                                               "--local-network, --protocol, --country or "
+                                               "--asn would match every login: give "
+                                               "--everyone if that is meant") from None
             raise
     click.echo(f"added rule {rule_id}")
+
+
+def open_geoip(settings) -> GeoIP | None:
+    """The configured GeoIP databases (None: none); a bad file is a one-line error."""
+    try:
+        return GeoIP.from_settings(settings)
+    except GeoIPError as exc:
+        raise ConfigError(exc.key, exc.reason) from None
+
+
+def place_needs_database(ctx: Context, country: str | None, asn: str | None) -> None:
+    """A rule by place without the database to place logins would never match: refused."""
+    s = ctx.settings
+    if country is not None and not (s.geoip_country_db or s.geoip_asn_db):
+        raise InvalidInput("--country", "no GeoIP database is configured (geoip_country_db): "
+                                        "the rule could never match")
+    if asn is not None and not s.geoip_asn_db:
+        raise InvalidInput("--asn", "no GeoIP ASN database is configured (geoip_asn_db): "
+                                    "the rule could never match")
 
 
 @rule.command("list")
@@ -192,8 +224,13 @@ def check(ctx: Context, username: str, ip: str, protocol: str, local_ip: str | N
     req = LoginRequest((local_ip or "").encode(), ip.encode(), username.encode(), [])
     groups = tuple(asyncio.run(GroupCache().groups(username))) if s.acl_groups_from_system \
         else ()
-    ex = explain(snap, protocol, req, now, s.default_action, s.rules_unloaded_action, groups)
+    place = locate(open_geoip(s), ip)
+    ex = explain(snap, protocol, req, now, s.default_action, s.rules_unloaded_action, groups,
+                 place)
     decision = ex.decision
+    if s.geoip_country_db or s.geoip_asn_db:
+        click.echo(f"country:  {place.country or 'unknown'}")
+        click.echo(f"asn:      {place.asn if place.asn is not None else 'unknown'}")
     if decision.temporary and decision.reason.startswith("override:"):
         click.echo("decision: allow")
         click.echo("refused:  temporary failure: "

@@ -32,6 +32,11 @@ v_refused_logins = sa.table(
     sa.column("message"), sa.column("comment"), sa.column("policy_applied", sa.Boolean),
     sa.column("host"))
 
+v_new_locations = sa.table(
+    "v_new_locations", sa.column("occurred_at", UTCDateTime), sa.column("username"),
+    sa.column("protocol"), sa.column("remote_ip", IPAddress), sa.column("country"),
+    sa.column("asn", sa.BigInteger), sa.column("host"))
+
 LAST_COLUMNS = ("username", "last_seen", "last_protocol", "last_remote_ip", "logins",
                 "first_seen", "last_host")
 INACTIVE_COLUMNS = ("username", "last_seen", "last_protocol", "idle_days")
@@ -41,6 +46,8 @@ HISTORY_COLUMNS = ("occurred_at", "protocol", "outcome", "remote_ip", "local_ip"
 IPS_COLUMNS = ("remote_ip", "first_seen", "last_seen", "logins", "refused")
 REFUSED_COLUMNS = ("occurred_at", "username", "protocol", "remote_ip", "rule_id", "message",
                    "policy_applied", "host")
+NEW_LOCATION_COLUMNS = ("occurred_at", "username", "protocol", "remote_ip", "country", "asn",
+                        "host")
 DAILY_COLUMNS = ("day", "protocol", "allowed", "denied")
 DAILY_HOST_COLUMNS = ("day", "host", "protocol", "allowed", "denied")
 
@@ -148,6 +155,17 @@ def refused(conn: sa.Connection, since: dt.datetime, limit: int | None = 1000,
          .order_by(v.c.occurred_at.desc()))
     if host:
         q = q.where(v.c.host == host)
+    return _limited(conn, q, limit)
+
+
+def new_locations(conn: sa.Connection, since: dt.datetime, user: str | None = None,
+                  limit: int | None = 1000) -> list[dict[str, object]]:
+    """Logins flagged new_location since ``since``, newest first (``user``: exact name)."""
+    v = v_new_locations
+    q = (sa.select(*(v.c[c] for c in NEW_LOCATION_COLUMNS)).where(v.c.occurred_at >= since)
+         .order_by(v.c.occurred_at.desc()))
+    if user:
+        q = q.where(v.c.username == user)
     return _limited(conn, q, limit)
 
 

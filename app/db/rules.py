@@ -13,16 +13,41 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..errors import InvalidInput, NotFound
-from ..login import (PROTOCOLS, check_text, normalize_domain, normalize_user, normalized_name,
-                     parse_network)
+from ..login import (PROTOCOLS, asn_number, check_text, country_code, normalize_domain,
+                     normalize_user, normalized_name, parse_network)
 from ..policy import Rule, order
 from .loading import Skipped, raw_columns, skip, strict_bool, when
 from .schema import access_rules, config_version
 
 RULE_FIELDS = ("action", "priority", "enabled", "username", "domain", "remote_network",
                "local_network", "protocol", "valid_from", "valid_until", "message",
-               "comment", "created_by")
-MATCH_FIELDS = ("username", "domain", "remote_network", "local_network", "protocol")
+               "comment", "created_by", "countries", "asns")
+MATCH_FIELDS = ("username", "domain", "remote_network", "local_network", "protocol",
+                "countries", "asns")
+PLACE_FIELDS = ("countries", "asns")
+
+
+def _items(field: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        items = [p for p in value.split(",")]
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = [str(p) for p in value]
+    else:
+        raise InvalidInput(field, f"must be a comma-separated list, got {value!r}")
+    items = [p.strip(" \t") for p in items]
+    if not items or any(not p for p in items):
+        raise InvalidInput(field, f"has an empty item: {value!r}")
+    return items
+
+
+def place_list(field: str, value: Any) -> str | None:
+    """countries / asns as stored: sorted, unique, comma-separated ('AT,DE'); None: any."""
+    if value is None:
+        return None
+    items = _items(field, value)
+    if field == "countries":
+        return ",".join(sorted({country_code(p, field) for p in items}))
+    return ",".join(str(n) for n in sorted({asn_number(p, field) for p in items}))
 
 
 def _network(field: str, value: Any) -> str | None:
@@ -69,6 +94,9 @@ def validate_rule(values: dict[str, Any]) -> dict[str, Any]:
     out["local_network"] = _network("local_network", out.get("local_network"))
     out["username"] = _scope_text("username", out.get("username"), normalize_user)
     out["domain"] = _scope_text("domain", out.get("domain"), normalize_domain)
+    for key in PLACE_FIELDS:
+        if key in out:
+            out[key] = place_list(key, out[key])
     start, end = out.get("valid_from"), out.get("valid_until")
     for key in ("valid_from", "valid_until"):
         if out.get(key) is not None and out[key].tzinfo is None:
@@ -98,8 +126,9 @@ def add_rule(conn: sa.Connection, *, everyone: bool = False, now: dt.datetime | 
     has_match = any(row.get(k) is not None for k in MATCH_FIELDS)
     if not has_match and not everyone:
         raise InvalidInput("everyone", "a rule with no user, domain, network, local "
-                                       "network or protocol to match would match every "
-                                       "login: say so explicitly if that is meant")
+                                       "network, protocol, country or ASN to match would "
+                                       "match every login: say so explicitly if that is "
+                                       "meant")
     if has_match and everyone:
         raise InvalidInput("everyone", "cannot be combined with match options")
     now = now or dt.datetime.now(dt.timezone.utc)
@@ -139,7 +168,7 @@ def rule_of(row: sa.RowMapping, dialect: sa.Dialect | None = None) -> Rule:
     """A stored row as a Rule; InvalidInput or ValueError if it cannot be one."""
     dialect = dialect or sa.dialects.sqlite.dialect()
     values = {k: row[k] for k in ("action", "priority", "username", "domain", "protocol",
-                                  "remote_network", "local_network")}
+                                  "remote_network", "local_network", "countries", "asns")}
     values["valid_from"] = when(row["valid_from"], dialect)
     values["valid_until"] = when(row["valid_until"], dialect)
     if isinstance(values["priority"], str):
@@ -151,7 +180,9 @@ def rule_of(row: sa.RowMapping, dialect: sa.Dialect | None = None) -> Rule:
         remote_network=parse_network(v["remote_network"]) if v["remote_network"] else None,
         local_network=parse_network(v["local_network"]) if v["local_network"] else None,
         protocol=v["protocol"], valid_from=v["valid_from"], valid_until=v["valid_until"],
-        message=row["message"])
+        message=row["message"],
+        countries=frozenset(v["countries"].split(",")) if v["countries"] else None,
+        asns=frozenset(int(n) for n in v["asns"].split(",")) if v["asns"] else None)
 
 
 def load_rules(conn: sa.Connection, skipped: Skipped | None = None) -> tuple[Rule, ...]:

@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 
 import sqlalchemy as sa
 
-from ..login import LoginRecord
+from ..login import LoginRecord, username_text
 from .engine import dialect_insert
 from .schema import last_logins, login_alert_deliveries, login_events
 
@@ -23,7 +23,61 @@ def unique_events(records: Sequence[LoginRecord]) -> list[LoginRecord]:
     return out
 
 
-def record_logins(conn: sa.Connection, records: Sequence[LoginRecord]) -> int:
+def _seen_before(conn: sa.Connection, row: dict[str, object], same_place: bool) -> bool:
+    """An allowed login of this user before this one (from the same place)?"""
+    e = login_events
+    cond = [e.c.username == row["username"], e.c.outcome == "allowed",
+            e.c.occurred_at < row["occurred_at"]]
+    if same_place:
+        cond.append(e.c.country == row["country"] if row["country"] is not None
+                    else e.c.asn == row["asn"])
+    return conn.execute(sa.select(sa.literal(1)).where(*cond).limit(1)).first() is not None
+
+
+def place_key(row: dict[str, object]) -> tuple[str, object]:
+    """What "the same place" compares: the country, or without one the ASN."""
+    return ("country", row["country"]) if row["country"] is not None else ("asn", row["asn"])
+
+
+def flag_new_locations(conn: sa.Connection | None, rows: list[dict[str, object]],
+                       seen_before=None) -> None:
+    """Set ``new_location`` on each row, as the PostgreSQL batch does in SQL.
+
+    New: an allowed login with a known country (or, without one, ASN), of a
+    user with an earlier allowed login, none of them from that place --
+    earlier logins in the same batch included. The first login is not new.
+    ``seen_before(row, same_place)`` asks the stored history (default: through
+    ``conn``; the SQLite writer passes its own connection's query).
+    """
+    if seen_before is None:
+        def seen_before(row: dict[str, object], same_place: bool) -> bool:
+            return _seen_before(conn, row, same_place)
+    by_time = sorted((r for r in rows if r["outcome"] == "allowed"
+                      and (r["country"] is not None or r["asn"] is not None)),
+                     key=lambda r: r["occurred_at"])  # type: ignore[arg-type, return-value]
+    batch_users: dict[object, object] = {}          # username -> earliest in batch
+    batch_places: dict[tuple[object, object], object] = {}
+    for row in rows:
+        row["new_location"] = False
+        if row["outcome"] == "allowed":
+            t = batch_users.get(row["username"])
+            if t is None or row["occurred_at"] < t:  # type: ignore[operator]
+                batch_users[row["username"]] = row["occurred_at"]
+            key = (row["username"], place_key(row))
+            t = batch_places.get(key)
+            if t is None or row["occurred_at"] < t:  # type: ignore[operator]
+                batch_places[key] = row["occurred_at"]
+    for row in by_time:
+        at = row["occurred_at"]
+        earlier_user = batch_users[row["username"]] < at  # type: ignore[operator]
+        earlier_place = batch_places[(row["username"], place_key(row))] < at  # type: ignore
+        if earlier_place or seen_before(row, True):
+            continue
+        row["new_location"] = earlier_user or seen_before(row, False)
+
+
+def record_logins(conn: sa.Connection, records: Sequence[LoginRecord],
+                  flagged: list[uuid.UUID] | None = None) -> int:
     """Store the events and fold them into last_logins; return how many were new.
 
     Idempotent: an event id already stored is skipped, and only new allowed
@@ -36,11 +90,14 @@ def record_logins(conn: sa.Connection, records: Sequence[LoginRecord]) -> int:
     if not records:
         return 0
     rows = [r.event_row() for r in records]
+    flag_new_locations(conn, rows)
     stmt = (dialect_insert(conn, login_events)
             .on_conflict_do_nothing(index_elements=["event_id", "occurred_at"])
             .returning(login_events.c.event_id))
     new_ids = set(conn.execute(stmt, rows).scalars())
     fresh = [row for row in rows if row["event_id"] in new_ids]
+    if flagged is not None:
+        flagged.extend(row["event_id"] for row in fresh if row["new_location"])  # type: ignore
     _upsert_last_logins(conn, [r for r in fresh if r["outcome"] == "allowed"])
     deliveries = [{"alert_id": a, "username": row["username"], "delivered_at": row["occurred_at"]}
                   for rec, row in zip(records, rows) if row["event_id"] in new_ids
@@ -64,7 +121,7 @@ def _fold(rows: Iterable[dict[str, object]]) -> list[dict[str, object]]:
                 "username_raw": row["username_raw"],
                 "first_seen": row["occurred_at"], "last_seen": row["occurred_at"],
                 "last_remote_ip": row["remote_ip"], "last_local_ip": row["local_ip"],
-                "last_host": row["host"], "login_count": 1,
+                "last_host": row["host"], "last_country": row["country"], "login_count": 1,
             }
             continue
         cur["login_count"] += 1  # type: ignore[operator]
@@ -74,6 +131,7 @@ def _fold(rows: Iterable[dict[str, object]]) -> list[dict[str, object]]:
             cur["last_remote_ip"] = row["remote_ip"]
             cur["last_local_ip"] = row["local_ip"]
             cur["last_host"] = row["host"]
+            cur["last_country"] = row["country"]
     # In key order: concurrent writers (one daemon per mail host) then lock
     # the same users' rows in the same order and cannot deadlock.
     return [folded[k] for k in sorted(folded)]
@@ -96,7 +154,23 @@ def _upsert_last_logins(conn: sa.Connection, rows: list[dict[str, object]]) -> N
             "last_local_ip": sa.case((newer, ins.excluded.last_local_ip),
                                      else_=t.c.last_local_ip),
             "last_host": sa.case((newer, ins.excluded.last_host), else_=t.c.last_host),
+            "last_country": sa.case((newer, ins.excluded.last_country),
+                                    else_=t.c.last_country),
             "login_count": t.c.login_count + ins.excluded.login_count,
         },
     )
     conn.execute(stmt, _fold(rows))
+
+
+def previous_login(conn: sa.Connection, username: bytes) -> tuple[str, str, str] | None:
+    """(time, address, country) of the user's last allowed login, any protocol;
+    one primary-key range read of last_logins. None: never logged in."""
+    t = last_logins
+    name = username_text(username)[0]
+    row = conn.execute(sa.select(t.c.last_seen, t.c.last_remote_ip, t.c.last_country)
+                       .where(t.c.username == name).order_by(t.c.last_seen.desc())
+                       .limit(1)).first()
+    if row is None:
+        return None
+    when = row.last_seen.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return when, str(row.last_remote_ip or ""), row.last_country or ""

@@ -14,13 +14,14 @@ all give the same rows (tests/test_store.py runs against each).
 
 from __future__ import annotations
 
+import uuid
 from typing import Sequence
 
 import sqlalchemy as sa
 
 from ..login import LoginRecord
 from .schema import last_logins, login_alert_deliveries, login_events
-from .store import _fold, record_logins, unique_events
+from .store import _fold, flag_new_locations, record_logins, unique_events
 
 # Parameters are arrays, one element per record (unnest keeps them in step).
 PG_BATCH = """
@@ -30,29 +31,66 @@ WITH input AS (
                          %(protocol)s::text[], %(remote_ip)s::inet[], %(local_ip)s::inet[],
                          %(outcome)s::text[], %(rule_id)s::int[], %(auth_mech)s::text[],
                          %(master_user)s::text[], %(auth_user)s::text[],
-                         %(message)s::text[], %(policy_applied)s::bool[], %(host)s::text[])
+                         %(message)s::text[], %(policy_applied)s::bool[], %(host)s::text[],
+                         %(country)s::text[], %(asn)s::bigint[])
         AS t(event_id, occurred_at, username, username_raw, protocol, remote_ip, local_ip,
              outcome, rule_id, auth_mech, master_user, auth_user, message, policy_applied,
-             host)
+             host, country, asn)
+), located AS (
+    -- new_location (app/db/store.flag_new_locations says the same in Python):
+    -- an allowed login with a known place, of a user who logged in before
+    -- (stored, or earlier in this batch), never from that country -- or,
+    -- without a country, that ASN. Unlocated logins skip the probes.
+    SELECT i.*,
+           CASE WHEN i.outcome <> 'allowed' OR (i.country IS NULL AND i.asn IS NULL)
+                THEN false
+                -- the first login a user ever makes is not new
+                WHEN NOT (EXISTS (SELECT 1 FROM login_events p
+                                  WHERE p.username = i.username AND p.outcome = 'allowed'
+                                    AND p.occurred_at < i.occurred_at)
+                          OR EXISTS (SELECT 1 FROM input b
+                                     WHERE b.username = i.username AND b.outcome = 'allowed'
+                                       AND b.occurred_at < i.occurred_at))
+                THEN false
+                WHEN i.country IS NOT NULL
+                THEN NOT EXISTS (SELECT 1 FROM login_events p      -- (username, country) index
+                                 WHERE p.username = i.username AND p.country = i.country
+                                   AND p.outcome = 'allowed' AND p.occurred_at < i.occurred_at)
+                     AND NOT EXISTS (SELECT 1 FROM input b
+                                     WHERE b.username = i.username AND b.country = i.country
+                                       AND b.outcome = 'allowed'
+                                       AND b.occurred_at < i.occurred_at)
+                ELSE NOT EXISTS (SELECT 1 FROM login_events p
+                                 WHERE p.username = i.username AND p.asn = i.asn
+                                   AND p.outcome = 'allowed' AND p.occurred_at < i.occurred_at)
+                     AND NOT EXISTS (SELECT 1 FROM input b
+                                     WHERE b.username = i.username AND b.asn = i.asn
+                                       AND b.outcome = 'allowed'
+                                       AND b.occurred_at < i.occurred_at)
+           END AS new_location
+    FROM input i
 ), new AS (
     -- Only the rows this statement inserts are folded below: a record
     -- written twice (spooled and committed late) counts once.
     INSERT INTO login_events (event_id, occurred_at, username, username_raw, protocol,
                               remote_ip, local_ip, outcome, rule_id, auth_mech,
-                              master_user, auth_user, message, policy_applied, host)
-    SELECT * FROM input
+                              master_user, auth_user, message, policy_applied, host,
+                              country, asn, new_location)
+    SELECT * FROM located
     ON CONFLICT (event_id, occurred_at) DO NOTHING
     RETURNING event_id, occurred_at, username, username_raw, protocol, remote_ip, local_ip,
-              outcome, host
+              outcome, host, country, new_location
 ), folded AS (
     -- ORDER BY: writers on several mail hosts lock the same users' rows in
     -- the same order, so concurrent batches wait for each other, never deadlock.
     INSERT INTO last_logins AS l (username, protocol, username_raw, first_seen, last_seen,
-                                  last_remote_ip, last_local_ip, last_host, login_count)
+                                  last_remote_ip, last_local_ip, last_host, last_country,
+                                  login_count)
     SELECT username, protocol, (array_agg(username_raw))[1], min(occurred_at), max(occurred_at),
            (array_agg(remote_ip ORDER BY occurred_at DESC))[1],
            (array_agg(local_ip ORDER BY occurred_at DESC))[1],
-           (array_agg(host ORDER BY occurred_at DESC))[1], count(*)
+           (array_agg(host ORDER BY occurred_at DESC))[1],
+           (array_agg(country ORDER BY occurred_at DESC))[1], count(*)
     FROM new WHERE outcome = 'allowed' GROUP BY username, protocol ORDER BY username, protocol
     ON CONFLICT (username, protocol) DO UPDATE SET
         first_seen = LEAST(l.first_seen, EXCLUDED.first_seen),
@@ -63,6 +101,8 @@ WITH input AS (
                              THEN EXCLUDED.last_local_ip ELSE l.last_local_ip END,
         last_host = CASE WHEN EXCLUDED.last_seen >= l.last_seen
                          THEN EXCLUDED.last_host ELSE l.last_host END,
+        last_country = CASE WHEN EXCLUDED.last_seen >= l.last_seen
+                            THEN EXCLUDED.last_country ELSE l.last_country END,
         login_count = l.login_count + EXCLUDED.login_count
     RETURNING 1
 ), delivered AS (
@@ -74,12 +114,13 @@ WITH input AS (
     ON CONFLICT DO NOTHING
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM folded), (SELECT count(*) FROM delivered)
+SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM folded), (SELECT count(*) FROM delivered),
+       (SELECT array_agg(event_id) FROM new WHERE new_location)
 """
 
 COLUMNS = ("event_id", "occurred_at", "username", "username_raw", "protocol", "remote_ip",
            "local_ip", "outcome", "rule_id", "auth_mech", "master_user", "auth_user",
-           "message", "policy_applied", "host")
+           "message", "policy_applied", "host", "country", "asn")
 
 
 def pg_params(records: Sequence[LoginRecord]) -> dict[str, list[object]]:
@@ -97,9 +138,10 @@ class SqlAlchemyWriter:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
 
-    def write(self, records: Sequence[LoginRecord]) -> int:
+    def write(self, records: Sequence[LoginRecord],
+              flagged: list[uuid.UUID] | None = None) -> int:
         with self.engine.begin() as conn:
-            return record_logins(conn, records)
+            return record_logins(conn, records, flagged)
 
     def close(self) -> None:
         pass
@@ -119,12 +161,16 @@ class PostgresWriter:
             self._raw = raw
         return self._raw.driver_connection
 
-    def write(self, records: Sequence[LoginRecord]) -> int:
+    def write(self, records: Sequence[LoginRecord],
+              flagged: list[uuid.UUID] | None = None) -> int:
+        """Store a batch; ``flagged`` gets the ids of the new locations among it."""
         try:
             row = self._conn().execute(PG_BATCH, pg_params(records), prepare=True).fetchone()
         except Exception:
             self.close()            # a fresh connection next time
             raise
+        if flagged is not None and row[3]:
+            flagged.extend(row[3])
         return int(row[0])
 
     def close(self) -> None:
@@ -136,11 +182,12 @@ class PostgresWriter:
             self._raw = None
 
 
-_SQLITE_EVENT = (f"INSERT INTO login_events ({', '.join(COLUMNS)}) "
-                 f"VALUES ({', '.join('?' * len(COLUMNS))}) "
+_SQLITE_COLUMNS = COLUMNS + ("new_location",)
+_SQLITE_EVENT = (f"INSERT INTO login_events ({', '.join(_SQLITE_COLUMNS)}) "
+                 f"VALUES ({', '.join('?' * len(_SQLITE_COLUMNS))}) "
                  "ON CONFLICT (event_id, occurred_at) DO NOTHING")
 _LAST_COLUMNS = ("username", "protocol", "username_raw", "first_seen", "last_seen",
-                 "last_remote_ip", "last_local_ip", "last_host", "login_count")
+                 "last_remote_ip", "last_local_ip", "last_host", "last_country", "login_count")
 # The fold of app/db/store._upsert_last_logins, written out for SQLite
 # (timestamps are fixed-width ISO text there: text order is time order).
 _SQLITE_LAST = (
@@ -151,13 +198,13 @@ _SQLITE_LAST = (
     "THEN excluded.first_seen ELSE last_logins.first_seen END, "
     "last_seen = CASE WHEN excluded.last_seen >= last_logins.last_seen "
     "THEN excluded.last_seen ELSE last_logins.last_seen END, "
-    "last_remote_ip = CASE WHEN excluded.last_seen >= last_logins.last_seen "
-    "THEN excluded.last_remote_ip ELSE last_logins.last_remote_ip END, "
-    "last_local_ip = CASE WHEN excluded.last_seen >= last_logins.last_seen "
-    "THEN excluded.last_local_ip ELSE last_logins.last_local_ip END, "
-    "last_host = CASE WHEN excluded.last_seen >= last_logins.last_seen "
-    "THEN excluded.last_host ELSE last_logins.last_host END, "
-    "login_count = last_logins.login_count + excluded.login_count")
+    + "".join(f"{c} = CASE WHEN excluded.last_seen >= last_logins.last_seen "
+              f"THEN excluded.{c} ELSE last_logins.{c} END, "
+              for c in ("last_remote_ip", "last_local_ip", "last_host", "last_country"))
+    + "login_count = last_logins.login_count + excluded.login_count")
+# app/db/store._seen_before, for the SQLite writer's own connection
+_SQLITE_SEEN = ("SELECT 1 FROM login_events WHERE username = ? AND outcome = 'allowed' "
+                "AND occurred_at < ?")
 _SQLITE_DELIVERY = ("INSERT INTO login_alert_deliveries (alert_id, username, delivered_at) "
                     "VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
 
@@ -183,7 +230,8 @@ class SqliteWriter:
         self.engine = engine
         self._raw = None
         d = engine.dialect
-        self._event_conv = _converters(login_events, COLUMNS, d)
+        self._event_conv = _converters(login_events, _SQLITE_COLUMNS, d)
+        self._when = login_events.c.occurred_at.type.bind_processor(d)
         self._last_conv = _converters(last_logins, _LAST_COLUMNS, d)
         self._delivery_conv = _converters(login_alert_deliveries,
                                           ("alert_id", "username", "delivered_at"), d)
@@ -195,7 +243,16 @@ class SqliteWriter:
             self._raw = raw
         return self._raw.driver_connection
 
-    def write(self, records: Sequence[LoginRecord]) -> int:
+    def _seen_before(self, cur, row: dict[str, object], same_place: bool) -> bool:
+        sql, args = _SQLITE_SEEN, [row["username"], self._when(row["occurred_at"])]
+        if same_place:
+            col = "country" if row["country"] is not None else "asn"
+            sql, args = sql + f" AND {col} = ?", args + [row[col]]
+        return cur.execute(sql + " LIMIT 1", args).fetchone() is not None
+
+    def write(self, records: Sequence[LoginRecord],
+              flagged: list[uuid.UUID] | None = None) -> int:
+        """Store a batch; ``flagged`` gets the ids of the new locations among it."""
         records = unique_events(records)
         if not records:
             return 0
@@ -203,14 +260,17 @@ class SqliteWriter:
         try:
             cur = conn.cursor()
             cur.execute("BEGIN IMMEDIATE")
-            new, fresh, deliveries = 0, [], []
-            for rec in records:
-                row = rec.event_row()
-                cur.execute(_SQLITE_EVENT, _convert([row[c] for c in COLUMNS],
+            rows = [rec.event_row() for rec in records]
+            flag_new_locations(None, rows, lambda r, same: self._seen_before(cur, r, same))
+            new, fresh, deliveries, located = 0, [], [], []
+            for rec, row in zip(records, rows):
+                cur.execute(_SQLITE_EVENT, _convert([row[c] for c in _SQLITE_COLUMNS],
                                                     self._event_conv))
                 if cur.rowcount != 1:
                     continue            # stored already (a replay, a late commit)
                 new += 1
+                if row["new_location"]:
+                    located.append(row["event_id"])
                 if row["outcome"] == "allowed":
                     fresh.append(row)
                 deliveries += [(a, row["username"], row["occurred_at"])
@@ -224,6 +284,8 @@ class SqliteWriter:
                 cur.executemany(_SQLITE_DELIVERY,
                                 [_convert(d, self._delivery_conv) for d in deliveries])
             cur.execute("COMMIT")
+            if flagged is not None:
+                flagged.extend(located)
         except BaseException:
             # Roll back here, in the thread that owns the connection (closing
             # it elsewhere would leave its write lock held), then start afresh.
