@@ -10,7 +10,6 @@ import json
 import os
 import stat
 import sys
-import uuid
 
 import pytest
 import sqlalchemy as sa
