@@ -34,7 +34,8 @@ from .errors import InvalidInput
 
 PROTOCOLS = ("imap", "pop3", "submission", "managesieve")
 ALLOWED, DENIED = "allowed", "denied"
-OUTCOMES = (ALLOWED, DENIED)
+FAILED = "failed"           # an authentication Dovecot's policy client reported as failed
+OUTCOMES = (ALLOWED, DENIED, FAILED)
 
 IPNet = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 IPAddr = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -268,6 +269,7 @@ class LoginRecord:
     message: str | None = None              # what a refused client was told
     policy_applied: bool = True             # False: decided without rules loaded
     host: str | None = None                 # the mail host that saw it
+    session_id: str | None = None           # Dovecot's session id, when known
 
     def event_row(self) -> dict[str, object]:
         name, raw = username_text(self.username)
@@ -287,6 +289,7 @@ class LoginRecord:
             "message": self.message,
             "policy_applied": self.policy_applied,
             "host": self.host,
+            "session_id": self.session_id,
         }
 
 

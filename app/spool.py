@@ -81,6 +81,8 @@ def encode(record: LoginRecord) -> bytes:
         doc["policy_applied"] = False
     if record.host is not None:
         doc["host"] = record.host
+    if record.session_id is not None:
+        doc["session_id"] = record.session_id
     for key in _BYTES:
         value = getattr(record, key)
         doc[key] = None if value is None else base64.b64encode(value).decode("ascii")
@@ -134,6 +136,9 @@ def _record_of(doc: dict) -> LoginRecord:
     host = doc.get("host")
     if host is not None and not isinstance(host, str):
         raise DamagedLine("host is not text")
+    session_id = doc.get("session_id")
+    if session_id is not None and not isinstance(session_id, str):
+        raise DamagedLine("session_id is not text")
     return LoginRecord(
         event_id=uuid.UUID(doc["event_id"]),
         occurred_at=_aware(dt.datetime.fromisoformat(doc["occurred_at"])),
@@ -141,7 +146,8 @@ def _record_of(doc: dict) -> LoginRecord:
         remote_ip=_address(doc["remote_ip"]), local_ip=_address(doc["local_ip"]),
         outcome=outcome, rule_id=rule_id, auth_mech=raw["auth_mech"],
         master_user=raw["master_user"], auth_user=raw["auth_user"],
-        alerts_shown=tuple(alerts), message=message, policy_applied=applied, host=host)
+        alerts_shown=tuple(alerts), message=message, policy_applied=applied, host=host,
+        session_id=session_id)
 
 
 def _opt_b64(value: object) -> bytes | None:

@@ -76,6 +76,7 @@ login_events = sa.Table(
     sa.Column("policy_applied", sa.Boolean, nullable=False, server_default=sa.true(),
               comment="false: decided without rules loaded (rules_unloaded_action)"),
     sa.Column("host", sa.Text, comment="the mail host whose daemon saw the login (host_name)"),
+    sa.Column("session_id", sa.Text, comment="Dovecot's session id, when known"),
     sa.CheckConstraint(PROTOCOL_CHECK, name="protocol"),
     sa.CheckConstraint(OUTCOME_CHECK, name="outcome"),
     sa.Index("ix_login_events_username_occurred_at", "username", "occurred_at"),
@@ -84,6 +85,9 @@ login_events = sa.Table(
     sa.Index("ix_login_events_denied_occurred_at", "occurred_at",
              postgresql_where=sa.text("outcome = 'denied'"),
              sqlite_where=sa.text("outcome = 'denied'")),
+    sa.Index("ix_login_events_failed_occurred_at", "occurred_at",
+             postgresql_where=sa.text("outcome = 'failed'"),
+             sqlite_where=sa.text("outcome = 'failed'")),
     comment="Every login the daemon saw, allowed or refused (append-only).",
     postgresql_partition_by="RANGE (occurred_at)",
 )

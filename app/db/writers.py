@@ -26,16 +26,18 @@ WITH input AS (
                          %(protocol)s::text[], %(remote_ip)s::inet[], %(local_ip)s::inet[],
                          %(outcome)s::text[], %(rule_id)s::int[], %(auth_mech)s::text[],
                          %(master_user)s::text[], %(auth_user)s::text[],
-                         %(message)s::text[], %(policy_applied)s::bool[], %(host)s::text[])
+                         %(message)s::text[], %(policy_applied)s::bool[], %(host)s::text[],
+                         %(session_id)s::text[])
         AS t(event_id, occurred_at, username, username_raw, protocol, remote_ip, local_ip,
              outcome, rule_id, auth_mech, master_user, auth_user, message, policy_applied,
-             host)
+             host, session_id)
 ), new AS (
     -- Only the rows this statement inserts are folded below: a record
     -- written twice (spooled and committed late) counts once.
     INSERT INTO login_events (event_id, occurred_at, username, username_raw, protocol,
                               remote_ip, local_ip, outcome, rule_id, auth_mech,
-                              master_user, auth_user, message, policy_applied, host)
+                              master_user, auth_user, message, policy_applied, host,
+                              session_id)
     SELECT * FROM input
     ON CONFLICT (event_id, occurred_at) DO NOTHING
     RETURNING event_id, occurred_at, username, username_raw, protocol, remote_ip, local_ip,
@@ -75,7 +77,7 @@ SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM folded), (SELECT count(
 
 COLUMNS = ("event_id", "occurred_at", "username", "username_raw", "protocol", "remote_ip",
            "local_ip", "outcome", "rule_id", "auth_mech", "master_user", "auth_user",
-           "message", "policy_applied", "host")
+           "message", "policy_applied", "host", "session_id")
 
 
 def pg_params(records: Sequence[LoginRecord]) -> dict[str, list[object]]:
