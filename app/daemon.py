@@ -22,12 +22,14 @@ import signal
 
 import sqlalchemy as sa
 
+from .authpolicy import AuthPolicy, PolicySteps
 from .config import ConfigError, Settings, load_settings
 from .db import make_engine
 from .db.migrate import ensure_at_head
 from .logs import show
 from .maintenance import Maintenance
 from .metrics import Metrics
+from .policyhttp import PolicyServer
 from .recorder import Recorder, Replayer, first_line
 from .safedirs import prepare_daemon_dirs
 from .server import Server
@@ -47,7 +49,8 @@ EXIT_SCHEMA = 3             # the database schema is not at head
 # Settings a running daemon cannot change (SIGHUP): they need a restart.
 FIXED_SETTINGS = ("database_url", "socket_dir", "protocols", "socket_imap", "socket_pop3",
                   "socket_submission", "socket_managesieve", "socket_mode", "socket_owner",
-                  "socket_group", "max_connections", "data_dir", "spool_dir", "database_group")
+                  "socket_group", "max_connections", "data_dir", "spool_dir", "database_group",
+                  "policy_listen")
 
 STOP, RELOAD, HANDOVER = "stop", "reload", "handover"
 
@@ -88,9 +91,15 @@ class Daemon:
         self.maintenance = Maintenance(self.engine, s.retention_days)
         self.service = LoginService(self.recorder, self.cache, Steps.from_settings(s))
         self.server = Server(s, self.service, take_listeners(s))
+        self.policy = AuthPolicy(self.recorder, self.cache, self.engine,
+                                 PolicySteps.from_settings(s))
+        self.policy_server = PolicyServer(s, self.policy) if s.policy_listen else None
         if s.metrics_listen:
             metrics = Metrics()
             metrics.watch(self.service.status)
+            if self.policy_server is not None:
+                metrics.watch_auto_blocks(self.policy.active_auto_blocks)
+                self.policy.metrics = metrics
             metrics.serve(s.metrics_listen)
             self.service.metrics = metrics
             log.info("event=metrics_listening address=%s", s.metrics_listen)
@@ -110,6 +119,8 @@ class Daemon:
                           (signal.SIGHUP, RELOAD), (signal.SIGUSR2, HANDOVER)):
             loop.add_signal_handler(sig, self._wanted.put_nowait, what)
         self.server.start()
+        if self.policy_server is not None:
+            await self.policy_server.start()    # bound before READY, or the start fails
         notify_ready()
         status = asyncio.create_task(self.server.write_status())
         try:
@@ -127,7 +138,10 @@ class Daemon:
             status.cancel()
             remove_own_status(self.settings.runtime_dir())
             sd_notify("STOPPING=1")
+            if self.policy_server is not None:
+                self.policy_server.close()
             await self.server.drain(self.settings.drain_timeout)
+            await self.policy.drain(self.settings.drain_timeout)
 
     def reload(self) -> None:
         """SIGHUP: re-read the settings; keep the old ones if the new are bad."""
@@ -142,6 +156,9 @@ class Daemon:
         self.settings = new
         self.server.reconfigure(new)
         self.service.reconfigure(new)
+        self.policy.reconfigure(new)
+        if self.policy_server is not None:
+            self.policy_server.reconfigure(new)
         logging.getLogger("lastlogin").setLevel(new.log_level.upper())
         log.info("event=reloaded")
 

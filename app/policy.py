@@ -37,6 +37,7 @@ class Rule:
     valid_from: dt.datetime | None = None
     valid_until: dt.datetime | None = None
     message: str | None = None
+    created_by: str | None = None       # "auto": an automatic block (app/authpolicy.py)
 
     def __post_init__(self) -> None:
         # Held normalised, so matching is a plain comparison.
