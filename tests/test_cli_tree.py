@@ -139,6 +139,7 @@ def baselines(base) -> dict[tuple[str, ...], tuple[list[str], list[str]]]:
         ("report", "history"): (["a@example.com"], []),
         ("report", "ips"): (["a@example.com"], []),
         ("report", "refused"): ([], []),
+        ("report", "failed"): ([], []),
         ("report", "daily"): ([], []),
         ("prune",): ([], ["--older-than", "30d", "--dry-run"]),
         ("import", "dovecot-log"): ([str(base / "mail.log")], []),

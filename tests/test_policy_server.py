@@ -31,10 +31,13 @@ def served(pg_url):
     engine = make_engine(pg_url)
     empty_tables(engine)
     port = free_port()
+    metrics_port = free_port()
     daemon = make_daemon(pg_url, protocols="imap", policy_listen=f"127.0.0.1:{port}",
+                         metrics_listen=f"127.0.0.1:{metrics_port}",
                          policy_api_key=KEY, block_after_failures="3",
                          block_window="10min", block_for="1h",
                          block_exempt_networks="192.0.2.0/24")
+    daemon.metrics_port = metrics_port
     daemon.start()
     try:
         yield daemon, port, engine
@@ -224,3 +227,36 @@ def test_network_rules_apply_before_authentication(served):
     assert post(conn, "allow", attempt("anyone", "198.51.100.9"))[1]["status"] == 0
     assert re.search(r"event=policy_check user=anyone remote_ip=198\.19\.1\.1 service=imap "
                      r"status=-1 reason=\"?rule \d+", daemon.logs())
+
+
+def test_report_failed_by_address_and_by_user(served):
+    daemon, port, _ = served
+    conn = connect(port)
+    for login, ip in (("rf1", "100.64.0.1"), ("rf2", "100.64.0.1"), ("rf1", "100.64.0.2")):
+        post(conn, "report", attempt(login, ip, success=False))
+    env = {"LASTLOGIN_DATABASE_URL": daemon.env["LASTLOGIN_DATABASE_URL"]}
+    out = lastlogin("report", "failed", "--since", "1h", "--format", "json", env=env)
+    assert out.returncode == 0, out.stderr
+    by_ip = {r["remote_ip"]: r for r in json.loads(out.stdout)}
+    assert (by_ip["100.64.0.1"]["failures"], by_ip["100.64.0.1"]["users"]) == (2, 2)
+    assert (by_ip["100.64.0.2"]["failures"], by_ip["100.64.0.2"]["users"]) == (1, 1)
+    assert by_ip["100.64.0.1"]["first_failure"] <= by_ip["100.64.0.1"]["last_failure"]
+    out = lastlogin("report", "failed", "--by", "user", "--format", "json", env=env)
+    by_user = {r["username"]: r for r in json.loads(out.stdout)}
+    assert (by_user["rf1"]["failures"], by_user["rf1"]["addresses"]) == (2, 2)
+    bad = lastlogin("report", "failed", "--by", "country", env=env)
+    assert bad.returncode == 2 and "Invalid value for '--by'" in bad.stderr
+
+
+def test_metrics_count_checks_rejections_failures_and_blocks(served):
+    import urllib.request
+    daemon, port, _ = served
+    post(connect(port), "allow", attempt("metrics", "198.51.100.77"))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics",
+                                  timeout=5).read().decode()
+    values = dict(re.findall(r"^(lastlogin_(?:policy|auto)\S*) (\S+)$", text, re.M))
+    assert float(values['lastlogin_policy_checks_total{result="allowed"}']) >= 1
+    assert float(values['lastlogin_policy_checks_total{result="rejected"}']) >= 1
+    assert float(values["lastlogin_policy_failures_total"]) >= 3
+    assert float(values["lastlogin_policy_requests_refused_total"]) >= 1
+    assert float(values["lastlogin_auto_blocks_active"]) >= 1
