@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .login import PROTOCOLS
+from .errors import InvalidInput
+from .login import PROTOCOLS, parse_network
+from .timeparse import parse_duration
 
 DEFAULT_CONFIG_PATH = Path("/etc/lastlogin/lastlogin.toml")
 ENV_PREFIX = "LASTLOGIN_"
@@ -120,6 +122,13 @@ def _as_days(v: Any) -> int:
     return n
 
 
+def _as_count(v: Any) -> int:
+    n = _as_int(v)
+    if n < 0:
+        raise ValueError(f"must be 0 (off) or a positive number, got {n}")
+    return n
+
+
 def _as_positive_int(v: Any) -> int:
     n = _as_int(v)
     if n <= 0:
@@ -158,6 +167,50 @@ def _listen_address(v: Any) -> str:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"must be host:port like 127.0.0.1:9464, got {v!r}")
     return s
+
+
+def _span(v: Any) -> float:
+    """A duration (``90s``, ``10min``, ``1h``, ``2d``) or a number of seconds."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        seconds = float(v)
+    elif isinstance(v, str) and v.strip().isdigit():
+        seconds = float(v.strip())
+    elif isinstance(v, str):
+        try:
+            d = parse_duration(v, "duration")
+        except InvalidInput as exc:
+            raise ValueError(exc.reason) from None
+        if d.unit in ("months", "years"):
+            raise ValueError(f"must be at most weeks, got {v!r}")
+        seconds = float(d.amount * {"seconds": 1, "minutes": 60, "hours": 3600,
+                                    "days": 86400, "weeks": 604800}[d.unit])
+    else:
+        raise ValueError(f"must be a duration like 10min or 1h, got {v!r}")
+    if seconds <= 0:
+        raise ValueError(f"must be more than 0 seconds, got {v!r}")
+    return seconds
+
+
+def _networks(v: Any) -> tuple[str, ...]:
+    out = []
+    for item in _as_list(v):
+        try:
+            out.append(str(parse_network(item)))
+        except ValueError:
+            raise ValueError(f"not an IPv4 or IPv6 network: {item!r}") from None
+    return tuple(out)
+
+
+def is_loopback_listen(address: str) -> bool:
+    """Does a host:port listen address stay on this machine (empty host: 127.0.0.1)?"""
+    host = address.rpartition(":")[0].strip("[]")
+    if host in ("", "localhost"):
+        return True
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _as_list(v: Any) -> tuple[str, ...]:
@@ -426,6 +479,27 @@ class Settings:
     notify_queue: int = _opt(_as_positive_int, 1000,
                              doc="new-location notifications waiting at most; more are "
                                  "dropped with a log line")
+    policy_listen: str = _opt(_listen_address, "",
+                              doc="host:port of the Dovecot auth policy endpoint, e.g. "
+                                  "127.0.0.1:8471 (empty: off; not loopback: needs "
+                                  "policy_api_key)")
+    policy_api_key: str = _opt(_as_str, "",
+                               doc="key Dovecot must send (auth_policy_server_api_header = "
+                                   "X-API-Key: <key>); empty: none asked")
+    block_after_failures: int = _opt(_as_count, 0,
+                                     doc="failed authentications (per address, per user) "
+                                         "within block_window that add a deny rule (0: off)")
+    block_window: float = _opt(_span, 600.0, doc="window failures are counted in (10min)")
+    block_for: float = _opt(_span, 3600.0, doc="how long an automatic deny rule lasts (1h)")
+    block_exempt_networks: tuple[str, ...] = _opt(
+        _networks, (), doc="networks never blocked automatically (webmail, proxies)")
+
+    def __post_init__(self) -> None:
+        if (self.policy_listen and not is_loopback_listen(self.policy_listen)
+                and not self.policy_api_key):
+            raise ConfigError("policy_api_key", f"policy_listen {self.policy_listen} is not "
+                              "a loopback address: set policy_api_key (and Dovecot's "
+                              "auth_policy_server_api_header) so others cannot ask or report")
 
     @property
     def effective_database_url(self) -> str:
@@ -448,7 +522,8 @@ class Settings:
 
     def secrets(self) -> tuple[str, ...]:
         """Strings that must never be shown: the database password."""
-        return url_secrets(self.database_url) if self.database_url else ()
+        found = url_secrets(self.database_url) if self.database_url else ()
+        return found + ((self.policy_api_key,) if self.policy_api_key else ())
 
     @property
     def effective_spool_dir(self) -> str:

@@ -22,6 +22,7 @@ import signal
 
 import sqlalchemy as sa
 
+from .authpolicy import AuthPolicy, PolicySteps
 from .config import ConfigError, Settings, load_settings
 from .db import make_engine
 from .db.migrate import ensure_at_head
@@ -30,6 +31,7 @@ from .logs import show
 from .maintenance import Maintenance
 from .metrics import Metrics
 from .notify import Notifier
+from .policyhttp import PolicyServer
 from .recorder import Recorder, Replayer, first_line
 from .safedirs import prepare_daemon_dirs
 from .server import Server
@@ -50,7 +52,8 @@ EXIT_SCHEMA = 3             # the database schema is not at head
 FIXED_SETTINGS = ("database_url", "socket_dir", "protocols", "socket_imap", "socket_pop3",
                   "socket_submission", "socket_managesieve", "socket_mode", "socket_owner",
                   "socket_group", "max_connections", "data_dir", "spool_dir", "database_group",
-                  "notify_command", "notify_timeout", "notify_queue")
+                  "notify_command", "notify_timeout", "notify_queue",
+                  "policy_listen")
 
 STOP, RELOAD, HANDOVER = "stop", "reload", "handover"
 
@@ -99,9 +102,15 @@ class Daemon:
         if self.geoip is not None:
             log.info("event=geoip_loaded %s", show(self.geoip.describe()))
         self.server = Server(s, self.service, take_listeners(s))
+        self.policy = AuthPolicy(self.recorder, self.cache, self.engine,
+                                 PolicySteps.from_settings(s))
+        self.policy_server = PolicyServer(s, self.policy) if s.policy_listen else None
         if s.metrics_listen:
             metrics = Metrics()
             metrics.watch(self.service.status)
+            if self.policy_server is not None:
+                metrics.watch_auto_blocks(self.policy.active_auto_blocks)
+                self.policy.metrics = metrics
             metrics.serve(s.metrics_listen)
             self.service.metrics = metrics
             log.info("event=metrics_listening address=%s", s.metrics_listen)
@@ -122,6 +131,8 @@ class Daemon:
                           (signal.SIGHUP, RELOAD), (signal.SIGUSR2, HANDOVER)):
             loop.add_signal_handler(sig, self._wanted.put_nowait, what)
         self.server.start()
+        if self.policy_server is not None:
+            await self.policy_server.start()    # bound before READY, or the start fails
         notify_ready()
         status = asyncio.create_task(self.server.write_status())
         try:
@@ -139,7 +150,10 @@ class Daemon:
             status.cancel()
             remove_own_status(self.settings.runtime_dir())
             sd_notify("STOPPING=1")
+            if self.policy_server is not None:
+                self.policy_server.close()
             await self.server.drain(self.settings.drain_timeout)
+            await self.policy.drain(self.settings.drain_timeout)
 
     def reload(self) -> None:
         """SIGHUP: re-read the settings; keep the old ones if the new are bad."""
@@ -155,6 +169,9 @@ class Daemon:
         self.settings = new
         self.server.reconfigure(new)
         self.service.reconfigure(new, self.geoip)
+        self.policy.reconfigure(new)
+        if self.policy_server is not None:
+            self.policy_server.reconfigure(new)
         logging.getLogger("lastlogin").setLevel(new.log_level.upper())
         log.info("event=reloaded")
 

@@ -34,7 +34,8 @@ from .errors import InvalidInput
 
 PROTOCOLS = ("imap", "pop3", "submission", "managesieve")
 ALLOWED, DENIED = "allowed", "denied"
-OUTCOMES = (ALLOWED, DENIED)
+FAILED = "failed"           # an authentication Dovecot's policy client reported as failed
+OUTCOMES = (ALLOWED, DENIED, FAILED)
 
 IPNet = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 IPAddr = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -317,6 +318,7 @@ class LoginRecord:
     host: str | None = None                 # the mail host that saw it
     country: str | None = None              # ISO 3166-1 alpha-2, from the full address
     asn: int | None = None
+    session_id: str | None = None           # Dovecot's session id, when known
 
     def event_row(self) -> dict[str, object]:
         name, raw = username_text(self.username)
@@ -338,6 +340,7 @@ class LoginRecord:
             "host": self.host,
             "country": self.country,
             "asn": self.asn,
+            "session_id": self.session_id,
         }
 
 

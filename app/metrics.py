@@ -31,6 +31,19 @@ class Metrics:
         self.record_seconds = Histogram(
             "lastlogin_record_seconds", "Time until a login's record was durable",
             buckets=BUCKETS, registry=self.registry)
+        self.policy_checks = Counter(
+            "lastlogin_policy_checks", "Dovecot auth policy checks before authentication, "
+            "by result (allowed, rejected)", ["result"], registry=self.registry)
+        self.policy_failures = Counter(
+            "lastlogin_policy_failures", "Failed authentications Dovecot reported",
+            registry=self.registry)
+        self.policy_refused = Counter(
+            "lastlogin_policy_requests_refused", "Policy requests answered with an HTTP "
+            "error (API key, size, malformed)", registry=self.registry)
+
+    def watch_auto_blocks(self, active: Callable[[], int]) -> None:
+        """The number of automatic blocks in force, read at every scrape."""
+        self.registry.register(_AutoBlocks(active))
 
     def watch(self, state: Callable[[], "DaemonStatus"]) -> None:
         """Gauges read from ``state()`` at every scrape."""
@@ -40,6 +53,19 @@ class Metrics:
         host, _, port = address.rpartition(":")
         start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1",
                           registry=self.registry)
+
+
+class _AutoBlocks:
+    def __init__(self, active: Callable[[], int]) -> None:
+        self.active = active
+
+    def collect(self):
+        yield GaugeMetricFamily("lastlogin_auto_blocks_active",
+                                "Automatic deny rules in force (block_after_failures)",
+                                value=float(self.active()))
+
+    def describe(self):
+        return []
 
 
 class _StateCollector:

@@ -41,6 +41,7 @@ class Rule:
     # None: any place, even an unknown one.
     countries: frozenset[str] | None = None
     asns: frozenset[int] | None = None
+    created_by: str | None = None       # "auto": an automatic block (app/authpolicy.py)
 
     def __post_init__(self) -> None:
         # Held normalised, so matching is a plain comparison.

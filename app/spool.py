@@ -85,6 +85,8 @@ def encode(record: LoginRecord) -> bytes:
         doc["country"] = record.country
     if record.asn is not None:
         doc["asn"] = record.asn
+    if record.session_id is not None:
+        doc["session_id"] = record.session_id
     for key in _BYTES:
         value = getattr(record, key)
         doc[key] = None if value is None else base64.b64encode(value).decode("ascii")
@@ -143,6 +145,9 @@ def _record_of(doc: dict) -> LoginRecord:
         raise DamagedLine("country is not a two-letter code")
     if asn is not None and type(asn) is not int:
         raise DamagedLine("asn is not an integer")
+    session_id = doc.get("session_id")
+    if session_id is not None and not isinstance(session_id, str):
+        raise DamagedLine("session_id is not text")
     return LoginRecord(
         event_id=uuid.UUID(doc["event_id"]),
         occurred_at=_aware(dt.datetime.fromisoformat(doc["occurred_at"])),
@@ -151,7 +156,7 @@ def _record_of(doc: dict) -> LoginRecord:
         outcome=outcome, rule_id=rule_id, auth_mech=raw["auth_mech"],
         master_user=raw["master_user"], auth_user=raw["auth_user"],
         alerts_shown=tuple(alerts), message=message, policy_applied=applied, host=host,
-        country=country, asn=asn)
+        country=country, asn=asn, session_id=session_id)
 
 
 def _opt_b64(value: object) -> bytes | None:

@@ -20,7 +20,7 @@ APP = ROOT / "app"
 LAYERS = {
     # 0 pure: what a login is, the wire format, decisions and plans
     "errors": 0, "login": 0, "protocol": 0, "policy": 0, "templates": 0, "overrides": 0,
-    "timeparse": 0,
+    "timeparse": 0, "attempts": 0,
     # 1 infrastructure: settings, logs, status, files, sockets syscalls, database
     "config": 1, "logs": 1, "status": 1, "safedirs": 1, "fdio": 1, "worker": 1,
     "metrics": 1, "sysgroups": 1, "db": 1, "geoip": 1,
@@ -28,9 +28,9 @@ LAYERS = {
     "spool": 2, "recorder": 2, "snapshot": 2, "maintenance": 2, "nexthop": 2,
     "importer": 2, "health": 2, "notify": 2,
     # 3 one login
-    "service": 3,
+    "service": 3, "authpolicy": 3,
     # 4 the sockets around it
-    "sockets": 4, "server": 4,
+    "sockets": 4, "server": 4, "policyhttp": 4,
     # 5 composition and lifecycle
     "daemon": 5,
     # 6 the command line
@@ -38,7 +38,7 @@ LAYERS = {
 }
 PURE_STDLIB = {"__future__", "dataclasses", "datetime", "enum", "functools", "hashlib",
                "ipaddress", "random", "re", "typing", "uuid", "collections", "string",
-               "calendar"}
+               "calendar", "json"}
 
 
 def modules():

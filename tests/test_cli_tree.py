@@ -140,6 +140,7 @@ def baselines(base) -> dict[tuple[str, ...], tuple[list[str], list[str]]]:
         ("report", "history"): (["a@example.com"], []),
         ("report", "ips"): (["a@example.com"], []),
         ("report", "refused"): ([], []),
+        ("report", "failed"): ([], []),
         ("report", "daily"): ([], []),
         ("report", "new-locations"): ([], []),
         ("user", "export"): (["a@example.com"], []),

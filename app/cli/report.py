@@ -177,6 +177,28 @@ def report_new_locations(ctx: Context, since, user, limit, fmt, utc) -> None:
     show(rows, reports.NEW_LOCATION_COLUMNS, fmt, utc)
 
 
+@report.command("failed")
+@since_option
+@click.option("--by", type=click.Choice(["ip", "user"]), default="ip", show_default=True,
+              help="One row per client address, or per username.")
+@limit_option
+@host_option
+@report_options
+@pass_ctx
+@edge
+def report_failed(ctx: Context, since, by, limit, host, fmt, utc) -> None:
+    """Failed authentications (default: the last 24 hours), most first.
+
+    Reported by Dovecot's auth policy client (docs/policy-server.md): who is
+    guessing passwords, and from where.
+    """
+    start = parse_since(since, dt.timedelta(days=1), utc)
+    with reading(ctx) as conn:
+        rows = reports.failed(conn, start, by, limit or None, host)
+    show(rows, reports.FAILED_BY_IP_COLUMNS if by == "ip" else reports.FAILED_BY_USER_COLUMNS,
+         fmt, utc)
+
+
 @report.command("daily")
 @click.option("--days", type=click.IntRange(min=1, max=3660), default=7, show_default=True)
 @host_option

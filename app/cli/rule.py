@@ -24,7 +24,7 @@ from .output import cell, format_option, render, safe_text
 
 LIST_COLUMNS = ("id", "action", "priority", "enabled", "state", "username", "domain",
                 "remote_network", "local_network", "protocol", "countries", "asns",
-                "valid_from", "valid_until", "message")
+                "valid_from", "valid_until", "message", "created_by")
 
 
 def table_safe(rows: list[dict], fmt: str) -> list[dict]:

@@ -48,8 +48,11 @@ REFUSED_COLUMNS = ("occurred_at", "username", "protocol", "remote_ip", "rule_id"
                    "policy_applied", "host")
 NEW_LOCATION_COLUMNS = ("occurred_at", "username", "protocol", "remote_ip", "country", "asn",
                         "host")
-DAILY_COLUMNS = ("day", "protocol", "allowed", "denied")
-DAILY_HOST_COLUMNS = ("day", "host", "protocol", "allowed", "denied")
+DAILY_COLUMNS = ("day", "protocol", "allowed", "denied", "failed")
+DAILY_HOST_COLUMNS = ("day", "host", "protocol", "allowed", "denied", "failed")
+FAILED_BY_IP_COLUMNS = ("remote_ip", "failures", "users", "first_failure", "last_failure")
+FAILED_BY_USER_COLUMNS = ("username", "failures", "addresses", "first_failure",
+                          "last_failure")
 
 
 class Rows(list):
@@ -169,6 +172,31 @@ def new_locations(conn: sa.Connection, since: dt.datetime, user: str | None = No
     return _limited(conn, q, limit)
 
 
+def failed(conn: sa.Connection, since: dt.datetime, by: str = "ip",
+           limit: int | None = 1000, host: str | None = None) -> list[dict[str, object]]:
+    """Failed authentications since ``since``, per client address (``by='ip'``)
+    or per username (``by='user'``): how many, how many distinct users (or
+    addresses), first and last; most failures first."""
+    e = login_events
+    key, other = ((e.c.remote_ip, e.c.username) if by == "ip" else (e.c.username, e.c.remote_ip))
+    q = (sa.select(key,
+                   sa.func.count().label("failures"),
+                   sa.func.count(sa.distinct(other)).label("users" if by == "ip"
+                                                            else "addresses"),
+                   sa.func.min(e.c.occurred_at).label("first_failure"),
+                   sa.func.max(e.c.occurred_at).label("last_failure"))
+         .where(e.c.outcome == "failed", e.c.occurred_at >= since)
+         .group_by(key)
+         .order_by(sa.func.count().desc(), sa.func.max(e.c.occurred_at).desc(), key))
+    if host:
+        q = q.where(e.c.host == host)
+    rows = _limited(conn, q, limit)
+    for row in rows:        # SQLite hands aggregated times back as text
+        row["first_failure"] = _utc(row["first_failure"])
+        row["last_failure"] = _utc(row["last_failure"])
+    return rows
+
+
 def daily(conn: sa.Connection, days: int, now: dt.datetime,
           tz: dt.tzinfo = dt.timezone.utc, host: str | None = None,
           by_host: bool = False) -> list[dict[str, object]]:
@@ -198,7 +226,7 @@ def daily(conn: sa.Connection, days: int, now: dt.datetime,
         where = {"host": r.host} if by_host else {}
         row = buckets.setdefault((day, *where.values(), r.protocol),
                                  {"day": day, **where, "protocol": r.protocol,
-                                  "allowed": 0, "denied": 0})
+                                  "allowed": 0, "denied": 0, "failed": 0})
         row[r.outcome] += r.n
     return sorted(buckets.values(),
                   key=lambda r: (r["day"], r.get("host") or "", r["protocol"]))

@@ -180,7 +180,7 @@ def rule_of(row: sa.RowMapping, dialect: sa.Dialect | None = None) -> Rule:
         remote_network=parse_network(v["remote_network"]) if v["remote_network"] else None,
         local_network=parse_network(v["local_network"]) if v["local_network"] else None,
         protocol=v["protocol"], valid_from=v["valid_from"], valid_until=v["valid_until"],
-        message=row["message"],
+        message=row["message"], created_by=row["created_by"],
         countries=frozenset(v["countries"].split(",")) if v["countries"] else None,
         asns=frozenset(int(n) for n in v["asns"].split(",")) if v["asns"] else None)
 

@@ -88,6 +88,7 @@ login_events = sa.Table(
     sa.Column("new_location", sa.Boolean, nullable=False, server_default=sa.false(),
               comment="allowed login from a country (or, without one, an ASN) this user "
                       "had not logged in from before"),
+    sa.Column("session_id", sa.Text, comment="Dovecot's session id, when known"),
     sa.CheckConstraint(PROTOCOL_CHECK, name="protocol"),
     sa.CheckConstraint(OUTCOME_CHECK, name="outcome"),
     sa.Index("ix_login_events_username_occurred_at", "username", "occurred_at"),
@@ -98,6 +99,9 @@ login_events = sa.Table(
     sa.Index("ix_login_events_denied_occurred_at", "occurred_at",
              postgresql_where=sa.text("outcome = 'denied'"),
              sqlite_where=sa.text("outcome = 'denied'")),
+    sa.Index("ix_login_events_failed_occurred_at", "occurred_at",
+             postgresql_where=sa.text("outcome = 'failed'"),
+             sqlite_where=sa.text("outcome = 'failed'")),
     comment="Every login the daemon saw, allowed or refused (append-only).",
     postgresql_partition_by="RANGE (occurred_at)",
 )

@@ -32,10 +32,10 @@ WITH input AS (
                          %(outcome)s::text[], %(rule_id)s::int[], %(auth_mech)s::text[],
                          %(master_user)s::text[], %(auth_user)s::text[],
                          %(message)s::text[], %(policy_applied)s::bool[], %(host)s::text[],
-                         %(country)s::text[], %(asn)s::bigint[])
+                         %(country)s::text[], %(asn)s::bigint[], %(session_id)s::text[])
         AS t(event_id, occurred_at, username, username_raw, protocol, remote_ip, local_ip,
              outcome, rule_id, auth_mech, master_user, auth_user, message, policy_applied,
-             host, country, asn)
+             host, country, asn, session_id)
 ), located AS (
     -- new_location (app/db/store.flag_new_locations says the same in Python):
     -- an allowed login with a known place, of a user who logged in before
@@ -75,7 +75,7 @@ WITH input AS (
     INSERT INTO login_events (event_id, occurred_at, username, username_raw, protocol,
                               remote_ip, local_ip, outcome, rule_id, auth_mech,
                               master_user, auth_user, message, policy_applied, host,
-                              country, asn, new_location)
+                              country, asn, session_id, new_location)
     SELECT * FROM located
     ON CONFLICT (event_id, occurred_at) DO NOTHING
     RETURNING event_id, occurred_at, username, username_raw, protocol, remote_ip, local_ip,
@@ -120,7 +120,7 @@ SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM folded), (SELECT count(
 
 COLUMNS = ("event_id", "occurred_at", "username", "username_raw", "protocol", "remote_ip",
            "local_ip", "outcome", "rule_id", "auth_mech", "master_user", "auth_user",
-           "message", "policy_applied", "host", "country", "asn")
+           "message", "policy_applied", "host", "country", "asn", "session_id")
 
 
 def pg_params(records: Sequence[LoginRecord]) -> dict[str, list[object]]:

@@ -60,6 +60,29 @@ def render_config(template: Path, values: dict[str, str], mode: str = "lastlogin
     return text
 
 
+def policy_config(port: int, api_key: str, version: str = "2.3",
+                  reject_on_fail: bool = False, nonce: str = "lastlogin-test-nonce") -> str:
+    """Dovecot's auth policy settings pointing at lastlogin's policy_listen
+    (docs/policy-server.md: the same text, for 2.3 and for 2.4)."""
+    common = (f"auth_policy_server_url = http://127.0.0.1:{port}/\n"
+              f"auth_policy_server_api_header = X-API-Key: {api_key}\n"
+              f"auth_policy_hash_nonce = {nonce}\n"
+              f"auth_policy_reject_on_fail = {'yes' if reject_on_fail else 'no'}\n")
+    if version == "2.3":
+        return common + ("auth_policy_request_attributes = login=%{requested_username} "
+                         "pwhash=%{hashed_password} remote=%{rip} local=%{lip} "
+                         "protocol=%s session_id=%{session}\n")
+    return common + ("auth_policy_request_attributes {\n"
+                     "  login = %{requested_username}\n"
+                     "  pwhash = %{hashed_password}\n"
+                     "  remote = %{remote_ip}\n"
+                     "  local = %{local_ip}\n"
+                     "  protocol = %{protocol}\n"
+                     "  session_id = %{session}\n"
+                     "  fail_type = %{fail_type}\n"
+                     "}\n")
+
+
 def passwd_escape(name: bytes) -> bytes:
     """A username as a passwd-file lookup sees it.
 

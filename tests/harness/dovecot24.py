@@ -39,6 +39,7 @@ class Dovecot24:
     imap_port: int = field(default_factory=free_port)
     pop3_port: int = field(default_factory=free_port)
     users: list[bytes] = field(default_factory=list)
+    extra: str = ""                 # appended to the config (@EXTRA@)
 
     @property
     def inside(self) -> str:
@@ -71,7 +72,7 @@ class Dovecot24:
         (self.outside / "dovecot.conf").write_text(render_config(TEMPLATE, {
             "BASE": self.inside, "SOCKET_DIR": f"{self.inside}/ll", "LISTEN": "127.0.0.1",
             "IMAP_PORT": str(self.imap_port), "POP3_PORT": str(self.pop3_port),
-            "MAIL_UID": str(MAIL_UID), "EXTRA": ""}))
+            "MAIL_UID": str(MAIL_UID), "EXTRA": self.extra}))
         with open(self.outside / "start.out", "wb") as out:
             rc = subprocess.run(["chroot", str(ROOT), "dovecot", "-c",
                                  f"{self.inside}/dovecot.conf"], stdout=out, stderr=out,

@@ -81,9 +81,12 @@ def _tagged(tag: bytes) -> Callable[[bytes], bool]:
         tag + b" ")
 
 
-def imap_login_ok(port: int, user: str, password: str = "secret") -> bool:
-    """LOGIN then LOGOUT; True if the login's tagged OK says "Logged in"."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+def imap_login_ok(port: int, user: str, password: str = "secret",
+                  source: str | None = None) -> bool:
+    """LOGIN then LOGOUT; True if the login's tagged OK says "Logged in".
+    ``source``: the client's address (any 127.x.y.z: all of 127/8 is loopback)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30,
+                                  source_address=(source, 0) if source else None) as s:
         recv_until(s, _line)
         s.sendall(f'a LOGIN "{user}" "{password}"\r\n'.encode())
         reply = recv_until(s, _tagged(b"a"))

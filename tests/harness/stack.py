@@ -29,9 +29,11 @@ def running(pg_url: str, daemon, dovecot, users: list[bytes]) -> Iterator[tuple]
 
 
 @contextmanager
-def running24(pg_url: str, users: list[bytes], **settings: str) -> Iterator[tuple]:
+def running24(pg_url: str, users: list[bytes], extra: str = "",
+              **settings: str) -> Iterator[tuple]:
     """A Dovecot 2.4 (in its chroot) and a daemon on ``pg_url`` with
-    ``settings``, running, the database emptied: (dovecot, daemon, engine)."""
+    ``settings``, running, the database emptied: (dovecot, daemon, engine).
+    ``extra``: more Dovecot configuration."""
     import shutil
 
     import pytest
@@ -43,6 +45,7 @@ def running24(pg_url: str, users: list[bytes], **settings: str) -> Iterator[tupl
         dovecot = make_dovecot24()
     except MissingComponent as exc:
         pytest.fail(str(exc), pytrace=False)
+    dovecot.extra = extra
     daemon = make_daemon(pg_url, socket_dir=dovecot.socket_dir, protocols="imap,pop3",
                          **settings)
     try:

@@ -1,0 +1,262 @@
+"""The Dovecot auth policy endpoint, over HTTP, against a real daemon on PostgreSQL.
+
+One daemon for the module (policy_listen, an API key, blocks after 3
+failures, 192.0.2.0/24 exempt); each test uses addresses and users of its
+own, so their counters never meet.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+
+import pytest
+import sqlalchemy as sa
+
+from app.db import make_engine
+from app.db.schema import access_rules, last_logins, login_events
+from tests.harness.cli import lastlogin
+from tests.harness.daemon import make_daemon, wait_for
+from tests.harness.db import empty_tables
+from tests.harness.pg import free_port
+
+KEY = "s3cret-'\"key"
+HEADERS = {"X-API-Key": KEY, "Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def served(pg_url):
+    engine = make_engine(pg_url)
+    empty_tables(engine)
+    port = free_port()
+    metrics_port = free_port()
+    daemon = make_daemon(pg_url, protocols="imap", policy_listen=f"127.0.0.1:{port}",
+                         metrics_listen=f"127.0.0.1:{metrics_port}",
+                         policy_api_key=KEY, block_after_failures="3",
+                         block_window="10min", block_for="1h",
+                         block_exempt_networks="192.0.2.0/24")
+    daemon.metrics_port = metrics_port
+    daemon.start()
+    try:
+        yield daemon, port, engine
+    finally:
+        daemon.stop()
+        empty_tables(engine)
+        engine.dispose()
+
+
+def post(conn: http.client.HTTPConnection, command: str, doc, headers=HEADERS):
+    body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    conn.request("POST", f"/?command={command}", body=body, headers=headers)
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read())
+
+
+def attempt(login, remote, success=None, **extra):
+    doc = {"login": login, "pwhash": "0af", "remote": remote, "local": "127.0.0.1",
+           "device_id": "", "protocol": "imap", "session_id": "sess-" + login, "tls": False}
+    if success is not None:
+        doc.update(success=success, policy_reject=False)
+    doc.update(extra)
+    return doc
+
+
+def connect(port):
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+
+
+def test_checks_on_one_kept_alive_connection(served):
+    _, port, _ = served
+    conn = connect(port)
+    got = [post(conn, "allow", attempt(f"u{i}@example.com", "198.51.100.1")) for i in range(3)]
+    first = conn.sock
+    assert got == [(200, {"status": 0, "msg": ""})] * 3
+    assert post(conn, "allow", attempt("u3", "198.51.100.1")) == (200, {"status": 0, "msg": ""})
+    assert conn.sock is first           # the same TCP connection all along
+    conn.close()
+
+
+def test_requests_without_the_key_are_refused_and_serving_goes_on(served):
+    daemon, port, _ = served
+    for headers in ({"Content-Type": "application/json"},
+                    {"X-API-Key": "wrong", "Content-Type": "application/json"}):
+        conn = connect(port)
+        assert post(conn, "allow", attempt("nokey", "198.51.100.2"), headers) == (
+            401, {"status": -1, "msg": "missing or wrong API key"})
+        conn.close()
+    conn = connect(port)
+    bearer = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    assert post(conn, "allow", attempt("bearer", "198.51.100.2"), bearer)[1]["status"] == 0
+    assert wait_for(lambda: daemon.logs().count("http=401 reason=\"missing or wrong API key\"")
+                    == 2, timeout=5), daemon.logs()[-2000:]
+    assert KEY not in daemon.logs()
+
+
+def test_oversized_malformed_and_unknown_requests(served):
+    daemon, port, _ = served
+    conn = connect(port)
+    status, body = post(conn, "allow", b'{"login": "' + b"x" * 20000 + b'"}')
+    assert (status, body["status"]) == (413, -1)
+    conn.close()
+    conn = connect(port)
+    for bad, reason in ((b"{not json", "body: not JSON"),
+                        (b'["a list"]', "body: must be a JSON object"),
+                        (b'{"remote": "1.2.3.4"}', "login: missing"),
+                        (b'{"login": 7}', "login: must be a string")):
+        status, body = post(conn, "allow", bad)
+        assert status == 400 and body["status"] == -1 and body["msg"].startswith(reason), body
+    # a report without success, an unknown command
+    assert post(conn, "report", attempt("r", "198.51.100.3"))[0] == 400
+    assert post(conn, "delete", attempt("r", "198.51.100.3"))[0] == 404
+    # the same connection still answers (the bodies were read whole)
+    assert post(conn, "allow", attempt("after", "198.51.100.3")) == (200, {"status": 0,
+                                                                           "msg": ""})
+    conn.close()
+    # not HTTP at all
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        raw.sendall(b"\x16\x03\x01 hello\r\n\r\n")
+        assert raw.recv(100).startswith(b"HTTP/1.1 400")
+    logs = daemon.logs()
+    assert "http=413" in logs and 'reason="body: not JSON' in logs
+    assert "reason=\"not HTTP/1.1" in logs
+    assert post(connect(port), "allow", attempt("still", "198.51.100.3"))[1]["status"] == 0
+
+
+def rows(engine, **where):
+    t = login_events
+    q = sa.select(t).where(*[t.c[k] == v for k, v in where.items()]).order_by(t.c.occurred_at)
+    with engine.connect() as c:
+        return c.execute(q).mappings().all()
+
+
+def test_failures_become_failed_rows_and_successes_do_not(served):
+    _, port, engine = served
+    conn = connect(port)
+    name = "Bob\t'; DROP TABLE x;--\\\u00e9"
+    assert post(conn, "report", attempt(name, "::ffff:198.51.100.4", success=False)) == (
+        200, {"status": 0, "msg": ""})
+    assert post(conn, "report", attempt("carol", "198.51.100.4", success=True))[0] == 200
+    assert post(conn, "report", attempt("dave", "198.51.100.4", success=False,
+                                        fail_type="credentials", protocol="sieve"))[0] == 200
+    got = rows(engine, remote_ip="198.51.100.4")
+    assert [(r["username"], r["outcome"], r["protocol"], r["message"], r["session_id"])
+            for r in got] == [
+        (name, "failed", "imap", "authentication failed", "sess-" + name),
+        ("dave", "failed", "managesieve", "authentication failed: credentials", "sess-dave")]
+    assert str(got[0]["local_ip"]) == "127.0.0.1" and got[0]["host"]
+    with engine.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(last_logins)).scalar() == 0
+        view = c.execute(sa.text("SELECT failed_logins, last_remote_ip FROM v_failed_logins "
+                                 "WHERE username = 'dave'")).one()
+    assert (view[0], str(view[1])) == (1, "198.51.100.4")
+
+
+def auto_rules(engine):
+    with engine.connect() as c:
+        return c.execute(sa.select(access_rules).where(access_rules.c.created_by == "auto")
+                         ).mappings().all()
+
+
+def test_an_address_is_blocked_after_three_failures_until_its_rule_is_removed(served):
+    daemon, port, engine = served
+    conn = connect(port)
+    ip = "203.0.113.9"
+    for i in range(2):
+        post(conn, "report", attempt(f"guess{i}", ip, success=False))
+    assert post(conn, "allow", attempt("someone", ip))[1]["status"] == 0
+    post(conn, "report", attempt("guess2", ip, success=False))
+    # enforced at once, from memory, for any user from that address
+    assert post(conn, "allow", attempt("someone", ip)) == (200, {"status": -1, "msg": ""})
+    assert post(conn, "allow", attempt("someone", "203.0.113.10"))[1]["status"] == 0
+    assert wait_for(lambda: len(auto_rules(engine)) == 1, timeout=5)
+    rule = auto_rules(engine)[0]
+    assert (rule["action"], str(rule["remote_network"]), rule["priority"]) == (
+        "deny", "203.0.113.9/32", 50)
+    assert rule["comment"] == ("3 failed authentications within 10min "
+                               "(block_after_failures=3)")
+    hours = (rule["valid_until"] - rule["created_at"]).total_seconds() / 3600
+    assert 0.99 < hours < 1.01
+    env = {"LASTLOGIN_DATABASE_URL": daemon.env["LASTLOGIN_DATABASE_URL"]}
+    listed = json.loads(lastlogin("rule", "list", "--format", "json", env=env).stdout)
+    assert [(r["id"], r["created_by"]) for r in listed if r["created_by"] == "auto"] == [
+        (rule["id"], "auto")]
+    daemon.wait_config(engine)
+    assert post(conn, "allow", attempt("someone", ip))[1]["status"] == -1
+    assert "event=auto_block remote_ip=203.0.113.9 failures=3 window=10min" in daemon.logs()
+    removed = lastlogin("rule", "remove", str(rule["id"]), env=env)
+    assert removed.returncode == 0, removed.stderr
+    assert wait_for(lambda: post(conn, "allow", attempt("someone", ip))[1]["status"] == 0,
+                    timeout=1.0, interval=0.02)
+
+
+def test_a_user_is_blocked_after_three_failures_from_anywhere(served):
+    _, port, engine = served
+    conn = connect(port)
+    for i in range(3):
+        post(conn, "report", attempt("Victim@Example.com", f"203.0.113.{20 + i}",
+                                     success=False))
+    assert post(conn, "allow", attempt("victim@example.com", "203.0.113.99"))[1][
+        "status"] == -1
+    assert wait_for(lambda: any(r["username"] == "Victim@Example.com"
+                                for r in auto_rules(engine)), timeout=5)
+
+
+def test_an_exempt_network_is_never_blocked(served):
+    _, port, engine = served
+    conn = connect(port)
+    before = len(auto_rules(engine))
+    for i in range(6):
+        post(conn, "report", attempt(f"webmail{i % 2}", "192.0.2.7", success=False))
+    assert post(conn, "allow", attempt("webmail0", "192.0.2.7"))[1]["status"] == 0
+    assert len(rows(engine, remote_ip="192.0.2.7")) == 6       # recorded all the same
+    assert len(auto_rules(engine)) == before
+
+
+def test_network_rules_apply_before_authentication(served):
+    daemon, port, engine = served
+    env = {"LASTLOGIN_DATABASE_URL": daemon.env["LASTLOGIN_DATABASE_URL"]}
+    added = lastlogin("rule", "add", "deny", "--network", "198.18.0.0/15",
+                      "--message", "Not from there", env=env)
+    assert added.returncode == 0, added.stderr
+    daemon.wait_config(engine)
+    conn = connect(port)
+    assert post(conn, "allow", attempt("anyone", "198.19.1.1")) == (
+        200, {"status": -1, "msg": "Not from there"})
+    assert post(conn, "allow", attempt("anyone", "198.51.100.9"))[1]["status"] == 0
+    assert re.search(r"event=policy_check user=anyone remote_ip=198\.19\.1\.1 service=imap "
+                     r"status=-1 reason=\"?rule \d+", daemon.logs())
+
+
+def test_report_failed_by_address_and_by_user(served):
+    daemon, port, _ = served
+    conn = connect(port)
+    for login, ip in (("rf1", "100.64.0.1"), ("rf2", "100.64.0.1"), ("rf1", "100.64.0.2")):
+        post(conn, "report", attempt(login, ip, success=False))
+    env = {"LASTLOGIN_DATABASE_URL": daemon.env["LASTLOGIN_DATABASE_URL"]}
+    out = lastlogin("report", "failed", "--since", "1h", "--format", "json", env=env)
+    assert out.returncode == 0, out.stderr
+    by_ip = {r["remote_ip"]: r for r in json.loads(out.stdout)}
+    assert (by_ip["100.64.0.1"]["failures"], by_ip["100.64.0.1"]["users"]) == (2, 2)
+    assert (by_ip["100.64.0.2"]["failures"], by_ip["100.64.0.2"]["users"]) == (1, 1)
+    assert by_ip["100.64.0.1"]["first_failure"] <= by_ip["100.64.0.1"]["last_failure"]
+    out = lastlogin("report", "failed", "--by", "user", "--format", "json", env=env)
+    by_user = {r["username"]: r for r in json.loads(out.stdout)}
+    assert (by_user["rf1"]["failures"], by_user["rf1"]["addresses"]) == (2, 2)
+    bad = lastlogin("report", "failed", "--by", "country", env=env)
+    assert bad.returncode == 2 and "Invalid value for '--by'" in bad.stderr
+
+
+def test_metrics_count_checks_rejections_failures_and_blocks(served):
+    import urllib.request
+    daemon, port, _ = served
+    post(connect(port), "allow", attempt("metrics", "198.51.100.77"))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics",
+                                  timeout=5).read().decode()
+    values = dict(re.findall(r"^(lastlogin_(?:policy|auto)\S*) (\S+)$", text, re.M))
+    assert float(values['lastlogin_policy_checks_total{result="allowed"}']) >= 1
+    assert float(values['lastlogin_policy_checks_total{result="rejected"}']) >= 1
+    assert float(values["lastlogin_policy_failures_total"]) >= 3
+    assert float(values["lastlogin_policy_requests_refused_total"]) >= 1
+    assert float(values["lastlogin_auto_blocks_active"]) >= 1
