@@ -160,6 +160,15 @@ def _listen_address(v: Any) -> str:
     return s
 
 
+def _web_token(v: Any) -> str:
+    # Never quoted in an error: it is a secret.
+    s = _as_str(v).strip()
+    if s and (len(s) < 16 or not s.isascii() or not s.isprintable() or " " in s):
+        raise ValueError("must be at least 16 printable ASCII characters without spaces "
+                         "(value not shown), e.g. from `openssl rand -hex 32`")
+    return s
+
+
 def _as_list(v: Any) -> tuple[str, ...]:
     if isinstance(v, str):
         items = [p.strip() for p in v.split(",")]
@@ -384,6 +393,12 @@ class Settings:
     metrics_listen: str = _opt(_listen_address, "",
                                doc="host:port for Prometheus metrics, e.g. 127.0.0.1:9464 "
                                    "(empty: off)")
+    web_listen: str = _opt(_listen_address, "127.0.0.1:8470",
+                           doc="host:port the dashboard (`lastlogin web`) listens on; "
+                               "a non-loopback address needs web_token")
+    web_token: str = _opt(_web_token, "",
+                          doc="token the dashboard asks for (Bearer or its login form); "
+                              "empty: none, loopback only")
     log_level: str = _opt(_choice("debug", "info", "warning", "error"), "info",
                           doc="log level")
     event_loop: str = _opt(_choice("asyncio", "uvloop"), "asyncio",
@@ -410,8 +425,9 @@ class Settings:
         return explicit or os.path.join(self.runtime_dir(), f"{protocol}.sock")
 
     def secrets(self) -> tuple[str, ...]:
-        """Strings that must never be shown: the database password."""
-        return url_secrets(self.database_url) if self.database_url else ()
+        """Strings that must never be shown: the database password, the web token."""
+        found = url_secrets(self.database_url) if self.database_url else ()
+        return found + ((self.web_token,) if self.web_token else ())
 
     @property
     def effective_spool_dir(self) -> str:

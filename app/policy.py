@@ -50,6 +50,12 @@ class Rule:
             return False
         return self.valid_until is None or now < self.valid_until
 
+    def concerns(self, username: str) -> bool:
+        """Could this rule match a login of ``username`` (network, protocol
+        and time aside)? What the dashboard lists on a user's page."""
+        return ((self.username is None or self.username == user_key(username))
+                and (self.domain is None or self.domain == domain_of(normalize_user(username))))
+
     def matches(self, login: "LoginFacts") -> bool:
         return (self.enabled
                 and self.active_at(login.now)

@@ -14,6 +14,7 @@ from . import override as _override  # noqa: F401  (registers `override`, `alert
 from . import report as _report  # noqa: F401  (registers `report`, `prune`)
 from . import importing as _importing  # noqa: F401  (registers `import`)
 from . import status as _status  # noqa: F401  (registers `status`)
+from . import web as _web  # noqa: F401  (registers `web`)
 
 
 def main() -> None:

@@ -184,3 +184,78 @@ def daily(conn: sa.Connection, days: int, now: dt.datetime,
         row[r.outcome] += r.n
     return sorted(buckets.values(),
                   key=lambda r: (r["day"], r.get("host") or "", r["protocol"]))
+
+
+# --- what the dashboard adds (app/web) ------------------------------------------
+
+RECENT_COLUMNS = ("occurred_at", "username", "protocol", "outcome", "remote_ip", "rule_id",
+                  "host")
+LAST_BY_PROTOCOL_COLUMNS = ("protocol", "last_seen", "last_remote_ip", "login_count",
+                            "first_seen", "last_host")
+FOUND_COLUMNS = ("username", "last_seen")
+
+
+def recent(conn: sa.Connection, limit: int = 50) -> list[dict[str, object]]:
+    """The newest logins, allowed and refused (the occurred_at index, newest first)."""
+    e = login_events
+    q = (sa.select(*(e.c[c] for c in RECENT_COLUMNS))
+         .order_by(e.c.occurred_at.desc()).limit(limit))
+    return _rows(conn, q)
+
+
+def last_by_protocol(conn: sa.Connection, user: str) -> list[dict[str, object]]:
+    """One user's last allowed login per protocol (last_logins' key)."""
+    t = last_logins
+    q = (sa.select(t.c.protocol, t.c.last_seen, t.c.last_remote_ip, t.c.login_count,
+                   t.c.first_seen, t.c.last_host)
+         .where(t.c.username == user).order_by(t.c.last_seen.desc()))
+    return _rows(conn, q)
+
+
+def find_users(conn: sa.Connection, text: str, limit: int = 100) -> Rows:
+    """Users whose name holds ``text`` (ASCII case ignored), last seen first.
+
+    Reads last_logins (one row per user and protocol), so a user who was
+    only ever refused is not found here; their page still opens by name.
+    """
+    t = last_logins
+    pattern = sa.func.lower(t.c.username).contains(text.lower(), autoescape=True)
+    q = (sa.select(t.c.username, sa.func.max(t.c.last_seen).label("last_seen"))
+         .where(pattern).group_by(t.c.username)
+         .order_by(sa.func.max(t.c.last_seen).desc(), t.c.username))
+    rows = _limited(conn, q, limit)
+    for r in rows:
+        r["last_seen"] = _utc(r["last_seen"])       # an aggregate: the type is not applied
+    return rows
+
+
+def hourly(conn: sa.Connection, start: dt.datetime) -> list[dict[str, object]]:
+    """Logins per UTC hour, protocol and outcome from ``start`` on
+    (``daily`` folds these into the operator's days)."""
+    e = login_events
+    if conn.dialect.name == "postgresql":
+        hour = sa.func.date_trunc("hour", sa.func.timezone("UTC", e.c.occurred_at))
+    else:
+        hour = sa.func.strftime("%Y-%m-%d %H:00:00", e.c.occurred_at)
+    q = (sa.select(hour.label("hour"), e.c.protocol, e.c.outcome, sa.func.count().label("n"))
+         .where(e.c.occurred_at >= start).group_by(hour, e.c.protocol, e.c.outcome))
+    out = []
+    for r in conn.execute(q):
+        h = r.hour if isinstance(r.hour, dt.datetime) else dt.datetime.fromisoformat(r.hour)
+        out.append({"hour": h.replace(tzinfo=dt.timezone.utc), "protocol": r.protocol,
+                    "outcome": r.outcome, "n": r.n})
+    return out
+
+
+def fold_days(hours: Iterable[dict[str, object]], start_day: dt.date,
+              tz: dt.tzinfo = dt.timezone.utc) -> list[dict[str, object]]:
+    """``hourly`` rows as ``daily`` rows (DAILY_COLUMNS) in ``tz``, from ``start_day``."""
+    buckets: dict[tuple[object, ...], dict[str, object]] = {}
+    for r in hours:
+        day = r["hour"].astimezone(tz).date()
+        if day < start_day:
+            continue
+        row = buckets.setdefault((day, r["protocol"]), {"day": day, "protocol": r["protocol"],
+                                                        "allowed": 0, "denied": 0})
+        row[r["outcome"]] += r["n"]
+    return sorted(buckets.values(), key=lambda r: (r["day"], r["protocol"]))

@@ -1,0 +1,223 @@
+"""What each page shows: one function per page, returning plain data.
+
+The HTML page and its JSON twin (/api/...) render the same dict, so they
+cannot disagree. Queries are the report queries of app/db/reports.py;
+decisions come from service.explain, as `lastlogin check` prints them.
+
+The overview is a list of sections: adding one is a query function and a
+template named after it (templates/sections/<name>.html).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import sqlalchemy as sa
+
+from ..config import ConfigError, Settings
+from ..db import reports
+from ..db.rules import list_rules
+from ..health import CRITICAL, LEVEL, checks
+from ..login import PROTOCOLS, domain_of, parse_ip
+from ..policy import Rule
+from ..protocol import LoginRequest
+from ..service import Explanation, explain
+from ..snapshot import load_snapshot
+
+DAYS = 30               # the overview's chart
+RECENT = 50             # rows in the overview's tables
+REFUSED_SINCE = dt.timedelta(days=7)
+HISTORY = 200           # rows of a user's history
+INACTIVE_SHOWN = 1000   # rows of the inactive page (the JSON has them all)
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What every page is computed with: the settings, the moment, the zone."""
+
+    settings: Settings
+    now: dt.datetime
+    tz: dt.tzinfo
+    daily: "DailyCounts"
+
+
+class DailyCounts:
+    """The chart's counts: closed hours kept, recent hours asked every time.
+
+    An hour is kept once it ended more than an hour ago; everything is read
+    again every ``refresh`` seconds, so a login stored late (a spool replay
+    after an outage, an import) shows within that time.
+    """
+
+    def __init__(self, days: int = DAYS, refresh: float = 900.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.days, self.refresh, self.clock = days, refresh, clock
+        self._kept: list[dict[str, Any]] = []
+        self._upto: dt.datetime | None = None        # kept hours are before this
+        self._start: dt.datetime | None = None
+        self._loaded = 0.0
+        self._lock = threading.Lock()
+
+    def start_day(self, now: dt.datetime, tz: dt.tzinfo) -> dt.date:
+        return now.astimezone(tz).date() - dt.timedelta(days=self.days - 1)
+
+    def rows(self, conn: sa.Connection, now: dt.datetime, tz: dt.tzinfo) -> list[dict]:
+        start_day = self.start_day(now, tz)
+        start = dt.datetime.combine(start_day, dt.time(), tz).astimezone(dt.timezone.utc)
+        with self._lock:
+            if (self._upto is None or self._start is None or start < self._start
+                    or self.clock() - self._loaded > self.refresh):
+                upto = now.replace(minute=0, second=0, microsecond=0) - dt.timedelta(hours=1)
+                hours = reports.hourly(conn, start)
+                self._kept = [h for h in hours if h["hour"] < upto]
+                self._upto, self._start, self._loaded = upto, start, self.clock()
+                fresh = [h for h in hours if h["hour"] >= upto]
+            else:
+                fresh = reports.hourly(conn, self._upto)
+            kept = self._kept
+        return reports.fold_days(kept + fresh, start_day, tz)
+
+
+# --- the overview ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Section:
+    name: str           # its key in /api/overview and templates/sections/<name>.html
+    title: str
+    query: Callable[[sa.Connection, Ctx], Any]
+
+
+def health(settings: Settings) -> dict[str, Any]:
+    """What `lastlogin status --format json` says."""
+    try:
+        results = checks(settings)
+    except ConfigError as exc:
+        results = [(CRITICAL, "settings", f"{exc.reason} ({exc.key})")]
+    worst = max(level for level, _, _ in results)
+    return {"status": LEVEL[worst], "checks": [
+        {"status": LEVEL[lv], "check": name, "detail": detail} for lv, name, detail in results]}
+
+
+def _refused(conn: sa.Connection, ctx: Ctx) -> dict[str, Any]:
+    rows = reports.refused(conn, ctx.now - REFUSED_SINCE, RECENT)
+    return {"rows": rows, "total": getattr(rows, "total", None) or len(rows)}
+
+
+SECTIONS: list[Section] = [
+    Section("daily", f"Logins per day, last {DAYS} days", lambda conn, ctx: {
+        "start_day": ctx.daily.start_day(ctx.now, ctx.tz), "days": ctx.daily.days,
+        "rows": ctx.daily.rows(conn, ctx.now, ctx.tz)}),
+    Section("recent", "Recent logins", lambda conn, ctx: reports.recent(conn, RECENT)),
+    Section("refused", "Refused in the last 7 days", _refused),
+    Section("health", "Health (lastlogin status)", lambda conn, ctx: health(ctx.settings)),
+]
+
+
+def overview(conn: sa.Connection, ctx: Ctx) -> dict[str, Any]:
+    return {s.name: s.query(conn, ctx) for s in SECTIONS}
+
+
+# --- one user ----------------------------------------------------------------------
+
+def rule_state(rule: Rule | dict, now: dt.datetime) -> str:
+    """active, expired, not yet, or disabled."""
+    get = rule.get if isinstance(rule, dict) else (lambda k: getattr(rule, k))
+    if not get("enabled"):
+        return "disabled"
+    if get("valid_until") is not None and now >= get("valid_until"):
+        return "expired"
+    if get("valid_from") is not None and now < get("valid_from"):
+        return "not yet"
+    return "active"
+
+
+def _rule_row(rule: Rule, now: dt.datetime) -> dict[str, Any]:
+    return {"id": rule.id, "action": rule.action, "priority": rule.priority,
+            "state": rule_state(rule, now), "username": rule.username, "domain": rule.domain,
+            "remote_network": str(rule.remote_network) if rule.remote_network else None,
+            "local_network": str(rule.local_network) if rule.local_network else None,
+            "protocol": rule.protocol, "valid_from": rule.valid_from,
+            "valid_until": rule.valid_until, "message": rule.message}
+
+
+def check_result(ex: Explanation, ip: str, protocol: str) -> dict[str, Any]:
+    """`lastlogin check USER IP --protocol P`, as data."""
+    d = ex.decision
+    out: dict[str, Any] = {"ip": ip, "protocol": protocol, "decision": d.action,
+                           "rule": d.rule.id if d.rule else None, "reason": d.reason,
+                           "message": ex.client_text, "fields": [], "alerts": []}
+    if d.temporary and d.reason.startswith("override:"):
+        out.update(decision="refused", message=d.reason[len("override: "):])
+    elif ex.plan is not None:
+        out["fields"] = [f.decode("utf-8", "backslashreplace") for f in ex.plan.fields]
+        out["alerts"] = ex.plan.alert_bytes.decode("utf-8", "replace").splitlines()
+    return out
+
+
+def user(conn: sa.Connection, ctx: Ctx, name: str, ip: str | None = None,
+         protocol: str | None = None) -> dict[str, Any]:
+    """A user's page: history, last login per protocol, addresses, the rules,
+    overrides and alerts that concern them, and what `check` says now (for
+    ``ip``/``protocol``, by default those of their last login)."""
+    history = reports.history(conn, name, limit=HISTORY)
+    last = reports.last_by_protocol(conn, name)
+    snap = load_snapshot(conn)
+    s = ctx.settings
+    if ip is None and last:
+        ip, protocol = last[0]["last_remote_ip"], protocol or last[0]["protocol"]
+    elif ip is None and history:
+        ip = history[0]["remote_ip"]
+    protocol = protocol if protocol in PROTOCOLS else "imap"
+    check = None
+    if ip and parse_ip(ip) is not None:
+        req = LoginRequest(b"", ip.encode(), name.encode("utf-8", "surrogateescape"), [])
+        check = check_result(explain(snap, protocol, req, ctx.now, s.default_action,
+                                     s.rules_unloaded_action), ip, protocol)
+    domain = domain_of(name)
+    return {
+        "username": name,
+        "found": bool(history or last),
+        "last_by_protocol": last,
+        "history": history,
+        "history_total": getattr(history, "total", None) or len(history),
+        "ips": reports.ips(conn, name),
+        "rules": [_rule_row(r, ctx.now) for r in snap.rules if r.concerns(name)],
+        "default_action": s.default_action,
+        "overrides": snap.overrides.for_login(name),
+        "alerts": [{"id": a.id, "scope": a.scope, "message": a.message,
+                    "show_once": a.show_once} for a in snap.alerts
+                   if a.applies(name, domain, ctx.now)],
+        "check": check,
+    }
+
+
+# --- the other pages ---------------------------------------------------------------
+
+def inactive(conn: sa.Connection, ctx: Ctx, days: int) -> dict[str, Any]:
+    rows = reports.inactive(conn, days, ctx.now)
+    return {"days": days, "total": len(rows), "rows": rows}
+
+
+RULE_COLUMNS = ("id", "action", "priority", "enabled", "username", "domain", "remote_network",
+                "local_network", "protocol", "valid_from", "valid_until", "message",
+                "comment", "created_by")
+
+
+def rules(conn: sa.Connection, ctx: Ctx) -> dict[str, Any]:
+    rows = []
+    for r in list_rules(conn):
+        row = {c: r[c] for c in RULE_COLUMNS}
+        row["state"] = rule_state(row, ctx.now)
+        rows.append(row)
+    return {"default_action": ctx.settings.default_action, "rows": rows}
+
+
+def search(conn: sa.Connection, ctx: Ctx, text: str) -> dict[str, Any]:
+    rows = reports.find_users(conn, text, RECENT * 2) if text else []
+    exact = bool(text) and bool(reports.history(conn, text, limit=1))
+    return {"q": text, "rows": rows, "total": getattr(rows, "total", None) or len(rows),
+            "exact": exact}
