@@ -222,7 +222,7 @@ def _database_error(env: jinja2.Environment):
 def _login_page(env: jinja2.Environment, settings: Settings):
     async def login(request: Request) -> Response:
         wanted = auth.safe_next(request.query_params.get("next"))
-        if request.method == "GET":
+        if request.method != "POST":          # GET, HEAD
             if not settings.web_token:
                 return RedirectResponse(wanted, 303)
             return _login_form(env, wanted, None, 200)
