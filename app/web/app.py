@@ -132,12 +132,14 @@ def create_app(settings: Settings, engine: sa.Engine, tz: dt.tzinfo | None = Non
     tz = tz or dt.datetime.now().astimezone().tzinfo or dt.timezone.utc
     env = _environment(tz)
     daily = daily or views.DailyCounts()
+    health = views.Health(settings)
 
     def ctx() -> views.Ctx:
-        return views.Ctx(settings, dt.datetime.now(dt.timezone.utc), tz, daily)
+        return views.Ctx(settings, dt.datetime.now(dt.timezone.utc), tz, daily, health)
 
-    def page(path: str, api: str, template: str, compute: Callable[[sa.Connection, views.Ctx, Request],
-                                                         dict[str, Any]]):
+    Compute = Callable[[sa.Connection, views.Ctx, Request], dict[str, Any]]
+
+    def page(path: str, api: str, template: str, compute: Compute):
         """A route pair: the HTML page and its JSON twin, from one ``compute``."""
 
         def answer(request: Request, as_json: bool) -> Response:

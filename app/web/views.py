@@ -10,6 +10,7 @@ template named after it (templates/sections/<name>.html).
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import threading
 import time
@@ -37,12 +38,14 @@ INACTIVE_SHOWN = 1000   # rows of the inactive page (the JSON has them all)
 
 @dataclass(frozen=True)
 class Ctx:
-    """What every page is computed with: the settings, the moment, the zone."""
+    """What every page is computed with: the settings, the moment, the zone,
+    and what the process keeps between requests."""
 
     settings: Settings
     now: dt.datetime
     tz: dt.tzinfo
     daily: "DailyCounts"
+    health: "Health"
 
 
 class DailyCounts:
@@ -91,6 +94,35 @@ class Section:
     query: Callable[[sa.Connection, Ctx], Any]
 
 
+class Health:
+    """`lastlogin status`'s facts, at most ``ttl`` seconds old.
+
+    Gathering them opens a connection of their own and reads the schema's
+    revision (a few hundred milliseconds on a busy host): ``prefetch``
+    starts that beside the page's queries, ``get`` waits for it.
+    """
+
+    def __init__(self, settings: Settings, ttl: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings, self.ttl, self.clock = settings, ttl, clock
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "health")
+        self._future: concurrent.futures.Future | None = None
+        self._at = 0.0
+        self._lock = threading.Lock()
+
+    def prefetch(self) -> None:
+        with self._lock:
+            if self._future is None or (self._future.done()
+                                        and self.clock() - self._at > self.ttl):
+                self._at = self.clock()
+                self._future = self._pool.submit(health, self.settings)
+
+    def get(self) -> dict[str, Any]:
+        self.prefetch()
+        assert self._future is not None
+        return self._future.result()
+
+
 def health(settings: Settings) -> dict[str, Any]:
     """What `lastlogin status --format json` says."""
     try:
@@ -113,11 +145,12 @@ SECTIONS: list[Section] = [
         "rows": ctx.daily.rows(conn, ctx.now, ctx.tz)}),
     Section("recent", "Recent logins", lambda conn, ctx: reports.recent(conn, RECENT)),
     Section("refused", "Refused in the last 7 days", _refused),
-    Section("health", "Health (lastlogin status)", lambda conn, ctx: health(ctx.settings)),
+    Section("health", "Health (lastlogin status)", lambda conn, ctx: ctx.health.get()),
 ]
 
 
 def overview(conn: sa.Connection, ctx: Ctx) -> dict[str, Any]:
+    ctx.health.prefetch()           # beside the queries, not after them
     return {s.name: s.query(conn, ctx) for s in SECTIONS}
 
 
