@@ -156,34 +156,15 @@ def daily(conn: sa.Connection, days: int, now: dt.datetime,
           by_host: bool = False) -> list[dict[str, object]]:
     """Logins per day (in ``tz``) and protocol, for the last ``days`` days.
 
-    The database counts per UTC hour; the hours are put into days here, so
-    a day is the operator's day whatever zone the database runs in. With
-    ``host`` only that mail host's logins; ``by_host`` adds a row per host
-    (``host`` None: logins stored before hosts were recorded).
+    The database counts per UTC hour (``hourly``); the hours are put into
+    days here (``fold_days``), so a day is the operator's day whatever zone
+    the database runs in. With ``host`` only that mail host's logins;
+    ``by_host`` adds a row per host (``host`` None: logins stored before
+    hosts were recorded).
     """
     start_day = now.astimezone(tz).date() - dt.timedelta(days=days - 1)
     start = dt.datetime.combine(start_day, dt.time(), tz).astimezone(dt.timezone.utc)
-    e = login_events
-    if conn.dialect.name == "postgresql":
-        hour = sa.func.date_trunc("hour", sa.func.timezone("UTC", e.c.occurred_at))
-    else:
-        hour = sa.func.strftime("%Y-%m-%d %H:00:00", e.c.occurred_at)
-    group = [hour, e.c.protocol, e.c.outcome] + ([e.c.host] if by_host else [])
-    q = (sa.select(hour.label("hour"), *group[1:], sa.func.count().label("n"))
-         .where(e.c.occurred_at >= start).group_by(*group))
-    if host:
-        q = q.where(e.c.host == host)
-    buckets: dict[tuple[object, ...], dict[str, object]] = {}
-    for r in conn.execute(q):
-        h = r.hour if isinstance(r.hour, dt.datetime) else dt.datetime.fromisoformat(r.hour)
-        day = h.replace(tzinfo=dt.timezone.utc).astimezone(tz).date()
-        where = {"host": r.host} if by_host else {}
-        row = buckets.setdefault((day, *where.values(), r.protocol),
-                                 {"day": day, **where, "protocol": r.protocol,
-                                  "allowed": 0, "denied": 0})
-        row[r.outcome] += r.n
-    return sorted(buckets.values(),
-                  key=lambda r: (r["day"], r.get("host") or "", r["protocol"]))
+    return fold_days(hourly(conn, start, host, by_host), tz, by_host=by_host)
 
 
 # --- what the dashboard adds (app/web) ------------------------------------------
@@ -229,33 +210,43 @@ def find_users(conn: sa.Connection, text: str, limit: int = 100) -> Rows:
     return rows
 
 
-def hourly(conn: sa.Connection, start: dt.datetime) -> list[dict[str, object]]:
-    """Logins per UTC hour, protocol and outcome from ``start`` on
-    (``daily`` folds these into the operator's days)."""
+def hourly(conn: sa.Connection, start: dt.datetime, host: str | None = None,
+           by_host: bool = False) -> list[dict[str, object]]:
+    """Logins per UTC hour, protocol and outcome (and host) from ``start`` on."""
     e = login_events
     if conn.dialect.name == "postgresql":
         hour = sa.func.date_trunc("hour", sa.func.timezone("UTC", e.c.occurred_at))
     else:
         hour = sa.func.strftime("%Y-%m-%d %H:00:00", e.c.occurred_at)
-    q = (sa.select(hour.label("hour"), e.c.protocol, e.c.outcome, sa.func.count().label("n"))
-         .where(e.c.occurred_at >= start).group_by(hour, e.c.protocol, e.c.outcome))
+    group = [hour, e.c.protocol, e.c.outcome] + ([e.c.host] if by_host else [])
+    q = (sa.select(hour.label("hour"), *group[1:], sa.func.count().label("n"))
+         .where(e.c.occurred_at >= start).group_by(*group))
+    if host:
+        q = q.where(e.c.host == host)
     out = []
     for r in conn.execute(q):
         h = r.hour if isinstance(r.hour, dt.datetime) else dt.datetime.fromisoformat(r.hour)
-        out.append({"hour": h.replace(tzinfo=dt.timezone.utc), "protocol": r.protocol,
-                    "outcome": r.outcome, "n": r.n})
+        row = {"hour": h.replace(tzinfo=dt.timezone.utc), "protocol": r.protocol,
+               "outcome": r.outcome, "n": r.n}
+        if by_host:
+            row["host"] = r.host
+        out.append(row)
     return out
 
 
-def fold_days(hours: Iterable[dict[str, object]], start_day: dt.date,
-              tz: dt.tzinfo = dt.timezone.utc) -> list[dict[str, object]]:
-    """``hourly`` rows as ``daily`` rows (DAILY_COLUMNS) in ``tz``, from ``start_day``."""
+def fold_days(hours: Iterable[dict[str, object]], tz: dt.tzinfo = dt.timezone.utc,
+              since: dt.datetime | None = None, by_host: bool = False
+              ) -> list[dict[str, object]]:
+    """``hourly`` rows (those of hours from ``since`` on) as ``daily`` rows in ``tz``."""
     buckets: dict[tuple[object, ...], dict[str, object]] = {}
     for r in hours:
-        day = r["hour"].astimezone(tz).date()
-        if day < start_day:
+        if since is not None and r["hour"] < since:
             continue
-        row = buckets.setdefault((day, r["protocol"]), {"day": day, "protocol": r["protocol"],
-                                                        "allowed": 0, "denied": 0})
+        day = r["hour"].astimezone(tz).date()
+        where = {"host": r["host"]} if by_host else {}
+        row = buckets.setdefault((day, *where.values(), r["protocol"]),
+                                 {"day": day, **where, "protocol": r["protocol"],
+                                  "allowed": 0, "denied": 0})
         row[r["outcome"]] += r["n"]
-    return sorted(buckets.values(), key=lambda r: (r["day"], r["protocol"]))
+    return sorted(buckets.values(),
+                  key=lambda r: (r["day"], r.get("host") or "", r["protocol"]))

@@ -82,7 +82,9 @@ class DailyCounts:
             else:
                 fresh = reports.hourly(conn, self._upto)
             kept = self._kept
-        return reports.fold_days(kept + fresh, start_day, tz)
+        # the hours `report daily` would read: from the hour the first day starts in
+        since = start.replace(minute=0, second=0, microsecond=0)
+        return reports.fold_days(kept + fresh, tz, since)
 
 
 # --- the overview ------------------------------------------------------------------

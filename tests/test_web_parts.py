@@ -1,0 +1,126 @@
+"""The dashboard's parts without a server: the chart's counts (cached) against
+`report daily`, the token and its cookie, the chart's geometry, which rules
+concern a user."""
+
+from __future__ import annotations
+
+import datetime as dt
+import zoneinfo
+
+import pytest
+
+from app.db import make_engine, reports
+from app.db.store import record_logins
+from app.policy import Rule
+from app.web import auth
+from app.web.chart import daily_chart, nice_top
+from app.web.views import DailyCounts
+from tests.builders import record
+
+NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+HOUR = dt.timedelta(hours=1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Asia/Kolkata", "America/St_Johns"])
+def test_the_charts_counts_are_report_daily_and_late_logins_show_after_a_refresh(engine, zone):
+    tz = zoneinfo.ZoneInfo(zone)
+    protocols = ("imap", "pop3", "submission")
+    with engine.begin() as conn:
+        record_logins(conn, [record(b"u%d@example.com" % (i % 7), at=NOW - i * 5 * HOUR,
+                                    protocol=protocols[i % 3],
+                                    outcome="denied" if i % 11 == 0 else "allowed")
+                             for i in range(200)])              # 41 days back
+    clock = Clock()
+    counts = DailyCounts(refresh=900, clock=clock)
+    with engine.connect() as conn:
+        first = counts.rows(conn, NOW, tz)
+        assert first == reports.daily(conn, 30, NOW, tz)
+        assert len({r["day"] for r in first}) == 30
+    # a login now shows at once; one stored late for an hour that is kept, after a refresh
+    with engine.begin() as conn:
+        record_logins(conn, [record(b"now@example.com", at=NOW),
+                             record(b"late@example.com", at=NOW - 3 * HOUR, protocol="pop3")])
+    clock.t += 60
+    with engine.connect() as conn:
+        daily = reports.daily(conn, 30, NOW, tz)
+        cached = counts.rows(conn, NOW, tz)
+        assert sum(r["allowed"] for r in cached) == sum(r["allowed"] for r in first) + 1
+        clock.t += 900
+        assert counts.rows(conn, NOW, tz) == daily
+
+
+def test_the_token_and_its_cookie():
+    token = "a-token-of-thirty-two-characters"
+    assert auth.bearer_ok(f"Bearer {token}", token) and auth.bearer_ok(f"bearer {token}", token)
+    for bad in (None, "", token, f"Basic {token}", f"Bearer {token}x", "Bearer "):
+        assert not auth.bearer_ok(bad, token), bad
+    value = auth.session_value(token, now=1_000_000)
+    expires, signature = value.split(".")
+    assert int(expires) == 1_000_000 + auth.SESSION_SECONDS and token not in value
+    assert auth.session_ok(value, token, now=1_000_000 + auth.SESSION_SECONDS - 1)
+    assert not auth.session_ok(value, token, now=1_000_000 + auth.SESSION_SECONDS)
+    assert not auth.session_ok(value, token + "x", now=1_000_000)
+    assert not auth.session_ok(f"{int(expires) + 1}.{signature}", token, now=1_000_000)
+    for junk in ("", ".", "x.y", "1e9.abc", "-1." + signature, "\u00e9." + signature):
+        assert not auth.session_ok(junk, token, now=0), junk
+    assert [auth.safe_next(p) for p in ("/rules", "/user?name=a%40b", None, "", "rules",
+                                        "//evil.example", "/\\evil", "https://x/",
+                                        "/a\nb")] == [
+        "/rules", "/user?name=a%40b", "/", "/", "/", "/", "/", "/", "/"]
+
+
+def test_the_charts_geometry():
+    assert [nice_top(n) for n in (0, 1, 3, 7, 10, 11, 101, 4999)] == [1, 1, 5, 10, 10, 20,
+                                                                      200, 5000]
+    start = dt.date(2026, 11, 1)
+    rows = [{"day": start, "protocol": "imap", "allowed": 60, "denied": 20},
+            {"day": start, "protocol": "pop3", "allowed": 20, "denied": 0},
+            {"day": start + dt.timedelta(days=29), "protocol": "pop3", "allowed": 50,
+             "denied": 0}]
+    chart = daily_chart(rows, start, 30, ("imap", "pop3", "submission"))
+    assert chart.total == 150 and chart.legend == [("p-imap", "imap"), ("p-pop3", "pop3")]
+    imap, pop3, last = chart.bars
+    assert (imap.cls, pop3.cls, last.cls) == ("p-imap", "p-pop3", "p-pop3")
+    # a 100 high scale: 80 + 20 fill the first day's column to the top
+    assert imap.y + imap.h == pytest.approx(chart.baseline)
+    assert pop3.y + pop3.h == pytest.approx(imap.y)
+    assert imap.h == pytest.approx(4 * pop3.h) and last.h == pytest.approx(2.5 * pop3.h)
+    assert [label for _, label in chart.y_ticks] == ["0", "25", "50", "75", "100"]
+    assert imap.title == "2026-11-01 imap: 60 allowed, 20 refused"
+    assert last.x > imap.x and [lbl for _, lbl in chart.x_labels][-1] == "11-30"
+    empty = daily_chart([], start, 30, ("imap",))
+    assert (empty.bars, empty.legend, empty.total) == ([], [], 0)
+
+
+def test_which_rules_concern_a_user():
+    def rule(**kw):
+        return Rule(id=1, action="deny", **kw)
+    assert rule().concerns("Alice@Example.com")
+    assert rule(username="alice@example.com").concerns(" ALICE@example.COM")
+    assert rule(domain="EXAMPLE.com").concerns("alice@example.com")
+    assert rule(protocol="pop3").concerns("alice@example.com")
+    assert not rule(username="bob@example.com").concerns("alice@example.com")
+    assert not rule(domain="example.org").concerns("alice@example.com")
+    assert not rule(domain="example.com").concerns("alice")
+
+
+def test_search_takes_like_wildcards_literally(engine):
+    with engine.begin() as conn:
+        record_logins(conn, [record(n) for n in (b"a_b@example.com", b"axb@example.com",
+                                                 b"100%@example.com", b"Mixed@Example.com")])
+    with engine.connect() as conn:
+        assert [r["username"] for r in reports.find_users(conn, "a_b")] == ["a_b@example.com"]
+        assert [r["username"] for r in reports.find_users(conn, "%")] == ["100%@example.com"]
+        assert [r["username"] for r in reports.find_users(conn, "mixed@EX")] == [
+            "Mixed@Example.com"]
+        found = reports.find_users(conn, "example", limit=2)
+        assert len(found) == 2 and found.total == 4
+        assert isinstance(found[0]["last_seen"], dt.datetime) and found[0]["last_seen"].tzinfo
