@@ -25,7 +25,8 @@ from app.db import make_engine
 from app.db.migrate import upgrade
 from app.db.rules import add_rule
 from app.db.store import record_logins
-from app.login import printable, text_form
+from app.cli.output import safe_text
+from app.login import text_form
 from app.web import auth
 from tests.builders import HOSTILE_USERNAMES, record
 from tests.harness.cli import lastlogin, spawn
@@ -35,6 +36,7 @@ TOKEN = "t0ken-for-the-tests-" + "x" * 12
 NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 DAY = dt.timedelta(days=1)
 HOSTILE = [*HOSTILE_USERNAMES, b"<script>alert(1)</script>", b"\"dq\" 'sq' <b>&amp;",
+           "bidi\u202eflipped@example.com".encode(),
            b"esc\x1b[31mred\x07bell", b"a+b&c=d%2F/..?#frag@example.com"]
 ALICE_IMAP = 10
 PAGES = ["/", "/user?name=alice%40example.com", "/inactive", "/inactive?days=30", "/rules",
@@ -307,6 +309,7 @@ def test_every_page_and_its_json_twin_answer_with_the_known_numbers(web, known_d
     assert status == 404 and json.loads(body)["found"] is False
     assert web.get("/api/user")[0] == 400
     assert web.get("/api/user?name=a&protocol=smtp")[0] == 400
+    assert web.get("/api/user?name=a&ip=10.0.0.256")[0] == 400
 
     assert [r["username"] for r in web.json("/api/inactive?days=30")["rows"]] == [
         "bob@example.com"]
@@ -334,11 +337,12 @@ def test_hostile_usernames_are_escaped_and_their_links_come_back_exact(open_web)
     page = body.decode("utf-8")
     assert status == 200
     assert "<script" not in page and "\x1b" not in page and "\x07" not in page
+    assert "\u202e" not in page
     for name in stored_names():
         # shown with control characters made visible, then HTML-escaped
-        assert str(markupsafe.escape(printable(name))) in page, name[:40]
+        assert str(markupsafe.escape(safe_text(name))) in page, name[:40]
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "esc\\x1b[31mred\\x07bell" in page
+    assert "esc\\x1b[31mred\\x07bell" in page and "bidi\\u202eflipped" in page
     assert text_form(b"latin1-\xe9\xff@example.com")[0] == "latin1-\\xe9\\xff@example.com"
     # every link to a user's page gives back exactly that user
     links = parsed(body).user_hrefs

@@ -26,7 +26,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import Settings
-from ..login import PROTOCOLS, printable
+from ..cli.output import safe_text
+from ..login import PROTOCOLS, parse_ip
 from . import auth, views
 from .chart import daily_chart
 
@@ -58,7 +59,7 @@ def _environment(tz: dt.tzinfo) -> jinja2.Environment:
     def when(value: dt.datetime | None) -> str:
         return value.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S") if value else ""
 
-    env.filters.update(when=when, shown=lambda v: "" if v is None else printable(str(v)),
+    env.filters.update(when=when, shown=lambda v: "" if v is None else safe_text(str(v)),
                        user_url=user_url, q=lambda v: urllib.parse.quote(str(v), safe=""),
                        num=lambda n: f"{n:,}" if isinstance(n, int) else n)
     env.globals.update(daily_chart=daily_chart, protocols=PROTOCOLS,
@@ -188,6 +189,8 @@ def _user(conn: sa.Connection, c: views.Ctx, request: Request) -> dict[str, Any]
     if not name:
         raise HTTPException(400, "name is needed: /user?name=...")
     ip = request.query_params.get("ip") or None
+    if ip is not None and parse_ip(ip) is None:
+        raise HTTPException(400, "ip must be an IPv4 or IPv6 address")
     protocol = request.query_params.get("protocol") or None
     if protocol is not None and protocol not in PROTOCOLS:
         raise HTTPException(400, f"protocol must be one of {', '.join(PROTOCOLS)}")
