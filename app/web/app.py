@@ -117,8 +117,8 @@ class Guard:
     @staticmethod
     def refuse(request: Request) -> Response:
         if request.url.path.startswith("/api/"):
-            response = json_response({"error": "a token is needed: Authorization: Bearer "
-                                                        "<web_token>"}, 401)
+            response = json_response(
+                {"error": "a token is needed: Authorization: Bearer <web_token>"}, 401)
             response.headers["www-authenticate"] = 'Bearer realm="lastlogin"'
             return response
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -128,7 +128,7 @@ class Guard:
 # --- the application ---------------------------------------------------------------
 
 def create_app(settings: Settings, engine: sa.Engine, tz: dt.tzinfo | None = None,
-               daily: views.DailyCounts | None = None) -> Starlette:
+               daily: views.DailyCounts | None = None) -> ASGIApp:
     """The dashboard over ``engine`` (where reports read), in zone ``tz``."""
     tz = tz or dt.datetime.now().astimezone().tzinfo or dt.timezone.utc
     env = _environment(tz)
@@ -150,8 +150,8 @@ def create_app(settings: Settings, engine: sa.Engine, tz: dt.tzinfo | None = Non
             if as_json:
                 return json_response(data, status)
             query = f"?{request.url.query}" if request.url.query else ""
-            html = env.get_template(template).render(
-                data=data, api=api + query, path=request.url.path, token=bool(settings.web_token))
+            html = env.get_template(template).render(data=data, api=api + query,
+                                                     path=request.url.path)
             return HTMLResponse(html, status)
 
         return (Route(path, lambda r: answer(r, False), methods=["GET"]),
@@ -172,7 +172,7 @@ def create_app(settings: Settings, engine: sa.Engine, tz: dt.tzinfo | None = Non
     ]
     app = Starlette(routes=routes, exception_handlers={
         HTTPException: _http_error(env), sa.exc.DBAPIError: _database_error(env)})
-    return Guard(app, settings.web_token)  # type: ignore[return-value]
+    return Guard(app, settings.web_token)
 
 
 def _int(request: Request, key: str, default: int, low: int, high: int) -> int:
@@ -210,8 +210,7 @@ def _http_error(env: jinja2.Environment):
         if _wants_json(request):
             return json_response({"error": exc.detail}, exc.status_code)
         html = env.get_template("error.html").render(
-            status=exc.status_code, detail=exc.detail, path=request.url.path, api=None,
-            token=False)
+            status=exc.status_code, detail=exc.detail, path=request.url.path, api=None)
         return HTMLResponse(html, exc.status_code, headers=exc.headers)
     return handler
 
@@ -249,5 +248,5 @@ def _login_page(env: jinja2.Environment, settings: Settings):
 
 def _login_form(env: jinja2.Environment, wanted: str, error: str | None, status: int):
     html = env.get_template("login.html").render(next=wanted, error=error, path="/login",
-                                                 api=None, token=True)
+                                                 api=None)
     return HTMLResponse(html, status)
