@@ -5,6 +5,7 @@ concern a user."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 import zoneinfo
 
 import pytest
@@ -55,6 +56,25 @@ def test_the_charts_counts_are_report_daily_and_late_logins_show_after_a_refresh
         assert sum(r["allowed"] for r in cached) == sum(r["allowed"] for r in first) + 1
         clock.t += 900
         assert counts.rows(conn, NOW, tz) == daily
+
+
+def test_with_an_engine_the_refresh_runs_in_the_background(engine):
+    with engine.begin() as conn:
+        record_logins(conn, [record(b"a@example.com", at=NOW - 30 * HOUR)])
+    clock = Clock()
+    counts = DailyCounts(refresh=900, clock=clock, engine=engine)
+    counts.warm(dt.timezone.utc)
+    with engine.connect() as conn:
+        assert sum(r["allowed"] for r in counts.rows(conn, NOW, dt.timezone.utc)) == 1
+        with engine.begin() as writer:
+            record_logins(writer, [record(b"late@example.com", at=NOW - 20 * HOUR)])
+        clock.t += 901
+        # this request starts the reading and does not wait for it; a later one sees it
+        assert sum(r["allowed"] for r in counts.rows(conn, NOW, dt.timezone.utc)) in (1, 2)
+        deadline = time.monotonic() + 30
+        while counts.rows(conn, NOW, dt.timezone.utc) != reports.daily(conn, 30, NOW):
+            assert time.monotonic() < deadline, "the background reading never landed"
+            time.sleep(0.05)
 
 
 def test_the_token_and_its_cookie():

@@ -132,7 +132,8 @@ def create_app(settings: Settings, engine: sa.Engine, tz: dt.tzinfo | None = Non
     """The dashboard over ``engine`` (where reports read), in zone ``tz``."""
     tz = tz or dt.datetime.now().astimezone().tzinfo or dt.timezone.utc
     env = _environment(tz)
-    daily = daily or views.DailyCounts()
+    daily = daily or views.DailyCounts(engine=engine)
+    daily.warm(tz)
     health = views.Health(settings)
 
     def ctx() -> views.Ctx:

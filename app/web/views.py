@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from ..policy import Rule
 from ..protocol import LoginRequest
 from ..service import Explanation, explain
 from ..snapshot import load_snapshot
+
+log = logging.getLogger("lastlogin.web")
 
 DAYS = 30               # the overview's chart
 RECENT = 50             # rows in the overview's tables
@@ -51,37 +54,76 @@ class Ctx:
 class DailyCounts:
     """The chart's counts: closed hours kept, recent hours asked every time.
 
-    An hour is kept once it ended more than an hour ago; everything is read
+    An hour is kept once it ended more than an hour ago. Everything is read
     again every ``refresh`` seconds, so a login stored late (a spool replay
-    after an outage, an import) shows within that time.
+    after an outage, an import) shows within that time; with an ``engine``
+    that reading runs in the background (and ``warm`` starts the first one
+    when the server starts), so no request waits for it but the very first.
     """
 
     def __init__(self, days: int = DAYS, refresh: float = 900.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.days, self.refresh, self.clock = days, refresh, clock
+                 clock: Callable[[], float] = time.monotonic,
+                 engine: sa.Engine | None = None) -> None:
+        self.days, self.refresh, self.clock, self.engine = days, refresh, clock, engine
         self._kept: list[dict[str, Any]] = []
         self._upto: dt.datetime | None = None        # kept hours are before this
         self._start: dt.datetime | None = None
         self._loaded = 0.0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()               # the fields above
+        self._loading = threading.Lock()            # one full reading at a time
 
     def start_day(self, now: dt.datetime, tz: dt.tzinfo) -> dt.date:
         return now.astimezone(tz).date() - dt.timedelta(days=self.days - 1)
 
-    def rows(self, conn: sa.Connection, now: dt.datetime, tz: dt.tzinfo) -> list[dict]:
-        start_day = self.start_day(now, tz)
-        start = dt.datetime.combine(start_day, dt.time(), tz).astimezone(dt.timezone.utc)
+    def _start_of(self, now: dt.datetime, tz: dt.tzinfo) -> dt.datetime:
+        return dt.datetime.combine(self.start_day(now, tz), dt.time(),
+                                   tz).astimezone(dt.timezone.utc)
+
+    def _load(self, conn: sa.Connection, now: dt.datetime, start: dt.datetime) -> None:
+        upto = now.replace(minute=0, second=0, microsecond=0) - dt.timedelta(hours=1)
+        kept = [h for h in reports.hourly(conn, start) if h["hour"] < upto]
         with self._lock:
-            if (self._upto is None or self._start is None or start < self._start
-                    or self.clock() - self._loaded > self.refresh):
-                upto = now.replace(minute=0, second=0, microsecond=0) - dt.timedelta(hours=1)
-                hours = reports.hourly(conn, start)
-                self._kept = [h for h in hours if h["hour"] < upto]
-                self._upto, self._start, self._loaded = upto, start, self.clock()
-                fresh = [h for h in hours if h["hour"] >= upto]
-            else:
-                fresh = reports.hourly(conn, self._upto)
-            kept = self._kept
+            self._kept, self._upto, self._start, self._loaded = kept, upto, start, self.clock()
+
+    def _load_in_background(self, tz: dt.tzinfo) -> None:
+        def run() -> None:
+            try:
+                assert self.engine is not None
+                with self.engine.connect() as conn:
+                    now = dt.datetime.now(dt.timezone.utc)
+                    self._load(conn, now, self._start_of(now, tz))
+            except Exception:  # noqa: BLE001 -- the next request reads in the foreground
+                log.warning("event=web_daily_reload_failed", exc_info=True)
+            finally:
+                self._loading.release()
+        if self._loading.acquire(blocking=False):
+            threading.Thread(target=run, name="daily-counts", daemon=True).start()
+
+    def warm(self, tz: dt.tzinfo) -> None:
+        """Start the first full reading now (the server is starting)."""
+        if self.engine is not None:
+            self._load_in_background(tz)
+
+    def rows(self, conn: sa.Connection, now: dt.datetime, tz: dt.tzinfo) -> list[dict]:
+        start = self._start_of(now, tz)
+        with self._lock:
+            usable = self._upto is not None and self._start is not None and start >= self._start
+            stale = self.clock() - self._loaded > self.refresh
+        if not usable:
+            with self._loading:                 # the first time: wait for a reading
+                with self._lock:
+                    usable = (self._upto is not None and self._start is not None
+                              and start >= self._start)
+                if not usable:
+                    self._load(conn, now, start)
+        elif stale and self.engine is not None:
+            self._load_in_background(tz)
+        elif stale:
+            with self._loading:
+                self._load(conn, now, start)
+        with self._lock:
+            kept, upto = self._kept, self._upto
+        fresh = reports.hourly(conn, upto)
         # the hours `report daily` would read: from the hour the first day starts in
         since = start.replace(minute=0, second=0, microsecond=0)
         return reports.fold_days(kept + fresh, tz, since)
