@@ -1,25 +1,81 @@
 """The dashboard's parts without a server: the chart's counts (cached) against
 `report daily`, the token and its cookie, the chart's geometry, which rules
-concern a user."""
+concern a user; and the ASGI application itself, called in-process (the Host
+check, hostile requests) over a real database."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime as dt
 import time
 import zoneinfo
 
 import pytest
 
+from app.config import Settings
 from app.db import make_engine, reports
 from app.db.store import record_logins
 from app.policy import Rule
 from app.web import auth
+from app.web.app import create_app
 from app.web.chart import daily_chart, nice_top
 from app.web.views import DailyCounts
 from tests.builders import record
 
 NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 HOUR = dt.timedelta(hours=1)
+TOKEN = "t0ken-for-the-tests-" + "x" * 12
+SECURITY = ("content-security-policy", "x-frame-options", "x-content-type-options",
+            "referrer-policy", "cache-control")
+
+
+def call(app, method: str, path: str, query: bytes = b"", headers=(), body: bytes = b"",
+         host: bytes | None = b"127.0.0.1:8470"):
+    """One request to the ASGI ``app``, as uvicorn makes it: (status, headers, body)."""
+    out: dict = {"body": b""}
+    scope = {"type": "http", "http_version": "1.1", "method": method, "path": path,
+             "raw_path": path.encode("utf-8", "surrogateescape"), "root_path": "",
+             "scheme": "http", "query_string": query,
+             "headers": [*([(b"host", host)] if host is not None else []),
+                         *[(k.lower(), v) for k, v in headers]],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8470)}
+    sent = [False]
+
+    async def receive():
+        if sent[0]:
+            return {"type": "http.disconnect"}
+        sent[0] = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            out["status"] = message["status"]
+            out["headers"] = {k.decode("latin-1"): v.decode("latin-1")
+                              for k, v in message["headers"]}
+        elif message["type"] == "http.response.body":
+            out["body"] += message.get("body", b"")
+    asyncio.run(app(scope, receive, send))
+    return out["status"], out["headers"], out["body"]
+
+
+def has_security_headers(headers: dict) -> bool:
+    return all(h in headers for h in SECURITY) and headers["x-frame-options"] == "DENY"
+
+
+@pytest.fixture
+def app_on(db_url):
+    """create_app(settings, engine) over an emptied database on each backend."""
+    made = []
+
+    def make(**settings):
+        engine = make_engine(db_url)
+        made.append(engine)
+        return create_app(dataclasses.replace(Settings(), **settings), engine,
+                          dt.timezone.utc), engine
+    yield make
+    for engine in made:
+        engine.dispose()
 
 
 class Clock:
@@ -144,3 +200,33 @@ def test_search_takes_like_wildcards_literally(engine):
         found = reports.find_users(conn, "example", limit=2)
         assert len(found) == 2 and found.total == 4
         assert isinstance(found[0]["last_seen"], dt.datetime) and found[0]["last_seen"].tzinfo
+
+
+# --- the application in-process ----------------------------------------------------
+
+def test_without_a_token_only_loopback_host_names_are_answered(app_on):
+    app, _ = app_on()
+    for host in (b"127.0.0.1:8470", b"127.0.0.1", b"localhost:8470", b"LocalHost",
+                 b"[::1]:8470", b"[::1]"):
+        status, headers, _ = call(app, "GET", "/api/rules", host=host)
+        assert status == 200 and has_security_headers(headers), host
+    # DNS rebinding: another site's name pointed at 127.0.0.1 reads nothing
+    for host in (b"attacker.example:8470", b"attacker.example", b"127.0.0.1.evil.example",
+                 b"localhost.evil.example:8470", b"127.0.0.2:8470", b"[::1]x", b"",
+                 b"127.0.0.1:8470:1", None):
+        for path in ("/", "/api/overview", "/api/rules", "/static/style.css", "/login"):
+            status, headers, body = call(app, "GET", path, host=host)
+            assert status == 421 and has_security_headers(headers), (host, path)
+            assert b"<" not in body
+    # web_listen's own loopback address is one of its names
+    app, _ = app_on(web_listen="127.0.0.2:8471")
+    assert call(app, "GET", "/api/rules", host=b"127.0.0.2:8471")[0] == 200
+    assert call(app, "GET", "/api/rules", host=b"127.0.0.3:8471")[0] == 421
+
+
+def test_with_a_token_any_host_name_is_answered(app_on):
+    app, _ = app_on(web_token=TOKEN)
+    bearer = [(b"authorization", f"Bearer {TOKEN}".encode())]
+    for host in (b"mail.example.com", b"dashboard.example:443", b"127.0.0.1:8470"):
+        assert call(app, "GET", "/api/rules", headers=bearer, host=host)[0] == 200, host
+        assert call(app, "GET", "/api/rules", host=host)[0] == 401, host

@@ -9,8 +9,10 @@ Content-Security-Policy allows none.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 import pathlib
+import re
 import urllib.parse
 from decimal import Decimal
 from typing import Any, Callable
@@ -20,7 +22,7 @@ import sqlalchemy as sa
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -85,12 +87,36 @@ def json_response(data: Any, status: int = 200) -> Response:
 
 # --- the token and the headers -----------------------------------------------------
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(?::[0-9]{1,5})?")
+
+
+def host_ok(header: str | None, names: frozenset[str] = LOOPBACK_HOSTS) -> bool:
+    """A Host header naming one of ``names`` (any port): without a token the
+    dashboard answers only to loopback names, so a page of another site whose
+    name an attacker points at 127.0.0.1 (DNS rebinding) cannot read it."""
+    match = _HOST.fullmatch(header or "")
+    return match is not None and match.group(1).lower() in names
+
+
+def loopback_names(listen: str) -> frozenset[str]:
+    """LOOPBACK_HOSTS and web_listen's own address (e.g. 127.0.0.2)."""
+    host = listen.rpartition(":")[0].strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return LOOPBACK_HOSTS
+    return LOOPBACK_HOSTS | {f"[{address}]" if address.version == 6 else str(address)}
+
+
 class Guard:
     """ASGI middleware: security headers on every answer; the token checked
-    before any page or API (Bearer header or session cookie)."""
+    before any page or API (Bearer header or session cookie); without a
+    token, the Host header checked instead (only loopback names, else 421)."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
-        self.app, self.token = app, token
+    def __init__(self, app: ASGIApp, token: str,
+                 hosts: frozenset[str] = LOOPBACK_HOSTS) -> None:
+        self.app, self.token, self.hosts = app, token, hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -102,6 +128,9 @@ class Guard:
                 message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
             await send(message)
 
+        if not self.token and not host_ok(Request(scope).headers.get("host"), self.hosts):
+            await misdirected(scope, receive, with_headers)
+            return
         if self.token and not self.allowed(Request(scope)):
             await self.refuse(Request(scope))(scope, receive, with_headers)
             return
@@ -123,6 +152,11 @@ class Guard:
             return response
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         return RedirectResponse("/login?next=" + urllib.parse.quote(target, safe=""), 303)
+
+
+misdirected = PlainTextResponse(
+    "421 Misdirected Request: without web_token this dashboard answers only to "
+    "127.0.0.1, localhost and [::1]\n", 421)
 
 
 # --- the application ---------------------------------------------------------------
@@ -173,7 +207,7 @@ def create_app(settings: Settings, engine: sa.Engine, tz: dt.tzinfo | None = Non
     ]
     app = Starlette(routes=routes, exception_handlers={
         HTTPException: _http_error(env), sa.exc.DBAPIError: _database_error(env)})
-    return Guard(app, settings.web_token)
+    return Guard(app, settings.web_token, loopback_names(settings.web_listen))
 
 
 def _int(request: Request, key: str, default: int, low: int, high: int) -> int:
