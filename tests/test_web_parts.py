@@ -68,11 +68,11 @@ def app_on(db_url):
     """create_app(settings, engine) over an emptied database on each backend."""
     made = []
 
-    def make(**settings):
+    def make(daily=None, **settings):
         engine = make_engine(db_url)
         made.append(engine)
         return create_app(dataclasses.replace(Settings(), **settings), engine,
-                          dt.timezone.utc), engine
+                          dt.timezone.utc, daily), engine
     yield make
     for engine in made:
         engine.dispose()
@@ -145,7 +145,9 @@ def test_the_token_and_its_cookie():
     assert not auth.session_ok(value, token, now=1_000_000 + auth.SESSION_SECONDS)
     assert not auth.session_ok(value, token + "x", now=1_000_000)
     assert not auth.session_ok(f"{int(expires) + 1}.{signature}", token, now=1_000_000)
-    for junk in ("", ".", "x.y", "1e9.abc", "-1." + signature, "\u00e9." + signature):
+    for junk in ("", ".", "x.y", "1e9.abc", "-1." + signature, "\u00e9." + signature,
+                 "\u00b2." + signature, "\u0661\u0662." + signature, " 1." + signature,
+                 "1" * 13 + "." + signature):
         assert not auth.session_ok(junk, token, now=0), junk
     assert [auth.safe_next(p) for p in ("/rules", "/user?name=a%40b", None, "", "rules",
                                         "//evil.example", "/\\evil", "https://x/",
@@ -230,3 +232,56 @@ def test_with_a_token_any_host_name_is_answered(app_on):
     for host in (b"mail.example.com", b"dashboard.example:443", b"127.0.0.1:8470"):
         assert call(app, "GET", "/api/rules", headers=bearer, host=host)[0] == 200, host
         assert call(app, "GET", "/api/rules", host=host)[0] == 401, host
+
+
+def test_hostile_requests_are_4xx_and_every_answer_has_the_security_headers(app_on):
+    app, _ = app_on(web_token=TOKEN)
+    bearer = [(b"authorization", f"Bearer {TOKEN}".encode())]
+    form = [(b"content-type", b"application/x-www-form-urlencoded")]
+    # a cookie whose expiry is a superscript two (latin-1 from the header), or long
+    for cookie in (b"lastlogin_session=\xb2.x", b"lastlogin_session=" + b"9" * 5000 + b".x",
+                   b"lastlogin_session=\xd9\xa1.x"):
+        status, headers, _ = call(app, "GET", "/rules", headers=[(b"cookie", cookie)])
+        assert status == 303 and has_security_headers(headers), cookie
+    # more fields than the form has
+    status, headers, body = call(app, "POST", "/login", headers=form,
+                                 body=b"a=1&b=2&c=3&d=4&e=5")
+    assert status == 400 and has_security_headers(headers) and b"fields" in body
+    status, headers, _ = call(app, "POST", "/login", headers=form,
+                              body=f"token={TOKEN}&next=%2Frules".encode())
+    assert (status, headers["location"]) == (303, "/rules") and has_security_headers(headers)
+    # days: digits that are not ASCII, more digits than int() takes, and the usual junk
+    for days in ("%C2%B2", "%D9%A1%D9%A2", "9" * 5000, "1" * 13, "+5", " 5", "5.0", "0x10"):
+        for path in ("/inactive", "/api/inactive"):
+            status, headers, body = call(app, "GET", path, f"days={days}".encode(), bearer)
+            assert status == 400 and has_security_headers(headers), (path, days[:20])
+            assert b"days must be" in body
+    # a NUL: PostgreSQL text cannot hold one (no stored name has one): 400, not 503
+    for path, query in (("/api/user", b"name=a%00b"), ("/user", b"name=a%00b"),
+                        ("/api/search", b"q=a%00b"), ("/search", b"q=%00")):
+        status, headers, body = call(app, "GET", path, query, bearer)
+        assert status == 400 and has_security_headers(headers), path
+        assert b"NUL" in body
+    for path, method, expected in (("/nowhere", "GET", 404), ("/api/rules", "POST", 405),
+                                   ("/api/rules", "DELETE", 405), ("/api/user", "GET", 400)):
+        status, headers, _ = call(app, method, path, headers=bearer)
+        assert status == expected and has_security_headers(headers), path
+    status, headers, _ = call(app, "GET", "/api/rules")
+    assert status == 401 and has_security_headers(headers)
+
+
+def test_an_unexpected_error_is_a_plain_500_with_the_headers_and_one_log_line(app_on, caplog):
+    class Broken(DailyCounts):
+        def rows(self, conn, now, tz):
+            raise RuntimeError("injected\nsecond line")
+    app, _ = app_on(daily=Broken())
+    for path in ("/", "/api/overview"):
+        caplog.clear()
+        status, headers, body = call(app, "GET", path)
+        assert status == 500 and has_security_headers(headers), path
+        assert headers["content-type"].startswith("text/plain") and b"injected" not in body
+        lines = [r for r in caplog.records if r.name == "lastlogin.web"]
+        assert len(lines) == 1 and lines[0].levelname == "ERROR"
+        assert "event=web_request_failed" in lines[0].getMessage()
+        assert "RuntimeError: injected" in lines[0].getMessage()
+    assert call(app, "GET", "/api/rules")[0] == 200        # and it keeps serving

@@ -17,6 +17,8 @@ import urllib.parse
 from decimal import Decimal
 from typing import Any, Callable
 
+import logging
+
 import jinja2
 import sqlalchemy as sa
 from starlette.applications import Starlette
@@ -32,6 +34,8 @@ from ..cli.output import safe_text
 from ..login import PROTOCOLS, parse_ip
 from . import auth, views
 from .chart import daily_chart
+
+log = logging.getLogger("lastlogin.web")
 
 HERE = pathlib.Path(__file__).parent
 SECURITY_HEADERS = [
@@ -123,18 +127,30 @@ class Guard:
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def with_headers(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
             await send(message)
 
-        if not self.token and not host_ok(Request(scope).headers.get("host"), self.hosts):
-            await misdirected(scope, receive, with_headers)
-            return
-        if self.token and not self.allowed(Request(scope)):
-            await self.refuse(Request(scope))(scope, receive, with_headers)
-            return
-        await self.app(scope, receive, with_headers)
+        try:
+            if not self.token and not host_ok(Request(scope).headers.get("host"),
+                                              self.hosts):
+                await misdirected(scope, receive, with_headers)
+                return
+            if self.token and not self.allowed(Request(scope)):
+                await self.refuse(Request(scope))(scope, receive, with_headers)
+                return
+            await self.app(scope, receive, with_headers)
+        except Exception as exc:  # noqa: BLE001 -- one line, a plain 500 with the headers
+            log.error("event=web_request_failed method=%s path=%s error=%s",
+                      scope.get("method"), scope.get("path"),
+                      f"{type(exc).__name__}: {exc}")
+            if not started:         # else Starlette answered 500 already (with the headers)
+                await server_error(scope, receive, with_headers)
 
     def allowed(self, request: Request) -> bool:
         path = request.url.path
@@ -157,6 +173,9 @@ class Guard:
 misdirected = PlainTextResponse(
     "421 Misdirected Request: without web_token this dashboard answers only to "
     "127.0.0.1, localhost and [::1]\n", 421)
+
+
+server_error = PlainTextResponse("500 Internal Server Error: see the log\n", 500)
 
 
 # --- the application ---------------------------------------------------------------
@@ -201,7 +220,7 @@ def create_app(settings: Settings, engine: sa.Engine, tz: dt.tzinfo | None = Non
               lambda conn, c, r: views.inactive(conn, c, _int(r, "days", 90, 1, 36600))),
         *page("/rules", "/api/rules", "rules.html", lambda conn, c, r: views.rules(conn, c)),
         *page("/search", "/api/search", "search.html",
-              lambda conn, c, r: views.search(conn, c, r.query_params.get("q", "").strip())),
+              lambda conn, c, r: views.search(conn, c, _text(r, "q").strip())),
         Route("/login", _login_page(env, settings), methods=["GET", "POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
@@ -214,13 +233,24 @@ def _int(request: Request, key: str, default: int, low: int, high: int) -> int:
     text = request.query_params.get(key)
     if text is None or text == "":
         return default
-    if not text.isdigit() or not low <= int(text) <= high:
+    # ASCII digits, a few: int() would take '²' (and fail) or 5,000 digits (and fail)
+    if not re.fullmatch(r"[0-9]{1,12}", text) or not low <= int(text) <= high:
         raise HTTPException(400, f"{key} must be a whole number from {low} to {high}")
     return int(text)
 
 
+def _text(request: Request, key: str) -> str:
+    """A text parameter; no NUL (PostgreSQL text cannot hold one, and a stored
+    name shows a NUL byte as \\x00, so none has one)."""
+    text = request.query_params.get(key, "")
+    if "\x00" in text:
+        raise HTTPException(400, f"{key} cannot hold a NUL character (a stored name "
+                                 "shows a NUL byte as \\x00)")
+    return text
+
+
 def _user(conn: sa.Connection, c: views.Ctx, request: Request) -> dict[str, Any]:
-    name = request.query_params.get("name", "")
+    name = _text(request, "name")
     if not name:
         raise HTTPException(400, "name is needed: /user?name=...")
     ip = request.query_params.get("ip") or None
@@ -268,7 +298,10 @@ def _login_page(env: jinja2.Environment, settings: Settings):
         body = await request.body()
         if len(body) > MAX_FORM_BYTES:
             return _login_form(env, wanted, "form too large", 413)
-        form = urllib.parse.parse_qs(body.decode("latin-1"), max_num_fields=4)
+        try:
+            form = urllib.parse.parse_qs(body.decode("latin-1"), max_num_fields=4)
+        except ValueError:          # more fields than the form has
+            return _login_form(env, wanted, "not this form's fields", 400)
         wanted = auth.safe_next((form.get("next") or [wanted])[0])
         given = (form.get("token") or [""])[0]
         if not settings.web_token or not auth.token_ok(given, settings.web_token):

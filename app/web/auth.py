@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 
 COOKIE = "lastlogin_session"
 SESSION_SECONDS = 12 * 3600
 _PURPOSE = b"lastlogin web session v1:"
+_EXPIRES = re.compile(r"[0-9]{1,12}")     # ASCII digits: str.isdigit() also takes '²'
 
 
 def _bytes(text: str) -> bytes:
@@ -42,7 +44,7 @@ def session_value(token: str, now: float | None = None) -> str:
 
 def session_ok(value: str | None, token: str, now: float | None = None) -> bool:
     expires, _, signature = (value or "").partition(".")
-    if not expires.isdigit() or len(expires) > 12:
+    if not _EXPIRES.fullmatch(expires):
         return False
     good = hmac.compare_digest(_bytes(signature), _signature(int(expires), token).encode())
     return good and int(expires) > (now if now is not None else time.time())
