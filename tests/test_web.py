@@ -294,7 +294,8 @@ def test_every_page_and_its_json_twin_answer_with_the_known_numbers(web, known_d
     # the rules that concern her: the domain rule and the expired pop3 one (carol's does not)
     assert [(r["action"], r["state"]) for r in alice["rules"]] == [("allow", "active"),
                                                                    ("deny", "expired")]
-    assert alice["check"] == {"ip": "198.51.100.0", "protocol": "imap", "decision": "allow",
+    assert alice["check"] == {"ip": "198.51.100.0", "local_ip": "192.0.2.25",
+                              "protocol": "imap", "decision": "allow",
                               "rule": None, "reason": "no rule matched", "message": None,
                               "fields": [], "alerts": []}
     inside = web.json("/api/user?name=alice%40example.com&ip=10.1.2.3&protocol=pop3")

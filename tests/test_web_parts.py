@@ -8,13 +8,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import html
+import json
+import re
 import time
+import urllib.parse
 import zoneinfo
 
 import pytest
 
 from app.config import Settings
 from app.db import make_engine, reports
+from app.db.rules import add_rule
 from app.db.store import record_logins
 from app.policy import Rule
 from app.web import auth
@@ -22,6 +27,7 @@ from app.web.app import create_app
 from app.web.chart import daily_chart, nice_top
 from app.web.views import DailyCounts
 from tests.builders import record
+from tests.harness.cli import lastlogin
 
 NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 HOUR = dt.timedelta(hours=1)
@@ -285,3 +291,61 @@ def test_an_unexpected_error_is_a_plain_500_with_the_headers_and_one_log_line(ap
         assert "event=web_request_failed" in lines[0].getMessage()
         assert "RuntimeError: injected" in lines[0].getMessage()
     assert call(app, "GET", "/api/rules")[0] == 200        # and it keeps serving
+
+
+def test_the_user_pages_check_is_lastlogin_check_with_the_server_address(app_on, db_url):
+    """A rule on the server address (local network): the page decides as
+    `lastlogin check USER IP --local-ip L` does, by default with the last
+    login's server address, else with the one the form gives."""
+    app, engine = app_on()
+    name = "dave@example.com"
+    with engine.begin() as conn:
+        rule = add_rule(conn, action="deny", username=name, local_network="192.0.2.0/24",
+                        message="not on this server")
+        record_logins(conn, [record(name.encode(), at=NOW - HOUR, remote_ip="198.51.100.7",
+                                    local_ip="192.0.2.25")])
+
+    def cli(*args):
+        out = lastlogin("check", name, "198.51.100.7", *args,
+                        env={"LASTLOGIN_DATABASE_URL": db_url})
+        lines = dict(line.split(":", 1) for line in out.stdout.splitlines())
+        return lines["decision"].strip(), lines.get("rule", "").split()[:1]
+
+    def page(query: str):
+        status, _, body = call(app, "GET", "/api/user", query.encode())
+        assert status == 200, body
+        c = json.loads(body)["check"]
+        return c, (c["decision"], [str(c["rule"])] if c["rule"] else ["none"])
+
+    c, answer = page("name=dave%40example.com")
+    assert (c["ip"], c["local_ip"]) == ("198.51.100.7", "192.0.2.25")
+    assert answer == ("deny", [str(rule)]) == cli("--local-ip", "192.0.2.25")
+    assert c["message"] == "not on this server"
+    c, answer = page("name=dave%40example.com&ip=198.51.100.7&local_ip=203.0.113.1")
+    assert answer == ("allow", ["none"]) == cli("--local-ip", "203.0.113.1")
+    c, answer = page("name=dave%40example.com&ip=198.51.100.7&local_ip=")
+    assert c["local_ip"] is None and answer == ("allow", ["none"]) == cli()
+    # the page shows the rule's local network, and the server address it checked with
+    status, _, body = call(app, "GET", "/user", b"name=dave%40example.com")
+    assert status == 200
+    assert b"<th>local network</th>" in body and b"<td>192.0.2.0/24</td>" in body
+    assert b'name="local_ip" value="192.0.2.25"' in body
+    assert call(app, "GET", "/api/user", b"name=dave%40example.com&local_ip=x")[0] == 400
+
+
+def test_the_check_form_gives_back_a_name_with_line_breaks(app_on):
+    app, engine = app_on()
+    names = ["cr\rlf\r\n@example.com", "new\nline@example.com", "t\u00e9st\t+%2F@x"]
+    with engine.begin() as conn:
+        record_logins(conn, [record(n.encode()) for n in names])
+    for name in names:
+        status, _, body = call(app, "GET", "/user",
+                               b"name=" + urllib.parse.quote(name, safe="").encode())
+        assert status == 200, name
+        fields = re.findall(rb'<input type="hidden" name="([a-z_]+)" value="([^"]*)"', body)
+        assert len(fields) == 1 and b"\n" not in fields[0][1] and b"\r" not in fields[0][1]
+        # what a browser sends for the form (no line break left to turn into CR LF)
+        key, value = fields[0][0].decode(), html.unescape(fields[0][1].decode())
+        query = urllib.parse.urlencode({key: value, "ip": "198.51.100.9", "local_ip": ""})
+        status, _, body = call(app, "GET", "/api/user", query.encode())
+        assert status == 200 and json.loads(body)["username"] == name

@@ -171,8 +171,8 @@ def daily(conn: sa.Connection, days: int, now: dt.datetime,
 
 RECENT_COLUMNS = ("occurred_at", "username", "protocol", "outcome", "remote_ip", "rule_id",
                   "host")
-LAST_BY_PROTOCOL_COLUMNS = ("protocol", "last_seen", "last_remote_ip", "login_count",
-                            "first_seen", "last_host")
+LAST_BY_PROTOCOL_COLUMNS = ("protocol", "last_seen", "last_remote_ip", "last_local_ip",
+                            "login_count", "first_seen", "last_host")
 FOUND_COLUMNS = ("username", "last_seen")
 
 
@@ -187,8 +187,7 @@ def recent(conn: sa.Connection, limit: int = 50) -> list[dict[str, object]]:
 def last_by_protocol(conn: sa.Connection, user: str) -> list[dict[str, object]]:
     """One user's last allowed login per protocol (last_logins' key)."""
     t = last_logins
-    q = (sa.select(t.c.protocol, t.c.last_seen, t.c.last_remote_ip, t.c.login_count,
-                   t.c.first_seen, t.c.last_host)
+    q = (sa.select(*(t.c[c] for c in LAST_BY_PROTOCOL_COLUMNS))
          .where(t.c.username == user).order_by(t.c.last_seen.desc()))
     return _rows(conn, q)
 

@@ -251,15 +251,26 @@ def _text(request: Request, key: str) -> str:
 
 def _user(conn: sa.Connection, c: views.Ctx, request: Request) -> dict[str, Any]:
     name = _text(request, "name")
+    if not name and "quoted_name" in request.query_params:
+        # the check form's: quoted, so a name's CR and LF come back as they were
+        try:
+            name = urllib.parse.unquote(_text(request, "quoted_name"), errors="strict")
+        except UnicodeDecodeError:
+            raise HTTPException(400, "quoted_name must be percent-quoted UTF-8") from None
+        if "\x00" in name:
+            raise HTTPException(400, "quoted_name cannot hold a NUL character")
     if not name:
         raise HTTPException(400, "name is needed: /user?name=...")
     ip = request.query_params.get("ip") or None
     if ip is not None and parse_ip(ip) is None:
         raise HTTPException(400, "ip must be an IPv4 or IPv6 address")
+    local_ip = request.query_params.get("local_ip")     # "" is none; absent: the last's
+    if local_ip and parse_ip(local_ip) is None:
+        raise HTTPException(400, "local_ip must be an IPv4 or IPv6 address")
     protocol = request.query_params.get("protocol") or None
     if protocol is not None and protocol not in PROTOCOLS:
         raise HTTPException(400, f"protocol must be one of {', '.join(PROTOCOLS)}")
-    data = views.user(conn, c, name, ip, protocol)
+    data = views.user(conn, c, name, ip, protocol, local_ip)
     if not data["found"]:
         data["_status"] = 404
     return data

@@ -24,11 +24,12 @@ from ..config import ConfigError, Settings
 from ..db import reports
 from ..db.rules import list_rules
 from ..health import CRITICAL, LEVEL, checks
-from ..login import PROTOCOLS, domain_of, parse_ip
+from ..login import PROTOCOLS, domain_of, normalize_user, parse_ip
 from ..policy import Rule
 from ..protocol import LoginRequest
 from ..service import Explanation, explain
 from ..snapshot import load_snapshot
+from ..sysgroups import system_groups
 
 log = logging.getLogger("lastlogin.web")
 
@@ -221,12 +222,14 @@ def _rule_row(rule: Rule, now: dt.datetime) -> dict[str, Any]:
             "valid_until": rule.valid_until, "message": rule.message}
 
 
-def check_result(ex: Explanation, ip: str, protocol: str) -> dict[str, Any]:
-    """`lastlogin check USER IP --protocol P`, as data."""
+def check_result(ex: Explanation, ip: str, local_ip: str | None,
+                 protocol: str) -> dict[str, Any]:
+    """`lastlogin check USER IP --protocol P --local-ip L`, as data."""
     d = ex.decision
-    out: dict[str, Any] = {"ip": ip, "protocol": protocol, "decision": d.action,
-                           "rule": d.rule.id if d.rule else None, "reason": d.reason,
-                           "message": ex.client_text, "fields": [], "alerts": []}
+    out: dict[str, Any] = {"ip": ip, "local_ip": local_ip, "protocol": protocol,
+                           "decision": d.action, "rule": d.rule.id if d.rule else None,
+                           "reason": d.reason, "message": ex.client_text, "fields": [],
+                           "alerts": []}
     if d.temporary and d.reason.startswith("override:"):
         out.update(decision="refused", message=d.reason[len("override: "):])
     elif ex.plan is not None:
@@ -235,25 +238,45 @@ def check_result(ex: Explanation, ip: str, protocol: str) -> dict[str, Any]:
     return out
 
 
+def check(snap: Any, settings: Settings, name: str, ip: str, local_ip: str | None,
+          protocol: str, now: dt.datetime) -> dict[str, Any]:
+    """What `lastlogin check` decides, from the same inputs: the name as
+    `check` normalises it, the server address, the system groups when
+    acl_groups_from_system is on."""
+    username = normalize_user(name)
+    req = LoginRequest((local_ip or "").encode(), ip.encode(),
+                       username.encode("utf-8", "surrogateescape"), [])
+    groups = tuple(system_groups(username)) if settings.acl_groups_from_system else ()
+    ex = explain(snap, protocol, req, now, settings.default_action,
+                 settings.rules_unloaded_action, groups)
+    return check_result(ex, ip, local_ip, protocol)
+
+
 def user(conn: sa.Connection, ctx: Ctx, name: str, ip: str | None = None,
-         protocol: str | None = None) -> dict[str, Any]:
+         protocol: str | None = None, local_ip: str | None = None) -> dict[str, Any]:
     """A user's page: history, last login per protocol, addresses, the rules,
     overrides and alerts that concern them, and what `check` says now (for
-    ``ip``/``protocol``, by default those of their last login)."""
+    ``ip``/``protocol``/``local_ip``, by default those of their last login;
+    ``local_ip`` "" is no server address)."""
     history = reports.history(conn, name, limit=HISTORY)
     last = reports.last_by_protocol(conn, name)
     snap = load_snapshot(conn)
     s = ctx.settings
     if ip is None and last:
         ip, protocol = last[0]["last_remote_ip"], protocol or last[0]["protocol"]
+        local_ip = last[0]["last_local_ip"] if local_ip is None else local_ip
     elif ip is None and history:
         ip = history[0]["remote_ip"]
+        local_ip = history[0]["local_ip"] if local_ip is None else local_ip
+    elif local_ip is None and last:
+        local_ip = last[0]["last_local_ip"]
+    elif local_ip is None and history:
+        local_ip = history[0]["local_ip"]
     protocol = protocol if protocol in PROTOCOLS else "imap"
-    check = None
+    local_ip = local_ip if local_ip and parse_ip(local_ip) is not None else None
+    result = None
     if ip and parse_ip(ip) is not None:
-        req = LoginRequest(b"", ip.encode(), name.encode("utf-8", "surrogateescape"), [])
-        check = check_result(explain(snap, protocol, req, ctx.now, s.default_action,
-                                     s.rules_unloaded_action), ip, protocol)
+        result = check(snap, s, name, ip, local_ip, protocol, ctx.now)
     domain = domain_of(name)
     return {
         "username": name,
@@ -268,7 +291,7 @@ def user(conn: sa.Connection, ctx: Ctx, name: str, ip: str | None = None,
         "alerts": [{"id": a.id, "scope": a.scope, "message": a.message,
                     "show_once": a.show_once} for a in snap.alerts
                    if a.applies(name, domain, ctx.now)],
-        "check": check,
+        "check": result,
     }
 
 
