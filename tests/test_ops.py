@@ -215,6 +215,9 @@ def test_the_web_unit_is_hardened_like_the_daemons(tmp_path):
                 "LockPersonality", "MemoryDenyWriteExecute", "SystemCallArchitectures"):
         assert unit_value(web, key) == unit_value(daemon, key), key
     assert "RuntimeDirectory" not in web and "StateDirectory" not in web   # the daemon's
+    # it reads the state directory and cannot write it (SQLite is opened mode=ro)
+    assert unit_value(web, "ReadOnlyPaths") == ["-/var/lib/lastlogin"]
+    assert "ReadWritePaths" not in web
     rating = {}
     for name in ("lastlogin.service", "lastlogin-web.service"):
         out = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager",

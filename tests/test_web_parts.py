@@ -16,7 +16,9 @@ import urllib.parse
 import zoneinfo
 
 import pytest
+import sqlalchemy as sa
 
+from app.cli.common import Context
 from app.config import Settings
 from app.db import make_engine, reports
 from app.db.rules import add_rule
@@ -349,3 +351,54 @@ def test_the_check_form_gives_back_a_name_with_line_breaks(app_on):
         query = urllib.parse.urlencode({key: value, "ip": "198.51.100.9", "local_ip": ""})
         status, _, body = call(app, "GET", "/api/user", query.encode())
         assert status == 200 and json.loads(body)["username"] == name
+
+
+# --- read-only ----------------------------------------------------------------------
+
+def test_the_webs_engine_cannot_write(db_url):
+    """`lastlogin web`'s engine (Context.engine(reports=True, read_only=True)):
+    PostgreSQL sessions are read-only with a statement_timeout, SQLite is
+    opened with mode=ro."""
+    ctx = Context(None)
+    ctx._settings = dataclasses.replace(Settings(), database_url=db_url)
+    engine = ctx.engine(reports=True, read_only=True)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM access_rules")).scalar() == 0
+            if conn.dialect.name == "postgresql":
+                assert conn.execute(sa.text("SHOW default_transaction_read_only")).scalar() \
+                    == "on"
+                assert conn.execute(sa.text("SHOW statement_timeout")).scalar() == "10s"
+        for statement in ("INSERT INTO access_rules (action, priority, enabled) "
+                          "VALUES ('deny', 1, true)", "DELETE FROM login_events",
+                          "CREATE TABLE intruder (a integer)"):
+            with pytest.raises(sa.exc.DBAPIError, match="read-only|readonly"):
+                with engine.begin() as conn:
+                    conn.execute(sa.text(statement))
+    finally:
+        engine.dispose()
+    writer = make_engine(db_url)
+    with writer.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM access_rules")).scalar() == 0
+        assert "intruder" not in sa.inspect(conn).get_table_names()
+    writer.dispose()
+
+
+def test_web_never_makes_a_missing_sqlite_file(tmp_path, pg_url):
+    missing = tmp_path / "no" / "lastlogin.db"
+    for env in ({"LASTLOGIN_DATABASE_URL": f"sqlite:///{missing}"},
+                {"LASTLOGIN_DATABASE_URL": pg_url,
+                 "LASTLOGIN_REPORT_DATABASE_URL": f"sqlite:///{missing}"}):
+        out = lastlogin("web", env={**env, "LASTLOGIN_WEB_LISTEN": "127.0.0.1:1"})
+        assert out.returncode == 3 and out.stdout == "", out.stderr
+        assert out.stderr.count("\n") == 1 and f"no database at {missing}" in out.stderr
+        setting = "report_database_url" if "LASTLOGIN_REPORT_DATABASE_URL" in env else \
+            "database_url"
+        assert f"({setting})" in out.stderr
+        assert not (tmp_path / "no").exists()
+    # a read-only engine of a missing file fails to connect and makes nothing
+    engine = make_engine(f"sqlite:///{missing}", read_only=True)
+    with pytest.raises(sa.exc.OperationalError, match="unable to open"):
+        engine.connect()
+    engine.dispose()
+    assert not (tmp_path / "no").exists()

@@ -8,8 +8,6 @@ import socket
 import click
 
 from ..config import Settings
-from ..db import make_engine
-from ..db.migrate import ensure_at_head
 from ..logs import setup_logging
 from .common import EXIT_CONFIG, CliError, Context, edge, main_group, pass_ctx
 
@@ -75,11 +73,9 @@ def web(ctx: Context, utc: bool) -> None:
     settings = ctx.settings
     host, port = listen_address(settings)
     setup_logging(settings.log_level, settings.log_format, settings.secrets())
-    if settings.report_database_url:
-        engine = make_engine(settings.report_database_url)
-        ensure_at_head(engine)
-    else:
-        engine = ctx.engine()
+    # read-only: SQLite opened with mode=ro (never created), PostgreSQL sessions
+    # read-only with a statement_timeout
+    engine = ctx.engine(reports=True, read_only=True)
     sock = bind(host, port)
     tz = dt.timezone.utc if utc else None
     app = create_app(settings, engine, tz)
