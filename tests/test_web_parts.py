@@ -402,3 +402,28 @@ def test_web_never_makes_a_missing_sqlite_file(tmp_path, pg_url):
         engine.connect()
     engine.dispose()
     assert not (tmp_path / "no").exists()
+
+
+def test_search_lowers_as_user_key_does_ascii_only(app_on):
+    """One rule for case: login.user_key's (ASCII only, as Dovecot's %L)."""
+    app, engine = app_on()
+    names = ["\u00c9LISE@example.com", "\u00e9lise@example.com", "kelvin@example.com",
+             "\u212aelvin@example.com", "Bob@Example.com"]
+    with engine.begin() as conn:
+        record_logins(conn, [record(n.encode(), at=NOW - i * HOUR)
+                             for i, n in enumerate(names)])
+
+    def found(q: str) -> list[str]:
+        status, _, body = call(app, "GET", "/api/search",
+                               b"q=" + urllib.parse.quote(q, safe="").encode())
+        assert status == 200
+        return sorted(r["username"] for r in json.loads(body)["rows"])
+    assert found("\u00c9LISE") == found("\u00c9lise") == ["\u00c9LISE@example.com"]
+    assert found("\u00e9lise") == found("\u00e9LISE") == ["\u00e9lise@example.com"]
+    assert found("lise@") == ["\u00c9LISE@example.com", "\u00e9lise@example.com"]
+    assert found("KELVIN") == ["kelvin@example.com"]
+    assert found("\u212aelvin") == ["\u212aelvin@example.com"]
+    assert found(" bob@EXAMPLE ") == ["Bob@Example.com"]
+    with engine.connect() as conn:
+        assert [r["username"] for r in reports.find_users(conn, "\u212aELVIN")] == [
+            "\u212aelvin@example.com"]

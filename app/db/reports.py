@@ -11,7 +11,7 @@ from typing import Iterable
 
 import sqlalchemy as sa
 
-from ..login import normalize_domain
+from ..login import normalize_domain, user_key
 from .schema import last_logins, login_events
 from .types import IPAddress, UTCDateTime
 
@@ -195,11 +195,13 @@ def last_by_protocol(conn: sa.Connection, user: str) -> list[dict[str, object]]:
 def find_users(conn: sa.Connection, text: str, limit: int = 100) -> Rows:
     """Users whose name holds ``text`` (ASCII case ignored), last seen first.
 
+    Names compare as login.user_key compares them: blanks trimmed, only ASCII
+    lowercased (a Kelvin sign is not a k, É is not é), on both backends.
     Reads last_logins (one row per user and protocol), so a user who was
     only ever refused is not found here; their page still opens by name.
     """
     t = last_logins
-    pattern = sa.func.lower(t.c.username).contains(text.lower(), autoescape=True)
+    pattern = _ascii_lower(conn, t.c.username).contains(user_key(text), autoescape=True)
     q = (sa.select(t.c.username, sa.func.max(t.c.last_seen).label("last_seen"))
          .where(pattern).group_by(t.c.username)
          .order_by(sa.func.max(t.c.last_seen).desc(), t.c.username))
@@ -207,6 +209,17 @@ def find_users(conn: sa.Connection, text: str, limit: int = 100) -> Rows:
     for r in rows:
         r["last_seen"] = _utc(r["last_seen"])       # an aggregate: the type is not applied
     return rows
+
+
+_UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _ascii_lower(conn: sa.Connection, column: sa.ColumnElement) -> sa.ColumnElement:
+    """``column`` with A-Z lowercased and nothing else (user_key's rule):
+    PostgreSQL's lower() follows the collation, SQLite's is ASCII only."""
+    if conn.dialect.name == "postgresql":
+        return sa.func.translate(column, _UPPER, _UPPER.lower())
+    return sa.func.lower(column)
 
 
 def hourly(conn: sa.Connection, start: dt.datetime, host: str | None = None,

@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import Settings
 from ..cli.output import safe_text
-from ..login import PROTOCOLS, parse_ip
+from ..login import PROTOCOLS, normalize_user, parse_ip
 from . import auth, views
 from .chart import daily_chart
 
@@ -220,7 +220,7 @@ def create_app(settings: Settings, engine: sa.Engine, tz: dt.tzinfo | None = Non
               lambda conn, c, r: views.inactive(conn, c, _int(r, "days", 90, 1, 36600))),
         *page("/rules", "/api/rules", "rules.html", lambda conn, c, r: views.rules(conn, c)),
         *page("/search", "/api/search", "search.html",
-              lambda conn, c, r: views.search(conn, c, _text(r, "q").strip())),
+              lambda conn, c, r: views.search(conn, c, normalize_user(_text(r, "q")))),
         Route("/login", _login_page(env, settings), methods=["GET", "POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
