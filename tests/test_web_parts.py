@@ -427,3 +427,23 @@ def test_search_lowers_as_user_key_does_ascii_only(app_on):
     with engine.connect() as conn:
         assert [r["username"] for r in reports.find_users(conn, "\u212aELVIN")] == [
             "\u212aelvin@example.com"]
+
+
+def test_times_follow_the_systems_zone_with_its_summer_time(db_url, monkeypatch):
+    """Without --utc, pages show the system's zone by its rules (zoneinfo), so
+    a July login is at +02:00 and a January one at +01:00 in Berlin, whatever
+    the offset on the day the server started."""
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    engine = make_engine(db_url)
+    winter = dt.datetime(2026, 1, 15, 10, 0, tzinfo=dt.timezone.utc)
+    summer = dt.datetime(2026, 7, 15, 10, 0, tzinfo=dt.timezone.utc)
+    with engine.begin() as conn:
+        record_logins(conn, [record(b"zone@example.com", at=winter),
+                             record(b"zone@example.com", at=summer, remote_ip="192.0.2.8")])
+    try:
+        app = create_app(Settings(), engine)            # no zone given: the system's
+        status, _, body = call(app, "GET", "/user", b"name=zone%40example.com")
+        assert status == 200
+        assert b"2026-07-15 12:00:00" in body and b"2026-01-15 11:00:00" in body
+    finally:
+        engine.dispose()

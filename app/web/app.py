@@ -11,13 +11,14 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import logging
+import os
 import pathlib
 import re
 import urllib.parse
+import zoneinfo
 from decimal import Decimal
 from typing import Any, Callable
-
-import logging
 
 import jinja2
 import sqlalchemy as sa
@@ -87,6 +88,32 @@ def json_response(data: Any, status: int = 200) -> Response:
     # ensure_ascii: every byte beyond ASCII and every control character is a \u escape
     body = json.dumps(data, default=_json_default, ensure_ascii=True, indent=1)
     return Response(body + "\n", status, media_type="application/json")
+
+
+def local_zone() -> dt.tzinfo:
+    """The system's zone with its rules (summer time included), not the
+    offset it has today: TZ when it names a zone, else /etc/localtime; a
+    fixed offset only when neither can be read as a zone."""
+    name = os.environ.get("TZ", "").lstrip(":")
+    candidates = [name] if name else []
+    if not name:
+        try:
+            link = os.path.realpath("/etc/localtime")
+            candidates.append(link.split("/zoneinfo/", 1)[1] if "/zoneinfo/" in link else "")
+        except OSError:
+            pass
+    for key in candidates:
+        try:
+            return zoneinfo.ZoneInfo(key)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+            continue
+    if not name:
+        try:
+            with open("/etc/localtime", "rb") as f:
+                return zoneinfo.ZoneInfo.from_file(f, key="localtime")
+        except (OSError, ValueError):
+            pass
+    return dt.datetime.now().astimezone().tzinfo or dt.timezone.utc
 
 
 # --- the token and the headers -----------------------------------------------------
@@ -183,7 +210,7 @@ server_error = PlainTextResponse("500 Internal Server Error: see the log\n", 500
 def create_app(settings: Settings, engine: sa.Engine, tz: dt.tzinfo | None = None,
                daily: views.DailyCounts | None = None) -> ASGIApp:
     """The dashboard over ``engine`` (where reports read), in zone ``tz``."""
-    tz = tz or dt.datetime.now().astimezone().tzinfo or dt.timezone.utc
+    tz = tz or local_zone()
     env = _environment(tz)
     daily = daily or views.DailyCounts(engine=engine)
     daily.warm(tz)
