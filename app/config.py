@@ -399,6 +399,9 @@ class Settings:
     web_token: str = _opt(_web_token, "",
                           doc="token the dashboard asks for (Bearer or its login form); "
                               "empty: none, loopback only")
+    web_secure_cookie: bool = _opt(_as_bool, False,
+                                   doc="mark the dashboard's session cookie Secure (set it "
+                                       "when a TLS proxy serves it as https)")
     log_level: str = _opt(_choice("debug", "info", "warning", "error"), "info",
                           doc="log level")
     event_loop: str = _opt(_choice("asyncio", "uvloop"), "asyncio",

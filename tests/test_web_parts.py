@@ -447,3 +447,63 @@ def test_times_follow_the_systems_zone_with_its_summer_time(db_url, monkeypatch)
         assert b"2026-07-15 12:00:00" in body and b"2026-01-15 11:00:00" in body
     finally:
         engine.dispose()
+
+
+def test_the_search_box_shows_the_query_escaped(app_on):
+    app, _ = app_on()
+    status, _, body = call(app, "GET", "/search", b"q=%22%3E%3Cscript%3Ex")
+    assert status == 200
+    assert b'name="q" placeholder="user name" aria-label="Search for a user" ' \
+           b'value="&#34;&gt;&lt;script&gt;x"' in body and b"<script" not in body
+    assert b'value=""' in call(app, "GET", "/rules")[2]
+
+
+def test_a_database_error_page_says_nothing_of_the_database(caplog):
+    from tests.harness.pg import free_port
+    port = free_port()          # nothing listens there
+    engine = make_engine(f"postgresql+psycopg://secret_role@127.0.0.1:{port}/secret_db")
+    try:
+        app = create_app(Settings(), engine, dt.timezone.utc)
+        for path in ("/rules", "/api/rules"):
+            caplog.clear()
+            status, headers, body = call(app, "GET", path)
+            assert status == 503 and has_security_headers(headers), path
+            assert b"database unavailable" in body
+            assert b"secret" not in body and str(port).encode() not in body
+            assert b"127.0.0.1" not in body and b"connect" not in body.lower()
+            lines = [r.getMessage() for r in caplog.records
+                     if "event=web_database_error" in r.getMessage()]
+            assert len(lines) == 1 and str(port) in lines[0]
+    finally:
+        engine.dispose()
+
+
+def test_inactive_takes_a_bounded_limit(app_on):
+    app, engine = app_on()
+    with engine.begin() as conn:
+        record_logins(conn, [record(f"idle{i}@example.com".encode(), at=NOW - (10 + i) * 24 * HOUR)
+                             for i in range(3)])
+
+    def get(query: bytes):
+        status, _, body = call(app, "GET", "/api/inactive", query)
+        return status, json.loads(body)
+    status, data = get(b"days=5")
+    assert status == 200 and (data["limit"], data["total"], len(data["rows"])) == (1000, 3, 3)
+    status, data = get(b"days=5&limit=2")
+    assert (data["total"], [r["username"] for r in data["rows"]]) == (
+        3, ["idle2@example.com", "idle1@example.com"])            # the longest idle first
+    for bad in (b"0", b"100001", b"x", b"%C2%B2"):
+        status, data = get(b"days=5&limit=" + bad)
+        assert status == 400 and "limit" in data["error"], bad
+    status, _, body = call(app, "GET", "/inactive", b"days=5&limit=2")
+    assert status == 200 and b"2 of 3 shown" in body
+
+
+def test_the_session_cookie_is_secure_when_web_secure_cookie_is_set(app_on):
+    form = [(b"content-type", b"application/x-www-form-urlencoded")]
+    for secure in (False, True):
+        app, _ = app_on(web_token=TOKEN, web_secure_cookie=secure)
+        status, headers, _ = call(app, "POST", "/login", headers=form,
+                                  body=f"token={TOKEN}".encode())
+        attrs = [a.strip().lower() for a in headers["set-cookie"].split(";")]
+        assert status == 303 and ("secure" in attrs) == secure

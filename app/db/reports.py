@@ -92,8 +92,10 @@ def _after_first_at(conn: sa.Connection, column):
 
 
 def inactive(conn: sa.Connection, days: int, now: dt.datetime,
-             accounts: Iterable[str] | None = None) -> list[dict[str, object]]:
-    """Users whose last login is more than ``days`` ago.
+             accounts: Iterable[str] | None = None,
+             limit: int | None = None) -> list[dict[str, object]]:
+    """Users whose last login is more than ``days`` ago (the longest idle
+    first; with ``limit``, at most that many, and ``total`` when there were more).
 
     With ``accounts`` (every account that exists), those that never logged
     in at all are reported too, and only listed accounts are reported.
@@ -106,13 +108,17 @@ def inactive(conn: sa.Connection, days: int, now: dt.datetime,
         v = v_last_login
         q = (sa.select(v.c.username, v.c.last_seen, v.c.last_protocol)
              .where(v.c.last_seen < cutoff).order_by(v.c.last_seen))
-        rows = _rows(conn, q)
+        rows = _limited(conn, q, limit)
     else:
         seen = {r.username: r.last_seen for r in conn.execute(per_user)}
         wanted = list(dict.fromkeys(a for a in accounts if a))
         rows = [{"username": a, "last_seen": _utc(seen.get(a)), "last_protocol": None}
                 for a in wanted if a not in seen or _utc(seen[a]) < cutoff]
         rows.sort(key=lambda r: (r["last_seen"] is not None, r["last_seen"] or now))
+        if limit and len(rows) > limit:
+            total = len(rows)
+            rows = Rows(rows[:limit])
+            rows.total = total
     for r in rows:
         r["idle_days"] = (now - r["last_seen"]).days if r["last_seen"] else None
     return rows

@@ -232,7 +232,8 @@ def create_app(settings: Settings, engine: sa.Engine, tz: dt.tzinfo | None = Non
                 return json_response(data, status)
             query = f"?{request.url.query}" if request.url.query else ""
             html = env.get_template(template).render(data=data, api=api + query,
-                                                     path=request.url.path)
+                                                     path=request.url.path,
+                                                     q=data.get("q", ""))
             return HTMLResponse(html, status)
 
         return (Route(path, lambda r: answer(r, False), methods=["GET"]),
@@ -244,7 +245,9 @@ def create_app(settings: Settings, engine: sa.Engine, tz: dt.tzinfo | None = Non
                   {"name": s.name, "title": s.title} for s in views.SECTIONS]}),
         *page("/user", "/api/user", "user.html", _user),
         *page("/inactive", "/api/inactive", "inactive.html",
-              lambda conn, c, r: views.inactive(conn, c, _int(r, "days", 90, 1, 36600))),
+              lambda conn, c, r: views.inactive(
+                  conn, c, _int(r, "days", 90, 1, 36600),
+                  _int(r, "limit", views.INACTIVE_LIMIT, 1, views.INACTIVE_MAX))),
         *page("/rules", "/api/rules", "rules.html", lambda conn, c, r: views.rules(conn, c)),
         *page("/search", "/api/search", "search.html",
               lambda conn, c, r: views.search(conn, c, normalize_user(_text(r, "q")))),
@@ -320,9 +323,12 @@ def _http_error(env: jinja2.Environment):
 
 def _database_error(env: jinja2.Environment):
     def handler(request: Request, exc: Exception) -> Response:
+        # the driver's words (host names, roles, SQL) go to the log, not to the page
         orig = getattr(exc, "orig", None) or exc
         first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
-        return _http_error(env)(request, HTTPException(503, f"database unavailable: {first}"))
+        log.warning("event=web_database_error path=%s error=%s", request.url.path, first)
+        return _http_error(env)(request, HTTPException(
+            503, "database unavailable: see the dashboard's log"))
     return handler
 
 
@@ -347,7 +353,8 @@ def _login_page(env: jinja2.Environment, settings: Settings):
         response = RedirectResponse(wanted, 303)
         response.set_cookie(auth.COOKIE, auth.session_value(settings.web_token),
                             max_age=auth.SESSION_SECONDS, httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https", path="/")
+                            secure=settings.web_secure_cookie
+                            or request.url.scheme == "https", path="/")
         return response
     return login
 

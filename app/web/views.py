@@ -37,7 +37,8 @@ DAYS = 30               # the overview's chart
 RECENT = 50             # rows in the overview's tables
 REFUSED_SINCE = dt.timedelta(days=7)
 HISTORY = 200           # rows of a user's history
-INACTIVE_SHOWN = 1000   # rows of the inactive page (the JSON has them all)
+INACTIVE_LIMIT = 1000   # rows of the inactive page and its JSON, unless limit= says
+INACTIVE_MAX = 100_000  # the most limit= may ask for
 
 
 @dataclass(frozen=True)
@@ -297,9 +298,11 @@ def user(conn: sa.Connection, ctx: Ctx, name: str, ip: str | None = None,
 
 # --- the other pages ---------------------------------------------------------------
 
-def inactive(conn: sa.Connection, ctx: Ctx, days: int) -> dict[str, Any]:
-    rows = reports.inactive(conn, days, ctx.now)
-    return {"days": days, "total": len(rows), "rows": rows}
+def inactive(conn: sa.Connection, ctx: Ctx, days: int,
+             limit: int = INACTIVE_LIMIT) -> dict[str, Any]:
+    rows = reports.inactive(conn, days, ctx.now, limit=limit)
+    return {"days": days, "limit": limit,
+            "total": getattr(rows, "total", None) or len(rows), "rows": rows}
 
 
 RULE_COLUMNS = ("id", "action", "priority", "enabled", "username", "domain", "remote_network",
