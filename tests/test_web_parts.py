@@ -122,6 +122,22 @@ def test_the_charts_counts_are_report_daily_and_late_logins_show_after_a_refresh
         assert counts.rows(conn, NOW, tz) == daily
 
 
+def test_in_a_half_hour_zone_the_first_days_first_minutes_count_on_it(engine):
+    """St John's days start at hh:30 UTC: a login in the first half hour of
+    the first day is that day's, not a 31st day's (report daily and the chart)."""
+    tz = zoneinfo.ZoneInfo("America/St_Johns")
+    now = dt.datetime(2026, 11, 26, 16, 0, tzinfo=dt.timezone.utc)
+    first = now.astimezone(tz).date() - dt.timedelta(days=29)
+    start = dt.datetime.combine(first, dt.time(), tz).astimezone(dt.timezone.utc)
+    assert start.minute == 30
+    with engine.begin() as conn:
+        record_logins(conn, [record(b"early@example.com", at=start + dt.timedelta(minutes=10)),
+                             record(b"late@example.com", at=start - dt.timedelta(minutes=10))])
+    with engine.connect() as conn:
+        for rows in (reports.daily(conn, 30, now, tz), DailyCounts().rows(conn, now, tz)):
+            assert [(r["day"], r["allowed"]) for r in rows] == [(first, 1)]
+
+
 def test_with_an_engine_the_refresh_runs_in_the_background(engine):
     with engine.begin() as conn:
         record_logins(conn, [record(b"a@example.com", at=NOW - 30 * HOUR)])

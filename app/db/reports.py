@@ -170,7 +170,8 @@ def daily(conn: sa.Connection, days: int, now: dt.datetime,
     """
     start_day = now.astimezone(tz).date() - dt.timedelta(days=days - 1)
     start = dt.datetime.combine(start_day, dt.time(), tz).astimezone(dt.timezone.utc)
-    return fold_days(hourly(conn, start, host, by_host), tz, by_host=by_host)
+    return fold_days(hourly(conn, start, host, by_host), tz, by_host=by_host,
+                     first_day=start_day)
 
 
 # --- what the dashboard adds (app/web) ------------------------------------------
@@ -253,14 +254,21 @@ def hourly(conn: sa.Connection, start: dt.datetime, host: str | None = None,
 
 
 def fold_days(hours: Iterable[dict[str, object]], tz: dt.tzinfo = dt.timezone.utc,
-              since: dt.datetime | None = None, by_host: bool = False
-              ) -> list[dict[str, object]]:
-    """``hourly`` rows (those of hours from ``since`` on) as ``daily`` rows in ``tz``."""
+              since: dt.datetime | None = None, by_host: bool = False,
+              first_day: dt.date | None = None) -> list[dict[str, object]]:
+    """``hourly`` rows (those of hours from ``since`` on) as ``daily`` rows in ``tz``.
+
+    In a zone whose days start at half past (or :45), the first UTC hour
+    begins before ``first_day`` does but holds only its logins (``hourly``
+    counted from the day's start): it is counted on ``first_day``.
+    """
     buckets: dict[tuple[object, ...], dict[str, object]] = {}
     for r in hours:
         if since is not None and r["hour"] < since:
             continue
         day = r["hour"].astimezone(tz).date()
+        if first_day is not None and day < first_day:
+            day = first_day
         where = {"host": r["host"]} if by_host else {}
         row = buckets.setdefault((day, *where.values(), r["protocol"]),
                                  {"day": day, **where, "protocol": r["protocol"],

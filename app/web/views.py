@@ -128,7 +128,7 @@ class DailyCounts:
         fresh = reports.hourly(conn, upto)
         # the hours `report daily` would read: from the hour the first day starts in
         since = start.replace(minute=0, second=0, microsecond=0)
-        return reports.fold_days(kept + fresh, tz, since)
+        return reports.fold_days(kept + fresh, tz, since, first_day=self.start_day(now, tz))
 
 
 # --- the overview ------------------------------------------------------------------
