@@ -244,6 +244,11 @@ def test_without_a_token_only_loopback_host_names_are_answered(app_on):
             status, headers, body = call(app, "GET", path, host=host)
             assert status == 421 and has_security_headers(headers), (host, path)
             assert b"<" not in body
+    # two Host headers: refused, whichever comes first
+    for pair in ((b"127.0.0.1:8470", b"attacker.example"), (b"attacker.example", b"localhost")):
+        status, headers, _ = call(app, "GET", "/api/rules", headers=[(b"host", pair[1])],
+                                  host=pair[0])
+        assert status == 421 and has_security_headers(headers), pair
     # web_listen's own loopback address is one of its names
     app, _ = app_on(web_listen="127.0.0.2:8471")
     assert call(app, "GET", "/api/rules", host=b"127.0.0.2:8471")[0] == 200

@@ -164,8 +164,8 @@ class Guard:
             await send(message)
 
         try:
-            if not self.token and not host_ok(Request(scope).headers.get("host"),
-                                              self.hosts):
+            hosts = Request(scope).headers.getlist("host")
+            if not self.token and not (len(hosts) == 1 and host_ok(hosts[0], self.hosts)):
                 await misdirected(scope, receive, with_headers)
                 return
             if self.token and not self.allowed(Request(scope)):
