@@ -213,6 +213,15 @@ def is_loopback_listen(address: str) -> bool:
         return False
 
 
+def _web_token(v: Any) -> str:
+    # Never quoted in an error: it is a secret.
+    s = _as_str(v).strip()
+    if s and (len(s) < 16 or not s.isascii() or not s.isprintable() or " " in s):
+        raise ValueError("must be at least 16 printable ASCII characters without spaces "
+                         "(value not shown), e.g. from `openssl rand -hex 32`")
+    return s
+
+
 def _as_list(v: Any) -> tuple[str, ...]:
     if isinstance(v, str):
         items = [p.strip() for p in v.split(",")]
@@ -457,6 +466,15 @@ class Settings:
     metrics_listen: str = _opt(_listen_address, "",
                                doc="host:port for Prometheus metrics, e.g. 127.0.0.1:9464 "
                                    "(empty: off)")
+    web_listen: str = _opt(_listen_address, "127.0.0.1:8470",
+                           doc="host:port the dashboard (`lastlogin web`) listens on; "
+                               "a non-loopback address needs web_token")
+    web_token: str = _opt(_web_token, "",
+                          doc="token the dashboard asks for (Bearer or its login form); "
+                              "empty: none, loopback only")
+    web_secure_cookie: bool = _opt(_as_bool, False,
+                                   doc="mark the dashboard's session cookie Secure (set it "
+                                       "when a TLS proxy serves it as https)")
     log_level: str = _opt(_choice("debug", "info", "warning", "error"), "info",
                           doc="log level")
     event_loop: str = _opt(_choice("asyncio", "uvloop"), "asyncio",
@@ -521,9 +539,10 @@ class Settings:
         return explicit or os.path.join(self.runtime_dir(), f"{protocol}.sock")
 
     def secrets(self) -> tuple[str, ...]:
-        """Strings that must never be shown: the database password."""
+        """Strings that must never be shown: the database password, the keys, the web token."""
         found = url_secrets(self.database_url) if self.database_url else ()
-        return found + ((self.policy_api_key,) if self.policy_api_key else ())
+        return (found + ((self.policy_api_key,) if self.policy_api_key else ())
+                + ((self.web_token,) if self.web_token else ()))
 
     @property
     def effective_spool_dir(self) -> str:

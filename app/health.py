@@ -115,7 +115,7 @@ def _database(url: str) -> tuple[int, str, str]:
         return CRITICAL, "database", f"not a database URL: {exc}"
     if path is not None and not os.path.isfile(path):
         return CRITICAL, "database", f"no database at {path}: run `lastlogin db upgrade`"
-    engine = make_engine(url, connect_timeout=3)
+    engine = make_engine(url, connect_timeout=3, read_only=True)
     try:
         ensure_at_head(engine)
         return OK, "database", "reachable, schema at head"

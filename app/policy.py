@@ -55,6 +55,12 @@ class Rule:
             return False
         return self.valid_until is None or now < self.valid_until
 
+    def concerns(self, username: str) -> bool:
+        """Could this rule match a login of ``username`` (network, protocol
+        and time aside)? What the dashboard lists on a user's page."""
+        return ((self.username is None or self.username == user_key(username))
+                and (self.domain is None or self.domain == domain_of(normalize_user(username))))
+
     def matches(self, login: "LoginFacts") -> bool:
         return (self.enabled
                 and self.active_at(login.now)
@@ -117,6 +123,19 @@ class Decision:
     @property
     def message(self) -> str | None:
         return self.rule.message if self.rule else None
+
+
+def rule_state(enabled: bool, valid_from: dt.datetime | None, valid_until: dt.datetime | None,
+               now: dt.datetime) -> str:
+    """What a readable rule is now: on, off, expired or scheduled (`rule list`,
+    the dashboard; a row the loader skips is 'skipped: why', app/db/rules)."""
+    if not enabled:
+        return "off"
+    if valid_until is not None and valid_until <= now:
+        return "expired"
+    if valid_from is not None and valid_from > now:
+        return "scheduled"
+    return "on"
 
 
 def order(rules: Iterable[Rule]) -> tuple[Rule, ...]:

@@ -33,8 +33,8 @@ LAYERS = {
     "sockets": 4, "server": 4, "policyhttp": 4,
     # 5 composition and lifecycle
     "daemon": 5,
-    # 6 the command line
-    "cli": 6, "__main__": 6, "migrations": 6,
+    # 6 the edges operators use: the command line, the read-only dashboard
+    "cli": 6, "web": 6, "__main__": 6, "migrations": 6,
 }
 PURE_STDLIB = {"__future__", "dataclasses", "datetime", "enum", "functools", "hashlib",
                "ipaddress", "random", "re", "typing", "uuid", "collections", "string",

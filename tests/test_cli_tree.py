@@ -36,6 +36,7 @@ from app.db.schema import metadata
 
 TABLE_CODES = set(EXIT_CODES) - {0, EXIT_INTERNAL}
 TOO_LARGE = "99999999999999999999"
+SERVERS = {("serve",), ("web",)}       # they serve until stopped
 
 
 def all_commands(group: click.Group, prefix=()):
@@ -150,6 +151,7 @@ def baselines(base) -> dict[tuple[str, ...], tuple[list[str], list[str]]]:
         ("import", "last-login-table"): ([], ["--source-url-file", str(base / "dict.url")]),
         ("status",): ([], []),
         ("serve",): ([], []),
+        ("web",): ([], []),
     }
 
 
@@ -208,8 +210,9 @@ def cases(base) -> list[Case]:
     out = []
     lines = baselines(base)
     for path, cmd in all_commands(main_group):
-        if path == ("serve",):
-            continue                    # runs a daemon; its bad settings are tested below
+        if path in SERVERS:
+            continue                    # runs a server; its bad settings are tested below
+                                        # (and in tests/test_web.py)
         positional, options = lines[path]
         args = [p for p in cmd.params if isinstance(p, click.Argument)]
         for param in cmd.params:
@@ -270,7 +273,7 @@ def test_every_command_has_a_baseline_and_every_parameter_a_case(sandbox):
     assert paths == set(lines), paths ^ set(lines)
     covered = {(c.path, c.param) for c in cases(base)}
     for path, cmd in all_commands(main_group):
-        if path == ("serve",):
+        if path in SERVERS:
             continue
         for param in cmd.params:
             if param.name == "help" or getattr(param, "is_flag", False):

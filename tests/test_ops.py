@@ -99,7 +99,7 @@ def test_compose_file_is_valid_and_shares_the_test_dovecot_config():
                           capture_output=True, text=True, cwd=ROOT).stdout
     # the Dovecot config the stack mounts is the one the end-to-end tests use
     assert "deploy/dovecot/lastlogin-test.conf" in full
-    for service in ("postgres", "migrate", "lastlogin", "dovecot"):
+    for service in ("postgres", "migrate", "lastlogin", "dovecot", "web"):
         assert re.search(rf"^  {service}:$", full, re.M), service
     assert "service_completed_successfully" in full and "service_healthy" in full
 
@@ -131,8 +131,13 @@ def test_production_install_matches_the_unit(tmp_path):
     check.mkdir()
     (check / "lastlogin.service").write_text(service.replace(binary, str(root) + binary))
     shutil.copy(root / "etc/systemd/system/lastlogin.socket", check / "lastlogin.socket")
+    web = (root / "etc/systemd/system/lastlogin-web.service").read_text()
+    assert unit_value(web, "ExecStart") == [f"{binary} web"]
+    (check / "lastlogin-web.service").write_text(web.replace(binary, str(root) + binary))
     verify = subprocess.run(["systemd-analyze", "verify", str(check / "lastlogin.service"),
-                             str(check / "lastlogin.socket")], capture_output=True, text=True)
+                             str(check / "lastlogin.socket"),
+                             str(check / "lastlogin-web.service")],
+                            capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
     # the user the unit runs as, from the shipped sysusers.d file
     (tmp_path / "sys" / "etc").mkdir(parents=True)
@@ -185,3 +190,39 @@ def test_systemd_units_keep_their_promises(tmp_path):
     assert paths == [f"/run/lastlogin/{p}.sock" for p in
                      ("imap", "pop3", "submission", "managesieve")]
     assert "lastlogin.toml" in service     # where socket_dir and data_dir come from
+
+
+def test_the_web_unit_is_hardened_like_the_daemons(tmp_path):
+    """The dashboard's unit: the daemon's user and settings, its own token
+    file, no capabilities, and a rating at least as good as the daemon's."""
+    web = (UNITS / "lastlogin-web.service").read_text()
+    daemon = (UNITS / "lastlogin.service").read_text()
+    assert unit_value(web, "ExecStart") == ["/opt/lastlogin/bin/lastlogin web"]
+    assert unit_value(web, "User") == unit_value(daemon, "User") == ["lastlogin"]
+    assert unit_value(web, "UMask") == ["0077"]
+    assert unit_value(web, "RestartPreventExitStatus") == ["2"]
+    assert unit_value(web, "EnvironmentFile") == ["-/etc/lastlogin/lastlogin.env",
+                                                  "-/etc/lastlogin/web.env"]
+    assert not any("TOKEN" in e for e in unit_value(web, "Environment"))
+    for key in ("CapabilityBoundingSet", "AmbientCapabilities"):
+        assert unit_value(web, key) == [""], key
+    # every hardening setting of the daemon's unit, but RemoveIPC (a shared user)
+    for key in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp",
+                "PrivateDevices", "ProtectKernelTunables", "ProtectKernelModules",
+                "ProtectKernelLogs", "ProtectControlGroups", "ProtectClock",
+                "ProtectHostname", "ProtectProc", "ProcSubset", "RestrictAddressFamilies",
+                "RestrictNamespaces", "RestrictRealtime", "RestrictSUIDSGID",
+                "LockPersonality", "MemoryDenyWriteExecute", "SystemCallArchitectures"):
+        assert unit_value(web, key) == unit_value(daemon, key), key
+    assert "RuntimeDirectory" not in web and "StateDirectory" not in web   # the daemon's
+    # it reads the state directory and cannot write it (SQLite is opened mode=ro)
+    assert unit_value(web, "ReadOnlyPaths") == ["-/var/lib/lastlogin"]
+    assert "ReadWritePaths" not in web
+    rating = {}
+    for name in ("lastlogin.service", "lastlogin-web.service"):
+        out = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager",
+                              str(UNITS / name)], capture_output=True, text=True, cwd=tmp_path)
+        m = re.search(rf"Overall exposure level for {re.escape(name)}: ([0-9.]+)", out.stdout)
+        assert m, out.stdout[-2000:] + out.stderr
+        rating[name] = float(m.group(1))
+    assert rating["lastlogin-web.service"] <= min(2.5, rating["lastlogin.service"]), rating

@@ -15,6 +15,7 @@ from . import report as _report  # noqa: F401  (registers `report`, `prune`)
 from . import importing as _importing  # noqa: F401  (registers `import`)
 from . import status as _status  # noqa: F401  (registers `status`)
 from . import user as _user  # noqa: F401  (registers `user`)
+from . import web as _web  # noqa: F401  (registers `web`)
 
 accept_global_options(main_group)
 

@@ -89,38 +89,46 @@ class Context:
         """The setting that decides the database: database_url, or data_dir."""
         return "database_url" if self.settings.database_url else "data_dir"
 
-    def sqlite_path(self) -> str | None:
-        url = self.checked_url()
-        parsed = make_url(url)
+    def sqlite_path(self, url: str | None = None) -> str | None:
+        parsed = make_url(url or self.checked_url())
         if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
             return None
         return os.path.abspath(parsed.database)
 
-    def checked_url(self) -> str:
-        url = self.settings.effective_database_url
+    def checked_url(self, url: str | None = None, setting: str | None = None) -> str:
+        """``url`` (by default the database's) if it parses; else one line naming it."""
+        url = url or self.settings.effective_database_url
         try:
             make_url(url).port      # a non-numeric port fails here, not deep inside
         except (ValueError, sa.exc.ArgumentError) as exc:
-            raise CliError(f"not a database URL: {_first_line(exc)}", self.url_setting,
-                           EXIT_USAGE) from None
+            raise CliError(f"not a database URL: {_first_line(exc)}",
+                           setting or self.url_setting, EXIT_USAGE) from None
         return url
 
     def database_exists(self) -> bool:
         path = self.sqlite_path()
         return path is None or os.path.isfile(path)
 
-    def engine(self, check_schema: bool = True, create: bool = False) -> sa.Engine:
-        """The database; an SQLite file is made only when ``create`` (db upgrade)."""
-        url = self.checked_url()
-        path = self.sqlite_path()
+    def engine(self, check_schema: bool = True, create: bool = False, *,
+               reports: bool = False, read_only: bool = False) -> sa.Engine:
+        """The database; an SQLite file is made only when ``create`` (db upgrade).
+
+        ``reports``: where reports read (report_database_url when set);
+        ``read_only``: an engine that cannot write (make_engine's)."""
+        setting, url = self.url_setting, None
+        if reports and self.settings.report_database_url:
+            setting, url = "report_database_url", self.settings.report_database_url
+        url = self.checked_url(url, setting)
+        path = self.sqlite_path(url)
         if path is not None and not create and not os.path.isfile(path):
-            raise NoDatabase(path, self.url_setting)
+            raise NoDatabase(path, setting)
         try:
-            engine = make_engine(url, file_group=self.settings.database_group or None)
+            engine = make_engine(url, file_group=self.settings.database_group or None,
+                                 read_only=read_only)
         except OSError as exc:
             raise CliError(f"cannot make the database's directory: "
                            f"{exc.strerror or exc}: {exc.filename or path}",
-                           self.url_setting, EXIT_USAGE) from None
+                           setting, EXIT_USAGE) from None
         if check_schema:
             ensure_at_head(engine)
         return engine

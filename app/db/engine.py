@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import urllib.parse
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -66,13 +67,39 @@ def private_sqlite_file(path: str, group: str | int | None = None,
             os.chmod(path + suffix, mode)
 
 
+def _sqlite_reader_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    # No journal_mode (setting it writes the file's header): a reader takes the
+    # database as the writer left it. query_only refuses writes a second time.
+    cur.execute("PRAGMA query_only=ON")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.close()
+
+
+READ_ONLY_STATEMENT_TIMEOUT = 10.0      # seconds: a reader's query gives up after
+
+
 def make_engine(url: str, *, connect_timeout: int = 5,
                 write_bound: float | None = None,
-                file_group: str | int | None = None, tighten: bool = False) -> sa.Engine:
+                file_group: str | int | None = None, tighten: bool = False,
+                read_only: bool = False) -> sa.Engine:
     """An engine for ``url``; the SQLite file (and its directory) is created
-    private (``private_sqlite_file``)."""
+    private (``private_sqlite_file``).
+
+    ``read_only`` (the dashboard, status): nothing can be written through it.
+    SQLite opens the file with ``mode=ro`` and never creates it (a missing
+    file fails to connect); PostgreSQL sessions start with
+    default_transaction_read_only=on and a statement_timeout.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
+        if read_only and parsed.database and parsed.database != ":memory:":
+            path = os.path.abspath(parsed.database)
+            ro = parsed.set(database="file:" + urllib.parse.quote(path),
+                            query={**parsed.query, "mode": "ro", "uri": "true"})
+            engine = sa.create_engine(ro, connect_args={"timeout": 5})
+            sa.event.listen(engine, "connect", _sqlite_reader_pragmas)
+            return engine
         if parsed.database and parsed.database != ":memory:":
             private_sqlite_file(parsed.database, file_group, tighten)
         engine = sa.create_engine(url, connect_args={"timeout": 5})
@@ -80,8 +107,14 @@ def make_engine(url: str, *, connect_timeout: int = 5,
         return engine
     args: dict[str, object] = {"connect_timeout": connect_timeout,
                                "application_name": "lastlogin"}
+    options = []
     if write_bound:
         # The daemon's statements give up instead of hanging behind a lock.
         ms = int(write_bound * 1000)
-        args["options"] = f"-c lock_timeout={ms} -c statement_timeout={ms * 4}"
+        options.append(f"-c lock_timeout={ms} -c statement_timeout={ms * 4}")
+    if read_only:
+        ms = int(READ_ONLY_STATEMENT_TIMEOUT * 1000)
+        options.append(f"-c default_transaction_read_only=on -c statement_timeout={ms}")
+    if options:
+        args["options"] = " ".join(options)
     return sa.create_engine(url, pool_pre_ping=True, connect_args=args)

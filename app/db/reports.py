@@ -11,7 +11,7 @@ from typing import Iterable
 
 import sqlalchemy as sa
 
-from ..login import normalize_domain
+from ..login import normalize_domain, user_key
 from .schema import last_logins, login_events
 from .types import IPAddress, UTCDateTime
 
@@ -41,8 +41,8 @@ LAST_COLUMNS = ("username", "last_seen", "last_protocol", "last_remote_ip", "log
                 "first_seen", "last_host")
 INACTIVE_COLUMNS = ("username", "last_seen", "last_protocol", "idle_days")
 # policy_applied: false when the login was decided without rules loaded
-HISTORY_COLUMNS = ("occurred_at", "protocol", "outcome", "remote_ip", "local_ip", "rule_id",
-                   "auth_mech", "master_user", "message", "policy_applied", "host")
+HISTORY_COLUMNS = ("occurred_at", "protocol", "outcome", "remote_ip", "country", "local_ip",
+                   "rule_id", "auth_mech", "master_user", "message", "policy_applied", "host")
 IPS_COLUMNS = ("remote_ip", "first_seen", "last_seen", "logins", "refused")
 REFUSED_COLUMNS = ("occurred_at", "username", "protocol", "remote_ip", "rule_id", "message",
                    "policy_applied", "host")
@@ -102,8 +102,10 @@ def _after_first_at(conn: sa.Connection, column):
 
 
 def inactive(conn: sa.Connection, days: int, now: dt.datetime,
-             accounts: Iterable[str] | None = None) -> list[dict[str, object]]:
-    """Users whose last login is more than ``days`` ago.
+             accounts: Iterable[str] | None = None,
+             limit: int | None = None) -> list[dict[str, object]]:
+    """Users whose last login is more than ``days`` ago (the longest idle
+    first; with ``limit``, at most that many, and ``total`` when there were more).
 
     With ``accounts`` (every account that exists), those that never logged
     in at all are reported too, and only listed accounts are reported.
@@ -116,13 +118,17 @@ def inactive(conn: sa.Connection, days: int, now: dt.datetime,
         v = v_last_login
         q = (sa.select(v.c.username, v.c.last_seen, v.c.last_protocol)
              .where(v.c.last_seen < cutoff).order_by(v.c.last_seen))
-        rows = _rows(conn, q)
+        rows = _limited(conn, q, limit)
     else:
         seen = {r.username: r.last_seen for r in conn.execute(per_user)}
         wanted = list(dict.fromkeys(a for a in accounts if a))
         rows = [{"username": a, "last_seen": _utc(seen.get(a)), "last_protocol": None}
                 for a in wanted if a not in seen or _utc(seen[a]) < cutoff]
         rows.sort(key=lambda r: (r["last_seen"] is not None, r["last_seen"] or now))
+        if limit and len(rows) > limit:
+            total = len(rows)
+            rows = Rows(rows[:limit])
+            rows.total = total
     for r in rows:
         r["idle_days"] = (now - r["last_seen"]).days if r["last_seen"] else None
     return rows
@@ -202,13 +208,76 @@ def daily(conn: sa.Connection, days: int, now: dt.datetime,
           by_host: bool = False) -> list[dict[str, object]]:
     """Logins per day (in ``tz``) and protocol, for the last ``days`` days.
 
-    The database counts per UTC hour; the hours are put into days here, so
-    a day is the operator's day whatever zone the database runs in. With
-    ``host`` only that mail host's logins; ``by_host`` adds a row per host
-    (``host`` None: logins stored before hosts were recorded).
+    The database counts per UTC hour (``hourly``); the hours are put into
+    days here (``fold_days``), so a day is the operator's day whatever zone
+    the database runs in. With ``host`` only that mail host's logins;
+    ``by_host`` adds a row per host (``host`` None: logins stored before
+    hosts were recorded).
     """
     start_day = now.astimezone(tz).date() - dt.timedelta(days=days - 1)
     start = dt.datetime.combine(start_day, dt.time(), tz).astimezone(dt.timezone.utc)
+    return fold_days(hourly(conn, start, host, by_host), tz, by_host=by_host,
+                     first_day=start_day)
+
+
+# --- what the dashboard adds (app/web) ------------------------------------------
+
+RECENT_COLUMNS = ("occurred_at", "username", "protocol", "outcome", "remote_ip", "country",
+                  "rule_id", "host")
+LAST_BY_PROTOCOL_COLUMNS = ("protocol", "last_seen", "last_remote_ip", "last_local_ip",
+                            "login_count", "first_seen", "last_host")
+FOUND_COLUMNS = ("username", "last_seen")
+
+
+def recent(conn: sa.Connection, limit: int = 50) -> list[dict[str, object]]:
+    """The newest logins, allowed and refused (the occurred_at index, newest first)."""
+    e = login_events
+    q = (sa.select(*(e.c[c] for c in RECENT_COLUMNS))
+         .order_by(e.c.occurred_at.desc()).limit(limit))
+    return _rows(conn, q)
+
+
+def last_by_protocol(conn: sa.Connection, user: str) -> list[dict[str, object]]:
+    """One user's last allowed login per protocol (last_logins' key)."""
+    t = last_logins
+    q = (sa.select(*(t.c[c] for c in LAST_BY_PROTOCOL_COLUMNS))
+         .where(t.c.username == user).order_by(t.c.last_seen.desc()))
+    return _rows(conn, q)
+
+
+def find_users(conn: sa.Connection, text: str, limit: int = 100) -> Rows:
+    """Users whose name holds ``text`` (ASCII case ignored), last seen first.
+
+    Names compare as login.user_key compares them: blanks trimmed, only ASCII
+    lowercased (a Kelvin sign is not a k, É is not é), on both backends.
+    Reads last_logins (one row per user and protocol), so a user who was
+    only ever refused is not found here; their page still opens by name.
+    """
+    t = last_logins
+    pattern = _ascii_lower(conn, t.c.username).contains(user_key(text), autoescape=True)
+    q = (sa.select(t.c.username, sa.func.max(t.c.last_seen).label("last_seen"))
+         .where(pattern).group_by(t.c.username)
+         .order_by(sa.func.max(t.c.last_seen).desc(), t.c.username))
+    rows = _limited(conn, q, limit)
+    for r in rows:
+        r["last_seen"] = _utc(r["last_seen"])       # an aggregate: the type is not applied
+    return rows
+
+
+_UPPER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _ascii_lower(conn: sa.Connection, column: sa.ColumnElement) -> sa.ColumnElement:
+    """``column`` with A-Z lowercased and nothing else (user_key's rule):
+    PostgreSQL's lower() follows the collation, SQLite's is ASCII only."""
+    if conn.dialect.name == "postgresql":
+        return sa.func.translate(column, _UPPER, _UPPER.lower())
+    return sa.func.lower(column)
+
+
+def hourly(conn: sa.Connection, start: dt.datetime, host: str | None = None,
+           by_host: bool = False) -> list[dict[str, object]]:
+    """Logins per UTC hour, protocol and outcome (and host) from ``start`` on."""
     e = login_events
     if conn.dialect.name == "postgresql":
         hour = sa.func.date_trunc("hour", sa.func.timezone("UTC", e.c.occurred_at))
@@ -219,14 +288,37 @@ def daily(conn: sa.Connection, days: int, now: dt.datetime,
          .where(e.c.occurred_at >= start).group_by(*group))
     if host:
         q = q.where(e.c.host == host)
-    buckets: dict[tuple[object, ...], dict[str, object]] = {}
+    out = []
     for r in conn.execute(q):
         h = r.hour if isinstance(r.hour, dt.datetime) else dt.datetime.fromisoformat(r.hour)
-        day = h.replace(tzinfo=dt.timezone.utc).astimezone(tz).date()
-        where = {"host": r.host} if by_host else {}
-        row = buckets.setdefault((day, *where.values(), r.protocol),
-                                 {"day": day, **where, "protocol": r.protocol,
+        row = {"hour": h.replace(tzinfo=dt.timezone.utc), "protocol": r.protocol,
+               "outcome": r.outcome, "n": r.n}
+        if by_host:
+            row["host"] = r.host
+        out.append(row)
+    return out
+
+
+def fold_days(hours: Iterable[dict[str, object]], tz: dt.tzinfo = dt.timezone.utc,
+              since: dt.datetime | None = None, by_host: bool = False,
+              first_day: dt.date | None = None) -> list[dict[str, object]]:
+    """``hourly`` rows (those of hours from ``since`` on) as ``daily`` rows in ``tz``.
+
+    In a zone whose days start at half past (or :45), the first UTC hour
+    begins before ``first_day`` does but holds only its logins (``hourly``
+    counted from the day's start): it is counted on ``first_day``.
+    """
+    buckets: dict[tuple[object, ...], dict[str, object]] = {}
+    for r in hours:
+        if since is not None and r["hour"] < since:
+            continue
+        day = r["hour"].astimezone(tz).date()
+        if first_day is not None and day < first_day:
+            day = first_day
+        where = {"host": r["host"]} if by_host else {}
+        row = buckets.setdefault((day, *where.values(), r["protocol"]),
+                                 {"day": day, **where, "protocol": r["protocol"],
                                   "allowed": 0, "denied": 0, "failed": 0})
-        row[r.outcome] += r.n
+        row[r["outcome"]] += r["n"]
     return sorted(buckets.values(),
                   key=lambda r: (r["day"], r.get("host") or "", r["protocol"]))

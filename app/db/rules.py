@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from ..errors import InvalidInput, NotFound
 from ..login import (PROTOCOLS, asn_number, check_text, country_code, normalize_domain,
                      normalize_user, normalized_name, parse_network)
-from ..policy import Rule, order
+from ..policy import Rule, order, rule_state
 from .loading import Skipped, raw_columns, skip, strict_bool, when
 from .schema import access_rules, config_version
 
@@ -213,12 +213,8 @@ def rule_states(conn: sa.Connection, now: dt.datetime | None = None) -> dict[int
             states[row_id] = f"skipped: {skipped[0][2]}"
         elif rule is None:
             states[row_id] = "off"
-        elif rule.valid_until is not None and rule.valid_until <= now:
-            states[row_id] = "expired"
-        elif rule.valid_from is not None and rule.valid_from > now:
-            states[row_id] = "scheduled"
         else:
-            states[row_id] = "on"
+            states[row_id] = rule_state(True, rule.valid_from, rule.valid_until, now)
     return states
 
 

@@ -96,6 +96,8 @@ login_events = sa.Table(
     sa.Index("ix_login_events_occurred_at", "occurred_at"),
     # "has this user logged in from this country before": one index probe
     sa.Index("ix_login_events_username_country", "username", "country"),
+    sa.Index("ix_login_events_new_location_occurred_at", "occurred_at",
+             postgresql_where=sa.text("new_location"), sqlite_where=sa.text("new_location")),
     sa.Index("ix_login_events_denied_occurred_at", "occurred_at",
              postgresql_where=sa.text("outcome = 'denied'"),
              sqlite_where=sa.text("outcome = 'denied'")),

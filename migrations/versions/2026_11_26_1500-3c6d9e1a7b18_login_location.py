@@ -93,6 +93,10 @@ def upgrade():
                 "had not logged in from before"))
     op.create_index("ix_login_events_username_country", "login_events",
                     ["username", "country"])
+    # the dashboard's and `report new-locations`' recent flagged logins
+    op.create_index("ix_login_events_new_location_occurred_at", "login_events",
+                    ["occurred_at"], postgresql_where=sa.text("new_location"),
+                    sqlite_where=sa.text("new_location"))
     op.add_column("last_logins", sa.Column(
         "last_country", sa.String(2), comment="the country of the last allowed login"))
     op.add_column("access_rules", sa.Column(
@@ -112,6 +116,7 @@ def downgrade():
     op.execute("DROP VIEW v_new_locations")
     for view in VIEWS:
         op.execute(f"DROP VIEW {view}")
+    op.drop_index("ix_login_events_new_location_occurred_at", "login_events")
     op.drop_index("ix_login_events_username_country", "login_events")
     # Native DROP COLUMN (SQLite 3.35+): a rebuilt table would break the
     # views that read it (and, for access_rules, drop its triggers).
