@@ -25,7 +25,7 @@ ALLOWED = {
     "app/snapshot.py": {"NOTIFY_CHANNEL"},
     # migrations interpolate their own constants: table, view, index names
     "migrations": {"table", "event", "view", "name", "column", "text", "COLUMNS", "idle",
-                   "day", "event.lower()", "PROTOCOL_CHECK"},
+                   "day", "event.lower()", "PROTOCOL_CHECK", "check"},
 }
 
 

@@ -202,9 +202,16 @@ _SQLITE_LAST = (
               f"THEN excluded.{c} ELSE last_logins.{c} END, "
               for c in ("last_remote_ip", "last_local_ip", "last_host", "last_country"))
     + "login_count = last_logins.login_count + excluded.login_count")
-# app/db/store._seen_before, for the SQLite writer's own connection
-_SQLITE_SEEN = ("SELECT 1 FROM login_events WHERE username = ? AND outcome = 'allowed' "
-                "AND occurred_at < ?")
+# app/db/store._seen_before, for the SQLite writer's own connection: before
+# at all, from the same country, from the same AS
+_SQLITE_SEEN = {
+    None: "SELECT 1 FROM login_events WHERE username = ? AND outcome = 'allowed' "
+          "AND occurred_at < ? LIMIT 1",
+    "country": "SELECT 1 FROM login_events WHERE username = ? AND outcome = 'allowed' "
+               "AND occurred_at < ? AND country = ? LIMIT 1",
+    "asn": "SELECT 1 FROM login_events WHERE username = ? AND outcome = 'allowed' "
+           "AND occurred_at < ? AND asn = ? LIMIT 1",
+}
 _SQLITE_DELIVERY = ("INSERT INTO login_alert_deliveries (alert_id, username, delivered_at) "
                     "VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
 
@@ -244,11 +251,12 @@ class SqliteWriter:
         return self._raw.driver_connection
 
     def _seen_before(self, cur, row: dict[str, object], same_place: bool) -> bool:
-        sql, args = _SQLITE_SEEN, [row["username"], self._when(row["occurred_at"])]
+        args = [row["username"], self._when(row["occurred_at"])]
+        place = None
         if same_place:
-            col = "country" if row["country"] is not None else "asn"
-            sql, args = sql + f" AND {col} = ?", args + [row[col]]
-        return cur.execute(sql + " LIMIT 1", args).fetchone() is not None
+            place = "country" if row["country"] is not None else "asn"
+            args.append(row[place])
+        return cur.execute(_SQLITE_SEEN[place], args).fetchone() is not None
 
     def write(self, records: Sequence[LoginRecord],
               flagged: list[uuid.UUID] | None = None) -> int:

@@ -109,8 +109,11 @@ def _sqlite_rebuild(old: str, new: str) -> None:
         "SELECT name, sql FROM sqlite_master WHERE type = 'view' ORDER BY name").all()
     for name, _ in views:
         op.execute(f'DROP VIEW "{name}"')
+    # The table's own CREATE text from sqlite_master (our schema, no user
+    # data), under a new name and with the one CHECK changed.
     head, _, tail = table_sql.partition("login_events")
-    op.execute(head + "login_events_rebuilt" + tail.replace(old, new))
+    rebuilt = head + "login_events_rebuilt" + tail.replace(old, new)
+    op.execute(rebuilt)
     op.execute("INSERT INTO login_events_rebuilt SELECT * FROM login_events")
     op.execute("DROP TABLE login_events")
     op.execute("ALTER TABLE login_events_rebuilt RENAME TO login_events")
