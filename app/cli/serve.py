@@ -8,7 +8,6 @@ import click
 
 from .. import __version__
 from ..config import redact_url
-from ..daemon import run
 from ..logs import setup_logging
 from ..sockets import SocketInUse
 from .common import EXIT_CONFIG, CliError, Context, edge, fail, main_group, pass_ctx
@@ -35,6 +34,9 @@ def serve(ctx: Context) -> None:
     ctx.checked_url()                       # a malformed URL is one line, before anything
     setup_logging(settings.log_level, settings.log_format, settings.secrets())
     click.echo(start_line(settings))        # stdout: stderr is for the log and errors
+    # Imported here: the daemon's modules (asyncio servers, the recorder, the
+    # policy endpoint) cost every other command ~0.15 s of start-up otherwise.
+    from ..daemon import run
     try:
         run(settings, ctx.config_path)
     except SocketInUse as exc:
