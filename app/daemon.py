@@ -109,7 +109,8 @@ class Daemon:
             metrics = Metrics()
             metrics.watch(self.service.status)
             if self.policy_server is not None:
-                metrics.watch_auto_blocks(self.policy.active_auto_blocks)
+                metrics.watch_auto_blocks(self.policy.active_auto_blocks,
+                                          self.policy.unstored_auto_blocks)
                 self.policy.metrics = metrics
             metrics.serve(s.metrics_listen)
             self.service.metrics = metrics

@@ -36,7 +36,7 @@ def served(pg_url):
                          metrics_listen=f"127.0.0.1:{metrics_port}",
                          policy_api_key=KEY, block_after_failures="3",
                          block_window="10min", block_for="1h",
-                         block_exempt_networks="192.0.2.0/24")
+                         block_exempt_networks="192.0.2.0/24", block_usernames="true")
     daemon.metrics_port = metrics_port
     daemon.start()
     try:
@@ -260,3 +260,179 @@ def test_metrics_count_checks_rejections_failures_and_blocks(served):
     assert float(values["lastlogin_policy_failures_total"]) >= 3
     assert float(values["lastlogin_policy_requests_refused_total"]) >= 1
     assert float(values["lastlogin_auto_blocks_active"]) >= 1
+
+
+# --- the decision in memory: AuthPolicy on its own (no HTTP, no daemon) ----------
+# Attempts of service "smtp" have no stored protocol, so a report reaches no
+# recorder: these tests exercise the counting and blocking alone.
+
+import asyncio  # noqa: E402
+import datetime as dt  # noqa: E402
+import ipaddress  # noqa: E402
+import logging  # noqa: E402
+
+from app.attempts import parse_attempt  # noqa: E402
+from app.authpolicy import AuthPolicy, PolicySteps  # noqa: E402
+from app.db.rules import add_rule, purge_expired_auto  # noqa: E402
+from app.policy import DENY  # noqa: E402
+from app.snapshot import ConfigCache, load_snapshot  # noqa: E402
+
+
+def _doc(command, login, remote, **extra):
+    doc = {"login": login, "remote": remote, "protocol": "smtp"} | extra
+    return parse_attempt(command, json.dumps(doc).encode())
+
+
+def _fail(policy, login, remote):
+    asyncio.run(policy.report(_doc("report", login, remote, success=False)))
+
+
+def _ok(policy, login, remote):
+    asyncio.run(policy.report(_doc("report", login, remote, success=True)))
+
+
+def _status(policy, login, remote):
+    return policy.check(_doc("allow", login, remote)).status
+
+
+def _policy(engine=None, cache=None, **steps):
+    base = dict(block_after=3, exempt=(ipaddress.ip_network("192.0.2.0/24"),))
+    return AuthPolicy(None, cache or ConfigCache(), engine, PolicySteps(**(base | steps)))
+
+
+def test_username_blocks_are_off_by_default():
+    policy = _policy()
+    for i in range(5):          # an attacker, from many addresses, with the victim's name
+        _fail(policy, "vic@example.com", f"203.0.113.{40 + i}")
+    assert _status(policy, "vic@example.com", "198.51.100.200") == 0
+    assert policy.active_auto_blocks() == 0
+
+
+def test_automatic_blocks_never_apply_to_exempt_networks():
+    policy = _policy(block_usernames=True)
+    for i in range(3):
+        _fail(policy, "vic@example.com", f"203.0.113.{40 + i}")
+    assert _status(policy, "vic@example.com", "198.51.100.200") == -1   # blocked elsewhere
+    assert _status(policy, "vic@example.com", "192.0.2.7") == 0         # webmail: never
+
+
+def test_a_success_clears_the_users_failure_count():
+    policy = _policy(block_usernames=True)
+    for i in range(2):
+        _fail(policy, "typo@example.com", f"198.51.100.{i + 1}")
+    _ok(policy, "Typo@Example.com", "198.51.100.1")
+    _fail(policy, "typo@example.com", "198.51.100.3")
+    assert _status(policy, "typo@example.com", "198.51.100.4") == 0
+    assert policy.active_auto_blocks() == 0
+
+
+def test_post_login_does_not_apply_automatic_blocks_to_exempt_networks(pg_db):
+    from app.protocol import LoginRequest
+    from app.service import explain
+    engine = make_engine(pg_db)
+    now = dt.datetime.now(dt.timezone.utc)
+    with engine.begin() as c:
+        add_rule(c, action=DENY, priority=50, username="vic@example.com", created_by="auto",
+                 valid_until=now + dt.timedelta(hours=1), now=now)
+    with engine.connect() as c:
+        snap = load_snapshot(c)
+    engine.dispose()
+    exempt = (ipaddress.ip_network("192.0.2.0/24"),)
+    req = lambda ip: LoginRequest(b"127.0.0.1", ip.encode(), b"vic@example.com", [])  # noqa
+    assert not explain(snap, "imap", req("198.51.100.1"), now, exempt=exempt).decision.allowed
+    assert explain(snap, "imap", req("192.0.2.7"), now, exempt=exempt).decision.allowed
+
+
+def test_automatic_blocks_are_looked_up_not_scanned_and_expired_ones_are_not_loaded(pg_db):
+    engine = make_engine(pg_db)
+    now = dt.datetime.now(dt.timezone.utc)
+    with engine.begin() as c:
+        for i in range(300):
+            add_rule(c, action=DENY, priority=50, remote_network=f"10.{i // 250}.{i % 250}.1/32",
+                     created_by="auto", valid_until=now + dt.timedelta(hours=1), now=now)
+        add_rule(c, action=DENY, priority=50, remote_network="10.9.9.9/32", created_by="auto",
+                 valid_until=now + dt.timedelta(seconds=1), now=now)
+    later = now + dt.timedelta(seconds=2)
+    with engine.connect() as c:
+        snap = load_snapshot(c, later)
+    # not in the ordered list; in O(1) dicts; the expired one not at all
+    assert snap.rules == () and len(snap.auto) == 300
+    cache = ConfigCache()
+    cache.snapshot = snap
+    policy = _policy(cache=cache)
+    assert _status(policy, "x", "10.0.7.1") == -1 and _status(policy, "x", "10.0.7.2") == 0
+    with engine.begin() as c:
+        assert purge_expired_auto(c, later) == 1
+    engine.dispose()
+
+
+def test_held_blocks_are_bounded():
+    from app import authpolicy
+    policy = _policy(block_after=1)
+    old, authpolicy.MAX_HELD = authpolicy.MAX_HELD, 5
+    try:
+        for i in range(8):
+            _fail(policy, "g", f"203.0.113.{i + 1}")
+    finally:
+        authpolicy.MAX_HELD = old
+    assert len(policy._held) == 5
+    assert _status(policy, "g", "203.0.113.8") == -1
+
+
+def test_without_rules_loaded_a_held_block_rejects_and_others_get_the_unloaded_decision():
+    policy = _policy(default_action="deny", unloaded_action="allow")
+    for i in range(3):
+        _fail(policy, f"g{i}", "203.0.113.1")
+    verdict = policy.check(_doc("allow", "legit", "198.51.100.1"))
+    assert (verdict.status, verdict.reason) == (0, "no rules loaded yet")
+    assert _status(policy, "legit", "203.0.113.1") == -1
+
+
+def test_blocks_that_cannot_be_stored_are_logged_held_and_counted(pg_db, caplog):
+    engine = make_engine(pg_db)
+    policy = _policy(engine=engine, block_usernames=True)
+    unhandled = []
+
+    async def run():
+        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: unhandled.append(ctx))
+        for name in ("tab\there", "\udc80lone", "nul\u0000x"):
+            for i in range(3):
+                await policy.report(_doc("report", name, f"198.51.100.{60 + i}",
+                                         success=False))
+        await policy.drain(10)
+
+    with caplog.at_level(logging.ERROR, logger="lastlogin.policy"):
+        asyncio.run(run())
+    engine.dispose()
+    assert unhandled == []
+    assert caplog.text.count("event=auto_block_not_stored") == 3
+    assert policy.unstored_auto_blocks() == 3
+    assert _status(policy, "tab\there", "198.51.100.99") == -1
+
+
+def test_ipv6_is_counted_and_blocked_by_its_64(pg_db):
+    engine = make_engine(pg_db)
+    policy = _policy(engine=engine)
+
+    async def run():
+        for i in range(3):
+            await policy.report(_doc("report", f"g{i}", f"2001:db8:1:2::{i + 1:x}",
+                                     success=False))
+        await policy.drain(10)
+
+    asyncio.run(run())
+    with engine.connect() as c:
+        nets = [str(r.remote_network) for r in c.execute(sa.select(access_rules))]
+    engine.dispose()
+    assert nets == ["2001:db8:1:2::/64"]
+    assert _status(policy, "x", "2001:db8:1:2:ffff::9") == -1
+    assert _status(policy, "x", "2001:db8:1:3::1") == 0
+
+
+def test_username_counters_are_bounded_by_size():
+    policy = _policy(block_usernames=True)
+    for i in range(50):
+        _fail(policy, f"{i}" + "x" * 16000, f"203.0.113.{i % 2}")
+    keys = list(policy.by_user._hits)
+    assert len(keys) == 50 and {len(k) for k in keys} == {16}
+    assert policy.by_user.max_keys <= 20_000
