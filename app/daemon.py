@@ -154,6 +154,8 @@ class Daemon:
             if self.policy_server is not None:
                 self.policy_server.close()
             await self.server.drain(self.settings.drain_timeout)
+            if self.policy_server is not None:
+                await self.policy_server.wait_closed(self.settings.drain_timeout)
             await self.policy.drain(self.settings.drain_timeout)
 
     def reload(self) -> None:

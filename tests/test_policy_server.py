@@ -436,3 +436,108 @@ def test_username_counters_are_bounded_by_size():
     keys = list(policy.by_user._hits)
     assert len(keys) == 50 and {len(k) for k in keys} == {16}
     assert policy.by_user.max_keys <= 20_000
+
+
+# --- the HTTP endpoint in-process (no daemon): bounds on connections -------------
+
+from app import policyhttp  # noqa: E402
+from app.config import Settings  # noqa: E402
+from app.policyhttp import PolicyServer  # noqa: E402
+
+ALLOW_REQ = (b"POST /?command=allow HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 43\r\n\r\n" + b'{"login": "u", "remote": "198.51.100.1"   }')
+
+
+async def _endpoint(**settings):
+    server = PolicyServer(Settings(policy_listen="127.0.0.1:0", **settings),
+                          AuthPolicy(None, ConfigCache(), None))
+    await server.start()
+    return server, server._server.sockets[0].getsockname()[1]
+
+
+async def _closed(reader, within: float) -> bool:
+    """Does the server close the connection (EOF or reset) within ``within`` s?"""
+    try:
+        async with asyncio.timeout(within):
+            while await reader.read(4096):
+                pass
+        return True
+    except ConnectionError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_trickled_request_head_is_cut_at_request_timeout():
+    async def run():
+        server, port = await _endpoint(request_timeout=0.5)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /?command=allow HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+
+        async def trickle():
+            for _ in range(100):                # a byte every 50 ms: no read waits 0.5 s
+                await asyncio.sleep(0.05)
+                writer.write(b"a")
+        task = asyncio.create_task(trickle())
+        closed = await _closed(reader, 4.0)
+        task.cancel()
+        writer.close()
+        server.close()
+        await server.wait_closed(1)
+        return closed
+    assert asyncio.run(run()), "one header byte at a time held the connection past its deadline"
+
+
+def test_idle_keep_alive_is_closed_and_full_server_evicts_the_oldest_idle(monkeypatch):
+    monkeypatch.setattr(policyhttp, "IDLE_TIMEOUT", 0.3)
+    monkeypatch.setattr(policyhttp, "MAX_CONNECTIONS", 3)
+    monkeypatch.setattr(policyhttp, "MAX_PER_PEER", 100)
+
+    async def run():
+        server, port = await _endpoint(request_timeout=5)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(ALLOW_REQ)
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        idle_closed = await _closed(reader, 3.0)        # kept alive, then idle: closed
+        writer.close()
+        # three idle connections fill the server; a fourth evicts the oldest
+        conns = []
+        for _ in range(3):
+            conns.append(await asyncio.open_connection("127.0.0.1", port))
+            await asyncio.sleep(0.02)
+        r4, w4 = await asyncio.open_connection("127.0.0.1", port)
+        w4.write(ALLOW_REQ)
+        answered = (await r4.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        oldest_cut = await _closed(conns[0][0], 0.2)
+        newest_kept = not await _closed(conns[2][0], 0.05)
+        for _, w in conns + [(r4, w4)]:
+            w.close()
+        server.close()
+        await server.wait_closed(1)
+        return idle_closed, answered, oldest_cut, newest_kept, server.evicted
+    assert asyncio.run(run()) == (True, True, True, True, 1)
+
+
+def test_one_peer_cannot_take_every_connection(monkeypatch):
+    monkeypatch.setattr(policyhttp, "MAX_PER_PEER", 2)
+
+    async def run():
+        server, port = await _endpoint(request_timeout=5)
+        first = await asyncio.open_connection("127.0.0.1", port)
+        # a connection busy with a request is not evictable; an idle one is
+        first[1].write(b"POST /?command=allow HTTP/1.1\r\n")
+        await asyncio.sleep(0.05)
+        second = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(0.05)
+        third = await asyncio.open_connection("127.0.0.1", port)
+        third[1].write(ALLOW_REQ)
+        ok = (await third[0].readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        cut = await _closed(second[0], 0.5)
+        busy_kept = not await _closed(first[0], 0.05)
+        for _, w in (first, second, third):
+            w.close()
+        server.close()
+        await server.wait_closed(1)
+        return ok, cut, busy_kept
+    assert asyncio.run(run()) == (True, True, True)
