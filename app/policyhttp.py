@@ -250,13 +250,20 @@ class PolicyServer:
         return verdict
 
     def _key_ok(self, headers) -> bool:
+        """``X-API-Key: <key>``, or ``Authorization: <key>``, ``Authorization:
+        Bearer <key>`` or ``Authorization: Basic <key>`` (Dovecot's documented
+        form, the key being the base64 text). Whole values are compared in
+        constant time; the scheme's case does not matter."""
+        key = self.api_key
         for name, value in headers:
-            if name == b"x-api-key" and hmac.compare_digest(value, self.api_key):
+            if name == b"x-api-key" and hmac.compare_digest(value, key):
                 return True
             if name == b"authorization":
                 scheme, _, token = value.partition(b" ")
-                if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(),
-                                                                       self.api_key):
+                said = scheme.lower() + b" " + token.strip()
+                if (hmac.compare_digest(said, b"bearer " + key)
+                        | hmac.compare_digest(said, b"basic " + key)
+                        | hmac.compare_digest(value, key)):
                     return True
         return False
 

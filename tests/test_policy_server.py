@@ -89,8 +89,17 @@ def test_requests_without_the_key_are_refused_and_serving_goes_on(served):
     conn = connect(port)
     bearer = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     assert post(conn, "allow", attempt("bearer", "198.51.100.2"), bearer)[1]["status"] == 0
+    # Dovecot's documented form: auth_policy_server_api_header = Authorization: Basic <b64>
+    for value in (f"Basic {KEY}", f"basic {KEY}", KEY):
+        auth = {"Authorization": value, "Content-Type": "application/json"}
+        assert post(conn, "allow", attempt("basic", "198.51.100.2"), auth)[1]["status"] == 0
+    conn = connect(port)
+    bad = {"Authorization": f"Basic {KEY}x", "Content-Type": "application/json"}
+    assert post(conn, "allow", attempt("basic", "198.51.100.2"), bad)[0] == 401
+    conn.close()
+    conn = connect(port)
     assert wait_for(lambda: daemon.logs().count("http=401 reason=\"missing or wrong API key\"")
-                    == 2, timeout=5), daemon.logs()[-2000:]
+                    == 3, timeout=5), daemon.logs()[-2000:]
     assert KEY not in daemon.logs()
 
 
