@@ -10,7 +10,7 @@ report after it, and automatic blocks. No sockets here (app/policyhttp.py).
   decides for a login that succeeds.
 * ``report`` stores a failed authentication as a login_events row with
   outcome ``failed`` through the recorder (exactly once, spooled in an
-  outage). A success stores nothing: the post-login step records it, and
+  outage), in a tracked task: the answer does not wait for the commit. A success stores nothing: the post-login step records it, and
   Dovecot's session id links the two.
 * Automatic blocks (``block_after_failures`` > 0): failures are counted per
   remote address and per username in a sliding window of ``block_window``
@@ -181,7 +181,12 @@ class AuthPolicy:
     # --- the report after authentication -------------------------------------
 
     async def report(self, attempt: Attempt) -> Verdict:
-        """``command=report``: a failure is counted and stored as a failed row."""
+        """``command=report``: a failure is counted, and handed to the recorder.
+
+        The answer does not wait for the commit: the record is handed to the
+        recorder (exactly once; it commits or spools) in a task of its own,
+        tracked so that ``drain`` lets it finish at shutdown.
+        """
         if attempt.success:
             # The user got the password right: failures counted against the
             # name (typos, an old password on a phone) no longer count.
@@ -206,12 +211,24 @@ class AuthPolicy:
             local_ip=normalize_ip(attempt.local_ip), outcome=FAILED,
             message=attempt.failure_reason(), host=self.steps.host_name,
             session_id=attempt.session_id)
+        self._track(self._record(record))
+        return Verdict(0, "", "failure handed to the recorder")
+
+    async def _record(self, record: LoginRecord) -> None:
         try:
             how = await self.recorder.record(record, self.steps.record_timeout)
-        except RecordError as exc:
+        except Exception as exc:  # noqa: BLE001 - RecordError or worse: one log line
             self.unrecorded += 1
-            return Verdict(0, "", f"failure not stored: {exc}")
-        return Verdict(0, "", f"failure {how}")
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            log.error("event=policy_failure_not_stored event_id=%s error=%s",
+                      record.event_id, show(reason[:200]))
+            return
+        log.debug("event=policy_failure_stored event_id=%s how=%s", record.event_id, how)
+
+    def _track(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # --- automatic blocks ---------------------------------------------------------
 
@@ -278,10 +295,7 @@ class AuthPolicy:
                     count, _span(steps.window), rule.valid_until.isoformat())
         if self.engine is None:
             return
-        task = asyncio.get_running_loop().create_task(self._store(key, what, rule, username,
-                                                                  comment, now))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._track(self._store(key, what, rule, username, comment, now))
 
     async def _store(self, key: object, what: str, rule: Rule, username: str | None,
                      comment: str, now: dt.datetime) -> None:
@@ -329,9 +343,12 @@ class AuthPolicy:
         return sum(1 for p in self._held.values() if p.unstored and p.rule.active_at(now))
 
     async def drain(self, timeout: float) -> None:
-        """Let automatic blocks being stored finish (shutdown)."""
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout)
+        """Let failures being recorded and blocks being stored finish (shutdown)."""
+        while self._tasks:
+            done, _ = await asyncio.wait(list(self._tasks), timeout=timeout)
+            if not done:
+                log.error("event=policy_drain_timeout tasks=%d", len(self._tasks))
+                return
 
 
 def _span(seconds: float) -> str:

@@ -149,6 +149,7 @@ def test_failures_become_failed_rows_and_successes_do_not(served):
     assert post(conn, "report", attempt("carol", "198.51.100.4", success=True))[0] == 200
     assert post(conn, "report", attempt("dave", "198.51.100.4", success=False,
                                         fail_type="credentials", protocol="sieve"))[0] == 200
+    assert wait_for(lambda: len(rows(engine, remote_ip="198.51.100.4")) == 2, timeout=5)
     got = rows(engine, remote_ip="198.51.100.4")
     assert [(r["username"], r["outcome"], r["protocol"], r["message"], r["session_id"])
             for r in got] == [
@@ -219,7 +220,8 @@ def test_an_exempt_network_is_never_blocked(served):
     for i in range(6):
         post(conn, "report", attempt(f"webmail{i % 2}", "192.0.2.7", success=False))
     assert post(conn, "allow", attempt("webmail0", "192.0.2.7"))[1]["status"] == 0
-    assert len(rows(engine, remote_ip="192.0.2.7")) == 6       # recorded all the same
+    assert wait_for(lambda: len(rows(engine, remote_ip="192.0.2.7")) == 6,    # recorded all
+                    timeout=5)                                                # the same
     assert len(auto_rules(engine)) == before
 
 
@@ -239,10 +241,11 @@ def test_network_rules_apply_before_authentication(served):
 
 
 def test_report_failed_by_address_and_by_user(served):
-    daemon, port, _ = served
+    daemon, port, engine = served
     conn = connect(port)
     for login, ip in (("rf1", "100.64.0.1"), ("rf2", "100.64.0.1"), ("rf1", "100.64.0.2")):
         post(conn, "report", attempt(login, ip, success=False))
+    assert wait_for(lambda: len(rows(engine, remote_ip="100.64.0.2")) == 1, timeout=5)
     env = {"LASTLOGIN_DATABASE_URL": daemon.env["LASTLOGIN_DATABASE_URL"]}
     out = lastlogin("report", "failed", "--since", "1h", "--format", "json", env=env)
     assert out.returncode == 0, out.stderr
@@ -550,3 +553,52 @@ def test_one_peer_cannot_take_every_connection(monkeypatch):
         await server.wait_closed(1)
         return ok, cut, busy_kept
     assert asyncio.run(run()) == (True, True, True)
+
+
+class _GatedRecorder:
+    """A recorder that commits only when the test opens the gate (to see that the
+    answer does not wait for it); counts the records handed to it."""
+
+    def __init__(self):
+        self.gate = asyncio.Event()
+        self.records = []
+
+    async def record(self, rec, timeout):
+        self.records.append(rec.event_id)
+        await self.gate.wait()
+        return "committed"
+
+
+def test_a_report_is_answered_before_the_commit_and_drained_at_shutdown():
+    async def run():
+        recorder = _GatedRecorder()
+        policy = AuthPolicy(recorder, ConfigCache(), None)
+        doc = {"login": "slow", "remote": "198.51.100.5", "protocol": "imap",
+               "success": False, "policy_reject": False}
+        verdict = await asyncio.wait_for(
+            policy.report(parse_attempt("report", json.dumps(doc).encode())), 1.0)
+        pending = len(policy._tasks)
+        asyncio.get_running_loop().call_later(0.05, recorder.gate.set)
+        await policy.drain(5)
+        return verdict.status, pending, len(recorder.records), len(policy._tasks)
+    assert asyncio.run(run()) == (0, 1, 1, 0)
+
+
+def test_closing_the_endpoint_leaves_no_task_behind():
+    errors = []
+
+    async def run():
+        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: errors.append(ctx))
+        server, port = await _endpoint(request_timeout=5)
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        conns[0][1].write(ALLOW_REQ)
+        await conns[0][0].readuntil(b"\r\n\r\n")
+        conns[1][1].write(b"POST /?command=allow HTTP/1.1\r\n")   # mid-request
+        await asyncio.sleep(0.05)
+        server.close()
+        await server.wait_closed(0.3)
+        left = server.open_connections
+        for _, w in conns:
+            w.close()
+        return left
+    assert asyncio.run(run()) == 0 and errors == []
