@@ -10,18 +10,24 @@ report after it, and automatic blocks. No sockets here (app/policyhttp.py).
   decides for a login that succeeds.
 * ``report`` stores a failed authentication as a login_events row with
   outcome ``failed`` through the recorder (exactly once, spooled in an
-  outage), in a tracked task: the answer does not wait for the commit. A success stores nothing: the post-login step records it, and
+  outage), in a tracked task: the answer does not wait for the commit. A
+  success stores nothing: the post-login step records it, and
   Dovecot's session id links the two.
 * Automatic blocks (``block_after_failures`` > 0): failures are counted per
-  remote address and per username in a sliding window of ``block_window``
-  seconds, in memory; at the threshold an ordinary deny rule is added
-  (``created_by = 'auto'``, ``valid_until = now + block_for``, a comment with
-  the count and window) and applied in memory at once. It is held in memory
-  until the snapshot has caught up with the version that holds it; from then
-  on the snapshot alone decides, so `lastlogin rule remove` lifts it as soon
-  as the snapshot reloads. Addresses in ``block_exempt_networks`` are never
-  counted. Failures the policy server itself caused (``policy_reject``) are
-  not counted: a block is not prolonged by the attempts it refuses.
+  remote address (IPv6: per /``block_ipv6_prefix``) and, with
+  ``block_usernames``, per username (under a 16-byte digest) in a sliding
+  window of ``block_window`` seconds, in memory; at the threshold an ordinary
+  deny rule is added (``created_by = 'auto'``, ``valid_until = now +
+  block_for``, a comment with the count and window) and applied in memory at
+  once. It is held in memory (a dict by network or user_key, at most
+  MAX_HELD) until the snapshot has caught up with the version that holds it;
+  from then on the snapshot's ``auto`` dicts alone decide, so `lastlogin rule
+  remove` lifts it as soon as the snapshot reloads. A block that cannot be
+  stored is held until it expires and counted (``unstored_auto_blocks``).
+  Addresses in ``block_exempt_networks`` are never counted, and no automatic
+  block applies to them. A success clears the username's count. Failures the
+  policy server itself caused (``policy_reject``) are not counted: a block is
+  not prolonged by the attempts it refuses.
 """
 
 from __future__ import annotations
@@ -39,12 +45,11 @@ import sqlalchemy as sa
 from .attempts import Attempt, FailureWindows
 from .config import Settings
 from .db.rules import add_rule, config_version_of
-from .errors import InvalidInput
-from .login import (FAILED, IPAddr, IPNet, LoginRecord, in_network, new_event_id, normalize_ip,
+from .login import (FAILED, IPNet, LoginRecord, in_network, new_event_id, normalize_ip,
                     normalize_user, parse_ip, parse_network, user_key)
 from .logs import show
 from .policy import ALLOW, AUTO, DENY, AutoBlocks, LoginFacts, Rule, block_key, login_decision
-from .recorder import Recorder, RecordError
+from .recorder import Recorder
 from .snapshot import ConfigCache, Snapshot
 
 log = logging.getLogger("lastlogin.policy")
@@ -245,8 +250,8 @@ class AuthPolicy:
             n = self.by_ip.add(str(net), t)
             if n >= steps.block_after:
                 self.by_ip.clear(str(net))
-                self._block(net, f"address {net.network_address if net.num_addresses == 1 else net}",
-                            n, network=net)
+                shown = net.network_address if net.num_addresses == 1 else net
+                self._block(net, f"address {shown}", n, network=net)
         if not steps.block_usernames:
             return
         user = normalize_user(attempt.login)

@@ -7,16 +7,28 @@ own, so their counters never meet.
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import http.client
+import ipaddress
 import json
+import logging
 import re
 import socket
 
 import pytest
 import sqlalchemy as sa
 
+from app import policyhttp
+from app.attempts import parse_attempt
+from app.authpolicy import AuthPolicy, PolicySteps
+from app.config import Settings
 from app.db import make_engine
+from app.db.rules import add_rule, purge_expired_auto
 from app.db.schema import access_rules, last_logins, login_events
+from app.policy import DENY
+from app.policyhttp import PolicyServer
+from app.snapshot import ConfigCache, load_snapshot
 from tests.harness.cli import lastlogin
 from tests.harness.daemon import make_daemon, wait_for
 from tests.harness.db import empty_tables
@@ -278,16 +290,7 @@ def test_metrics_count_checks_rejections_failures_and_blocks(served):
 # Attempts of service "smtp" have no stored protocol, so a report reaches no
 # recorder: these tests exercise the counting and blocking alone.
 
-import asyncio  # noqa: E402
-import datetime as dt  # noqa: E402
-import ipaddress  # noqa: E402
-import logging  # noqa: E402
 
-from app.attempts import parse_attempt  # noqa: E402
-from app.authpolicy import AuthPolicy, PolicySteps  # noqa: E402
-from app.db.rules import add_rule, purge_expired_auto  # noqa: E402
-from app.policy import DENY  # noqa: E402
-from app.snapshot import ConfigCache, load_snapshot  # noqa: E402
 
 
 def _doc(command, login, remote, **extra):
@@ -452,9 +455,6 @@ def test_username_counters_are_bounded_by_size():
 
 # --- the HTTP endpoint in-process (no daemon): bounds on connections -------------
 
-from app import policyhttp  # noqa: E402
-from app.config import Settings  # noqa: E402
-from app.policyhttp import PolicyServer  # noqa: E402
 
 ALLOW_REQ = (b"POST /?command=allow HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
              b"Content-Length: 43\r\n\r\n" + b'{"login": "u", "remote": "198.51.100.1"   }')
