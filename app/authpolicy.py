@@ -48,7 +48,8 @@ from .db.rules import add_rule, config_version_of
 from .login import (FAILED, IPNet, LoginRecord, in_network, new_event_id, normalize_ip,
                     normalize_user, parse_ip, parse_network, user_key)
 from .logs import show
-from .policy import ALLOW, AUTO, DENY, AutoBlocks, LoginFacts, Rule, block_key, login_decision
+from .policy import (ALLOW, AUTO, DENY, AutoBlocks, LoginFacts, Rule, addr_key, block_key,
+                     login_decision, net_key)
 from .recorder import Recorder
 from .snapshot import ConfigCache, Snapshot
 
@@ -120,7 +121,7 @@ class AuthPolicy:
         self.monotonic = monotonic
         self.by_ip = FailureWindows(self.steps.window)
         self.by_user = FailureWindows(self.steps.window)
-        # Held blocks by key: an IPNet (by address) or a user_key (by username).
+        # Held blocks by key: a net_key (by address) or a user_key (by username).
         self._held: dict[object, _Pending] = {}
         self._tasks: set[asyncio.Task] = set()
         self.checks = self.rejections = self.failures = self.unrecorded = 0
@@ -144,9 +145,9 @@ class AuthPolicy:
         if self._held:
             keys: list[object] = []
             if ip is not None:
-                keys.append(block_key(ip, 32 if ip.version == 4 else 128))
+                keys.append(addr_key(ip, 32 if ip.version == 4 else 128))
                 if ip.version == 6:
-                    keys.append(block_key(ip, steps.v6_prefix))
+                    keys.append(addr_key(ip, steps.v6_prefix))
             keys.append(login.user)
             now = login.now
             for key in keys:
@@ -251,7 +252,7 @@ class AuthPolicy:
             if n >= steps.block_after:
                 self.by_ip.clear(str(net))
                 shown = net.network_address if net.num_addresses == 1 else net
-                self._block(net, f"address {shown}", n, network=net)
+                self._block(net_key(net), f"address {shown}", n, network=net)
         if not steps.block_usernames:
             return
         user = normalize_user(attempt.login)

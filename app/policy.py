@@ -129,6 +129,17 @@ def block_key(addr: IPAddr, v6_prefix: int) -> IPNet:
     return ipaddress.ip_network(f"{addr}/{v6_prefix}", strict=False)
 
 
+def net_key(net: IPNet) -> tuple[int, int, int]:
+    """A cheap dict key for a network: (version, first address, prefix length)."""
+    return net.version, int(net.network_address), net.prefixlen
+
+
+def addr_key(addr: IPAddr, prefixlen: int) -> tuple[int, int, int]:
+    """``net_key`` of the /``prefixlen`` holding ``addr``, without building it."""
+    bits = 32 if addr.version == 4 else 128
+    return addr.version, int(addr) >> (bits - prefixlen) << (bits - prefixlen), prefixlen
+
+
 @dataclass(frozen=True)
 class AutoBlocks:
     """Automatic blocks (rules created_by ``auto``), looked up in O(1).
@@ -140,7 +151,7 @@ class AutoBlocks:
     authentication and at post-login alike.
     """
 
-    by_net: dict = field(default_factory=dict)      # IPNet -> Rule
+    by_net: dict = field(default_factory=dict)      # net_key(IPNet) -> Rule
     by_user: dict = field(default_factory=dict)     # user_key -> Rule
     exempt: tuple = ()
 
@@ -153,7 +164,7 @@ class AutoBlocks:
 
     def put(self, rule: Rule) -> None:
         if rule.remote_network is not None:
-            self.by_net[rule.remote_network] = rule
+            self.by_net[net_key(rule.remote_network)] = rule
         elif rule.username is not None:
             self.by_user[rule.username] = rule
 
@@ -177,7 +188,7 @@ class AutoBlocks:
         if ip is not None and self.by_net:
             prefixes = (32,) if ip.version == 4 else (128, 64, 56, 48)
             for plen in prefixes:
-                rule = self.by_net.get(ipaddress.ip_network(f"{ip}/{plen}", strict=False))
+                rule = self.by_net.get(addr_key(ip, plen))
                 if rule is not None and rule.matches(login):
                     return rule
         if self.by_user:
