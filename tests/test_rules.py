@@ -376,7 +376,8 @@ def test_rule_cli_guard_rails_and_safe_listing(sqlite_url):
     engine.dispose()
     try:
         listed = lastlogin("rule", "list", env=env).stdout.splitlines()
-        assert len(listed) == 2 and listed[1].endswith("two\\r\\nlines")
+        # the message column is followed by created_by (the CLI user)
+        assert len(listed) == 2 and listed[1].split()[-2] == "two\\r\\nlines"
         as_json = json.loads(lastlogin("rule", "list", "--format", "json", env=env).stdout)
         assert as_json[0]["message"] == "two\r\nlines"
     finally:        # the session's SQLite database is shared with other tests
