@@ -119,16 +119,18 @@ class FailureWindows:
     """Failures per key in the last ``window`` seconds (times are floats).
 
     Memory is bounded: at most ``max_keys`` keys are held; past that the key
-    whose last failure is oldest is forgotten first.
+    whose last failure is oldest is forgotten first. Keys are short (an
+    address, a 16-byte digest of a username), so the bound is one of size
+    too: about 20,000 x (key + a few timestamps) ~ a few MB per counter.
     """
 
-    def __init__(self, window: float, max_keys: int = 100_000) -> None:
+    def __init__(self, window: float, max_keys: int = 20_000) -> None:
         self.window = window
         self.max_keys = max_keys
-        self._hits: collections.OrderedDict[str, collections.deque[float]] = (
+        self._hits: collections.OrderedDict[str | bytes, collections.deque[float]] = (
             collections.OrderedDict())
 
-    def add(self, key: str, now: float) -> int:
+    def add(self, key: str | bytes, now: float) -> int:
         """Count a failure of ``key`` at ``now``; the failures in the window."""
         hits = self._hits.pop(key, None)
         if hits is None:
@@ -141,11 +143,11 @@ class FailureWindows:
             self._hits.popitem(last=False)
         return len(hits)
 
-    def count(self, key: str, now: float) -> int:
+    def count(self, key: str | bytes, now: float) -> int:
         hits = self._hits.get(key)
         return 0 if hits is None else sum(1 for t in hits if t > now - self.window)
 
-    def clear(self, key: str) -> None:
+    def clear(self, key: str | bytes) -> None:
         self._hits.pop(key, None)
 
     def __len__(self) -> int:

@@ -129,6 +129,13 @@ def _as_count(v: Any) -> int:
     return n
 
 
+def _v6_prefix(v: Any) -> int:
+    n = _as_int(v)
+    if not 32 <= n <= 128:
+        raise ValueError(f"must be a prefix length from 32 to 128 (64: one subnet), got {n}")
+    return n
+
+
 def _as_positive_int(v: Any) -> int:
     n = _as_int(v)
     if n <= 0:
@@ -511,6 +518,13 @@ class Settings:
     block_for: float = _opt(_span, 3600.0, doc="how long an automatic deny rule lasts (1h)")
     block_exempt_networks: tuple[str, ...] = _opt(
         _networks, (), doc="networks never blocked automatically (webmail, proxies)")
+    block_usernames: bool = _opt(_as_bool, False,
+                                 doc="also block a username after block_after_failures "
+                                     "failures from anywhere (off: anyone could lock any "
+                                     "account out; see docs/policy-server.md)")
+    block_ipv6_prefix: int = _opt(_v6_prefix, 64,
+                                  doc="IPv6 failures are counted and blocked per network of "
+                                      "this prefix length (64: one subnet)")
 
     def __post_init__(self) -> None:
         if (self.policy_listen and not is_loopback_listen(self.policy_listen)

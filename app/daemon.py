@@ -109,7 +109,8 @@ class Daemon:
             metrics = Metrics()
             metrics.watch(self.service.status)
             if self.policy_server is not None:
-                metrics.watch_auto_blocks(self.policy.active_auto_blocks)
+                metrics.watch_auto_blocks(self.policy.active_auto_blocks,
+                                          self.policy.unstored_auto_blocks)
                 self.policy.metrics = metrics
             metrics.serve(s.metrics_listen)
             self.service.metrics = metrics
@@ -153,6 +154,8 @@ class Daemon:
             if self.policy_server is not None:
                 self.policy_server.close()
             await self.server.drain(self.settings.drain_timeout)
+            if self.policy_server is not None:
+                await self.policy_server.wait_closed(self.settings.drain_timeout)
             await self.policy.drain(self.settings.drain_timeout)
 
     def reload(self) -> None:

@@ -8,6 +8,7 @@ import logging
 import sqlalchemy as sa
 
 from .db.retention import maintain
+from .db.rules import purge_expired_auto
 from .worker import Worker
 
 log = logging.getLogger("lastlogin.maintenance")
@@ -25,7 +26,14 @@ class Maintenance(Worker):
         self.interval = interval
 
     def run_once(self) -> None:
-        result = maintain(self.engine, dt.datetime.now(dt.timezone.utc), self.retention_days)
+        now = dt.datetime.now(dt.timezone.utc)
+        # Expired automatic blocks: never match again; without this `rule list`
+        # and every snapshot load would grow with each block ever made.
+        with self.engine.begin() as conn:
+            purged = purge_expired_auto(conn, now)
+        if purged:
+            log.info("event=auto_blocks_purged rules=%d", purged)
+        result = maintain(self.engine, now, self.retention_days)
         if result is not None:
             log.info("event=retention days=%d partitions_dropped=%d rows=%d",
                      self.retention_days, len(result.partitions),

@@ -41,9 +41,11 @@ class Metrics:
             "lastlogin_policy_requests_refused", "Policy requests answered with an HTTP "
             "error (API key, size, malformed)", registry=self.registry)
 
-    def watch_auto_blocks(self, active: Callable[[], int]) -> None:
-        """The number of automatic blocks in force, read at every scrape."""
-        self.registry.register(_AutoBlocks(active))
+    def watch_auto_blocks(self, active: Callable[[], int],
+                          unstored: Callable[[], int] = lambda: 0) -> None:
+        """The number of automatic blocks in force (and of those that could not
+        be stored, held in memory only), read at every scrape."""
+        self.registry.register(_AutoBlocks(active, unstored))
 
     def watch(self, state: Callable[[], "DaemonStatus"]) -> None:
         """Gauges read from ``state()`` at every scrape."""
@@ -56,13 +58,18 @@ class Metrics:
 
 
 class _AutoBlocks:
-    def __init__(self, active: Callable[[], int]) -> None:
+    def __init__(self, active: Callable[[], int], unstored: Callable[[], int]) -> None:
         self.active = active
+        self.unstored = unstored
 
     def collect(self):
         yield GaugeMetricFamily("lastlogin_auto_blocks_active",
                                 "Automatic deny rules in force (block_after_failures)",
                                 value=float(self.active()))
+        yield GaugeMetricFamily("lastlogin_auto_blocks_unstored",
+                                "Automatic blocks that could not be stored as rules (held in "
+                                "memory until they expire; not in rule list)",
+                                value=float(self.unstored()))
 
     def describe(self):
         return []

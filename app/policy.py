@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from .login import (IPAddr, IPNet, domain_of, in_network, normalize_domain, normalize_user,
                     parse_ip, user_key)
 
-__all__ = ["ALLOW", "DENY", "Rule", "LoginFacts", "Decision", "decide", "order",
-           "login_decision", "parse_ip", "domain_of"]
+__all__ = ["ALLOW", "DENY", "AUTO", "Rule", "LoginFacts", "Decision", "AutoBlocks", "decide",
+           "order", "login_decision", "parse_ip", "domain_of"]
 
 ALLOW = "allow"
 DENY = "deny"
+AUTO = "auto"           # created_by of an automatic block (app/authpolicy.py)
 
 
 @dataclass(frozen=True)
@@ -138,30 +140,121 @@ def rule_state(enabled: bool, valid_from: dt.datetime | None, valid_until: dt.da
     return "on"
 
 
+def block_key(addr: IPAddr, v6_prefix: int) -> IPNet:
+    """The network an automatic block by address covers: the address itself
+    (IPv4), its /``v6_prefix`` (IPv6: one client usually holds a whole /64)."""
+    if addr.version == 4:
+        return ipaddress.ip_network(f"{addr}/32")
+    return ipaddress.ip_network(f"{addr}/{v6_prefix}", strict=False)
+
+
+def net_key(net: IPNet) -> tuple[int, int, int]:
+    """A cheap dict key for a network: (version, first address, prefix length)."""
+    return net.version, int(net.network_address), net.prefixlen
+
+
+def addr_key(addr: IPAddr, prefixlen: int) -> tuple[int, int, int]:
+    """``net_key`` of the /``prefixlen`` holding ``addr``, without building it."""
+    bits = 32 if addr.version == 4 else 128
+    return addr.version, int(addr) >> (bits - prefixlen) << (bits - prefixlen), prefixlen
+
+
+@dataclass(frozen=True)
+class AutoBlocks:
+    """Automatic blocks (rules created_by ``auto``), looked up in O(1).
+
+    Each is an ordinary deny rule held in a dict keyed by its network or its
+    normalised username instead of in the ordered rule list, so the check
+    costs the same with 10 blocks or 100,000. ``exempt``: networks an
+    automatic block never applies to (block_exempt_networks), before
+    authentication and at post-login alike.
+    """
+
+    by_net: dict = field(default_factory=dict)      # net_key(IPNet) -> Rule
+    by_user: dict = field(default_factory=dict)     # user_key -> Rule
+    exempt: tuple = ()
+
+    @classmethod
+    def of(cls, rules: Iterable[Rule], exempt: tuple = ()) -> "AutoBlocks":
+        out = cls(exempt=exempt)
+        for rule in rules:
+            out.put(rule)
+        return out
+
+    def put(self, rule: Rule) -> None:
+        if rule.remote_network is not None:
+            self.by_net[net_key(rule.remote_network)] = rule
+        elif rule.username is not None:
+            self.by_user[rule.username] = rule
+
+    def __len__(self) -> int:
+        return len(self.by_net) + len(self.by_user)
+
+    def with_exempt(self, exempt: tuple) -> "AutoBlocks":
+        return AutoBlocks(self.by_net, self.by_user, exempt) if exempt != self.exempt else self
+
+    def exempted(self, login: "LoginFacts") -> bool:
+        ip = login.remote_ip
+        return ip is not None and any(in_network(ip, n) for n in self.exempt)
+
+    def find(self, login: "LoginFacts") -> Rule | None:
+        """The automatic block in force for this login, if any."""
+        if not self.by_net and not self.by_user:
+            return None
+        if self.exempted(login):
+            return None
+        ip = login.remote_ip
+        if ip is not None and self.by_net:
+            prefixes = (32,) if ip.version == 4 else (128, 64, 56, 48)
+            for plen in prefixes:
+                rule = self.by_net.get(addr_key(ip, plen))
+                if rule is not None and rule.matches(login):
+                    return rule
+        if self.by_user:
+            rule = self.by_user.get(login.user)
+            if rule is not None and rule.matches(login):
+                return rule
+        return None
+
+
 def order(rules: Iterable[Rule]) -> tuple[Rule, ...]:
     """Rules in evaluation order (what decide() expects)."""
     return tuple(sorted(rules, key=lambda r: (r.priority, r.id)))
 
 
 def decide(rules: tuple[Rule, ...] | None, login: LoginFacts,
-           default: str = ALLOW, unloaded: str = ALLOW) -> Decision:
-    """``rules`` in evaluation order; None means they were never loaded."""
+           default: str = ALLOW, unloaded: str = ALLOW, auto=None) -> Decision:
+    """``rules`` in evaluation order; None means they were never loaded.
+
+    ``auto``: automatic blocks (anything with ``find(login)``, e.g.
+    AutoBlocks), decided in their place in the (priority, id) order. With no
+    rules loaded, a block held in memory still rejects; otherwise the
+    unloaded decision applies.
+    """
+    block = auto.find(login) if auto is not None else None
     if rules is None:
+        if block is not None:
+            return Decision(block.action, block, f"automatic block {block.id}")
         return Decision(unloaded, None, "no rules loaded yet", temporary=True)
     for rule in rules:
+        if block is not None and (rule.priority, rule.id) > (block.priority, block.id):
+            break
         if rule.matches(login):
             return Decision(rule.action, rule, f"rule {rule.id}")
+    if block is not None:
+        return Decision(block.action, block, f"rule {block.id} (automatic block)")
     return Decision(default, None, "no rule matched")
 
 
 def login_decision(rules: tuple[Rule, ...] | None, protocol: str, username: str,
                    remote_ip: str | bytes | None, local_ip: str | bytes | None,
                    now: dt.datetime, default: str = ALLOW, unloaded: str = ALLOW,
-                   country: str | None = None, asn: int | None = None) -> Decision:
+                   country: str | None = None, asn: int | None = None,
+                   auto=None) -> Decision:
     """The decision for one login: what the daemon enforces and `check` shows.
 
     ``country``/``asn``: where the client is (GeoIP); a rule by place never
     matches a login whose place is unknown.
     """
     return decide(rules, LoginFacts.of(protocol, username, remote_ip, local_ip, now,
-                                       country, asn), default, unloaded)
+                                       country, asn), default, unloaded, auto)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -36,8 +37,14 @@ log = logging.getLogger("lastlogin.policy")
 # full, and a list of request attributes fits many times over.
 MAX_BODY = 16 << 10
 MAX_HEAD = 16 << 10
-IDLE_TIMEOUT = 75.0         # a kept-alive connection with nothing to say (Dovecot: 10 s)
+# A kept-alive connection with nothing to say is closed after this (Dovecot
+# reuses its connections within a few seconds or not at all).
+IDLE_TIMEOUT = 15.0
+# Once a request's first byte arrived, its head and body must be in within
+# request_timeout: one deadline for the request, not one per read, so a
+# client trickling a byte at a time cannot hold a connection.
 MAX_CONNECTIONS = 1024      # Dovecot opens at most 100 per auth process
+MAX_PER_PEER = 256          # from one address; Dovecot's auth processes share 127.0.0.1
 
 
 class Refused(Exception):
@@ -48,12 +55,27 @@ class Refused(Exception):
         self.close = close
 
 
+class _Conn:
+    """One open connection: who, and whether it is between requests."""
+
+    __slots__ = ("peer", "writer", "idle", "since", "task")
+
+    def __init__(self, peer: str, writer: asyncio.StreamWriter) -> None:
+        self.peer = peer
+        self.writer = writer
+        self.idle = True            # no byte of a request yet: may be evicted
+        self.since = time.monotonic()
+        self.task = asyncio.current_task()
+
+
 class PolicyServer:
     def __init__(self, settings: Settings, policy: AuthPolicy) -> None:
         self.policy = policy
         self.reconfigure(settings)
         self._server: asyncio.AbstractServer | None = None
-        self._open = 0
+        self._conns: dict[int, _Conn] = {}      # by id(), in the order they opened
+        self.evicted = 0
+        self._closing = False
 
     def reconfigure(self, settings: Settings) -> None:
         self.address = settings.policy_listen
@@ -69,37 +91,102 @@ class PolicyServer:
         log.info("event=policy_listening address=%s bound=%s", self.address, show(bound))
 
     def close(self) -> None:
+        """Stop accepting; close the connections waiting between requests (a
+        request being answered finishes: ``wait_closed`` waits for it)."""
         if self._server is not None:
             self._server.close()
+        self._closing = True
+        for c in list(self._conns.values()):
+            if c.idle:
+                c.writer.transport.abort()
+
+    async def wait_closed(self, timeout: float) -> None:
+        """Connections done within ``timeout``; the rest are cut, quietly."""
+        tasks = [c.task for c in self._conns.values() if c.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for c in list(self._conns.values()):
+                c.writer.transport.abort()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._conns)
 
     # --- one connection ---------------------------------------------------------
+
+    def _admit(self, me: _Conn) -> str | None:
+        """Room for a new connection: evict the oldest idle one (of this peer
+        when it is over its share, of anyone when all are taken); the reason
+        to refuse when nothing can be evicted."""
+        mine = [c for c in self._conns.values() if c.peer == me.peer and c is not me]
+        if len(mine) >= MAX_PER_PEER and not self._evict(mine):
+            return "too_many_from_peer"
+        if len(self._conns) > MAX_CONNECTIONS and not self._evict(
+                [c for c in self._conns.values() if c is not me]):
+            return "too_many"
+        return None
+
+    def _evict(self, among: list[_Conn]) -> bool:
+        idle = [c for c in among if c.idle]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda c: c.since)
+        oldest.idle = False
+        self._conns.pop(id(oldest), None)
+        oldest.writer.transport.abort()
+        self.evicted += 1
+        return True
 
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         peer_text = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self._open += 1
+        me = _Conn(peer[0] if peer else "?", writer)
+        self._conns[id(me)] = me
         try:
-            if self._open > MAX_CONNECTIONS:
-                log.warning("event=policy_connection_refused peer=%s reason=too_many", peer_text)
+            if self._closing:
+                return
+            refused = self._admit(me)
+            if refused is not None:
+                log.warning("event=policy_connection_refused peer=%s reason=%s", peer_text,
+                            refused)
                 return
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-            while await self._one(conn, reader, writer, peer_text):
+            first = True
+            while await self._one(conn, reader, writer, peer_text, me, first):
                 conn.start_next_cycle()
+                first = False
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            pass                # shutdown: the connection is simply closed
         finally:
-            self._open -= 1
+            self._conns.pop(id(me), None)
             writer.close()
 
-    async def _one(self, conn: h11.Connection, reader, writer, peer: str) -> bool:
+    async def _one(self, conn: h11.Connection, reader, writer, peer: str, me: _Conn,
+                   first: bool) -> bool:
         """One request and its answer; False when the connection is done."""
         try:
-            event = await _next(conn, reader, IDLE_TIMEOUT)
-            if isinstance(event, h11.ConnectionClosed):
-                return False
-            assert isinstance(event, h11.Request), event
+            # Between requests: wait for a first byte (a new connection gets
+            # request_timeout, a kept-alive one IDLE_TIMEOUT); from then on
+            # one deadline covers the whole request.
+            me.idle, me.since = True, time.monotonic()
+            wait = self.request_timeout if first else IDLE_TIMEOUT
+            if conn.next_event() is h11.NEED_DATA:
+                async with asyncio.timeout(wait):
+                    data = await reader.read(65536)
+                conn.receive_data(data)
+            me.idle = False
+            if self._conns.get(id(me)) is not me:
+                return False            # evicted meanwhile
             async with asyncio.timeout(self.request_timeout):
+                event = await _next(conn, reader)
+                if isinstance(event, h11.ConnectionClosed):
+                    return False
+                assert isinstance(event, h11.Request), event
                 verdict = await self._serve(conn, reader, event)
         except Refused as exc:
             log.warning("event=policy_request_refused peer=%s http=%d reason=%s", peer,
@@ -115,7 +202,7 @@ class PolicyServer:
                 await _send(conn, writer, 400, answer(-1, "malformed HTTP request"), close=True)
             return False
         except TimeoutError:
-            if conn.their_state is not h11.IDLE:
+            if not me.idle:
                 log.warning("event=policy_request_refused peer=%s http=408 reason=%s", peer,
                             "request not complete within request_timeout")
             return False
@@ -132,7 +219,7 @@ class PolicyServer:
             raise Refused(401, "missing or wrong API key", close=True)
         body = bytearray()
         while True:
-            event = await _next(conn, reader, self.request_timeout)
+            event = await _next(conn, reader)
             if isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > MAX_BODY:
@@ -163,13 +250,20 @@ class PolicyServer:
         return verdict
 
     def _key_ok(self, headers) -> bool:
+        """``X-API-Key: <key>``, or ``Authorization: <key>``, ``Authorization:
+        Bearer <key>`` or ``Authorization: Basic <key>`` (Dovecot's documented
+        form, the key being the base64 text). Whole values are compared in
+        constant time; the scheme's case does not matter."""
+        key = self.api_key
         for name, value in headers:
-            if name == b"x-api-key" and hmac.compare_digest(value, self.api_key):
+            if name == b"x-api-key" and hmac.compare_digest(value, key):
                 return True
             if name == b"authorization":
                 scheme, _, token = value.partition(b" ")
-                if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(),
-                                                                       self.api_key):
+                said = scheme.lower() + b" " + token.strip()
+                if (hmac.compare_digest(said, b"bearer " + key)
+                        | hmac.compare_digest(said, b"basic " + key)
+                        | hmac.compare_digest(value, key)):
                     return True
         return False
 
@@ -181,13 +275,13 @@ def _content_length(headers) -> int | None:
     return None
 
 
-async def _next(conn: h11.Connection, reader: asyncio.StreamReader, timeout: float):
+async def _next(conn: h11.Connection, reader: asyncio.StreamReader):
+    """The next event; the caller's deadline bounds the wait."""
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
             return event
-        async with asyncio.timeout(timeout):
-            data = await reader.read(65536)
+        data = await reader.read(65536)
         conn.receive_data(data)         # b"": the peer closed
 
 

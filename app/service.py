@@ -21,8 +21,8 @@ from typing import Callable
 
 from .config import Settings, redact_url
 from .geoip import NOWHERE, GeoIP, Place
-from .login import (ALLOWED, DENIED, LoginRecord, new_event_id, normalize_ip, stored_ip,
-                    text_form)
+from .login import (ALLOWED, DENIED, LoginRecord, new_event_id, normalize_ip, parse_network,
+                    stored_ip, text_form)
 from .metrics import Metrics
 from .nexthop import forward
 from .db.store import previous_login
@@ -85,7 +85,8 @@ class Explanation:
 def explain(snap: Snapshot | None, protocol: str, req: LoginRequest, now: dt.datetime,
             default: str = ALLOW, unloaded: str = ALLOW,
             system_groups: tuple[str, ...] = (), place: Place = NOWHERE,
-            last_login: tuple[str, str, str] | None = None) -> Explanation:
+            last_login: tuple[str, str, str] | None = None,
+            exempt: tuple = ()) -> Explanation:
     """Decide and plan one login, as the daemon does (and `check` shows). Pure.
 
     ``place``: the client's country and ASN, looked up by the caller
@@ -93,8 +94,9 @@ def explain(snap: Snapshot | None, protocol: str, req: LoginRequest, now: dt.dat
     """
     user = text_form(req.username)[0]
     rules = snap.rules if snap is not None else None
+    auto = snap.auto.with_exempt(exempt) if snap is not None else None
     decision = login_decision(rules, protocol, user, req.remote_ip, req.local_ip, now,
-                              default, unloaded, place.country, place.asn)
+                              default, unloaded, place.country, place.asn, auto)
     if not decision.allowed:
         return Explanation(decision, None, rules is not None, user, place)
     overrides, alerts, delivered = ((snap.overrides, snap.alerts, snap.delivered)
@@ -129,6 +131,7 @@ class Steps:
     database: str = ""                  # for status: where logins go (password hidden)
     geoip: GeoIP | None = None          # country/ASN databases; None: not configured
     store_ip: str = "full"              # full, truncated or none (before storing/spooling)
+    exempt: tuple = ()                  # block_exempt_networks: no automatic block applies
 
     @classmethod
     def from_settings(cls, settings: Settings, geoip: GeoIP | None = None) -> "Steps":
@@ -141,7 +144,8 @@ class Steps:
                           if settings.next_socket(p)},
             next_timeout=settings.next_timeout, host_name=settings.host_name,
             database=redact_url(settings.effective_database_url), geoip=geoip,
-            store_ip=settings.store_ip)
+            store_ip=settings.store_ip,
+            exempt=tuple(parse_network(n) for n in settings.block_exempt_networks))
 
 
 class LoginService:
@@ -201,7 +205,7 @@ class LoginService:
         snap = self.cache.snapshot
         last = await self._previous_login(snap, protocol, req, now)
         ex = explain(snap, protocol, req, now, steps.default_action,
-                     steps.unloaded_action, groups, place, last)
+                     steps.unloaded_action, groups, place, last, steps.exempt)
         if self.metrics:
             self.metrics.decision_seconds.observe(time.perf_counter() - started)
         decision = ex.decision

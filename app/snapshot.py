@@ -17,6 +17,7 @@ retried; it never stops the daemon.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from .db.overrides import load_alerts, load_deliveries, load_overrides
 from .db.rules import config_version_of, config_version_rows, load_rules
 from .logs import show
 from .overrides import Alert, Overrides
-from .policy import Rule
+from .policy import AUTO, DENY, AutoBlocks, Rule, order
 from .worker import Worker
 
 log = logging.getLogger("lastlogin.snapshot")
@@ -47,9 +48,12 @@ class Snapshot:
     delivered: set[tuple[int, str]] = field(default_factory=set, compare=False)
     # Rows left out: (table, id, reason). Empty when everything loaded.
     skipped: tuple[tuple[str, int, str], ...] = ()
+    # Automatic blocks (created_by 'auto'), by address and by username: not
+    # in ``rules``, so the ordered scan does not grow with every block.
+    auto: AutoBlocks = field(default_factory=AutoBlocks)
 
 
-def load_snapshot(conn: sa.Connection) -> Snapshot:
+def load_snapshot(conn: sa.Connection, now: dt.datetime | None = None) -> Snapshot:
     # The version is read first: a change committed in between makes the
     # data newer than the number, which only causes one more reload.
     version = config_version_of(conn)
@@ -58,11 +62,19 @@ def load_snapshot(conn: sa.Connection) -> Snapshot:
         rows = config_version_rows(conn)
         skipped.append(("config_version", rows, f"has {rows} rows instead of 1: changes are "
                         "found by reloading everything at every check"))
-    rules = load_rules(conn, skipped)
+    # A rule whose window has ended can never match again: it is not held
+    # (expired automatic blocks are deleted by the daily maintenance job).
+    now = now or dt.datetime.now(dt.timezone.utc)
+    loaded = [r for r in load_rules(conn, skipped)
+              if r.valid_until is None or r.valid_until > now]
+    rules = tuple(r for r in loaded if r.created_by != AUTO)
+    auto = AutoBlocks.of(r for r in loaded if r.created_by == AUTO and r.action == DENY)
+    rules += tuple(r for r in loaded if r.created_by == AUTO and r.action != DENY)
+    rules = order(rules)
     overrides = load_overrides(conn, skipped)
     alerts = load_alerts(conn, skipped)
     return Snapshot(version=version, rules=rules, overrides=overrides, alerts=alerts,
-                    delivered=load_deliveries(conn), skipped=tuple(skipped))
+                    delivered=load_deliveries(conn), skipped=tuple(skipped), auto=auto)
 
 
 def status_checks(state) -> list[tuple[int, str, str]]:

@@ -66,6 +66,8 @@ def test_failures_recorded_then_the_address_blocked_until_the_rule_goes(stack):
     port = dovecot.imap_port
     for _ in range(3):
         assert not imap_login_ok(port, "alice", "wrong", source=BLOCKED)
+    # a report is answered once handed to the recorder: the rows follow
+    assert wait_for(lambda: len(failed_rows(engine, BLOCKED)) == 3, timeout=5)
     rows = failed_rows(engine, BLOCKED)
     assert [(r["username"], r["protocol"], str(r["local_ip"]), r["message"]) for r in rows] == [
         ("alice", "imap", "127.0.0.1", "authentication failed")] * 3
@@ -78,6 +80,7 @@ def test_failures_recorded_then_the_address_blocked_until_the_rule_goes(stack):
     (rule,) = [r for r in listed if r["remote_network"] == f"{BLOCKED}/32"]
     assert (rule["action"], rule["created_by"]) == ("deny", "auto") and rule["valid_until"]
     # bob's refusal was reported as a policy refusal, not counted again
+    assert wait_for(lambda: len(failed_rows(engine, BLOCKED)) == 4, timeout=5)
     assert [r["message"] for r in failed_rows(engine, BLOCKED)][3:] == [
         "refused by the policy server before authentication"]
     assert lastlogin("rule", "remove", str(rule["id"]), env=env).returncode == 0
@@ -90,7 +93,7 @@ def test_an_exempt_network_is_never_blocked(stack):
     for _ in range(4):
         assert not imap_login_ok(dovecot.imap_port, "carol", "wrong", source=EXEMPT)
     assert imap_login_ok(dovecot.imap_port, "carol", "secret", source=EXEMPT)
-    assert len(failed_rows(engine, EXEMPT)) == 4
+    assert wait_for(lambda: len(failed_rows(engine, EXEMPT)) == 4, timeout=5)
     with engine.connect() as c:
         nets = c.execute(sa.select(access_rules.c.remote_network, access_rules.c.username)
                          ).all()

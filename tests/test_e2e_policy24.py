@@ -34,6 +34,8 @@ def test_failures_block_until_removed_and_exempt_is_never_blocked(stack):
     port = dovecot.imap_port
     for _ in range(3):
         assert not imap_login_ok(port, "alice", "wrong", source=BLOCKED)
+    # a report is answered once handed to the recorder: the rows follow
+    assert wait_for(lambda: len(failed_rows(engine, BLOCKED)) == 3, timeout=5)
     rows = failed_rows(engine, BLOCKED)
     assert [(r["username"], r["protocol"], str(r["local_ip"])) for r in rows] == [
         ("alice", "imap", "127.0.0.1")] * 3
@@ -51,4 +53,4 @@ def test_failures_block_until_removed_and_exempt_is_never_blocked(stack):
     for _ in range(4):
         assert not imap_login_ok(port, "carol", "wrong", source=EXEMPT)
     assert imap_login_ok(port, "carol", "secret", source=EXEMPT)
-    assert len(failed_rows(engine, EXEMPT)) == 4
+    assert wait_for(lambda: len(failed_rows(engine, EXEMPT)) == 4, timeout=5)

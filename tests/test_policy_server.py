@@ -7,16 +7,29 @@ own, so their counters never meet.
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import http.client
+import ipaddress
 import json
+import logging
 import re
 import socket
 
 import pytest
 import sqlalchemy as sa
 
+from app import policyhttp
+from app.attempts import parse_attempt
+from app.authpolicy import AuthPolicy, PolicySteps
+from app.config import Settings
 from app.db import make_engine
+from app.db.rules import add_rule, purge_expired_auto
 from app.db.schema import access_rules, last_logins, login_events
+from app.maintenance import Maintenance
+from app.policy import DENY
+from app.policyhttp import PolicyServer
+from app.snapshot import ConfigCache, load_snapshot
 from tests.harness.cli import lastlogin
 from tests.harness.daemon import make_daemon, wait_for
 from tests.harness.db import empty_tables
@@ -36,7 +49,7 @@ def served(pg_url):
                          metrics_listen=f"127.0.0.1:{metrics_port}",
                          policy_api_key=KEY, block_after_failures="3",
                          block_window="10min", block_for="1h",
-                         block_exempt_networks="192.0.2.0/24")
+                         block_exempt_networks="192.0.2.0/24", block_usernames="true")
     daemon.metrics_port = metrics_port
     daemon.start()
     try:
@@ -89,8 +102,17 @@ def test_requests_without_the_key_are_refused_and_serving_goes_on(served):
     conn = connect(port)
     bearer = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     assert post(conn, "allow", attempt("bearer", "198.51.100.2"), bearer)[1]["status"] == 0
+    # Dovecot's documented form: auth_policy_server_api_header = Authorization: Basic <b64>
+    for value in (f"Basic {KEY}", f"basic {KEY}", KEY):
+        auth = {"Authorization": value, "Content-Type": "application/json"}
+        assert post(conn, "allow", attempt("basic", "198.51.100.2"), auth)[1]["status"] == 0
+    conn = connect(port)
+    bad = {"Authorization": f"Basic {KEY}x", "Content-Type": "application/json"}
+    assert post(conn, "allow", attempt("basic", "198.51.100.2"), bad)[0] == 401
+    conn.close()
+    conn = connect(port)
     assert wait_for(lambda: daemon.logs().count("http=401 reason=\"missing or wrong API key\"")
-                    == 2, timeout=5), daemon.logs()[-2000:]
+                    == 3, timeout=5), daemon.logs()[-2000:]
     assert KEY not in daemon.logs()
 
 
@@ -140,6 +162,7 @@ def test_failures_become_failed_rows_and_successes_do_not(served):
     assert post(conn, "report", attempt("carol", "198.51.100.4", success=True))[0] == 200
     assert post(conn, "report", attempt("dave", "198.51.100.4", success=False,
                                         fail_type="credentials", protocol="sieve"))[0] == 200
+    assert wait_for(lambda: len(rows(engine, remote_ip="198.51.100.4")) == 2, timeout=5)
     got = rows(engine, remote_ip="198.51.100.4")
     assert [(r["username"], r["outcome"], r["protocol"], r["message"], r["session_id"])
             for r in got] == [
@@ -210,7 +233,8 @@ def test_an_exempt_network_is_never_blocked(served):
     for i in range(6):
         post(conn, "report", attempt(f"webmail{i % 2}", "192.0.2.7", success=False))
     assert post(conn, "allow", attempt("webmail0", "192.0.2.7"))[1]["status"] == 0
-    assert len(rows(engine, remote_ip="192.0.2.7")) == 6       # recorded all the same
+    assert wait_for(lambda: len(rows(engine, remote_ip="192.0.2.7")) == 6,    # recorded all
+                    timeout=5)                                                # the same
     assert len(auto_rules(engine)) == before
 
 
@@ -230,10 +254,11 @@ def test_network_rules_apply_before_authentication(served):
 
 
 def test_report_failed_by_address_and_by_user(served):
-    daemon, port, _ = served
+    daemon, port, engine = served
     conn = connect(port)
     for login, ip in (("rf1", "100.64.0.1"), ("rf2", "100.64.0.1"), ("rf1", "100.64.0.2")):
         post(conn, "report", attempt(login, ip, success=False))
+    assert wait_for(lambda: len(rows(engine, remote_ip="100.64.0.2")) == 1, timeout=5)
     env = {"LASTLOGIN_DATABASE_URL": daemon.env["LASTLOGIN_DATABASE_URL"]}
     out = lastlogin("report", "failed", "--since", "1h", "--format", "json", env=env)
     assert out.returncode == 0, out.stderr
@@ -260,3 +285,324 @@ def test_metrics_count_checks_rejections_failures_and_blocks(served):
     assert float(values["lastlogin_policy_failures_total"]) >= 3
     assert float(values["lastlogin_policy_requests_refused_total"]) >= 1
     assert float(values["lastlogin_auto_blocks_active"]) >= 1
+
+
+# --- the decision in memory: AuthPolicy on its own (no HTTP, no daemon) ----------
+# Attempts of service "smtp" have no stored protocol, so a report reaches no
+# recorder: these tests exercise the counting and blocking alone.
+
+
+
+
+def _doc(command, login, remote, **extra):
+    doc = {"login": login, "remote": remote, "protocol": "smtp"} | extra
+    return parse_attempt(command, json.dumps(doc).encode())
+
+
+def _fail(policy, login, remote):
+    asyncio.run(policy.report(_doc("report", login, remote, success=False)))
+
+
+def _ok(policy, login, remote):
+    asyncio.run(policy.report(_doc("report", login, remote, success=True)))
+
+
+def _status(policy, login, remote):
+    return policy.check(_doc("allow", login, remote)).status
+
+
+def _policy(engine=None, cache=None, **steps):
+    base = dict(block_after=3, exempt=(ipaddress.ip_network("192.0.2.0/24"),))
+    return AuthPolicy(None, cache or ConfigCache(), engine, PolicySteps(**(base | steps)))
+
+
+def test_username_blocks_are_off_by_default():
+    policy = _policy()
+    for i in range(5):          # an attacker, from many addresses, with the victim's name
+        _fail(policy, "vic@example.com", f"203.0.113.{40 + i}")
+    assert _status(policy, "vic@example.com", "198.51.100.200") == 0
+    assert policy.active_auto_blocks() == 0
+
+
+def test_automatic_blocks_never_apply_to_exempt_networks():
+    policy = _policy(block_usernames=True)
+    for i in range(3):
+        _fail(policy, "vic@example.com", f"203.0.113.{40 + i}")
+    assert _status(policy, "vic@example.com", "198.51.100.200") == -1   # blocked elsewhere
+    assert _status(policy, "vic@example.com", "192.0.2.7") == 0         # webmail: never
+
+
+def test_a_success_clears_the_users_failure_count():
+    policy = _policy(block_usernames=True)
+    for i in range(2):
+        _fail(policy, "typo@example.com", f"198.51.100.{i + 1}")
+    _ok(policy, "Typo@Example.com", "198.51.100.1")
+    _fail(policy, "typo@example.com", "198.51.100.3")
+    assert _status(policy, "typo@example.com", "198.51.100.4") == 0
+    assert policy.active_auto_blocks() == 0
+
+
+def test_post_login_does_not_apply_automatic_blocks_to_exempt_networks(pg_db):
+    from app.protocol import LoginRequest
+    from app.service import explain
+    engine = make_engine(pg_db)
+    now = dt.datetime.now(dt.timezone.utc)
+    with engine.begin() as c:
+        add_rule(c, action=DENY, priority=50, username="vic@example.com", created_by="auto",
+                 valid_until=now + dt.timedelta(hours=1), now=now)
+    with engine.connect() as c:
+        snap = load_snapshot(c)
+    engine.dispose()
+    exempt = (ipaddress.ip_network("192.0.2.0/24"),)
+    req = lambda ip: LoginRequest(b"127.0.0.1", ip.encode(), b"vic@example.com", [])  # noqa
+    assert not explain(snap, "imap", req("198.51.100.1"), now, exempt=exempt).decision.allowed
+    assert explain(snap, "imap", req("192.0.2.7"), now, exempt=exempt).decision.allowed
+
+
+def test_automatic_blocks_are_looked_up_not_scanned_and_expired_ones_are_not_loaded(pg_db):
+    engine = make_engine(pg_db)
+    now = dt.datetime.now(dt.timezone.utc)
+    with engine.begin() as c:
+        for i in range(300):
+            add_rule(c, action=DENY, priority=50, remote_network=f"10.{i // 250}.{i % 250}.1/32",
+                     created_by="auto", valid_until=now + dt.timedelta(hours=1), now=now)
+        hour = dt.timedelta(hours=1)         # a block that ended an hour ago
+        add_rule(c, action=DENY, priority=50, remote_network="10.9.9.9/32", created_by="auto",
+                 valid_from=now - 2 * hour, valid_until=now - hour, now=now - 2 * hour)
+    later = now
+    with engine.connect() as c:
+        snap = load_snapshot(c, later)
+    # not in the ordered list; in O(1) dicts; the expired one not at all
+    assert snap.rules == () and len(snap.auto) == 300
+    cache = ConfigCache()
+    cache.snapshot = snap
+    policy = _policy(cache=cache)
+    assert _status(policy, "x", "10.0.7.1") == -1 and _status(policy, "x", "10.0.7.2") == 0
+    Maintenance(engine, 0).run_once()           # the daily job deletes the expired block
+    with engine.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(access_rules)).scalar() == 300
+        assert purge_expired_auto(c, later) == 0
+    engine.dispose()
+
+
+def test_held_blocks_are_bounded():
+    from app import authpolicy
+    policy = _policy(block_after=1)
+    old, authpolicy.MAX_HELD = authpolicy.MAX_HELD, 5
+    try:
+        for i in range(8):
+            _fail(policy, "g", f"203.0.113.{i + 1}")
+    finally:
+        authpolicy.MAX_HELD = old
+    assert len(policy._held) == 5
+    assert _status(policy, "g", "203.0.113.8") == -1
+
+
+def test_without_rules_loaded_a_held_block_rejects_and_others_get_the_unloaded_decision():
+    policy = _policy(default_action="deny", unloaded_action="allow")
+    for i in range(3):
+        _fail(policy, f"g{i}", "203.0.113.1")
+    verdict = policy.check(_doc("allow", "legit", "198.51.100.1"))
+    assert (verdict.status, verdict.reason) == (0, "no rules loaded yet")
+    assert _status(policy, "legit", "203.0.113.1") == -1
+
+
+def test_blocks_that_cannot_be_stored_are_logged_held_and_counted(pg_db, caplog):
+    engine = make_engine(pg_db)
+    policy = _policy(engine=engine, block_usernames=True)
+    unhandled = []
+
+    async def run():
+        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: unhandled.append(ctx))
+        for name in ("tab\there", "\udc80lone", "nul\u0000x"):
+            for i in range(3):
+                await policy.report(_doc("report", name, f"198.51.100.{60 + i}",
+                                         success=False))
+        await policy.drain(10)
+
+    with caplog.at_level(logging.ERROR, logger="lastlogin.policy"):
+        asyncio.run(run())
+    engine.dispose()
+    assert unhandled == []
+    assert caplog.text.count("event=auto_block_not_stored") == 3
+    assert policy.unstored_auto_blocks() == 3
+    assert _status(policy, "tab\there", "198.51.100.99") == -1
+
+
+def test_ipv6_is_counted_and_blocked_by_its_64(pg_db):
+    engine = make_engine(pg_db)
+    policy = _policy(engine=engine)
+
+    async def run():
+        for i in range(3):
+            await policy.report(_doc("report", f"g{i}", f"2001:db8:1:2::{i + 1:x}",
+                                     success=False))
+        await policy.drain(10)
+
+    asyncio.run(run())
+    with engine.connect() as c:
+        nets = [str(r.remote_network) for r in c.execute(sa.select(access_rules))]
+    engine.dispose()
+    assert nets == ["2001:db8:1:2::/64"]
+    assert _status(policy, "x", "2001:db8:1:2:ffff::9") == -1
+    assert _status(policy, "x", "2001:db8:1:3::1") == 0
+
+
+def test_username_counters_are_bounded_by_size():
+    policy = _policy(block_usernames=True)
+    for i in range(50):
+        _fail(policy, f"{i}" + "x" * 16000, f"203.0.113.{i % 2}")
+    keys = list(policy.by_user._hits)
+    assert len(keys) == 50 and {len(k) for k in keys} == {16}
+    assert policy.by_user.max_keys <= 20_000
+
+
+# --- the HTTP endpoint in-process (no daemon): bounds on connections -------------
+
+
+ALLOW_REQ = (b"POST /?command=allow HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 43\r\n\r\n" + b'{"login": "u", "remote": "198.51.100.1"   }')
+
+
+async def _endpoint(**settings):
+    server = PolicyServer(Settings(policy_listen="127.0.0.1:0", **settings),
+                          AuthPolicy(None, ConfigCache(), None))
+    await server.start()
+    return server, server._server.sockets[0].getsockname()[1]
+
+
+async def _closed(reader, within: float) -> bool:
+    """Does the server close the connection (EOF or reset) within ``within`` s?"""
+    try:
+        async with asyncio.timeout(within):
+            while await reader.read(4096):
+                pass
+        return True
+    except ConnectionError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_trickled_request_head_is_cut_at_request_timeout():
+    async def run():
+        server, port = await _endpoint(request_timeout=0.5)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /?command=allow HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+
+        async def trickle():
+            for _ in range(100):                # a byte every 50 ms: no read waits 0.5 s
+                await asyncio.sleep(0.05)
+                writer.write(b"a")
+        task = asyncio.create_task(trickle())
+        closed = await _closed(reader, 4.0)
+        task.cancel()
+        writer.close()
+        server.close()
+        await server.wait_closed(1)
+        return closed
+    assert asyncio.run(run()), "one header byte at a time held the connection past its deadline"
+
+
+def test_idle_keep_alive_is_closed_and_full_server_evicts_the_oldest_idle(monkeypatch):
+    monkeypatch.setattr(policyhttp, "IDLE_TIMEOUT", 0.3)
+    monkeypatch.setattr(policyhttp, "MAX_CONNECTIONS", 3)
+    monkeypatch.setattr(policyhttp, "MAX_PER_PEER", 100)
+
+    async def run():
+        server, port = await _endpoint(request_timeout=5)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(ALLOW_REQ)
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        idle_closed = await _closed(reader, 3.0)        # kept alive, then idle: closed
+        writer.close()
+        # three idle connections fill the server; a fourth evicts the oldest
+        conns = []
+        for _ in range(3):
+            conns.append(await asyncio.open_connection("127.0.0.1", port))
+            await asyncio.sleep(0.02)
+        r4, w4 = await asyncio.open_connection("127.0.0.1", port)
+        w4.write(ALLOW_REQ)
+        answered = (await r4.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        oldest_cut = await _closed(conns[0][0], 0.2)
+        newest_kept = not await _closed(conns[2][0], 0.05)
+        for _, w in conns + [(r4, w4)]:
+            w.close()
+        server.close()
+        await server.wait_closed(1)
+        return idle_closed, answered, oldest_cut, newest_kept, server.evicted
+    assert asyncio.run(run()) == (True, True, True, True, 1)
+
+
+def test_one_peer_cannot_take_every_connection(monkeypatch):
+    monkeypatch.setattr(policyhttp, "MAX_PER_PEER", 2)
+
+    async def run():
+        server, port = await _endpoint(request_timeout=5)
+        first = await asyncio.open_connection("127.0.0.1", port)
+        # a connection busy with a request is not evictable; an idle one is
+        first[1].write(b"POST /?command=allow HTTP/1.1\r\n")
+        await asyncio.sleep(0.05)
+        second = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(0.05)
+        third = await asyncio.open_connection("127.0.0.1", port)
+        third[1].write(ALLOW_REQ)
+        ok = (await third[0].readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        cut = await _closed(second[0], 0.5)
+        busy_kept = not await _closed(first[0], 0.05)
+        for _, w in (first, second, third):
+            w.close()
+        server.close()
+        await server.wait_closed(1)
+        return ok, cut, busy_kept
+    assert asyncio.run(run()) == (True, True, True)
+
+
+class _GatedRecorder:
+    """A recorder that commits only when the test opens the gate (to see that the
+    answer does not wait for it); counts the records handed to it."""
+
+    def __init__(self):
+        self.gate = asyncio.Event()
+        self.records = []
+
+    async def record(self, rec, timeout):
+        self.records.append(rec.event_id)
+        await self.gate.wait()
+        return "committed"
+
+
+def test_a_report_is_answered_before_the_commit_and_drained_at_shutdown():
+    async def run():
+        recorder = _GatedRecorder()
+        policy = AuthPolicy(recorder, ConfigCache(), None)
+        doc = {"login": "slow", "remote": "198.51.100.5", "protocol": "imap",
+               "success": False, "policy_reject": False}
+        verdict = await asyncio.wait_for(
+            policy.report(parse_attempt("report", json.dumps(doc).encode())), 1.0)
+        pending = len(policy._tasks)
+        asyncio.get_running_loop().call_later(0.05, recorder.gate.set)
+        await policy.drain(5)
+        return verdict.status, pending, len(recorder.records), len(policy._tasks)
+    assert asyncio.run(run()) == (0, 1, 1, 0)
+
+
+def test_closing_the_endpoint_leaves_no_task_behind():
+    errors = []
+
+    async def run():
+        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: errors.append(ctx))
+        server, port = await _endpoint(request_timeout=5)
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        conns[0][1].write(ALLOW_REQ)
+        await conns[0][0].readuntil(b"\r\n\r\n")
+        conns[1][1].write(b"POST /?command=allow HTTP/1.1\r\n")   # mid-request
+        await asyncio.sleep(0.05)
+        server.close()
+        await server.wait_closed(0.3)
+        left = server.open_connections
+        for _, w in conns:
+            w.close()
+        return left
+    assert asyncio.run(run()) == 0 and errors == []

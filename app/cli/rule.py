@@ -11,7 +11,7 @@ import click
 
 from ..db.rules import add_rule, get_rule, list_rules, remove_rule, rule_states, set_enabled
 from ..errors import InvalidInput
-from ..login import PROTOCOLS, normalize_user, parse_ip, printable
+from ..login import PROTOCOLS, normalize_user, parse_ip, parse_network, printable
 from ..protocol import LoginRequest
 from ..config import ConfigError
 from ..geoip import GeoIP, GeoIPError
@@ -217,7 +217,7 @@ def check(ctx: Context, username: str, ip: str, protocol: str, local_ip: str | N
         raise InvalidInput("--local-ip", f"not an IP address: {local_ip!r}")
     now = parse_time(at, "--at", utc) if at else dt.datetime.now(dt.timezone.utc)
     with ctx.begin() as conn:
-        snap = load_snapshot(conn)
+        snap = load_snapshot(conn, min(now, dt.datetime.now(dt.timezone.utc)))
     for line in skipped_warnings(snap.skipped):
         click.echo(f"lastlogin: warning: {line}", err=True)
     s = ctx.settings
@@ -226,7 +226,7 @@ def check(ctx: Context, username: str, ip: str, protocol: str, local_ip: str | N
         else ()
     place = locate(open_geoip(s), ip)
     ex = explain(snap, protocol, req, now, s.default_action, s.rules_unloaded_action, groups,
-                 place)
+                 place, exempt=tuple(parse_network(n) for n in s.block_exempt_networks))
     decision = ex.decision
     if s.geoip_country_db or s.geoip_asn_db:
         click.echo(f"country:  {place.country or 'unknown'}")

@@ -157,6 +157,14 @@ def remove_rule(conn: sa.Connection, rule_id: int) -> None:
         raise NotFound(f"no rule with id {rule_id}")
 
 
+def purge_expired_auto(conn: sa.Connection, now: dt.datetime) -> int:
+    """Delete automatic blocks (created_by 'auto') whose window has ended; how many."""
+    t = access_rules
+    return conn.execute(t.delete().where(t.c.created_by == "auto",
+                                         t.c.valid_until.is_not(None),
+                                         t.c.valid_until <= now)).rowcount
+
+
 def set_enabled(conn: sa.Connection, rule_id: int, enabled: bool) -> None:
     res = conn.execute(access_rules.update().where(access_rules.c.id == rule_id)
                        .values(enabled=enabled))
