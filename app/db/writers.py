@@ -147,7 +147,21 @@ class SqlAlchemyWriter:
         pass
 
 
-class PostgresWriter:
+class _OwnConnection:
+    """A writer on a DBAPI connection of its own, thrown away on any error."""
+
+    _raw = None
+
+    def close(self) -> None:
+        if self._raw is not None:
+            try:
+                self._raw.invalidate()
+            except Exception:  # noqa: BLE001 - it is being thrown away anyway
+                pass
+            self._raw = None
+
+
+class PostgresWriter(_OwnConnection):
     """PostgreSQL: one prepared statement per batch on an autocommit connection."""
 
     def __init__(self, engine: sa.Engine) -> None:
@@ -173,13 +187,6 @@ class PostgresWriter:
             flagged.extend(row[3])
         return int(row[0])
 
-    def close(self) -> None:
-        if self._raw is not None:
-            try:
-                self._raw.invalidate()
-            except Exception:  # noqa: BLE001 - it is being thrown away anyway
-                pass
-            self._raw = None
 
 
 _SQLITE_COLUMNS = COLUMNS + ("new_location",)
@@ -225,7 +232,7 @@ def _convert(values: Sequence[object], converters) -> tuple[object, ...]:
     return tuple(v if f is None or v is None else f(v) for v, f in zip(values, converters))
 
 
-class SqliteWriter:
+class SqliteWriter(_OwnConnection):
     """SQLite: the batch as plain SQL on its own sqlite3 connection.
 
     One ``BEGIN IMMEDIATE`` ... ``COMMIT`` per batch (one WAL fsync with
@@ -306,13 +313,6 @@ class SqliteWriter:
             raise
         return new
 
-    def close(self) -> None:
-        if self._raw is not None:
-            try:
-                self._raw.invalidate()
-            except Exception:  # noqa: BLE001 - it is being thrown away anyway
-                pass
-            self._raw = None
 
 
 def writer_for(engine: sa.Engine):
