@@ -129,3 +129,14 @@ def test_login_events_are_partitioned_by_month_on_postgresql(pg_cluster):
         assert conn.exec_driver_sql("SELECT count(*) FROM login_events").scalar() == 1
     assert not any(is_partition(n) for n in tables(url, partitions=True))
     engine.dispose()
+
+
+def test_the_revision_map_read_without_alembic_is_alembics():
+    """Commands check the schema without importing Alembic (start-up time):
+    the revision ids and the head read from the files are Alembic's own."""
+    from alembic.script import ScriptDirectory
+    from app.db.migrate import revisions, script_location
+    script = ScriptDirectory(script_location())
+    theirs = {r.revision: tuple(r._all_down_revisions) for r in script.walk_revisions()}
+    assert revisions() == theirs and len(theirs) >= 9
+    assert [head_revision()] == list(script.get_heads())
