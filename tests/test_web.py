@@ -306,10 +306,13 @@ def test_every_page_and_its_json_twin_answer_with_the_known_numbers(web, known_d
     assert [(r["protocol"], r["last_remote_ip"]) for r in alice["last_by_protocol"]] == [
         ("imap", "198.51.100.0"), ("pop3", "2001:db8::1")]
     assert len(alice["ips"]) == ALICE_IMAP + 1
-    # the rules that concern her: the domain rule and the expired pop3 one (carol's does not)
-    # (and the automatic block of a network: it concerns everyone)
-    assert [(r["action"], r["state"]) for r in alice["rules"]] == [
-        ("allow", "on"), ("deny", "on"), ("deny", "expired")]
+    # the rules that concern her: the domain rule (carol's does not; the expired
+    # pop3 one is no longer loaded; mallory's address block is not hers)
+    assert [(r["action"], r["state"]) for r in alice["rules"]] == [("allow", "on")]
+    mallory = web.json("/api/user?name=mallory%40example.com")
+    assert [(r["remote_network"], r["state"]) for r in mallory["rules"]] == [
+        ("10.0.0.0/8", "on"), ("203.0.113.66/32", "on")]        # her domain's, her address's
+    assert mallory["rules"][1]["id"] == expect["block"]
     assert alice["check"] == {"ip": "198.51.100.0", "local_ip": "192.0.2.25",
                               "protocol": "imap", "decision": "allow",
                               "rule": None, "reason": "no rule matched", "message": None,

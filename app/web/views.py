@@ -24,8 +24,8 @@ from ..config import ConfigError, Settings
 from ..db import reports
 from ..db.rules import list_rules, rule_states
 from ..health import CRITICAL, LEVEL, checks
-from ..login import PROTOCOLS, domain_of, normalize_user, parse_ip
-from ..policy import Rule, rule_state
+from ..login import PROTOCOLS, domain_of, normalize_user, parse_ip, user_key
+from ..policy import Rule, addr_key, rule_state
 from ..protocol import LoginRequest
 from ..service import Explanation, explain
 from ..snapshot import load_snapshot
@@ -229,6 +229,26 @@ def overview(conn: sa.Connection, ctx: Ctx) -> dict[str, Any]:
 
 # --- one user ----------------------------------------------------------------------
 
+def _user_rules(snap, name: str, ips: list[dict[str, Any]]) -> list[Rule]:
+    """The rules that concern a user: those naming them or their domain (or
+    no one), and the automatic blocks of their name or of an address they
+    used (held apart from the ordered rules, app/policy.AutoBlocks)."""
+    rules = [r for r in snap.rules if r.concerns(name)]
+    found = {}
+    block = snap.auto.by_user.get(user_key(name))
+    if block is not None:
+        found[block.id] = block
+    for row in ips:
+        ip = parse_ip(row["remote_ip"]) if row["remote_ip"] is not None else None
+        if ip is None:
+            continue
+        for plen in ((32,) if ip.version == 4 else (128, 64, 56, 48)):
+            block = snap.auto.by_net.get(addr_key(ip, plen))
+            if block is not None:
+                found[block.id] = block
+    return rules + sorted(found.values(), key=lambda r: r.id)
+
+
 def _rule_row(rule: Rule, now: dt.datetime) -> dict[str, Any]:
     return {"id": rule.id, "action": rule.action, "priority": rule.priority,
             "state": rule_state(rule.enabled, rule.valid_from, rule.valid_until, now),
@@ -295,14 +315,15 @@ def user(conn: sa.Connection, ctx: Ctx, name: str, ip: str | None = None,
     if ip and parse_ip(ip) is not None:
         result = check(snap, s, name, ip, local_ip, protocol, ctx.now)
     domain = domain_of(name)
+    ips = reports.ips(conn, name)
     return {
         "username": name,
         "found": bool(history or last),
         "last_by_protocol": last,
         "history": history,
         "history_total": getattr(history, "total", None) or len(history),
-        "ips": reports.ips(conn, name),
-        "rules": [_rule_row(r, ctx.now) for r in snap.rules if r.concerns(name)],
+        "ips": ips,
+        "rules": [_rule_row(r, ctx.now) for r in _user_rules(snap, name, ips)],
         "default_action": s.default_action,
         "overrides": snap.overrides.for_login(name),
         "alerts": [{"id": a.id, "scope": a.scope, "message": a.message,
