@@ -197,6 +197,15 @@ class AutoBlocks:
         ip = login.remote_ip
         return ip is not None and any(in_network(ip, n) for n in self.exempt)
 
+    def of_address(self, ip: IPAddr) -> list[Rule]:
+        """The blocks whose network holds ``ip`` (an IPv4 address, or an IPv6
+        address and its /64, /56, /48), in force or not."""
+        if not self.by_net:
+            return []
+        prefixes = (32,) if ip.version == 4 else (128, 64, 56, 48)
+        return [r for r in (self.by_net.get(addr_key(ip, p)) for p in prefixes)
+                if r is not None]
+
     def find(self, login: "LoginFacts") -> Rule | None:
         """The automatic block in force for this login, if any."""
         if not self.by_net and not self.by_user:
@@ -204,11 +213,9 @@ class AutoBlocks:
         if self.exempted(login):
             return None
         ip = login.remote_ip
-        if ip is not None and self.by_net:
-            prefixes = (32,) if ip.version == 4 else (128, 64, 56, 48)
-            for plen in prefixes:
-                rule = self.by_net.get(addr_key(ip, plen))
-                if rule is not None and rule.matches(login):
+        if ip is not None:
+            for rule in self.of_address(ip):
+                if rule.matches(login):
                     return rule
         if self.by_user:
             rule = self.by_user.get(login.user)

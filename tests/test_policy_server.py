@@ -276,7 +276,17 @@ def test_report_failed_by_address_and_by_user(served):
 def test_metrics_count_checks_rejections_failures_and_blocks(served):
     import urllib.request
     daemon, port, _ = served
-    post(connect(port), "allow", attempt("metrics", "198.51.100.77"))
+    # what it counts, made here (the module's tests may run on other workers)
+    conn, ip = connect(port), "198.51.100.78"
+    assert post(conn, "allow", attempt("metrics", ip))[1]["status"] == 0
+    for i in range(3):                                  # block_after_failures = 3
+        post(conn, "report", attempt(f"metrics{i}", ip, success=False))
+    assert post(conn, "allow", attempt("metrics", ip))[1]["status"] < 0
+    conn.close()
+    conn = connect(port)
+    assert post(conn, "allow", attempt("metrics", ip), {"Content-Type": "application/json"}
+                )[0] == 401
+    conn.close()
     text = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics",
                                   timeout=5).read().decode()
     values = dict(re.findall(r"^(lastlogin_(?:policy|auto)\S*) (\S+)$", text, re.M))

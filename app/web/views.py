@@ -25,7 +25,7 @@ from ..db import reports
 from ..db.rules import list_rules, rule_states
 from ..health import CRITICAL, LEVEL, checks
 from ..login import PROTOCOLS, domain_of, normalize_user, parse_ip, user_key
-from ..policy import Rule, addr_key, rule_state
+from ..policy import Rule, rule_state
 from ..protocol import LoginRequest
 from ..service import Explanation, explain
 from ..snapshot import load_snapshot
@@ -242,10 +242,8 @@ def _user_rules(snap, name: str, ips: list[dict[str, Any]]) -> list[Rule]:
         ip = parse_ip(row["remote_ip"]) if row["remote_ip"] is not None else None
         if ip is None:
             continue
-        for plen in ((32,) if ip.version == 4 else (128, 64, 56, 48)):
-            block = snap.auto.by_net.get(addr_key(ip, plen))
-            if block is not None:
-                found[block.id] = block
+        for block in snap.auto.of_address(ip):
+            found[block.id] = block
     return rules + sorted(found.values(), key=lambda r: r.id)
 
 
