@@ -44,7 +44,7 @@ import sqlalchemy as sa
 
 from .attempts import Attempt, FailureWindows
 from .config import Settings
-from .db.rules import add_rule, config_version_of
+from .db.rules import add_auto_block, config_version_of
 from .login import (FAILED, IPNet, LoginRecord, in_network, new_event_id, normalize_ip,
                     normalize_user, parse_ip, parse_network, user_key)
 from .logs import show
@@ -327,10 +327,10 @@ class AuthPolicy:
                 now: dt.datetime) -> tuple[int, int | None]:
         assert self.engine is not None
         with self.engine.begin() as conn:
-            rule_id = add_rule(
-                conn, action=DENY, priority=AUTO_PRIORITY, username=username,
+            rule_id = add_auto_block(
+                conn, priority=AUTO_PRIORITY, username=username,
                 remote_network=None if rule.remote_network is None else str(rule.remote_network),
-                valid_until=rule.valid_until, comment=comment, created_by=AUTO, now=now)
+                valid_until=rule.valid_until, comment=comment, now=now)
             return rule_id, config_version_of(conn)
 
     def active_auto_blocks(self) -> int:

@@ -424,3 +424,61 @@ def test_check_cannot_steer_the_operators_terminal(engine, db_url):
     assert not any(ch in out.stdout for ch in "\x1b\x07\r")
     assert [ln for ln in out.stdout.splitlines() if ln.startswith("rule:")] == [
         ln for ln in out.stdout.splitlines() if ln.startswith("rule:") and "999" not in ln]
+
+
+def test_an_automatic_block_already_in_force_is_extended_not_added_twice(engine):
+    """Daemons on two mail hosts reaching the threshold for one address
+    leave one rule: the second extends the first."""
+    from app.db.rules import add_auto_block
+    now = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.timezone.utc)
+    block = dict(comment="3 failed", priority=50, now=now, remote_network="192.0.2.7/32")
+    with engine.begin() as conn:
+        first = add_auto_block(conn, valid_until=now + dt.timedelta(hours=1), **block)
+        again = add_auto_block(conn, valid_until=now + dt.timedelta(hours=2), **block)
+        shorter = add_auto_block(conn, valid_until=now + dt.timedelta(minutes=5), **block)
+        user = add_auto_block(conn, valid_until=now + dt.timedelta(hours=1), comment="3",
+                              priority=50, now=now, username="bob@example.com")
+        rows = conn.execute(sa.select(access_rules.c.id, access_rules.c.valid_until)
+                            .order_by(access_rules.c.id)).all()
+    assert first == again == shorter != user
+    assert [r.id for r in rows] == [first, user]
+    assert rows[0].valid_until == now + dt.timedelta(hours=2)
+    # one that has ended is not extended: a new block is a new rule
+    with engine.begin() as conn:
+        later = add_auto_block(conn, valid_until=now + dt.timedelta(hours=5),
+                               **dict(block, now=now + dt.timedelta(hours=3)))
+    assert later not in (first, user)
+
+
+def test_two_daemons_adding_the_same_block_at_once_leave_one_rule(pg_db):
+    """The look-and-add is serialised on PostgreSQL: the second transaction
+    waits on the first's lock and then finds its rule."""
+    import threading
+
+    from app.db.rules import add_auto_block
+    now = dt.datetime.now(dt.timezone.utc)
+    block = dict(comment="3 failed", priority=50, now=now, remote_network="192.0.2.8/32",
+                 valid_until=now + dt.timedelta(hours=1))
+    engine = make_engine(pg_db)
+    try:
+        got: list[int] = []
+        with engine.begin() as first:
+            got.append(add_auto_block(first, **block))
+            other = threading.Thread(target=lambda: got.append(
+                _in_new_transaction(engine, add_auto_block, **block)))
+            other.start()
+            with engine.connect() as watch:
+                assert wait_for(lambda: watch.execute(sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()")).scalar() == 1, timeout=10)
+        other.join(10)
+        with engine.connect() as conn:
+            count = conn.execute(sa.select(sa.func.count()).select_from(access_rules)).scalar()
+    finally:
+        engine.dispose()
+    assert got[0] == got[1] and count == 1
+
+
+def _in_new_transaction(engine, fn, **kw):
+    with engine.begin() as conn:
+        return fn(conn, **kw)

@@ -8,6 +8,7 @@ with a log line naming its id and why; every other rule still applies.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from typing import Any
 
 import sqlalchemy as sa
@@ -15,7 +16,7 @@ import sqlalchemy as sa
 from ..errors import InvalidInput, NotFound
 from ..login import (PROTOCOLS, asn_number, check_text, country_code, normalize_domain,
                      normalize_user, normalized_name, parse_network)
-from ..policy import Rule, order, rule_state
+from ..policy import AUTO, Rule, order, rule_state
 from .loading import Skipped, raw_columns, skip, strict_bool, when
 from .schema import access_rules, config_version
 
@@ -139,6 +140,40 @@ def add_rule(conn: sa.Connection, *, everyone: bool = False, now: dt.datetime | 
                         .returning(access_rules.c.id)).scalar_one()
 
 
+def add_auto_block(conn: sa.Connection, *, valid_until: dt.datetime, comment: str,
+                   priority: int, now: dt.datetime, username: str | None = None,
+                   remote_network: str | None = None) -> int:
+    """An automatic block (``created_by auto``) for one address or name: the
+    one already in force is extended to ``valid_until`` instead of a second
+    being added, so daemons on several mail hosts sharing the database that
+    reach the threshold for the same address leave one rule, not one each.
+
+    On PostgreSQL the look-and-add is serialised by a transaction-scoped
+    advisory lock on the key (released at commit); SQLite writes one at a
+    time anyway.
+    """
+    t = access_rules
+    if conn.dialect.name == "postgresql":
+        key = f"{username}\0{remote_network}".encode("utf-8", "surrogatepass")
+        lock = int.from_bytes(hashlib.blake2b(b"lastlogin auto block\0" + key,
+                                              digest_size=8).digest(), "big", signed=True)
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(lock)))
+    same = [t.c.created_by == AUTO, t.c.valid_until > now,
+            t.c.username.is_(None) if username is None else t.c.username == username,
+            (t.c.remote_network.is_(None) if remote_network is None
+             else t.c.remote_network == remote_network)]
+    found = conn.execute(sa.select(t.c.id, t.c.valid_until).where(*same)
+                         .order_by(t.c.id).limit(1)).first()
+    if found is None:
+        return add_rule(conn, action="deny", priority=priority, username=username,
+                        remote_network=remote_network, valid_until=valid_until,
+                        comment=comment, created_by=AUTO, now=now)
+    if found.valid_until < valid_until:
+        conn.execute(t.update().where(t.c.id == found.id)
+                     .values(valid_until=valid_until, comment=comment))
+    return found.id
+
+
 def list_rules(conn: sa.Connection) -> list[sa.RowMapping]:
     t = access_rules
     return list(conn.execute(sa.select(t).order_by(t.c.priority, t.c.id)).mappings())
@@ -160,7 +195,7 @@ def remove_rule(conn: sa.Connection, rule_id: int) -> None:
 def purge_expired_auto(conn: sa.Connection, now: dt.datetime) -> int:
     """Delete automatic blocks (created_by 'auto') whose window has ended; how many."""
     t = access_rules
-    return conn.execute(t.delete().where(t.c.created_by == "auto",
+    return conn.execute(t.delete().where(t.c.created_by == AUTO,
                                          t.c.valid_until.is_not(None),
                                          t.c.valid_until <= now)).rowcount
 
