@@ -528,3 +528,24 @@ def test_the_session_cookie_is_secure_when_web_secure_cookie_is_set(app_on):
                                   body=f"token={TOKEN}".encode())
         attrs = [a.strip().lower() for a in headers["set-cookie"].split(";")]
         assert status == 303 and ("secure" in attrs) == secure
+
+
+@pytest.mark.parametrize("zone,offset", [("Asia/Kolkata", 330), ("Asia/Kathmandu", 345)])
+def test_a_login_in_a_days_first_half_hour_counts_on_that_day(engine, zone, offset):
+    """In a zone whose days do not begin on a UTC hour, a login a few minutes
+    after local midnight is today's and one a few minutes before is
+    yesterday's -- every day, not only the first (report daily and the chart)."""
+    tz = zoneinfo.ZoneInfo(zone)
+    midnight = dt.datetime(2026, 11, 27, tzinfo=tz)
+    now = (midnight + dt.timedelta(minutes=10)).astimezone(dt.timezone.utc)
+    assert now.minute != 10        # the zone's day starts inside a UTC hour
+    with engine.begin() as conn:
+        record_logins(conn, [
+            record(b"today@example.com", at=midnight + dt.timedelta(minutes=5)),
+            record(b"yesterday@example.com", at=midnight - dt.timedelta(minutes=5)),
+            record(b"week@example.com", at=midnight - dt.timedelta(days=7, minutes=-1))])
+    today, yesterday = midnight.date(), midnight.date() - dt.timedelta(days=1)
+    with engine.connect() as conn:
+        for rows in (reports.daily(conn, 30, now, tz), DailyCounts().rows(conn, now, tz)):
+            assert [(r["day"], r["allowed"]) for r in rows] == [
+                (today - dt.timedelta(days=7), 1), (yesterday, 1), (today, 1)]

@@ -216,8 +216,18 @@ def daily(conn: sa.Connection, days: int, now: dt.datetime,
     """
     start_day = now.astimezone(tz).date() - dt.timedelta(days=days - 1)
     start = dt.datetime.combine(start_day, dt.time(), tz).astimezone(dt.timezone.utc)
-    return fold_days(hourly(conn, start, host, by_host), tz, by_host=by_host,
-                     first_day=start_day)
+    return fold_days(hourly(conn, start, host, by_host, bucket_minutes(tz, start, now)), tz,
+                     by_host=by_host, first_day=start_day)
+
+
+def bucket_minutes(tz: dt.tzinfo, *moments: dt.datetime) -> int:
+    """How finely ``hourly`` must count for days in ``tz``: 60 where the zone
+    is a whole number of hours from UTC at ``moments``; 15 where it is not
+    (India +5:30, Nepal +5:45, Newfoundland -3:30, ...), else the logins of a
+    day's first half hour would land in the UTC hour that began the day before.
+    """
+    offsets = (m.astimezone(tz).utcoffset() or dt.timedelta() for m in moments)
+    return 60 if all(o % dt.timedelta(hours=1) == dt.timedelta() for o in offsets) else 15
 
 
 # --- what the dashboard adds (app/web) ------------------------------------------
@@ -276,13 +286,23 @@ def _ascii_lower(conn: sa.Connection, column: sa.ColumnElement) -> sa.ColumnElem
 
 
 def hourly(conn: sa.Connection, start: dt.datetime, host: str | None = None,
-           by_host: bool = False) -> list[dict[str, object]]:
-    """Logins per UTC hour, protocol and outcome (and host) from ``start`` on."""
+           by_host: bool = False, minutes: int = 60) -> list[dict[str, object]]:
+    """Logins per UTC hour (or quarter hour: ``minutes`` 15), protocol and
+    outcome (and host) from ``start`` on; ``hour`` is when the bucket begins."""
     e = login_events
     if conn.dialect.name == "postgresql":
-        hour = sa.func.date_trunc("hour", sa.func.timezone("UTC", e.c.occurred_at))
-    else:
+        utc = sa.func.timezone("UTC", e.c.occurred_at)
+        hour = sa.func.date_trunc("hour", utc)
+        if minutes != 60:
+            quarter = sa.cast(sa.func.floor(sa.extract("minute", utc) / minutes) * minutes,
+                              sa.Integer)
+            hour = hour + sa.func.make_interval(0, 0, 0, 0, 0, quarter)
+    elif minutes == 60:
         hour = sa.func.strftime("%Y-%m-%d %H:00:00", e.c.occurred_at)
+    else:
+        quarter = sa.cast(sa.func.strftime("%M", e.c.occurred_at), sa.Integer) / minutes * minutes
+        hour = (sa.func.strftime("%Y-%m-%d %H:", e.c.occurred_at)
+                .concat(sa.func.printf("%02d:00", quarter)))
     group = [hour, e.c.protocol, e.c.outcome] + ([e.c.host] if by_host else [])
     q = (sa.select(hour.label("hour"), *group[1:], sa.func.count().label("n"))
          .where(e.c.occurred_at >= start).group_by(*group))

@@ -70,6 +70,7 @@ class DailyCounts:
         self._kept: list[dict[str, Any]] = []
         self._upto: dt.datetime | None = None        # kept hours are before this
         self._start: dt.datetime | None = None
+        self._minutes = 60                          # reports.hourly's bucket of _kept
         self._loaded = 0.0
         self._lock = threading.Lock()               # the fields above
         self._loading = threading.Lock()            # one full reading at a time
@@ -81,11 +82,13 @@ class DailyCounts:
         return dt.datetime.combine(self.start_day(now, tz), dt.time(),
                                    tz).astimezone(dt.timezone.utc)
 
-    def _load(self, conn: sa.Connection, now: dt.datetime, start: dt.datetime) -> None:
+    def _load(self, conn: sa.Connection, now: dt.datetime, start: dt.datetime,
+              minutes: int) -> None:
         upto = now.replace(minute=0, second=0, microsecond=0) - dt.timedelta(hours=1)
-        kept = [h for h in reports.hourly(conn, start) if h["hour"] < upto]
+        kept = [h for h in reports.hourly(conn, start, minutes=minutes) if h["hour"] < upto]
         with self._lock:
             self._kept, self._upto, self._start, self._loaded = kept, upto, start, self.clock()
+            self._minutes = minutes
 
     def _load_in_background(self, tz: dt.tzinfo) -> None:
         def run() -> None:
@@ -93,7 +96,8 @@ class DailyCounts:
                 assert self.engine is not None
                 with self.engine.connect() as conn:
                     now = dt.datetime.now(dt.timezone.utc)
-                    self._load(conn, now, self._start_of(now, tz))
+                    start = self._start_of(now, tz)
+                    self._load(conn, now, start, reports.bucket_minutes(tz, start, now))
             except Exception:  # noqa: BLE001 -- the next request reads in the foreground
                 log.warning("event=web_daily_reload_failed", exc_info=True)
             finally:
@@ -108,24 +112,26 @@ class DailyCounts:
 
     def rows(self, conn: sa.Connection, now: dt.datetime, tz: dt.tzinfo) -> list[dict]:
         start = self._start_of(now, tz)
+        minutes = reports.bucket_minutes(tz, start, now)
+
+        def usable() -> bool:
+            with self._lock:
+                return (self._upto is not None and self._start is not None
+                        and start >= self._start and self._minutes == minutes)
         with self._lock:
-            usable = self._upto is not None and self._start is not None and start >= self._start
             stale = self.clock() - self._loaded > self.refresh
-        if not usable:
+        if not usable():
             with self._loading:                 # the first time: wait for a reading
-                with self._lock:
-                    usable = (self._upto is not None and self._start is not None
-                              and start >= self._start)
-                if not usable:
-                    self._load(conn, now, start)
+                if not usable():
+                    self._load(conn, now, start, minutes)
         elif stale and self.engine is not None:
             self._load_in_background(tz)
         elif stale:
             with self._loading:
-                self._load(conn, now, start)
+                self._load(conn, now, start, minutes)
         with self._lock:
             kept, upto = self._kept, self._upto
-        fresh = reports.hourly(conn, upto)
+        fresh = reports.hourly(conn, upto, minutes=minutes)
         # the hours `report daily` would read: from the hour the first day starts in
         since = start.replace(minute=0, second=0, microsecond=0)
         return reports.fold_days(kept + fresh, tz, since, first_day=self.start_day(now, tz))
