@@ -467,7 +467,8 @@ def test_two_daemons_adding_the_same_block_at_once_leave_one_rule(pg_db):
             other = threading.Thread(target=lambda: got.append(
                 _in_new_transaction(engine, add_auto_block, **block)))
             other.start()
-            with engine.connect() as watch:
+            # autocommit: pg_stat_activity is read once per transaction
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watch:
                 assert wait_for(lambda: watch.execute(sa.text(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                     "AND datname = current_database()")).scalar() == 1, timeout=10)
