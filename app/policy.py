@@ -224,6 +224,77 @@ class AutoBlocks:
         return None
 
 
+# Up to this many rules are simply scanned; past it the index below picks
+# the ones that can match, which costs about the same as scanning ~10 rules.
+INDEX_FROM = 16
+
+
+class RuleIndex:
+    """The rules that can match a login, in evaluation order, without testing
+    each: a rule with a remote network can only match an address inside it
+    (looked up by prefix, one dict per prefix length in use), one with a
+    username (and no network) only that user, one with a domain only that
+    domain; the rest are always candidates. Every candidate is still tested
+    with ``Rule.matches``, so the decision is the scan's, only cheaper: with
+    200 network rules ~10x less work per check.
+    """
+
+    __slots__ = ("rules", "always", "by_user", "by_domain", "nets")
+
+    def __init__(self, rules: tuple[Rule, ...]) -> None:
+        self.rules = rules
+        self.always: list[int] = []
+        self.by_user: dict[str, list[int]] = {}
+        self.by_domain: dict[str, list[int]] = {}
+        nets: dict[int, dict[int, dict[int, list[int]]]] = {4: {}, 6: {}}
+        for pos, rule in enumerate(rules):
+            net = rule.remote_network
+            if net is not None:
+                shift = (32 if net.version == 4 else 128) - net.prefixlen
+                nets[net.version].setdefault(shift, {}).setdefault(
+                    int(net.network_address) >> shift, []).append(pos)
+            elif rule.username is not None:
+                self.by_user.setdefault(rule.username, []).append(pos)
+            elif rule.domain is not None:
+                self.by_domain.setdefault(rule.domain, []).append(pos)
+            else:
+                self.always.append(pos)
+        self.nets = {v: tuple(t.items()) for v, t in nets.items()}
+
+    def candidates(self, login: "LoginFacts") -> list[Rule]:
+        found = list(self.always)
+        if self.by_user:
+            found += self.by_user.get(login.user, ())
+        if self.by_domain and login.domain is not None:
+            found += self.by_domain.get(login.domain, ())
+        ip = login.remote_ip
+        if ip is not None:
+            n = int(ip)
+            for shift, table in self.nets[ip.version]:
+                hit = table.get(n >> shift)
+                if hit:
+                    found += hit
+        found.sort()
+        rules = self.rules
+        return [rules[pos] for pos in found]
+
+
+_last_index: tuple[tuple[Rule, ...], RuleIndex] | None = None
+
+
+def _candidates(rules: tuple[Rule, ...], login: "LoginFacts") -> "Iterable[Rule]":
+    """``rules``, or the ones of them that can match (RuleIndex), in order.
+    The index of the last rule set is kept: the daemon's rules are one tuple
+    until a reload makes a new one."""
+    global _last_index
+    if len(rules) < INDEX_FROM:
+        return rules
+    last = _last_index
+    if last is None or last[0] is not rules:
+        last = _last_index = (rules, RuleIndex(rules))
+    return last[1].candidates(login)
+
+
 def order(rules: Iterable[Rule]) -> tuple[Rule, ...]:
     """Rules in evaluation order (what decide() expects)."""
     return tuple(sorted(rules, key=lambda r: (r.priority, r.id)))
@@ -243,7 +314,7 @@ def decide(rules: tuple[Rule, ...] | None, login: LoginFacts,
         if block is not None:
             return Decision(block.action, block, f"automatic block {block.id}")
         return Decision(unloaded, None, "no rules loaded yet", temporary=True)
-    for rule in rules:
+    for rule in _candidates(rules, login):
         if block is not None and (rule.priority, rule.id) > (block.priority, block.id):
             break
         if rule.matches(login):

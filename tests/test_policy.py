@@ -129,3 +129,53 @@ def test_temporary_failure_lines(protocol, line):
     # one line whatever the text: no injection into the session
     said = tempfail_line(protocol, 'spool full\r\n* OK "x"')
     assert said.count(b"\r\n") == 1 and said.endswith(b"\r\n")
+
+
+# --- the rule index decides exactly as the scan does ---------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from app import policy  # noqa: E402
+
+_NOW = dt.datetime(2026, 11, 26, 12, tzinfo=dt.timezone.utc)
+_USERS = ["alice", "Alice@Example.com", "bob@example.com", "carol@other.org", "dave"]
+_NETS = [None, None, "10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32",
+         "192.0.2.0/24", "2001:db8::/32", "2001:db8:1::/48", "2001:db8:1:2::/64",
+         "::ffff:10.1.2.0/120", "0.0.0.0/0", "::/0"]
+_IPS = [None, "10.1.2.3", "10.1.9.9", "10.200.0.1", "192.0.2.77", "203.0.113.5",
+        "2001:db8:1:2::5", "2001:db8:9::1", "::ffff:10.1.2.3", "2001:db9::1"]
+
+_rules = st.lists(st.builds(
+    lambda i, action, prio, enabled, user, dom, net, lnet, proto, window: Rule(
+        id=i, action=action, priority=prio, enabled=enabled, username=user, domain=dom,
+        remote_network=None if net is None else parse_network(net),
+        local_network=None if lnet is None else parse_network(lnet), protocol=proto,
+        valid_from=None if window is None else _NOW + dt.timedelta(hours=window),
+        valid_until=None if window is None else _NOW + dt.timedelta(hours=window + 2)),
+    st.integers(1, 10_000), st.sampled_from([ALLOW, DENY]), st.integers(0, 5), st.booleans(),
+    st.sampled_from([None, None, *_USERS]),
+    st.sampled_from([None, None, "example.com", "other.org"]), st.sampled_from(_NETS),
+    st.sampled_from([None, None, "127.0.0.0/8"]), st.sampled_from([None, "imap", "pop3"]),
+    st.sampled_from([None, None, -1, -3])), max_size=60, unique_by=lambda r: r.id)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_rules, st.sampled_from(_USERS + ["eve@example.com", "x"]), st.sampled_from(_IPS),
+       st.sampled_from([None, "127.0.0.1", "192.0.2.1"]), st.sampled_from(["imap", "pop3"]),
+       st.booleans())
+def test_the_index_decides_as_the_scan_does(rules, user, rip, lip, proto, blocked):
+    ordered = order(rules)
+    auto = policy.AutoBlocks.of([Rule(id=5000, action=DENY, priority=2, created_by="auto",
+                                      remote_network=parse_network("10.1.2.3/32"))]
+                                ) if blocked else None
+    login = LoginFacts.of(proto, user, rip, lip, _NOW)
+    scanned = indexed = None
+    saved = policy.INDEX_FROM
+    try:
+        policy.INDEX_FROM = 10 ** 9
+        scanned = decide(ordered, login, auto=auto)
+        policy.INDEX_FROM = 0
+        indexed = decide(ordered, login, auto=auto)
+    finally:
+        policy.INDEX_FROM = saved
+    assert indexed == scanned
