@@ -71,7 +71,7 @@ LOG_BURST = 5
 _REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized",
             404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
             413: "Content Too Large", 417: "Expectation Failed",
-            431: "Request Header Fields Too Large"}
+            431: "Request Header Fields Too Large", 500: "Internal Server Error"}
 
 
 def response(http: int, body: bytes, close: bool = False) -> bytes:
@@ -398,6 +398,14 @@ class _Conn(asyncio.Protocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if self.done:
                 return          # bytes after a request that closes the connection
+            failed = exc.__context__
+            if self.refusal is None and failed is not None:
+                # not the request's fault: a bug of ours, its one line, this
+                # connection ends, the others go on
+                log.error("event=policy_request_failed peer=%s error=%s", self.peer_text,
+                          show(f"{type(failed).__name__}: {failed}"[:300]))
+                self._refuse(Refused(500, "internal error", close=True, kind="internal"))
+                return
             self._refuse(self.refusal or Refused(400, f"not HTTP/1.1: {exc}", close=True,
                                                  kind="http"))
             return

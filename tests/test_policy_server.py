@@ -126,7 +126,8 @@ def test_oversized_malformed_and_unknown_requests(served):
     for bad, reason in ((b"{not json", "body: not JSON"),
                         (b'["a list"]', "body: must be a JSON object"),
                         (b'{"remote": "1.2.3.4"}', "login: missing"),
-                        (b'{"login": 7}', "login: must be a string")):
+                        (b'{"login": 7}', "login: must be a string"),
+                        (b"[" * 8000 + b"]" * 8000, "body: not JSON Dovecot sends")):
         status, body = post(conn, "allow", bad)
         assert status == 400 and body["status"] == -1 and body["msg"].startswith(reason), body
     # a report without success, an unknown command
