@@ -6,10 +6,11 @@ what it costs a login through a real Dovecot 2.3.
 
 1. ``command=allow`` at 64 concurrent kept-alive connections, driven by
    `wrk` (a C client: one thread, ``--latency``; the POST body and API key
-   from a Lua script), against a real `lastlogin serve` (PostgreSQL,
-   ``--rules`` 200 deny rules by network loaded, none matching) per event loop in ``--loops``, and against a
-   floor server in a process of its own (a minimal asyncio Protocol on the
-   same event loop answering the fixed reply: no parsing, no decision).
+   from a Lua script), against a real `lastlogin serve` (PostgreSQL;
+   ``--rules``, 200 by default, deny rules by network loaded, none matching)
+   per event loop in ``--loops``, and against a floor server in a process
+   of its own (a minimal asyncio Protocol on the same event loop answering
+   the fixed reply: no parsing, no decision).
    ``--baseline REV`` adds the daemon at git revision REV (extracted with
    `git archive`, asyncio). All are interleaved round by round (floor,
    lastlogin, ..., floor, ...); p50/p99 are wrk's, per round, medians over
