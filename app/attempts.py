@@ -87,6 +87,8 @@ def parse_attempt(command: str, body: bytes) -> Attempt:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidInput("body", f"not JSON: {exc}") from None
+    except RecursionError:          # [[[[... a few thousand deep fits in the body
+        raise InvalidInput("body", "not JSON Dovecot sends: nested too deeply") from None
     if not isinstance(doc, dict):
         raise InvalidInput("body", "must be a JSON object")
     login = _text(doc, "login")

@@ -187,11 +187,17 @@ class AuthPolicy:
     # --- the report after authentication -------------------------------------
 
     async def report(self, attempt: Attempt) -> Verdict:
+        """``command=report``, as a coroutine (see ``report_nowait``)."""
+        return self.report_nowait(attempt)
+
+    def report_nowait(self, attempt: Attempt) -> Verdict:
         """``command=report``: a failure is counted, and handed to the recorder.
 
         The answer does not wait for the commit: the record is handed to the
         recorder (exactly once; it commits or spools) in a task of its own,
-        tracked so that ``drain`` lets it finish at shutdown.
+        tracked so that ``drain`` lets it finish at shutdown. Synchronous, so
+        the HTTP endpoint answers it inside the callback that read it; needs
+        a running event loop (for that task).
         """
         if attempt.success:
             # The user got the password right: failures counted against the

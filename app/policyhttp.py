@@ -1,18 +1,30 @@
 """The HTTP endpoint Dovecot's auth policy client talks to (``policy_listen``).
 
-HTTP/1.1 with keep-alive on the daemon's event loop. The framing is h11's
-(a sans-IO parser: this module owns the socket, the bounds and the answers).
-Every request is a POST of one JSON object to any path with
-``?command=allow`` or ``?command=report`` (app/attempts.py); the answer is
+HTTP/1.1 with keep-alive on the daemon's event loop, as an
+``asyncio.Protocol`` (no task, no stream reader per connection: it runs the
+same on asyncio's loop and on uvloop). The framing is llhttp's, through
+httptools: it refuses what could smuggle a request (Content-Length with
+Transfer-Encoding, several or non-numeric lengths, obs-fold, bare LF or CR)
+and decodes chunked bodies. Every request is a POST of one JSON object to
+any path with ``?command=allow`` or ``?command=report`` (app/attempts.py);
+both are answered inside the callback that read the request's last byte
+(the check is from memory; a report hands its record to the recorder in a
+task of its own), so pipelined requests are answered in order, and the
+answers to one read leave in one write. The answer is
 ``{"status": N, "msg": "..."}`` with HTTP 200.
 
 Requests that are not that get an HTTP error status with the same JSON
-shape (status -1) and one log line, and the daemon keeps serving: a wrong or
-missing API key (401), a body over ``MAX_BODY`` (413), a body that is not the
-expected JSON (400), an unknown command (404), another method (405).
-Dovecot treats any non-2xx answer as the policy server failing, so its
-``auth_policy_reject_on_fail`` decides what the login gets then. A request
-whose body was read whole keeps its connection; otherwise it is closed.
+shape (status -1) and one log line (at most ``LOG_BURST`` a second per
+status; past that they are counted), and the daemon keeps serving: a wrong
+or missing API key (401), a body over ``MAX_BODY`` (413, refused from its
+Content-Length, without reading it), a head over ``MAX_HEAD`` (431), a body
+that is not the expected JSON (400), an unknown command (404), another
+method (405), an ``Expect`` other than 100-continue (417), a request not
+complete within ``request_timeout`` (408), and anything the parser refuses
+(400). Dovecot treats any non-2xx answer as the policy server failing, so
+its ``auth_policy_reject_on_fail`` decides what the login gets then. After
+a 400 for a bad body or a 404 the connection is kept (the body was read
+whole); after any other refusal it is closed.
 """
 
 from __future__ import annotations
@@ -21,12 +33,12 @@ import asyncio
 import hmac
 import logging
 import time
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
-import h11
+import httptools
 
-from .attempts import ALLOW, answer, parse_attempt
-from .authpolicy import AuthPolicy, Verdict
+from .attempts import ALLOW, REPORT, answer, parse_attempt
+from .authpolicy import AuthPolicy
 from .config import Settings
 from .errors import InvalidInput
 from .logs import show
@@ -37,35 +49,54 @@ log = logging.getLogger("lastlogin.policy")
 # full, and a list of request attributes fits many times over.
 MAX_BODY = 16 << 10
 MAX_HEAD = 16 << 10
+# Data is handed to the parser in slices of at most FEED bytes, so a head
+# that never ends is cut once MAX_HEAD + FEED bytes of it have arrived (a
+# complete head is measured exactly).
+FEED = 4 << 10
 # A kept-alive connection with nothing to say is closed after this (Dovecot
 # reuses its connections within a few seconds or not at all).
 IDLE_TIMEOUT = 15.0
 # Once a request's first byte arrived, its head and body must be in within
 # request_timeout: one deadline for the request, not one per read, so a
-# client trickling a byte at a time cannot hold a connection.
+# client trickling a byte at a time cannot hold a connection. Deadlines are
+# checked by one sweep over the connections every SWEEP seconds, not by a
+# timer per request.
+SWEEP = 1.0
 MAX_CONNECTIONS = 1024      # Dovecot opens at most 100 per auth process
 MAX_PER_PEER = 256          # from one address; Dovecot's auth processes share 127.0.0.1
+# Refusal log lines per second and kind (HTTP status, or why a connection
+# was refused); past that they are counted, and the count logged.
+LOG_BURST = 5
+
+_REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized",
+            404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+            413: "Content Too Large", 417: "Expectation Failed",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error"}
+
+
+def response(http: int, body: bytes, close: bool = False) -> bytes:
+    """One whole HTTP/1.1 answer with a JSON body."""
+    return b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (
+        http, _REASONS.get(http, "").encode(), len(body),
+        b"Connection: close\r\n" if close else b"", body)
+
+
+# The answer to nearly every check, built once.
+ALLOWED = response(200, answer(0, ""))
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+TIMED_OUT = "request not complete within request_timeout"
 
 
 class Refused(Exception):
-    def __init__(self, http: int, why: str, close: bool = False) -> None:
+    """A request answered with an HTTP error; ``kind``: what its log lines
+    are throttled by, beside the status (no client-chosen text)."""
+
+    def __init__(self, http: int, why: str, close: bool = False, kind: str = "") -> None:
         super().__init__(why)
         self.http = http
         self.why = why
         self.close = close
-
-
-class _Conn:
-    """One open connection: who, and whether it is between requests."""
-
-    __slots__ = ("peer", "writer", "idle", "since", "task")
-
-    def __init__(self, peer: str, writer: asyncio.StreamWriter) -> None:
-        self.peer = peer
-        self.writer = writer
-        self.idle = True            # no byte of a request yet: may be evicted
-        self.since = time.monotonic()
-        self.task = asyncio.current_task()
+        self.kind = kind
 
 
 class PolicyServer:
@@ -73,9 +104,13 @@ class PolicyServer:
         self.policy = policy
         self.reconfigure(settings)
         self._server: asyncio.AbstractServer | None = None
-        self._conns: dict[int, _Conn] = {}      # by id(), in the order they opened
+        self._conns: dict[_Conn, None] = {}     # open connections, in the order they opened
+        self._per_peer: dict[str, int] = {}
         self.evicted = 0
         self._closing = False
+        self._all_closed: asyncio.Event | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.throttle = _Throttle()
 
     def reconfigure(self, settings: Settings) -> None:
         self.address = settings.policy_listen
@@ -83,48 +118,90 @@ class PolicyServer:
         self.request_timeout = settings.request_timeout
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
         host, _, port = self.address.rpartition(":")
-        self._server = await asyncio.start_server(
-            self._connection, host.strip("[]") or "127.0.0.1", int(port),
+        self._server = await loop.create_server(
+            lambda: _Conn(self), host.strip("[]") or "127.0.0.1", int(port),
             reuse_address=True, backlog=1024)
+        self._sweeper = loop.call_later(SWEEP, self._sweep)
         bound = ", ".join(str(s.getsockname()[:2]) for s in self._server.sockets)
         log.info("event=policy_listening address=%s bound=%s", self.address, show(bound))
 
     def close(self) -> None:
         """Stop accepting; close the connections waiting between requests (a
-        request being answered finishes: ``wait_closed`` waits for it)."""
+        request being received is answered: ``wait_closed`` waits for it)."""
         if self._server is not None:
             self._server.close()
         self._closing = True
-        for c in list(self._conns.values()):
+        self._all_closed = asyncio.Event()
+        for c in list(self._conns):
             if c.idle:
-                c.writer.transport.abort()
+                self._cut(c)
+        if not self._conns:
+            self._all_closed.set()
 
     async def wait_closed(self, timeout: float) -> None:
         """Connections done within ``timeout``; the rest are cut, quietly."""
-        tasks = [c.task for c in self._conns.values() if c.task is not None]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=timeout)
-            for c in list(self._conns.values()):
-                c.writer.transport.abort()
-            if pending:
-                await asyncio.wait(pending, timeout=1.0)
+        if self._conns and self._all_closed is not None:
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), timeout)
+            except TimeoutError:
+                pass
+        for c in list(self._conns):
+            self._cut(c)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self.throttle.flush(float("inf"))
+        await asyncio.sleep(0)          # the transports' connection_lost callbacks
 
     @property
     def open_connections(self) -> int:
         return len(self._conns)
 
-    # --- one connection ---------------------------------------------------------
+    # --- connections ------------------------------------------------------------
+
+    def _opened(self, me: _Conn) -> None:
+        if self._closing:
+            me.transport.abort()
+            return
+        self._conns[me] = None
+        self._per_peer[me.peer] = self._per_peer.get(me.peer, 0) + 1
+        refused = self._admit(me)
+        if refused is not None:
+            if self.throttle.allow(f"connection_refused={refused}"):
+                log.warning("event=policy_connection_refused peer=%s reason=%s", me.peer_text,
+                            refused)
+            self._drop(me)
+            me.done = True
+            me.transport.close()
+
+    def _drop(self, me: _Conn) -> None:
+        if me in self._conns:
+            del self._conns[me]
+            left = self._per_peer[me.peer] - 1
+            if left:
+                self._per_peer[me.peer] = left
+            else:
+                del self._per_peer[me.peer]
+            if self._closing and not self._conns and self._all_closed is not None:
+                self._all_closed.set()
+
+    def _cut(self, me: _Conn) -> None:
+        """Close a connection now, unanswered (eviction, idle, shutdown)."""
+        self._drop(me)
+        me.done = True
+        me.transport.abort()
 
     def _admit(self, me: _Conn) -> str | None:
         """Room for a new connection: evict the oldest idle one (of this peer
         when it is over its share, of anyone when all are taken); the reason
         to refuse when nothing can be evicted."""
-        mine = [c for c in self._conns.values() if c.peer == me.peer and c is not me]
-        if len(mine) >= MAX_PER_PEER and not self._evict(mine):
+        if self._per_peer[me.peer] > MAX_PER_PEER and not self._evict(
+                [c for c in self._conns if c.peer == me.peer and c is not me]):
             return "too_many_from_peer"
         if len(self._conns) > MAX_CONNECTIONS and not self._evict(
-                [c for c in self._conns.values() if c is not me]):
+                [c for c in self._conns if c is not me]):
             return "too_many"
         return None
 
@@ -132,122 +209,89 @@ class PolicyServer:
         idle = [c for c in among if c.idle]
         if not idle:
             return False
-        oldest = min(idle, key=lambda c: c.since)
-        oldest.idle = False
-        self._conns.pop(id(oldest), None)
-        oldest.writer.transport.abort()
+        self._cut(min(idle, key=lambda c: c.since))
         self.evicted += 1
         return True
 
-    async def _connection(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        peer_text = f"{peer[0]}:{peer[1]}" if peer else "?"
-        me = _Conn(peer[0] if peer else "?", writer)
-        self._conns[id(me)] = me
-        try:
-            if self._closing:
-                return
-            refused = self._admit(me)
-            if refused is not None:
-                log.warning("event=policy_connection_refused peer=%s reason=%s", peer_text,
-                            refused)
-                return
-            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-            first = True
-            while await self._one(conn, reader, writer, peer_text, me, first):
-                conn.start_next_cycle()
-                first = False
-        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
-            pass
-        except asyncio.CancelledError:
-            pass                # shutdown: the connection is simply closed
-        finally:
-            self._conns.pop(id(me), None)
-            writer.close()
+    def _sweep(self) -> None:
+        """Once a second: close connections past their deadline (a request
+        not complete in time gets 408; an idle one is closed quietly)."""
+        now = time.monotonic()
+        for c in list(self._conns):
+            if now >= c.deadline:
+                c.expire()
+        self.throttle.flush(now)
+        self._sweeper = asyncio.get_running_loop().call_later(SWEEP, self._sweep)
 
-    async def _one(self, conn: h11.Connection, reader, writer, peer: str, me: _Conn,
-                   first: bool) -> bool:
-        """One request and its answer; False when the connection is done."""
-        try:
-            # Between requests: wait for a first byte (a new connection gets
-            # request_timeout, a kept-alive one IDLE_TIMEOUT); from then on
-            # one deadline covers the whole request.
-            me.idle, me.since = True, time.monotonic()
-            wait = self.request_timeout if first else IDLE_TIMEOUT
-            if conn.next_event() is h11.NEED_DATA:
-                async with asyncio.timeout(wait):
-                    data = await reader.read(65536)
-                conn.receive_data(data)
-            me.idle = False
-            if self._conns.get(id(me)) is not me:
-                return False            # evicted meanwhile
-            async with asyncio.timeout(self.request_timeout):
-                event = await _next(conn, reader)
-                if isinstance(event, h11.ConnectionClosed):
-                    return False
-                assert isinstance(event, h11.Request), event
-                verdict = await self._serve(conn, reader, event)
-        except Refused as exc:
-            log.warning("event=policy_request_refused peer=%s http=%d reason=%s", peer,
+    # --- requests -----------------------------------------------------------------
+
+    def refused(self, c: _Conn, exc: Refused) -> bytes:
+        """The answer to a refused request, its log line and count."""
+        if self.throttle.allow(f"http={exc.http} kind={exc.kind or '-'}"):
+            log.warning("event=policy_request_refused peer=%s http=%d reason=%s", c.peer_text,
                         exc.http, show(exc.why[:200]))
-            if self.policy.metrics:
-                self.policy.metrics.policy_refused.inc()
-            return await _send(conn, writer, exc.http, answer(-1, exc.why[:200]),
-                               close=exc.close)
-        except h11.RemoteProtocolError as exc:
-            log.warning("event=policy_request_refused peer=%s http=400 reason=%s", peer,
-                        show(f"not HTTP/1.1: {exc}"[:200]))
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await _send(conn, writer, 400, answer(-1, "malformed HTTP request"), close=True)
-            return False
-        except TimeoutError:
-            if not me.idle:
-                log.warning("event=policy_request_refused peer=%s http=408 reason=%s", peer,
-                            "request not complete within request_timeout")
-            return False
-        return await _send(conn, writer, 200, answer(verdict.status, verdict.msg))
+        if self.policy.metrics:
+            self.policy.metrics.policy_refused.inc()
+        return response(exc.http, answer(-1, exc.why[:200]), exc.close)
 
-    async def _serve(self, conn: h11.Connection, reader, request: h11.Request) -> Verdict:
-        if request.method != b"POST":
-            raise Refused(405, f"method {request.method.decode('ascii', 'replace')} "
-                               "(only POST)", close=True)
-        length = _content_length(request.headers)
+    def head(self, c: _Conn) -> None:
+        """A request's head is in: refuse it now (Refused, the connection is
+        then closed) or let its body be read."""
+        parser = c.parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise Refused(400, f"not HTTP/1.1: version {version}", close=True)
+        length = expect = None
+        keys = []
+        for name, value in c.headers:
+            name = name.lower()
+            if name == b"content-length":
+                length = int(value)         # llhttp has checked: digits, given once
+            elif name == b"x-api-key" or name == b"authorization":
+                keys.append((name, value))
+            elif name == b"expect":
+                expect = value
+        method = parser.get_method()
+        if method != b"POST":
+            raise Refused(405, f"method {method.decode('ascii', 'replace')} (only POST)",
+                          close=True)
         if length is not None and length > MAX_BODY:
             raise Refused(413, f"body of {length} bytes (at most {MAX_BODY})", close=True)
-        if self.api_key and not self._key_ok(request.headers):
+        if self.api_key and not self._key_ok(keys):
             raise Refused(401, "missing or wrong API key", close=True)
-        body = bytearray()
-        while True:
-            event = await _next(conn, reader)
-            if isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > MAX_BODY:
-                    raise Refused(413, f"body over {MAX_BODY} bytes", close=True)
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            else:
-                raise Refused(400, "connection ended inside the body", close=True)
-        query = parse_qs(urlsplit(request.target.decode("ascii", "replace")).query)
-        command = (query.get("command") or [""])[0]
-        if command not in ("allow", "report"):
-            raise Refused(404, f"command {command[:40]!r} (allow or report)")
+        c.command = _command(c.url)
+        if expect is not None and version == "1.1":
+            if expect.lower() != b"100-continue":
+                raise Refused(417, f"Expect: {expect[:40].decode('ascii', 'replace')} "
+                                   "(only 100-continue)", close=True)
+            if c.command not in (ALLOW, REPORT):
+                raise _unknown(c.command, close=True)   # say so before the body is sent
+            c.continue_ = True
+
+    def answer(self, c: _Conn) -> bytes:
+        """The whole request is in: the answer to it (a refusal keeps the
+        connection: the body was read whole)."""
+        command = c.command
+        if command is not ALLOW and command is not REPORT:
+            return self.refused(c, _unknown(command))
         try:
-            attempt = parse_attempt(command, bytes(body))
+            attempt = parse_attempt(command, c.body)
         except InvalidInput as exc:
-            raise Refused(400, f"{exc.field}: {exc.reason}") from None
+            return self.refused(c, Refused(400, f"{exc.field}: {exc.reason}", kind=exc.field))
         if command == ALLOW:
             verdict = self.policy.check(attempt)
             level = logging.INFO if verdict.status < 0 else logging.DEBUG
         else:
-            verdict = await self.policy.report(attempt)
+            verdict = self.policy.report_nowait(attempt)
             level = logging.DEBUG if attempt.success else logging.INFO
         if log.isEnabledFor(level):
             log.log(level, "event=policy_%s user=%s remote_ip=%s service=%s status=%d reason=%s",
                     "check" if command == ALLOW else "report", show(attempt.login[:256]),
                     show(attempt.remote_ip or "-"), show(attempt.service[:40] or "-"),
                     verdict.status, show(verdict.reason))
-        return verdict
+        if verdict.status == 0 and not verdict.msg:
+            return ALLOWED
+        return response(200, answer(verdict.status, verdict.msg))
 
     def _key_ok(self, headers) -> bool:
         """``X-API-Key: <key>``, or ``Authorization: <key>``, ``Authorization:
@@ -268,31 +312,213 @@ class PolicyServer:
         return False
 
 
-def _content_length(headers) -> int | None:
-    for name, value in headers:
-        if name == b"content-length":
-            return int(value)       # h11 has checked it is a number
-    return None
+def _command(target: bytes) -> str:
+    """The ``command`` in the request target's query ("" when none)."""
+    _, _, query = target.partition(b"?")
+    if query == b"command=allow":
+        return ALLOW
+    if query == b"command=report":
+        return REPORT
+    command = (parse_qs(query.decode("ascii", "replace")).get("command") or [""])[0]
+    return ALLOW if command == ALLOW else REPORT if command == REPORT else command
 
 
-async def _next(conn: h11.Connection, reader: asyncio.StreamReader):
-    """The next event; the caller's deadline bounds the wait."""
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        data = await reader.read(65536)
-        conn.receive_data(data)         # b"": the peer closed
+def _unknown(command: str, close: bool = False) -> Refused:
+    return Refused(404, f"command {command[:40]!r} (allow or report)", close=close)
 
 
-async def _send(conn: h11.Connection, writer: asyncio.StreamWriter, status: int,
-                body: bytes, close: bool = False) -> bool:
-    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-    if close:
-        headers.append(("Connection", "close"))
-    data = conn.send(h11.Response(status_code=status, headers=headers))
-    data += conn.send(h11.Data(data=body))
-    data += conn.send(h11.EndOfMessage())
-    writer.write(data)
-    await writer.drain()
-    return not close and conn.our_state is h11.DONE and conn.their_state is h11.DONE
+class _Conn(asyncio.Protocol):
+    """One connection: its parser's callbacks, its state and deadline.
+
+    ``idle``: no byte of a request is pending (it may be evicted); the
+    deadline is then the idle one (``request_timeout`` for a new connection,
+    ``IDLE_TIMEOUT`` after an answer), else the request's."""
+
+    __slots__ = ("server", "transport", "parser", "peer", "peer_text", "idle", "since",
+                 "deadline", "done", "in_head", "head_size", "fed", "url", "headers", "body",
+                 "command", "continue_", "out", "refusal")
+
+    def __init__(self, server: PolicyServer) -> None:
+        self.server = server
+        self.parser = httptools.HttpRequestParser(self)
+        self.idle = True
+        self.done = False               # answered for the last time, or cut
+        self.in_head = self.continue_ = False
+        self.fed = self.head_size = 0
+        self.url = self.body = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.command = ""
+        self.out: list[bytes] = []
+        self.refusal: Refused | None = None
+
+    # --- the transport's callbacks --------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else "?"
+        self.peer_text = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.since = time.monotonic()
+        self.deadline = self.since + self.server.request_timeout
+        self.server._opened(self)
+
+    def connection_lost(self, exc) -> None:
+        self.done = True
+        self.server._drop(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.done:
+            return
+        if len(data) <= FEED:
+            self._feed(data)
+        else:
+            for i in range(0, len(data), FEED):
+                self._feed(data[i:i + FEED])
+                if self.done:
+                    break
+        if self.out:
+            self.transport.write(b"".join(self.out) if len(self.out) > 1 else self.out[0])
+            self.out.clear()
+        if self.done:
+            self.server._drop(self)
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        # The client does not read its answers: read no more of its requests.
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.done:
+            self.transport.resume_reading()
+
+    def _feed(self, data: bytes) -> None:
+        was_in_head = self.in_head
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if self.done:
+                return          # bytes after a request that closes the connection
+            failed = exc.__context__
+            if self.refusal is None and failed is not None:
+                # not the request's fault: a bug of ours, its one line, this
+                # connection ends, the others go on
+                log.error("event=policy_request_failed peer=%s error=%s", self.peer_text,
+                          show(f"{type(failed).__name__}: {failed}"[:300]))
+                self._refuse(Refused(500, "internal error", close=True, kind="internal"))
+                return
+            self._refuse(self.refusal or Refused(400, f"not HTTP/1.1: {exc}", close=True,
+                                                 kind="http"))
+            return
+        if self.in_head:
+            # A head still incomplete: its size so far, at most FEED too high.
+            self.fed = self.fed + len(data) if was_in_head else len(data)
+            if self.fed > MAX_HEAD + FEED:
+                self._refuse(Refused(431, f"head over {MAX_HEAD} bytes", close=True))
+        elif self.continue_:
+            self.continue_ = False
+            self.out.append(CONTINUE)   # the head is accepted, the body not all in
+
+    def _refuse(self, exc: Refused) -> None:
+        self.out.append(self.server.refused(self, exc))
+        self.done = self.done or exc.close
+
+    def expire(self) -> None:
+        """Past the deadline (the sweep): 408 for a request begun, else quietly."""
+        self.server._drop(self)
+        if not self.idle:
+            self.transport.write(self.server.refused(self, Refused(408, TIMED_OUT, True)))
+        self.done = True
+        if self.transport.get_write_buffer_size() > (0 if self.idle else 4096):
+            self.transport.abort()      # a client that does not read its answers
+        else:
+            self.transport.close()
+
+    # --- the parser's callbacks -------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.idle = False
+        self.deadline = time.monotonic() + self.server.request_timeout
+        self.in_head = True
+        self.fed = 0
+        self.head_size = 0
+        self.url = b""
+        self.headers = []
+        self.body = b""
+        self.command = ""
+        self.continue_ = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_size += len(url)
+        if self.head_size > MAX_HEAD:
+            self._raise(Refused(431, f"head over {MAX_HEAD} bytes", close=True))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > MAX_HEAD:
+            self._raise(Refused(431, f"head over {MAX_HEAD} bytes", close=True))
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        try:
+            self.server.head(self)
+        except Refused as exc:
+            self._raise(exc)
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+        if len(self.body) > MAX_BODY:
+            self._raise(Refused(413, f"body over {MAX_BODY} bytes", close=True))
+
+    def on_message_complete(self) -> None:
+        server = self.server
+        close = server._closing or not self.parser.should_keep_alive()
+        answer = server.answer(self)
+        if close:
+            answer = answer.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+            self.done = True
+        self.out.append(answer)
+        self.continue_ = False
+        self.idle = True
+        self.since = time.monotonic()
+        self.deadline = self.since + IDLE_TIMEOUT
+        self.headers = []
+        self.body = b""
+
+    def _raise(self, exc: Refused):
+        """Stop the parser (it raises its own error, carrying ours)."""
+        self.refusal = exc
+        raise exc
+
+
+class _Throttle:
+    """Log lines of one kind: at most LOG_BURST a second, then counted; the
+    count is logged when the second is over (by the sweep at the latest)."""
+
+    def __init__(self) -> None:
+        self._windows: dict[str, list] = {}     # kind -> [start, lines, unlogged]
+
+    def allow(self, kind: str) -> bool:
+        now = time.monotonic()
+        w = self._windows.get(kind)
+        if w is None or now - w[0] >= 1.0:
+            if w is not None:
+                self._report(kind, w)
+            w = self._windows[kind] = [now, 0, 0]
+        if w[1] < LOG_BURST:
+            w[1] += 1
+            return True
+        w[2] += 1
+        return False
+
+    def flush(self, now: float) -> None:
+        for kind, w in list(self._windows.items()):
+            if now - w[0] >= 1.0:
+                self._report(kind, w)
+                del self._windows[kind]
+
+    @staticmethod
+    def _report(kind: str, w: list) -> None:
+        if w[2]:
+            log.warning("event=policy_refusals_not_logged %s count=%d within=1s", kind, w[2])

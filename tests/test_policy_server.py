@@ -126,7 +126,8 @@ def test_oversized_malformed_and_unknown_requests(served):
     for bad, reason in ((b"{not json", "body: not JSON"),
                         (b'["a list"]', "body: must be a JSON object"),
                         (b'{"remote": "1.2.3.4"}', "login: missing"),
-                        (b'{"login": 7}', "login: must be a string")):
+                        (b'{"login": 7}', "login: must be a string"),
+                        (b"[" * 8000 + b"]" * 8000, "body: not JSON Dovecot sends")):
         status, body = post(conn, "allow", bad)
         assert status == 400 and body["status"] == -1 and body["msg"].startswith(reason), body
     # a report without success, an unknown command
@@ -481,6 +482,36 @@ async def _endpoint(**settings):
     return server, server._server.sockets[0].getsockname()[1]
 
 
+async def _until_closed(reader, within: float) -> bytes | None:
+    """All the server sends until it closes the connection (None: still open
+    after ``within`` s)."""
+    data = b""
+    try:
+        async with asyncio.timeout(within):
+            while chunk := await reader.read(4096):
+                data += chunk
+        return data
+    except ConnectionError:
+        return data
+    except TimeoutError:
+        return None
+
+
+async def _answer(reader) -> tuple[int, dict | None]:
+    """One HTTP answer: its status and JSON body (None for a 1xx)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    if status < 200:
+        return status, None
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])
+    return status, json.loads(await reader.readexactly(length))
+
+
+def _req(body: bytes, command: str = "allow", extra: bytes = b"") -> bytes:
+    return (f"POST /?command={command} HTTP/1.1\r\nHost: x\r\n".encode() + extra
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
 async def _closed(reader, within: float) -> bool:
     """Does the server close the connection (EOF or reset) within ``within`` s?"""
     try:
@@ -494,7 +525,7 @@ async def _closed(reader, within: float) -> bool:
         return False
 
 
-def test_a_trickled_request_head_is_cut_at_request_timeout():
+def test_a_trickled_request_head_gets_408_at_request_timeout():
     async def run():
         server, port = await _endpoint(request_timeout=0.5)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -505,13 +536,16 @@ def test_a_trickled_request_head_is_cut_at_request_timeout():
                 await asyncio.sleep(0.05)
                 writer.write(b"a")
         task = asyncio.create_task(trickle())
-        closed = await _closed(reader, 4.0)
+        got = await _until_closed(reader, 4.0)
         task.cancel()
         writer.close()
         server.close()
         await server.wait_closed(1)
-        return closed
-    assert asyncio.run(run()), "one header byte at a time held the connection past its deadline"
+        return got
+    got = asyncio.run(run())
+    assert got is not None, "one header byte at a time held the connection past its deadline"
+    assert got.startswith(b"HTTP/1.1 408 ") and got.endswith(
+        b'{"status": -1, "msg": "request not complete within request_timeout"}'), got
 
 
 def test_idle_keep_alive_is_closed_and_full_server_evicts_the_oldest_idle(monkeypatch):
@@ -616,3 +650,87 @@ def test_closing_the_endpoint_leaves_no_task_behind():
             w.close()
         return left
     assert asyncio.run(run()) == 0 and errors == []
+
+
+def _run(main, loop: str):
+    if loop == "uvloop":
+        import uvloop
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main())
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_pipelined_requests_in_one_write_are_answered_in_order(loop):
+    body = b'{"login": "u", "remote": "198.51.100.1"}'
+    chunked = (b"POST /?command=allow HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+               b"\r\n5\r\n" + body[:5] + b"\r\n%x\r\n" % (len(body) - 5) + body[5:]
+               + b"\r\n0\r\n\r\n")
+
+    async def main():
+        server, port = await _endpoint(request_timeout=5)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_req(body) + _req(body, "nope") + chunked)
+        got = [await _answer(reader) for _ in range(3)]
+        writer.write(_req(body))                        # and the connection goes on
+        got.append(await _answer(reader))
+        writer.close()
+        server.close()
+        await server.wait_closed(1)
+        return got
+    ok = (200, {"status": 0, "msg": ""})
+    assert _run(main, loop) == [ok, (404, {"status": -1, "msg":
+                                          "command 'nope' (allow or report)"}), ok, ok]
+
+
+def test_smuggling_framing_is_refused_and_the_connection_closed():
+    body = b'{"login": "u"}'
+    bad = {b"Transfer-Encoding: chunked\r\n": 400,          # with Content-Length
+           b"Content-Length: 14\r\n": 400,                  # twice
+           b"X-Folded: a\r\n b\r\n": 400,                    # obs-fold
+           b"X-Bare: lf\n": 400,
+           b"X-Pad: " + b"p" * policyhttp.MAX_HEAD + b"\r\n": 431}
+
+    async def main():
+        server, port = await _endpoint(request_timeout=5)
+        got = []
+        for extra in bad:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(_req(body, extra=extra) + _req(body))
+            got.append(await _until_closed(reader, 5))
+            writer.close()
+        server.close()
+        await server.wait_closed(1)
+        return got
+    for (extra, status), answer in zip(bad.items(), asyncio.run(main())):
+        assert answer.startswith(b"HTTP/1.1 %d " % status), (extra[:30], answer)
+        assert answer.count(b"Content-Type") == 1, answer    # the request behind: never read
+
+
+def test_expect_100_continue_and_oversized_bodies_refused_from_their_length():
+    body = b'{"login": "u", "remote": "198.51.100.1"}'
+    expect = b"Expect: 100-continue\r\n"
+    huge = b"Content-Length: %d\r\n" % (policyhttp.MAX_BODY + 1)
+
+    async def main():
+        server, port = await _endpoint(request_timeout=30, policy_api_key="k")
+        key = b"X-API-Key: k\r\n"
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_req(body, extra=key + expect)[:-len(body)])      # the head alone
+        got = [await _answer(reader)]
+        writer.write(body)                                              # 100: then the body
+        got.append(await _answer(reader))
+        # a refusal comes at once, instead of 100 Continue; the body is never awaited
+        writer.write(_req(body, extra=expect)[:-len(body)])            # no API key
+        got.append(await _until_closed(reader, 5))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_req(b"", extra=key + huge).replace(b"Content-Length: 0\r\n", b""))
+        got.append(await _until_closed(reader, 5))
+        server.close()
+        await server.wait_closed(1)
+        return got
+    cont, ok, unkeyed, large = asyncio.run(main())
+    assert (cont, ok) == ((100, None), (200, {"status": 0, "msg": ""}))
+    assert unkeyed.startswith(b"HTTP/1.1 401 ") and b"100 Continue" not in unkeyed
+    assert large.startswith(b"HTTP/1.1 413 ") and large.endswith(
+        b'"msg": "body of 16385 bytes (at most 16384)"}')
