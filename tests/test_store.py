@@ -237,3 +237,14 @@ def test_new_locations_and_last_country_on_every_write_path(engine, path):
     assert {k: r.last_country for k, r in lasts(engine).items()} == {
         ("alice@example.com", "imap"): None, ("alice@example.com", "pop3"): "FR"}
     writer.close()
+
+
+def test_the_batch_statement_is_short_enough_for_psycopg_to_keep_its_parse():
+    """psycopg converts a statement's %(name)s placeholders once and keeps
+    the result only up to MAX_CACHED_STATEMENT_LENGTH characters: past it,
+    every commit re-parses the whole batch statement."""
+    from psycopg._queries import MAX_CACHED_STATEMENT_LENGTH
+
+    from app.db.writers import PG_BATCH
+    assert "--" not in PG_BATCH and "  " not in PG_BATCH
+    assert len(PG_BATCH.encode()) <= MAX_CACHED_STATEMENT_LENGTH
