@@ -18,10 +18,13 @@ MAX_FDS = 4                     # room for more than the one fd a peer should se
 RECV_CHUNK = 65536
 _INT = array.array("i").itemsize
 _ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * _INT)
-_CLOEXEC, _CTRUNC = socket.MSG_CMSG_CLOEXEC, socket.MSG_CTRUNC
-_RECV_FLAGS = socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
-SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+# Plain ints: socket's flags are IntFlag members, whose "&" and "|" run
+# Python code on every call.
+_CLOEXEC, _CTRUNC = int(socket.MSG_CMSG_CLOEXEC), int(socket.MSG_CTRUNC)
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 _SCM = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+_AF_UNIX, _SOCK_STREAM = int(socket.AF_UNIX), int(socket.SOCK_STREAM)
 
 
 class PeerError(ValueError):
@@ -114,7 +117,7 @@ def send_some(conn: socket.socket, data: bytes, fd: int | None = None) -> int:
 def write_some(fd: int, data: bytes) -> int:
     """One non-blocking write to a client connection (see ``write_fd``)."""
     # Family and type given: no system calls to look them up (send needs neither).
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
+    sock = socket.socket(_AF_UNIX, _SOCK_STREAM, 0, fd)
     try:
         return sock.send(data, SEND_FLAGS)
     except BlockingIOError:

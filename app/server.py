@@ -22,6 +22,7 @@ continues in a Task with the same steps.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import logging
@@ -34,7 +35,7 @@ from typing import NamedTuple
 from .config import Settings
 from .fdio import (PeerError, close_all, receive_some, send_all, send_some, write_fd,
                    write_some)
-from .logs import Shown, show
+from .logs import Shown, emit, show
 from .protocol import LoginRequest, ProtocolError, parse_request, request_complete
 from .recorder import Pending
 from .safedirs import write_file_atomic
@@ -71,7 +72,10 @@ def peer_of(conn: socket.socket) -> Peer:
                                                        _PEERCRED.size)))
 
 
-_AF_UNIX, _SOCK_STREAM = socket.AF_UNIX, socket.SOCK_STREAM
+_AF_UNIX, _SOCK_STREAM = int(socket.AF_UNIX), int(socket.SOCK_STREAM)
+# socket.socket without its Python layer (__init__, close, the IntEnum
+# properties): everything a connection needs is the C type's.
+_RawSocket = _socket.socket
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -82,7 +86,7 @@ class Connection:
     __slots__ = ("server", "proto", "sock", "fds", "buf", "peer", "req", "started",
                  "deadline", "waiting", "pending", "task", "closed")
 
-    def __init__(self, server: "Server", proto: str, sock: socket.socket) -> None:
+    def __init__(self, server: "Server", proto: str, sock: _socket.socket) -> None:
         self.server = server
         self.proto = proto
         self.sock = sock
@@ -330,8 +334,7 @@ class Server:
                 assert self._loop is not None
                 self._loop.call_later(0.1, self._listen, lst)
                 return
-            conn = Connection(self, lst.protocol,
-                              socket.socket(_AF_UNIX, _SOCK_STREAM, 0, fd))
+            conn = Connection(self, lst.protocol, _RawSocket(_AF_UNIX, _SOCK_STREAM, 0, fd))
             inflight.add(conn)
             conn.begin()
 
@@ -445,13 +448,13 @@ class Server:
             self.service.metrics.logins.labels(proto, rec.outcome).inc()
         if not log.isEnabledFor(logging.INFO):
             return
-        log.info("event=login protocol=%s user=%s rip=%s lip=%s outcome=%s rule=%s "
-                 "mech=%s alerts=%d ms=%.2f%s",
-                 proto, show(req.username), rec.remote_ip or "-", rec.local_ip or "-",
-                 rec.outcome, rec.rule_id if rec.rule_id is not None else "-",
-                 show(rec.auth_mech), answer.alerts,
-                 (time.monotonic() - started) * 1000,
-                 Shown("" if answer.allowed else f" reason={show(answer.reason)}"))
+        emit(log, logging.INFO, "event=login protocol=%s user=%s rip=%s lip=%s outcome=%s "
+             "rule=%s mech=%s alerts=%d ms=%.2f%s",
+             proto, show(req.username), rec.remote_ip or "-", rec.local_ip or "-",
+             rec.outcome, rec.rule_id if rec.rule_id is not None else "-",
+             show(rec.auth_mech), answer.alerts,
+             (time.monotonic() - started) * 1000,
+             Shown("" if answer.allowed else f" reason={show(answer.reason)}"))
 
     def _log_refused(self, proto: str, peer: Peer | None, req: LoginRequest | None,
                      reason: str) -> None:
