@@ -497,7 +497,10 @@ class Recorder:
 def _settle_on_loop(waiters: list[Pending], result: str | None,
                     exc: BaseException | None) -> None:
     for waiter in waiters:
-        waiter.settled(result, exc)
+        try:
+            waiter.settled(result, exc)
+        except Exception:  # noqa: BLE001 - one login's callback never strands its batch mates
+            log.exception("event=internal_error detail=\"a login's commit callback failed\"")
 
 
 def settle(items: list[Item], result: str | None = None,
