@@ -89,7 +89,7 @@ def measure(url: str, workdir: Path, name: str, code_dir: str | None, logins: in
     out = workdir / f"cg-{name}"
     out.mkdir()
     wrapper = [shutil.which("valgrind") or "valgrind", "--tool=callgrind",
-               "--instr-atstart=no", "--separate-threads=yes",
+               "--instr-atstart=no", "--separate-threads=yes", "--fair-sched=yes",
                f"--callgrind-out-file={out}/cg.%p"]
     daemon = start_lastlogin(url, workdir, name=f"ll-{name}", code_dir=code_dir,
                              wrapper=wrapper, timeout=600, log_level=log_level)
