@@ -8,7 +8,9 @@ a shared, noisy machine where timings are not.
 instrumentation off; after a warm-up the bench switches it on
 (``callgrind_control -i on``), makes a fixed number of logins with the
 handler benchmark's client, dumps the counters and divides the instructions
-of the whole process -- event loop, writer thread, libpq -- by the logins.
+of the whole process -- event loop, writer thread, libpq -- by the logins,
+with the event loop thread apart: the writer's share per login depends on
+how many logins share a commit, counted too (the statements libpq sent).
 At concurrency 1 every login is its own commit; at 16 logins share commits
 as they do under load. ``perf stat`` would do the same without the 50x
 slowdown, but this machine's kernel exposes no hardware counters to it.
