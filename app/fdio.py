@@ -1,4 +1,9 @@
-"""Non-blocking socket I/O with descriptor passing, for the asyncio loop."""
+"""Non-blocking socket I/O with descriptor passing, for the asyncio loop.
+
+Every call is non-blocking by its flags (MSG_DONTWAIT), whatever the
+socket's own mode: an accepted connection is used as the kernel hands it
+over, without the two system calls that switching its mode would cost.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,13 @@ MAX_FDS = 4                     # room for more than the one fd a peer should se
 RECV_CHUNK = 65536
 _INT = array.array("i").itemsize
 _ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * _INT)
-_CLOEXEC, _CTRUNC = socket.MSG_CMSG_CLOEXEC, socket.MSG_CTRUNC
+# Plain ints: socket's flags are IntFlag members, whose "&" and "|" run
+# Python code on every call.
+_CLOEXEC, _CTRUNC = int(socket.MSG_CMSG_CLOEXEC), int(socket.MSG_CTRUNC)
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+_SCM = (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+_AF_UNIX, _SOCK_STREAM = int(socket.AF_UNIX), int(socket.SOCK_STREAM)
 
 
 class PeerError(ValueError):
@@ -51,52 +62,83 @@ def take_fds(ancdata: list[tuple[int, int, bytes]], into: list[int]) -> None:
             into.extend(fds)
 
 
+def receive_some(conn: socket.socket, buf: bytearray, limit: int, fds: list[int],
+                 complete: Callable[[bytearray], bool], what: str) -> bytes | None:
+    """One recvmsg: the whole message once ``complete`` says so, else None
+    (the bytes so far are in ``buf``); BlockingIOError when nothing came.
+
+    Every read is a recvmsg with room for fds: a plain recv() would make the
+    kernel drop a descriptor that arrives with those bytes. Every fd
+    received is appended to ``fds``.
+    """
+    data, anc, flags, _ = conn.recvmsg(RECV_CHUNK, _ANC_SIZE, _RECV_FLAGS)
+    if anc:
+        take_fds(anc, fds)
+    if flags & _CTRUNC:
+        raise PeerError(f"more fds than a {what} carries")
+    if not data:
+        raise PeerError(f"peer closed after {len(buf)} bytes, before a full {what}")
+    if not buf and len(data) <= limit and complete(data):
+        return data             # the common case: one recvmsg, no copy
+    buf += data
+    if len(buf) > limit:
+        raise PeerError(f"{what} larger than {limit} bytes")
+    if complete(buf):
+        return bytes(buf)
+    return None
+
+
 async def read_message(conn: socket.socket, limit: int, fds: list[int],
                        complete: Callable[[bytearray], bool], what: str,
                        deadline: float | None = None) -> bytes:
-    """Read until ``complete(buf)``; every fd received is appended to ``fds``.
-
-    Every read is a recvmsg with room for fds: a plain recv() would make the
-    kernel drop a descriptor that arrives with those bytes.
-    """
+    """Read until ``complete(buf)``; every fd received is appended to ``fds``."""
     buf = bytearray()
     while True:
         try:
-            data, anc, flags, _ = conn.recvmsg(RECV_CHUNK, _ANC_SIZE, _CLOEXEC)
+            message = receive_some(conn, buf, limit, fds, complete, what)
         except BlockingIOError:
             await wait_ready(conn.fileno(), False, deadline)
             continue
-        if anc:
-            take_fds(anc, fds)
-        if flags & _CTRUNC:
-            raise PeerError(f"more fds than a {what} carries")
-        if not data:
-            raise PeerError(f"peer closed after {len(buf)} bytes, before a full {what}")
-        if not buf and len(data) <= limit and complete(data):
-            return data         # the common case: one recvmsg, no copy
-        buf += data
-        if len(buf) > limit:
-            raise PeerError(f"{what} larger than {limit} bytes")
-        if complete(buf):
-            return bytes(buf)
+        if message is not None:
+            return message
+
+
+def send_some(conn: socket.socket, data: bytes, fd: int | None = None) -> int:
+    """One non-blocking send; ``fd`` rides on the first byte. The bytes sent
+    (0 when the socket takes none now)."""
+    try:
+        if fd is None:
+            return conn.send(data, SEND_FLAGS)
+        return conn.sendmsg([data], [(*_SCM, array.array("i", [fd]))], SEND_FLAGS)
+    except BlockingIOError:
+        return 0
+
+
+def write_some(fd: int, data: bytes) -> int:
+    """One non-blocking write to a client connection (see ``write_fd``)."""
+    # Family and type given: no system calls to look them up (send needs neither).
+    sock = socket.socket(_AF_UNIX, _SOCK_STREAM, 0, fd)
+    try:
+        return sock.send(data, SEND_FLAGS)
+    except BlockingIOError:
+        return 0
+    finally:
+        sock.detach()
 
 
 async def send_all(conn: socket.socket, data: bytes, fd: int | None = None,
                    deadline: float | None = None) -> None:
     """Send ``data`` on a non-blocking socket; ``fd`` rides on the first byte."""
     if fd is None:
-        try:                            # the common case: all of it at once
-            sent = conn.send(data, socket.MSG_NOSIGNAL)
-        except BlockingIOError:
-            sent = 0
+        sent = send_some(conn, data)    # the common case: all of it at once
         if sent == len(data):
             return
         data = data[sent:]
     view = memoryview(data)
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
+    anc = [(*_SCM, array.array("i", [fd]))] if fd is not None else []
     while view:
         try:
-            sent = conn.sendmsg([view], anc, socket.MSG_NOSIGNAL)
+            sent = conn.sendmsg([view], anc, SEND_FLAGS)
         except BlockingIOError:
             await wait_ready(conn.fileno(), True, deadline)
             continue
@@ -115,7 +157,7 @@ async def write_fd(fd: int, data: bytes, timeout: float) -> None:
         view = memoryview(data)
         while view:
             try:
-                sent = sock.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                sent = sock.send(view, SEND_FLAGS)
             except BlockingIOError:
                 await wait_ready(fd, True, deadline)
                 continue

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import sys
+import time
 import traceback
 from typing import Iterable
 
@@ -90,14 +91,17 @@ def _controls(text: str) -> str:
 
 def message_of(record: logging.LogRecord) -> str:
     """The record's message with every argument escaped and secrets redacted."""
-    msg = str(record.msg)
-    args = record.args
+    return text_of(str(record.msg), record.args)
+
+
+def text_of(msg: str, args: object) -> str:
+    """``msg % args`` with every argument escaped and secrets redacted."""
     if args:
         try:
             if isinstance(args, dict):
                 msg = msg % {k: _safe_arg(v) for k, v in args.items()}
             else:
-                msg = msg % tuple(_safe_arg(a) for a in args)
+                msg = msg % tuple([_safe_arg(a) for a in args])     # type: ignore[attr-defined]
         except (TypeError, ValueError):
             msg = f"{msg} args={show(repr(args))}"
     return redact(_controls(msg))
@@ -110,29 +114,48 @@ def _traceback_of(record: logging.LogRecord) -> str | None:
     return redact(text)
 
 
+def _stamp(created: float) -> str:
+    """What ``Formatter.formatTime(record, DATEFMT)`` writes (local time)."""
+    return time.strftime(DATEFMT, time.localtime(created))
+
+
+DATEFMT = "%Y-%m-%dT%H:%M:%S"
+
+
 class _StampCache:
     """The time stamp, formatted once per second rather than once per line."""
 
     _second = -1
     _stamp = ""
 
-    def stamp(self, formatter: logging.Formatter, record: logging.LogRecord) -> str:
-        second = int(record.created)
+    def stamp(self, created: float) -> str:
+        second = int(created)
         if second != self._second:
-            self._stamp = formatter.formatTime(record, "%Y-%m-%dT%H:%M:%S")
+            self._stamp = _stamp(created)
             self._second = second
         return self._stamp
 
 
-class _KVFormatter(logging.Formatter):
+class _LineFormatter(logging.Formatter):
+    """Ours: a line from its parts, for a record or for ``emit`` (no record)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.line(record.created, record.levelname.lower(), record.name,
+                         message_of(record), _traceback_of(record))
+
+    def line(self, created: float, level: str, name: str, message: str,
+             tb: str | None = None) -> str:
+        raise NotImplementedError
+
+
+class _KVFormatter(_LineFormatter):
     def __init__(self) -> None:
         super().__init__()
         self._stamps = _StampCache()
 
-    def format(self, record: logging.LogRecord) -> str:
-        stamp = self._stamps.stamp(self, record)
-        line = f"{stamp} level={record.levelname.lower()} {message_of(record)}"
-        tb = _traceback_of(record)
+    def line(self, created: float, level: str, name: str, message: str,
+             tb: str | None = None) -> str:
+        line = f"{self._stamps.stamp(created)} level={level} {message}"
         if tb:      # whole, on the same line: newlines and quotes escaped
             quoted = tb.replace("\\", "\\\\").replace('"', '\\"')
             line += f' traceback="{_controls(quoted)}"'
@@ -142,12 +165,12 @@ class _KVFormatter(logging.Formatter):
 _KEY = re.compile(r"[a-z][a-z0-9_]*\Z")
 
 
-class _JSONFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, object] = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-                                  "level": record.levelname.lower(), "logger": record.name}
+class _JSONFormatter(_LineFormatter):
+    def line(self, created: float, level: str, name: str, message: str,
+             tb: str | None = None) -> str:
+        doc: dict[str, object] = {"time": _stamp(created), "level": level, "logger": name}
         unparsed = []
-        for part in _split_kv(message_of(record)):
+        for part in _split_kv(message):
             key, sep, value = part.partition("=")
             if sep and _KEY.match(key) and key not in doc:
                 quoted = len(value) >= 2 and value[0] == value[-1] == '"'
@@ -156,7 +179,6 @@ class _JSONFormatter(logging.Formatter):
                 unparsed.append(part)       # never overwrites a key
         if unparsed:
             doc["_unparsed"] = " ".join(unparsed)
-        tb = _traceback_of(record)
         if tb:
             doc["_traceback"] = tb
         return json.dumps(doc, ensure_ascii=True)
@@ -199,3 +221,53 @@ def setup_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+
+
+_LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
+           logging.ERROR: "error", logging.CRITICAL: "critical"}
+
+
+def emit(logger: logging.Logger, level: int, msg: str, *args: object) -> None:
+    """``logger.log(level, msg, *args)`` without a LogRecord, for the one line
+    per login: the same text to the same handlers, when those are ours (a
+    plain StreamHandler with our formatter and no filters); the ordinary
+    way otherwise. Building, filtering and formatting a LogRecord costs
+    more than the rest of the line."""
+    if not logger.isEnabledFor(level):
+        return
+    handlers = _our_handlers(logger, level)
+    if handlers is None:
+        logger.log(level, msg, *args)
+        return
+    created = time.time()
+    message = text_of(msg, args)
+    name, lname = logger.name, _LEVELS[level]
+    for h in handlers:
+        line = h.formatter.line(created, lname, name, message)     # type: ignore[union-attr]
+        h.acquire()
+        try:
+            h.stream.write(line + h.terminator)
+            h.flush()
+        except Exception:  # noqa: BLE001 - as StreamHandler.emit does
+            h.handleError(logging.LogRecord(name, level, "", 0, msg, args, None))
+        finally:
+            h.release()
+
+
+def _our_handlers(logger: logging.Logger, level: int) -> list[logging.StreamHandler] | None:
+    """The handlers a record of ``logger`` would reach (as Logger.callHandlers
+    finds them), if every one of them is one ``emit`` can write to; else None."""
+    if logger.disabled or logger.filters or level not in _LEVELS:
+        return None
+    found: list[logging.StreamHandler] = []
+    node: logging.Logger | None = logger
+    while node is not None:
+        for h in node.handlers:
+            if (type(h) is not logging.StreamHandler or h.filters or level < h.level
+                    or not isinstance(h.formatter, _LineFormatter)):
+                return None
+            found.append(h)
+        if not node.propagate:
+            break
+        node = node.parent
+    return found or None

@@ -3,8 +3,10 @@
 The service calls ``await recorder.record(rec, timeout)`` and gets back how
 the record became durable -- COMMITTED, SPOOLED, QUARANTINED -- or DROPPED
 (spool full, ``spool_full_action = "allow"``), or a ``RecordError`` when it
-could not be kept at all and the login must not go on. It knows nothing of
-files or connections.
+could not be kept at all and the login must not go on. ``submit(rec,
+timeout, done)`` is the same call for a caller that does not await (the
+common login): ``done(outcome, exc)`` is told the same, once. It knows
+nothing of files or connections.
 
 Behind that one call:
 
@@ -129,35 +131,75 @@ def accepts_writes(engine: sa.Engine) -> bool:
         return False
 
 
-class _Waiter:
-    """A login on the event loop waiting for its batch.
+class Pending:
+    """One login waiting for its record to be durable, on the event loop.
 
-    ``fut`` is what the writer settles. When the record timeout fires first,
-    ``fut`` gets TIMED_OUT and ``late`` takes over: the writer's outcome then
-    goes there, for a login that could not be spooled either. ``spooled``:
-    the login's own task spooled it, so the writer must not spool it again.
+    ``done(outcome, exc)`` is called exactly once on the loop: an outcome
+    (COMMITTED, SPOOLED, QUARANTINED, DROPPED) or an exception (RecordError
+    when it is neither stored nor spooled) -- unless ``abandon()`` came
+    first (the login was cut off: nothing is called, the timer is off).
+
+    The writer settles it. When the record timeout fires first, the record
+    is spooled from here (``spooled``: the writer must not spool it again);
+    when that fails too, the writer's late outcome decides (``late``).
     """
 
-    __slots__ = ("loop", "fut", "late", "spooled")
+    __slots__ = ("loop", "done", "timer", "timed_out", "spooled", "late", "finished")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fut: "asyncio.Future[str]") -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 done: Callable[[str | None, BaseException | None], None]) -> None:
         self.loop = loop
-        self.fut = fut
-        self.late: "asyncio.Future[str] | None" = None
+        self.done = done
+        self.timer: asyncio.TimerHandle | None = None
+        self.timed_out = False
         self.spooled = False
+        # The writer's outcome after a timeout: None while not known, else
+        # (outcome, exc); LATE_WANTED once the spool failed and it decides.
+        self.late: tuple[str | None, BaseException | None] | object | None = None
+        self.finished = False
+
+    def abandon(self) -> None:
+        """Nobody waits any more (the login was cut off)."""
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def finish(self, outcome: str | None, exc: BaseException | None = None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.done(outcome, exc)
+
+    def settled(self, outcome: str | None, exc: BaseException | None) -> None:
+        """The writer's word (on the loop)."""
+        if self.finished:
+            return                  # cut off, or spooled after its timeout
+        if not self.timed_out:
+            self.finish(outcome, exc)
+        elif self.late is _LATE_WANTED:
+            self.finish(*_late_outcome(outcome, exc))
+        else:
+            self.late = (outcome, exc)      # the spool attempt is still running
 
 
-_TIMED_OUT = "timed-out"
+_LATE_WANTED = object()
 
 
-def _expire(waiter: _Waiter) -> None:
-    """The record timeout (on the loop): wake the login, keep the outcome coming."""
-    if not waiter.fut.done():
-        waiter.late = waiter.loop.create_future()
-        waiter.fut.set_result(_TIMED_OUT)
+def _late_outcome(outcome: str | None,
+                  exc: BaseException | None) -> tuple[str | None, BaseException | None]:
+    """The writer's outcome for a login that timed out and could not be spooled."""
+    if exc is not None:
+        if isinstance(exc, RecordError):
+            return None, exc
+        return None, RecordError(first_line(exc))
+    if outcome == DROPPED:
+        return None, RecordError("neither committed nor spooled")
+    return outcome, None
 
 
-Item = tuple[LoginRecord, _Waiter]
+Item = tuple[LoginRecord, Pending]
 
 
 class Recorder:
@@ -212,52 +254,74 @@ class Recorder:
         Raises RecordError when it is neither stored nor spooled (no spool,
         or a full/failing spool with ``spool_full_action = "refuse"``).
         """
-        if self.down and self.spool is not None:
-            return await self._spool_async(rec)
+        fut = asyncio.get_running_loop().create_future()
+
+        def done(outcome: str | None, exc: BaseException | None) -> None:
+            if fut.done():
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(outcome)
+
+        pending = self.submit(rec, timeout, done)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            pending.abandon()
+            raise
+
+    def submit(self, rec: LoginRecord, timeout: float,
+               done: Callable[[str | None, BaseException | None], None]) -> Pending:
+        """``record()`` for a caller on the event loop that cannot await:
+        ``done(outcome, exc)`` is called on the loop, once, with what
+        ``record()`` would return or raise (never from within this call)."""
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop, loop.create_future())
+        pending = Pending(loop, done)
+        if self.down and self.spool is not None:
+            self._spool_then(rec, pending, None)
+            return pending
         # One timer handle per login; no asyncio.timeout/shield (each an
         # extra future or task callback, and a loop hop, per login).
-        timer = loop.call_at(loop.time() + timeout, _expire, waiter)
-        self._queue.put((rec, waiter))
-        try:
-            result = await waiter.fut
-        finally:
-            timer.cancel()
-        if result is not _TIMED_OUT:
-            return result
-        late = waiter.late
-        assert late is not None
+        pending.timer = loop.call_at(loop.time() + timeout, self._expire, rec, pending,
+                                     timeout)
+        self._queue.put((rec, pending))
+        return pending
+
+    def _expire(self, rec: LoginRecord, pending: Pending, timeout: float) -> None:
+        """The record timeout (on the loop): spool it, keep the writer's outcome coming."""
+        if pending.finished:
+            return
+        pending.timed_out = True
+        pending.timer = None
         if self.spool is None:
-            late.cancel()
-            raise RecordError(f"not committed within {timeout:g}s")
+            pending.finish(None, RecordError(f"not committed within {timeout:g}s"))
+            return
         self.mark_down(f"commit took longer than {timeout:g}s")
-        try:
-            outcome = await self._spool_async(rec)
-        except RecordError:
-            # Neither committed yet nor spooled: the commit in flight decides
-            # (the engine's statement_timeout bounds it). A login is refused
-            # only when its record is certainly not stored.
-            return await self._late(late)
-        waiter.spooled = True       # the writer must not spool it again
-        late.cancel()               # its commit may still land: a no-op then
-        return outcome
+        self._spool_then(rec, pending, pending)
 
-    @staticmethod
-    async def _late(fut: "asyncio.Future[str]") -> str:
-        try:
-            result = await fut
-        except RecordError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - whatever it was, not stored
-            raise RecordError(first_line(exc)) from exc
-        if result == DROPPED:
-            raise RecordError("neither committed nor spooled")
-        return result
+    def _spool_then(self, rec: LoginRecord, pending: Pending,
+                    timed_out: Pending | None) -> None:
+        """Spool ``rec`` off the loop; then settle ``pending``. After a
+        timeout (``timed_out``), a spool that fails leaves the decision to
+        the commit in flight (the engine's statement_timeout bounds it): a
+        login is refused only when its record is certainly not stored."""
+        fut = pending.loop.run_in_executor(None, self._spool_or_raise, [rec])
 
-    async def _spool_async(self, rec: LoginRecord) -> str:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self._spool_or_raise, [rec])
+        def spooled(f: "asyncio.Future[str]") -> None:
+            exc = f.exception() if not f.cancelled() else asyncio.CancelledError()
+            if exc is None:
+                if timed_out is not None:
+                    pending.spooled = True      # the writer must not spool it again
+                pending.finish(f.result())
+            elif timed_out is not None and isinstance(exc, RecordError):
+                late, pending.late = pending.late, _LATE_WANTED
+                if late is not None:
+                    pending.finish(*_late_outcome(*late))     # type: ignore[misc]
+            else:
+                pending.finish(None, exc)
+
+        fut.add_done_callback(spooled)
 
     def _spool_or_raise(self, records: list[LoginRecord]) -> str:
         try:
@@ -418,7 +482,7 @@ class Recorder:
         settle([item], QUARANTINED)
 
     def _to_spool(self, items: list[Item]) -> None:
-        # A login that timed out was spooled by its own task already.
+        # A login that timed out was spooled from its own timeout already.
         items = [item for item in items if not item[1].spooled]
         if not items:
             return
@@ -430,24 +494,19 @@ class Recorder:
         settle(items, outcome)
 
 
-def _settle_on_loop(waiters: list[_Waiter], result: str | None,
+def _settle_on_loop(waiters: list[Pending], result: str | None,
                     exc: BaseException | None) -> None:
     for waiter in waiters:
-        fut = waiter.fut
-        if fut.done():
-            fut = waiter.late           # timed out: the late outcome, if still wanted
-            if fut is None or fut.done():
-                continue                # cancelled (task gone) or spooled meanwhile
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
+        try:
+            waiter.settled(result, exc)
+        except Exception:  # noqa: BLE001 - one login's callback never strands its batch mates
+            log.exception("event=internal_error detail=\"a login's commit callback failed\"")
 
 
 def settle(items: list[Item], result: str | None = None,
            exc: BaseException | None = None) -> None:
     """Tell the waiters; one thread-safe call per event loop for a whole batch."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[_Waiter]] = {}
+    by_loop: dict[asyncio.AbstractEventLoop, list[Pending]] = {}
     for _, waiter in items:
         by_loop.setdefault(waiter.loop, []).append(waiter)
     for loop, futs in by_loop.items():

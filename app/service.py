@@ -32,7 +32,7 @@ from .templates import uses_last_login
 from .policy import ALLOW, DENY, Decision, login_decision
 from .protocol import (DEFAULT_DENY_TEXT, TEMPFAIL_TEXT, LoginRequest, build_reply, deny_line,
                        tempfail_line)
-from .recorder import Recorder, RecordError
+from .recorder import Pending, Recorder, RecordError
 from .snapshot import ConfigCache, Snapshot
 from .status import DaemonStatus
 from .sysgroups import GroupCache
@@ -191,8 +191,38 @@ class LoginService:
         try:
             return await self._login(protocol, req, client_fd)
         except RecordError as exc:
-            return Answer(None, None, reason=f"not recorded: {exc}",
-                          to_client=tempfail_line(protocol))
+            return self._unrecorded(protocol, exc)
+
+    def login_now(self, protocol: str, req: LoginRequest,
+                  done: Callable[[Answer | None, BaseException | None], None]
+                  ) -> Pending | None:
+        """The common login without a coroutine: no system groups to look up,
+        no previous login to read for an alert, no next hop. Decided and
+        planned now, handed to the recorder; ``done(answer, exc)`` is called
+        on the loop once the record is durable (what ``login`` would return
+        or raise). None: this login needs ``login`` (nothing was done)."""
+        started = time.perf_counter()
+        now = self.clock()
+        steps = self.steps
+        snap = self.cache.snapshot
+        if (steps.groups is not None or protocol in steps.next_sockets
+                or self._wants_previous(snap, protocol, req, now)):
+            return None
+        ex = self._explain(snap, protocol, req, now, (), None, started)
+        record, answer = self._verdict(protocol, req, now, ex)
+        began = time.perf_counter()
+
+        def recorded(_outcome: str | None, exc: BaseException | None) -> None:
+            self._observe_record(began)
+            if exc is None:
+                self._delivered(ex, answer)
+                done(answer, None)
+            elif isinstance(exc, RecordError):
+                done(self._unrecorded(protocol, exc), None)
+            else:
+                done(None, exc)
+
+        return self.recorder.submit(record, steps.record_timeout, recorded)
 
     async def _login(self, protocol: str, req: LoginRequest, client_fd: int) -> Answer:
         started = time.perf_counter()
@@ -201,50 +231,86 @@ class LoginService:
         groups: tuple[str, ...] = ()
         if steps.groups is not None:
             groups = tuple(await steps.groups.groups(text_form(req.username)[0]))
-        place = locate(steps.geoip, req.remote_ip)
         snap = self.cache.snapshot
         last = await self._previous_login(snap, protocol, req, now)
-        ex = explain(snap, protocol, req, now, steps.default_action,
-                     steps.unloaded_action, groups, place, last, steps.exempt)
+        ex = self._explain(snap, protocol, req, now, groups, last, started)
+        hop = steps.next_sockets.get(protocol)
+        if ex.plan is not None and hop:
+            return await self._forwarded(protocol, req, client_fd, now, ex, hop)
+        record, answer = self._verdict(protocol, req, now, ex)
+        await self._commit(record)
+        self._delivered(ex, answer)
+        return answer
+
+    def _explain(self, snap: Snapshot | None, protocol: str, req: LoginRequest,
+                 now: dt.datetime, groups: tuple[str, ...],
+                 last: tuple[str, str, str] | None, started: float) -> Explanation:
+        steps = self.steps
+        ex = explain(snap, protocol, req, now, steps.default_action, steps.unloaded_action,
+                     groups, locate(steps.geoip, req.remote_ip), last, steps.exempt)
         if self.metrics:
             self.metrics.decision_seconds.observe(time.perf_counter() - started)
+        return ex
+
+    def _verdict(self, protocol: str, req: LoginRequest, now: dt.datetime,
+                 ex: Explanation) -> tuple[LoginRecord, Answer]:
+        """The record to store and the answer to give once it is stored
+        (a login not handed on to a next hop)."""
         decision = ex.decision
         if ex.plan is None:
             record = self._record_of(protocol, req, DENIED, now, ex, message=ex.client_text)
-            await self._commit(record)
             line = (tempfail_line(protocol) if decision.temporary
                     else deny_line(protocol, ex.client_text or DEFAULT_DENY_TEXT))
-            return Answer(record, None, reason=decision.reason, to_client=line)
-        reply, reply_fd = build_reply(req.username, ex.plan.fields), None
-        hop = steps.next_sockets.get(protocol)
-        if hop:
-            got = await forward(hop, req, ex.plan.fields, client_fd, steps.next_timeout)
-            if got.line is None:
-                record = self._record_of(protocol, req, DENIED, now, ex, by_rule=False)
-                await self._commit(record)
-                return Answer(record, None, reason=got.reason,
-                              to_client=tempfail_line(protocol) if got.tempfail else b"")
-            reply, reply_fd = got.line, got.fd
+            return record, Answer(record, None, reason=decision.reason, to_client=line)
+        record = self._record_of(protocol, req, ALLOWED, now, ex, tuple(ex.plan.alerts))
+        return record, Answer(record, build_reply(req.username, ex.plan.fields), None,
+                              decision.reason, ex.plan.alert_bytes, ex.plan.shown)
+
+    def _delivered(self, ex: Explanation, answer: Answer) -> None:
+        """The record is durable: its show-once alerts count as shown."""
+        if ex.plan is not None and answer.reply is not None:
+            self._mark_shown(ex.plan.alerts, ex.user)
+
+    @staticmethod
+    def _unrecorded(protocol: str, exc: RecordError) -> Answer:
+        return Answer(None, None, reason=f"not recorded: {exc}",
+                      to_client=tempfail_line(protocol))
+
+    async def _forwarded(self, protocol: str, req: LoginRequest, client_fd: int,
+                         now: dt.datetime, ex: Explanation, hop: str) -> Answer:
+        """An allowed login handed on to the next post-login socket first."""
+        assert ex.plan is not None
+        got = await forward(hop, req, ex.plan.fields, client_fd, self.steps.next_timeout)
+        if got.line is None:
+            record = self._record_of(protocol, req, DENIED, now, ex, by_rule=False)
+            await self._commit(record)
+            return Answer(record, None, reason=got.reason,
+                          to_client=tempfail_line(protocol) if got.tempfail else b"")
         record = self._record_of(protocol, req, ALLOWED, now, ex, tuple(ex.plan.alerts))
         try:
             await self._commit(record)
         except RecordError:
-            if reply_fd is not None:
-                os.close(reply_fd)
+            if got.fd is not None:
+                os.close(got.fd)
             raise
         self._mark_shown(ex.plan.alerts, ex.user)
-        return Answer(record, reply, reply_fd, decision.reason, ex.plan.alert_bytes,
+        return Answer(record, got.line, got.fd, ex.decision.reason, ex.plan.alert_bytes,
                       ex.plan.shown)
+
+    def _wants_previous(self, snap: Snapshot | None, protocol: str, req: LoginRequest,
+                        now: dt.datetime) -> bool:
+        """Does an alert this login shows use %{last_login_*}?"""
+        if snap is None or protocol != "imap" or not snap.alerts:
+            return False
+        user = text_form(req.username)[0]
+        shown = alerts_for(snap.alerts, snap.delivered, user, domain_of(user), now)
+        return any(uses_last_login(a.message) for a in shown)
 
     async def _previous_login(self, snap: Snapshot | None, protocol: str, req: LoginRequest,
                               now: dt.datetime) -> tuple[str, str, str] | None:
         """The previous login, read only when an alert this login shows uses
         %{last_login_*}; ('', '', '') when it cannot be read in time."""
-        if snap is None or protocol != "imap" or not snap.alerts:
-            return None
-        user = text_form(req.username)[0]
-        shown = alerts_for(snap.alerts, snap.delivered, user, domain_of(user), now)
-        if not any(uses_last_login(a.message) for a in shown):
+        if not self._wants_previous(snap, protocol, req, now):
             return None
         try:
             async with asyncio.timeout(min(1.0, self.steps.record_timeout)):
@@ -282,5 +348,8 @@ class LoginService:
         try:
             return await self.recorder.record(record, self.steps.record_timeout)
         finally:
-            if self.metrics:
-                self.metrics.record_seconds.observe(time.perf_counter() - started)
+            self._observe_record(started)
+
+    def _observe_record(self, started: float) -> None:
+        if self.metrics:
+            self.metrics.record_seconds.observe(time.perf_counter() - started)

@@ -8,7 +8,9 @@ a shared, noisy machine where timings are not.
 instrumentation off; after a warm-up the bench switches it on
 (``callgrind_control -i on``), makes a fixed number of logins with the
 handler benchmark's client, dumps the counters and divides the instructions
-of the whole process -- event loop, writer thread, libpq -- by the logins.
+of the whole process -- event loop, writer thread, libpq -- by the logins,
+with the event loop thread apart: the writer's share per login depends on
+how many logins share a commit, counted too (the statements libpq sent).
 At concurrency 1 every login is its own commit; at 16 logins share commits
 as they do under load. ``perf stat`` would do the same without the 50x
 slowdown, but this machine's kernel exposes no hardware counters to it.
@@ -27,6 +29,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.doc import write_section
@@ -37,28 +40,63 @@ def control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args], check=True, capture_output=True)
 
 
-def instructions(pattern: str) -> int:
-    """Total Ir over the dump files matching ``pattern`` (one per dump)."""
+_COMMIT_CALLS = ("PQsendQueryPrepared", "PQsendQueryParams")
+
+
+def calls_to(text: str, names: tuple[str, ...]) -> int:
+    """Calls to the functions ``names`` recorded in one callgrind dump."""
     total = 0
-    for path in glob.glob(pattern):
-        text = Path(path).read_text(errors="replace")
-        m = re.search(r"^totals:\s+(\d+)", text, re.M)
+    for name in names:
+        m = re.search(r"^c?fn=\((\d+)\) %s$" % re.escape(name), text, re.M)
         if m:
-            total = max(total, int(m.group(1)))
+            total += sum(int(c) for c in re.findall(
+                r"^cfn=\(%s\)(?: .*)?\ncalls=(\d+)" % m.group(1), text, re.M))
     return total
 
 
+@dataclass
+class Counted:
+    """One dump of the daemon, its threads apart (--separate-threads)."""
+
+    loop: int = 0           # instructions on the event loop thread (thread 1)
+    others: int = 0         # the writer thread, libpq, executors and the rest
+    commits: int = 0        # statements the writer sent (one per batch)
+    logins: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.loop + self.others
+
+
+def instructions(pattern: str) -> Counted:
+    """Instructions per thread over the dump files matching ``pattern`` (one
+    file per thread: cg.PID.PART-TT)."""
+    got = Counted()
+    for path in glob.glob(pattern):
+        text = Path(path).read_text(errors="replace")
+        m = re.search(r"^totals:\s+(\d+)", text, re.M)
+        if not m:
+            continue
+        if path.endswith("-01"):
+            got.loop += int(m.group(1))
+        else:
+            got.others += int(m.group(1))
+            got.commits += calls_to(text, _COMMIT_CALLS)
+    return got
+
+
 def measure(url: str, workdir: Path, name: str, code_dir: str | None, logins: int,
-            levels: list[int], log_level: str = "info") -> dict[int, float]:
+            levels: list[int], log_level: str = "info") -> dict[int, Counted]:
     """Instructions per login at each concurrency, for one daemon."""
     out = workdir / f"cg-{name}"
     out.mkdir()
     wrapper = [shutil.which("valgrind") or "valgrind", "--tool=callgrind",
-               "--instr-atstart=no", f"--callgrind-out-file={out}/cg.%p"]
+               "--instr-atstart=no", "--separate-threads=yes", "--fair-sched=yes",
+               f"--callgrind-out-file={out}/cg.%p"]
     daemon = start_lastlogin(url, workdir, name=f"ll-{name}", code_dir=code_dir,
                              wrapper=wrapper, timeout=600, log_level=log_level)
     pid = str(daemon.proc.pid)
-    result: dict[int, float] = {}
+    result: dict[int, Counted] = {}
     try:
         path = daemon.sock("imap")
         drive(path, "warm", 4, None, 400, f"i{name}w-")
@@ -77,10 +115,13 @@ def measure(url: str, workdir: Path, name: str, code_dir: str | None, logins: in
                                  f"failed, {stored} stored")
             if run.failures:        # the client gave up on a slow (instrumented) daemon
                 print(f"{name} c={c}: {run.failures} logins failed (client timeout)")
-            ir = instructions(f"{out}/cg.*[0-9]")
-            result[c] = ir / run.logins
-            print(f"{name} c={c}: {run.logins} logins, {ir:,} instructions, "
-                  f"{ir / run.logins:,.0f} per login", flush=True)
+            got = instructions(f"{out}/cg.*[0-9]")
+            got.logins = run.logins
+            result[c] = got
+            print(f"{name} c={c}: {run.logins} logins, {got.total:,} instructions, "
+                  f"{got.total / run.logins:,.0f} per login (event loop "
+                  f"{got.loop / run.logins:,.0f}, other threads "
+                  f"{got.others / run.logins:,.0f}; {got.commits} commits)", flush=True)
     finally:
         daemon.stop(120)
     return result
@@ -108,16 +149,32 @@ def main() -> None:
     finally:
         if server:
             server.stop()
+    base = f"base-{args.baseline}" if args.baseline else None
     lines = [f"Measured {dt.date.today().isoformat()} on {platform.node()} "
              f"(Python {platform.python_version()}); `python -m bench.instructions`: "
              f"{args.logins:,} logins per concurrency under callgrind after 400 warm-up "
-             f"logins, log level {args.log_level}, instructions of the whole daemon process "
-             "(event loop, writer thread, libpq) divided by the logins; lastlogin on PostgreSQL, every login committed "
-             "before its reply and counted in the database afterwards.", "",
-             "| code | " + " | ".join(f"instructions per login, c={c}" for c in levels) + " |",
-             "|---|" + "---:|" * len(levels)]
-    for name, per in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{per[c]:,.0f}" for c in levels) + " |")
+             f"logins, log level {args.log_level}; instructions of the daemon process "
+             "divided by the logins, the event loop thread apart from the others (the "
+             "writer thread and libpq, mostly). The writer's share depends on how many "
+             "logins share a commit, which under valgrind (threads run one at a time) "
+             "is not what it is in production: hence the commits column. lastlogin on "
+             "PostgreSQL, every login committed before its reply and counted in the "
+             "database afterwards.", "",
+             "| c | code | per login | event loop | other threads | logins per commit "
+             "| other threads per commit | per login vs base | event loop vs base |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in levels:
+        for name, per in results.items():
+            got = per[c]
+            ref = results[base][c] if base else None
+            n = got.logins or 1
+            lines.append(
+                f"| {c} | {name} | {got.total / n:,.0f} | {got.loop / n:,.0f} | "
+                f"{got.others / n:,.0f} | {n / max(got.commits, 1):.2f} | "
+                f"{got.others / max(got.commits, 1):,.0f} | "
+                + (f"{(got.total / n) / (ref.total / (ref.logins or 1)):.2f} | "
+                   f"{(got.loop / n) / (ref.loop / (ref.logins or 1)):.2f} |"
+                   if ref is not None and name != base else "- | - |"))
     if args.no_doc:
         print("\n".join(lines))
     else:

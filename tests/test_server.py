@@ -313,3 +313,36 @@ def test_default_request_cap_fits_dovecots_largest_userdb_reply(sqlite_url):
     finally:
         d.stop()
     assert "reason=\"request larger than 65536 bytes\"" in d.logs()
+
+
+@pytest.mark.parametrize("fmt", ["kv", "json"])
+def test_the_login_line_without_a_log_record_is_the_same_line(fmt):
+    """logs.emit (the one line per login) writes what logger.info would, and
+    takes the ordinary path when a handler is not one of ours."""
+    import io
+    import logging
+
+    from app.logs import Shown, emit, setup_logging, show
+    root = logging.getLogger("lastlogin")
+    saved = root.handlers[:], root.level, root.propagate
+    setup_logging("info", fmt, ["hunter2"])
+    out = io.StringIO()
+    root.handlers[0].stream = out
+    log = logging.getLogger("lastlogin.server")
+    args = ("imap", show(b"eve hunter2\x1b[2J"), "198.51.100.7", "-", "allowed", "-",
+            show(b"PLAIN"), 1, 0.25, Shown(" reason=x"))
+    fmt_line = "event=login protocol=%s user=%s rip=%s lip=%s outcome=%s rule=%s mech=%s " \
+               "alerts=%d ms=%.2f%s"
+    try:
+        log.info(fmt_line, *args)
+        emit(log, logging.INFO, fmt_line, *args)
+        ordinary, fast = out.getvalue().splitlines()
+        assert fast == ordinary and "hunter2" not in fast and "\x1b" not in fast
+        seen = []
+        foreign = logging.Handler()
+        foreign.emit = seen.append              # type: ignore[method-assign]
+        root.addHandler(foreign)
+        emit(log, logging.INFO, fmt_line, *args)
+        assert len(seen) == 1 and len(out.getvalue().splitlines()) == 3
+    finally:
+        root.handlers[:], root.level, root.propagate = saved

@@ -462,3 +462,38 @@ def test_a_login_neither_committed_in_time_nor_spooled_waits_for_its_commit(tmp_
         recorder.stop(5)
     assert counts(engine) == (1, 1) and spool.depth() == 0 and recorder.down
     engine.dispose()
+
+
+def test_submit_tells_its_callback_once_on_the_loop_as_record_would(tmp_path):
+    """The callback form the connection handler uses: never called from within
+    submit(), called once with what record() returns -- here SPOOLED, the
+    database being down -- and not at all for a login cut off first."""
+    engine = make_engine("postgresql+psycopg://nobody@127.0.0.1:1/none", connect_timeout=1)
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    recorder = Recorder(engine, spool=spool)
+    recorder.down = True                        # straight to the spool
+
+    async def logins():
+        told: list[tuple] = []
+        kept = asyncio.get_running_loop().create_future()
+
+        def done(outcome, exc):
+            told.append((outcome, exc))
+            kept.set_result(None)
+
+        cut = recorder.submit(record(b"cut@example.com"), 5, lambda *a: told.append(a))
+        cut.abandon()
+        recorder.submit(record(b"kept@example.com"), 5, done)
+        during = list(told)
+        await kept
+        for _ in range(100):                    # the cut one is spooled as well...
+            if spool.depth() == 2:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0)                  # ...and its callback would have run
+        return during, told
+
+    during, told = asyncio.run(logins())
+    assert during == [] and told == [(SPOOLED, None)]
+    assert spool.depth() == 2 and recorder.spooled == 2
+    engine.dispose()
