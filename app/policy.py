@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import heapq
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -261,22 +262,33 @@ class RuleIndex:
                 self.always.append(pos)
         self.nets = {v: tuple(t.items()) for v, t in nets.items()}
 
-    def candidates(self, login: "LoginFacts") -> list[Rule]:
-        found = list(self.always)
+    def candidates(self, login: "LoginFacts") -> Iterable[Rule]:
+        """Lazily, in order: the position lists are each sorted, and merged
+        as they are walked, so decide() stops at the first match without
+        having built or sorted the rest (many ``always`` rules, an early
+        match: as cheap as the scan)."""
+        found = [self.always] if self.always else []
         if self.by_user:
-            found += self.by_user.get(login.user, ())
+            hit = self.by_user.get(login.user)
+            if hit:
+                found.append(hit)
         if self.by_domain and login.domain is not None:
-            found += self.by_domain.get(login.domain, ())
+            hit = self.by_domain.get(login.domain)
+            if hit:
+                found.append(hit)
         ip = login.remote_ip
         if ip is not None:
             n = int(ip)
             for shift, table in self.nets[ip.version]:
                 hit = table.get(n >> shift)
                 if hit:
-                    found += hit
-        found.sort()
-        rules = self.rules
-        return [rules[pos] for pos in found]
+                    found.append(hit)
+        if not found:
+            return ()
+        get = self.rules.__getitem__
+        if len(found) == 1:
+            return map(get, found[0])
+        return map(get, heapq.merge(*found))
 
 
 _last_index: tuple[tuple[Rule, ...], RuleIndex] | None = None
