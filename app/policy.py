@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import heapq
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .login import (IPAddr, IPNet, domain_of, in_network, normalize_domain, normalize_user,
                     parse_ip, user_key)
@@ -263,32 +262,43 @@ class RuleIndex:
         self.nets = {v: tuple(t.items()) for v, t in nets.items()}
 
     def candidates(self, login: "LoginFacts") -> Iterable[Rule]:
-        """Lazily, in order: the position lists are each sorted, and merged
-        as they are walked, so decide() stops at the first match without
-        having built or sorted the rest (many ``always`` rules, an early
-        match: as cheap as the scan)."""
-        found = [self.always] if self.always else []
+        """In order, lazily: the hits for this login (few) are sorted, the
+        ``always`` positions (any number) are walked and merged with them,
+        so decide() stops at the first match without having built or sorted
+        the rest (many ``always`` rules, an early match: as cheap as the scan)."""
+        hits: list[int] = []
         if self.by_user:
-            hit = self.by_user.get(login.user)
-            if hit:
-                found.append(hit)
+            hits += self.by_user.get(login.user, ())
         if self.by_domain and login.domain is not None:
-            hit = self.by_domain.get(login.domain)
-            if hit:
-                found.append(hit)
+            hits += self.by_domain.get(login.domain, ())
         ip = login.remote_ip
         if ip is not None:
             n = int(ip)
             for shift, table in self.nets[ip.version]:
                 hit = table.get(n >> shift)
                 if hit:
-                    found.append(hit)
-        if not found:
-            return ()
+                    hits += hit
         get = self.rules.__getitem__
-        if len(found) == 1:
-            return map(get, found[0])
-        return map(get, heapq.merge(*found))
+        if not self.always:
+            hits.sort()
+            return map(get, hits)
+        if not hits:
+            return map(get, self.always)
+        hits.sort()
+        return map(get, _merged(self.always, hits))
+
+
+def _merged(a: list[int], b: list[int]) -> Iterator[int]:
+    """Two ascending lists as one, lazily."""
+    j, n = 0, len(b)
+    for pos in a:
+        while j < n and b[j] < pos:
+            yield b[j]
+            j += 1
+        yield pos
+    while j < n:
+        yield b[j]
+        j += 1
 
 
 _last_index: tuple[tuple[Rule, ...], RuleIndex] | None = None
