@@ -85,10 +85,11 @@ def parse_attempt(command: str, body: bytes) -> Attempt:
         raise InvalidInput("command", f"must be allow or report, got {command[:40]!r}")
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInput("body", f"not JSON: {exc}") from None
     except RecursionError:          # [[[[... a few thousand deep fits in the body
         raise InvalidInput("body", "not JSON Dovecot sends: nested too deeply") from None
+    except ValueError as exc:       # JSONDecodeError, UnicodeDecodeError, and an
+        # integer over 4300 digits (the int/str conversion limit)
+        raise InvalidInput("body", f"not JSON: {str(exc)[:200]}") from None
     if not isinstance(doc, dict):
         raise InvalidInput("body", "must be a JSON object")
     login = _text(doc, "login")

@@ -40,6 +40,14 @@ class Metrics:
         self.policy_refused = Counter(
             "lastlogin_policy_requests_refused", "Policy requests answered with an HTTP "
             "error (API key, size, malformed)", registry=self.registry)
+        self.policy_connections_refused = Counter(
+            "lastlogin_policy_connections_refused", "Policy connections closed at once, "
+            "unread: nothing could be evicted to make room (too_many, too_many_from_peer)",
+            ["reason"], registry=self.registry)
+        self.policy_evicted = Counter(
+            "lastlogin_policy_connections_evicted", "Policy connections closed to make room "
+            "for a new one (idle, or not yet through a request with the API key)",
+            registry=self.registry)
 
     def watch_auto_blocks(self, active: Callable[[], int],
                           unstored: Callable[[], int] = lambda: 0) -> None:

@@ -12,7 +12,7 @@ import datetime as dt
 import functools
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .login import (IPAddr, IPNet, domain_of, in_network, normalize_domain, normalize_user,
                     parse_ip, user_key)
@@ -261,22 +261,44 @@ class RuleIndex:
                 self.always.append(pos)
         self.nets = {v: tuple(t.items()) for v, t in nets.items()}
 
-    def candidates(self, login: "LoginFacts") -> list[Rule]:
-        found = list(self.always)
+    def candidates(self, login: "LoginFacts") -> Iterable[Rule]:
+        """In order, lazily: the hits for this login (few) are sorted, the
+        ``always`` positions (any number) are walked and merged with them,
+        so decide() stops at the first match without having built or sorted
+        the rest (many ``always`` rules, an early match: as cheap as the scan)."""
+        hits: list[int] = []
         if self.by_user:
-            found += self.by_user.get(login.user, ())
+            hits += self.by_user.get(login.user, ())
         if self.by_domain and login.domain is not None:
-            found += self.by_domain.get(login.domain, ())
+            hits += self.by_domain.get(login.domain, ())
         ip = login.remote_ip
         if ip is not None:
             n = int(ip)
             for shift, table in self.nets[ip.version]:
                 hit = table.get(n >> shift)
                 if hit:
-                    found += hit
-        found.sort()
-        rules = self.rules
-        return [rules[pos] for pos in found]
+                    hits += hit
+        get = self.rules.__getitem__
+        if not self.always:
+            hits.sort()
+            return map(get, hits)
+        if not hits:
+            return map(get, self.always)
+        hits.sort()
+        return map(get, _merged(self.always, hits))
+
+
+def _merged(a: list[int], b: list[int]) -> Iterator[int]:
+    """Two ascending lists as one, lazily."""
+    j, n = 0, len(b)
+    for pos in a:
+        while j < n and b[j] < pos:
+            yield b[j]
+            j += 1
+        yield pos
+    while j < n:
+        yield b[j]
+        j += 1
 
 
 _last_index: tuple[tuple[Rule, ...], RuleIndex] | None = None

@@ -4,8 +4,11 @@ HTTP/1.1 with keep-alive on the daemon's event loop, as an
 ``asyncio.Protocol`` (no task, no stream reader per connection: it runs the
 same on asyncio's loop and on uvloop). The framing is llhttp's, through
 httptools: it refuses what could smuggle a request (Content-Length with
-Transfer-Encoding, several or non-numeric lengths, obs-fold, bare LF or CR)
-and decodes chunked bodies. Every request is a POST of one JSON object to
+Transfer-Encoding, several or non-numeric lengths, obs-fold, bare LF or CR).
+Dovecot 2.3 and 2.4 always send a Content-Length, so a request with
+``Transfer-Encoding`` is refused (411): no chunked bodies, hence no trailers
+or chunk extensions, whose unfinished lines httptools would buffer without a
+bound. Every request is a POST of one JSON object to
 any path with ``?command=allow`` or ``?command=report`` (app/attempts.py);
 both are answered inside the callback that read the request's last byte
 (the check is from memory; a report hands its record to the recorder in a
@@ -17,7 +20,8 @@ Requests that are not that get an HTTP error status with the same JSON
 shape (status -1) and one log line (at most ``LOG_BURST`` a second per
 status; past that they are counted), and the daemon keeps serving: a wrong
 or missing API key (401), a body over ``MAX_BODY`` (413, refused from its
-Content-Length, without reading it), a head over ``MAX_HEAD`` (431), a body
+Content-Length, without reading it), a head over ``MAX_HEAD`` (431), a
+Transfer-Encoding (411), an Upgrade (400), a body
 that is not the expected JSON (400), an unknown command (404), another
 method (405), an ``Expect`` other than 100-continue (417), a request not
 complete within ``request_timeout`` (408), and anything the parser refuses
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import time
 from urllib.parse import parse_qs
@@ -53,6 +58,10 @@ MAX_HEAD = 16 << 10
 # that never ends is cut once MAX_HEAD + FEED bytes of it have arrived (a
 # complete head is measured exactly).
 FEED = 4 << 10
+# Belt and braces: the bytes fed for one request from its first byte (head,
+# body, whatever else the parser might buffer) are bounded whatever the
+# parser does with them (413, or 431 while in the head).
+MAX_REQUEST = MAX_HEAD + MAX_BODY + 2 * FEED
 # A kept-alive connection with nothing to say is closed after this (Dovecot
 # reuses its connections within a few seconds or not at all).
 IDLE_TIMEOUT = 15.0
@@ -63,14 +72,15 @@ IDLE_TIMEOUT = 15.0
 # timer per request.
 SWEEP = 1.0
 MAX_CONNECTIONS = 1024      # Dovecot opens at most 100 per auth process
-MAX_PER_PEER = 256          # from one address; Dovecot's auth processes share 127.0.0.1
+MAX_PER_PEER = 256          # from one address (IPv6: one /64); Dovecot's auth processes
+                            # share 127.0.0.1
 # Refusal log lines per second and kind (HTTP status, or why a connection
 # was refused); past that they are counted, and the count logged.
 LOG_BURST = 5
 
 _REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized",
             404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-            413: "Content Too Large", 417: "Expectation Failed",
+            411: "Length Required", 413: "Content Too Large", 417: "Expectation Failed",
             431: "Request Header Fields Too Large", 500: "Internal Server Error"}
 
 
@@ -79,6 +89,20 @@ def response(http: int, body: bytes, close: bool = False) -> bytes:
     return b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s" % (
         http, _REASONS.get(http, "").encode(), len(body),
         b"Connection: close\r\n" if close else b"", body)
+
+
+def peer_group(host: str) -> str:
+    """What the per-peer bound counts by: the address, an IPv6 one by its
+    /64 (one client usually holds a whole /64 and can use any of it)."""
+    if ":" not in host:
+        return host
+    try:
+        ip = ipaddress.IPv6Address(host)
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return f"{ipaddress.IPv6Address(int(ip) >> 64 << 64)}/64"
 
 
 # The answer to nearly every check, built once.
@@ -172,6 +196,8 @@ class PolicyServer:
             if self.throttle.allow(f"connection_refused={refused}"):
                 log.warning("event=policy_connection_refused peer=%s reason=%s", me.peer_text,
                             refused)
+            if self.policy.metrics:
+                self.policy.metrics.policy_connections_refused.labels(refused).inc()
             self._drop(me)
             me.done = True
             me.transport.close()
@@ -188,15 +214,20 @@ class PolicyServer:
                 self._all_closed.set()
 
     def _cut(self, me: _Conn) -> None:
-        """Close a connection now, unanswered (eviction, idle, shutdown)."""
+        """Close a connection now, unanswered (eviction, idle, shutdown); an
+        answer still in its write buffer is let go out when it is small (a
+        large one: a client that does not read, it is dropped)."""
         self._drop(me)
         me.done = True
-        me.transport.abort()
+        if me.transport.get_write_buffer_size() > FEED:
+            me.transport.abort()
+        else:
+            me.transport.close()
 
     def _admit(self, me: _Conn) -> str | None:
-        """Room for a new connection: evict the oldest idle one (of this peer
-        when it is over its share, of anyone when all are taken); the reason
-        to refuse when nothing can be evicted."""
+        """Room for a new connection: evict one (of this peer when it is over
+        its share, of anyone when all are taken); the reason to refuse when
+        nothing can be evicted."""
         if self._per_peer[me.peer] > MAX_PER_PEER and not self._evict(
                 [c for c in self._conns if c.peer == me.peer and c is not me]):
             return "too_many_from_peer"
@@ -206,22 +237,50 @@ class PolicyServer:
         return None
 
     def _evict(self, among: list[_Conn]) -> bool:
-        idle = [c for c in among if c.idle]
-        if not idle:
-            return False
-        self._cut(min(idle, key=lambda c: c.since))
+        """Close the first of: the oldest idle connection that has not been
+        through a request with the API key (``proven``), the oldest unproven
+        one busy with a request (its key not yet seen: one byte holds it),
+        the oldest idle proven one. A proven connection in the middle of a
+        request is never evicted, so connections without the key cannot
+        push Dovecot's out. ``among`` is in the order the connections opened."""
+        busy = idle = None
+        for c in among:
+            if c.proven:
+                if idle is None and c.idle and not c.paused:
+                    idle = c
+            elif c.idle and not c.paused:
+                victim = c
+                break
+            elif busy is None:
+                busy = c
+        else:
+            victim = busy or idle
+            if victim is None:
+                return False
+        self._cut(victim)
         self.evicted += 1
+        if self.policy.metrics:
+            self.policy.metrics.policy_evicted.inc()
         return True
 
     def _sweep(self) -> None:
         """Once a second: close connections past their deadline (a request
         not complete in time gets 408; an idle one is closed quietly)."""
-        now = time.monotonic()
-        for c in list(self._conns):
-            if now >= c.deadline:
-                c.expire()
-        self.throttle.flush(now)
-        self._sweeper = asyncio.get_running_loop().call_later(SWEEP, self._sweep)
+        try:
+            now = time.monotonic()
+            for c in list(self._conns):
+                if now >= c.deadline:
+                    try:
+                        c.expire()
+                    except Exception as exc:        # a bug of ours: this one is cut
+                        log.error("event=policy_expire_failed peer=%s error=%s", c.peer_text,
+                                  show(f"{type(exc).__name__}: {exc}"[:300]))
+                        self._drop(c)
+                        c.done = True
+                        c.transport.abort()
+            self.throttle.flush(now)
+        finally:
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP, self._sweep)
 
     # --- requests -----------------------------------------------------------------
 
@@ -251,10 +310,16 @@ class PolicyServer:
                 keys.append((name, value))
             elif name == b"expect":
                 expect = value
+            elif name == b"transfer-encoding":
+                raise Refused(411, "Transfer-Encoding not accepted (send Content-Length)",
+                              close=True)
         method = parser.get_method()
         if method != b"POST":
             raise Refused(405, f"method {method.decode('ascii', 'replace')} (only POST)",
                           close=True)
+        if parser.should_upgrade():
+            # else llhttp would skip the body, complete the request and stop
+            raise Refused(400, "Upgrade not supported", close=True)
         if length is not None and length > MAX_BODY:
             raise Refused(413, f"body of {length} bytes (at most {MAX_BODY})", close=True)
         if self.api_key and not self._key_ok(keys):
@@ -330,18 +395,22 @@ def _unknown(command: str, close: bool = False) -> Refused:
 class _Conn(asyncio.Protocol):
     """One connection: its parser's callbacks, its state and deadline.
 
-    ``idle``: no byte of a request is pending (it may be evicted); the
-    deadline is then the idle one (``request_timeout`` for a new connection,
-    ``IDLE_TIMEOUT`` after an answer), else the request's."""
+    ``idle``: no byte of a request is pending; the deadline is then the
+    idle one (``request_timeout`` for a new connection, ``IDLE_TIMEOUT``
+    after an answer), else the request's. ``proven``: a request of it got
+    through ``head()`` (the API key) and was answered. ``paused``: reading
+    stopped, its client not reading its answers (not idle then: requests
+    may be waiting unread)."""
 
     __slots__ = ("server", "transport", "parser", "peer", "peer_text", "idle", "since",
                  "deadline", "done", "in_head", "head_size", "fed", "url", "headers", "body",
-                 "command", "continue_", "out", "refusal")
+                 "command", "continue_", "out", "refusal", "proven", "paused")
 
     def __init__(self, server: PolicyServer) -> None:
         self.server = server
         self.parser = httptools.HttpRequestParser(self)
         self.idle = True
+        self.proven = self.paused = False
         self.done = False               # answered for the last time, or cut
         self.in_head = self.continue_ = False
         self.fed = self.head_size = 0
@@ -356,7 +425,7 @@ class _Conn(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        self.peer = peer[0] if peer else "?"
+        self.peer = peer_group(peer[0]) if peer else "?"
         self.peer_text = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.since = time.monotonic()
         self.deadline = self.since + self.server.request_timeout
@@ -385,14 +454,15 @@ class _Conn(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client does not read its answers: read no more of its requests.
+        self.paused = True
         self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.paused = False
         if not self.done:
             self.transport.resume_reading()
 
     def _feed(self, data: bytes) -> None:
-        was_in_head = self.in_head
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -402,19 +472,27 @@ class _Conn(asyncio.Protocol):
             if self.refusal is None and failed is not None:
                 # not the request's fault: a bug of ours, its one line, this
                 # connection ends, the others go on
-                log.error("event=policy_request_failed peer=%s error=%s", self.peer_text,
-                          show(f"{type(failed).__name__}: {failed}"[:300]))
+                if self.server.throttle.allow("request_failed"):
+                    log.error("event=policy_request_failed peer=%s error=%s", self.peer_text,
+                              show(f"{type(failed).__name__}: {failed}"[:300]))
                 self._refuse(Refused(500, "internal error", close=True, kind="internal"))
                 return
             self._refuse(self.refusal or Refused(400, f"not HTTP/1.1: {exc}", close=True,
                                                  kind="http"))
             return
-        if self.in_head:
-            # A head still incomplete: its size so far, at most FEED too high.
-            self.fed = self.fed + len(data) if was_in_head else len(data)
-            if self.fed > MAX_HEAD + FEED:
+        if not self.idle:
+            # A request still incomplete: its size so far (and of its head),
+            # at most FEED too high (on_message_begin zeroes it, and the
+            # slice may have begun with the end of the request before).
+            self.fed += len(data)
+            if self.in_head and self.fed > MAX_HEAD + FEED:
                 self._refuse(Refused(431, f"head over {MAX_HEAD} bytes", close=True))
-        elif self.continue_:
+                return
+            if self.fed > MAX_REQUEST:
+                self._refuse(Refused(431 if self.in_head else 413,
+                                     f"request over {MAX_REQUEST} bytes", close=True))
+                return
+        if self.continue_ and not self.in_head:
             self.continue_ = False
             self.out.append(CONTINUE)   # the head is accepted, the body not all in
 
@@ -478,8 +556,12 @@ class _Conn(asyncio.Protocol):
         if close:
             answer = answer.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
             self.done = True
+        elif self.parser.get_http_version() == "1.0":
+            # kept only because it said keep-alive: say so, or it waits for EOF
+            answer = answer.replace(b"\r\n\r\n", b"\r\nConnection: keep-alive\r\n\r\n", 1)
         self.out.append(answer)
         self.continue_ = False
+        self.proven = True
         self.idle = True
         self.since = time.monotonic()
         self.deadline = self.since + IDLE_TIMEOUT

@@ -179,3 +179,24 @@ def test_the_index_decides_as_the_scan_does(rules, user, rip, lip, proto, blocke
     finally:
         policy.INDEX_FROM = saved
     assert indexed == scanned
+
+
+def test_the_index_yields_its_candidates_lazily_in_order():
+    # 1000 rules for any address (protocol-only) and an early match: the index
+    # must not build and sort every candidate before the first is tested
+    class Looked(tuple):
+        looked = 0
+
+        def __getitem__(self, i):
+            Looked.looked += 1
+            return tuple.__getitem__(self, i)
+
+    rules = Looked(order([Rule(id=1, action=ALLOW, priority=1, protocol="imap")]
+                         + [Rule(id=i, action=DENY, protocol="pop3") for i in range(2, 1000)]
+                         + [Rule(id=1000, action=DENY, username="bob")]))
+    index = policy.RuleIndex(rules)
+    login = LoginFacts.of("imap", "bob", "10.1.2.3", None, _NOW)
+    Looked.looked = 0
+    first = next(iter(index.candidates(login)))
+    assert (first.id, Looked.looked) == (1, 1)
+    assert [r.id for r in index.candidates(login)] == list(range(1, 1001))

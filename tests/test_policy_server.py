@@ -127,7 +127,8 @@ def test_oversized_malformed_and_unknown_requests(served):
                         (b'["a list"]', "body: must be a JSON object"),
                         (b'{"remote": "1.2.3.4"}', "login: missing"),
                         (b'{"login": 7}', "login: must be a string"),
-                        (b"[" * 8000 + b"]" * 8000, "body: not JSON Dovecot sends")):
+                        (b"[" * 8000 + b"]" * 8000, "body: not JSON Dovecot sends"),
+                        (b'{"login": "u", "n": ' + b"9" * 5000 + b"}", "body: not JSON")):
         status, body = post(conn, "allow", bad)
         assert status == 400 and body["status"] == -1 and body["msg"].startswith(reason), body
     # a report without success, an unknown command
@@ -663,14 +664,11 @@ def _run(main, loop: str):
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_pipelined_requests_in_one_write_are_answered_in_order(loop):
     body = b'{"login": "u", "remote": "198.51.100.1"}'
-    chunked = (b"POST /?command=allow HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-               b"\r\n5\r\n" + body[:5] + b"\r\n%x\r\n" % (len(body) - 5) + body[5:]
-               + b"\r\n0\r\n\r\n")
 
     async def main():
         server, port = await _endpoint(request_timeout=5)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(_req(body) + _req(body, "nope") + chunked)
+        writer.write(_req(body) + _req(body, "nope") + _req(body))
         got = [await _answer(reader) for _ in range(3)]
         writer.write(_req(body))                        # and the connection goes on
         got.append(await _answer(reader))
@@ -734,3 +732,166 @@ def test_expect_100_continue_and_oversized_bodies_refused_from_their_length():
     assert unkeyed.startswith(b"HTTP/1.1 401 ") and b"100 Continue" not in unkeyed
     assert large.startswith(b"HTTP/1.1 413 ") and large.endswith(
         b'"msg": "body of 16385 bytes (at most 16384)"}')
+
+
+def test_transfer_encoding_is_refused_and_a_request_is_bounded_from_its_first_byte(monkeypatch):
+    # a chunked body whose trailer line never ends: httptools would buffer it
+    # (quadratically) until request_timeout, on the daemon's only loop
+    endless = (b"POST /?command=allow HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+               b"\r\n0\r\nX-Trailer: " + b"t" * (200 << 10))
+
+    async def main():
+        server, port = await _endpoint(request_timeout=30)
+        got = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(endless)
+            got.append(await _until_closed(reader, 5))
+            writer.close()
+            # and were the head let through: the bytes fed for the request stop it
+            monkeypatch.setattr(PolicyServer, "head", lambda self, c: None)
+        server.close()
+        await server.wait_closed(1)
+        return got
+    refused, bounded = asyncio.run(main())
+    assert refused.startswith(b"HTTP/1.1 411 ") and refused.endswith(
+        b'"msg": "Transfer-Encoding not accepted (send Content-Length)"}'), refused
+    assert bounded is not None and bounded.startswith(b"HTTP/1.1 413 ") and (
+        b"request over %d bytes" % policyhttp.MAX_REQUEST) in bounded, bounded
+
+
+def test_connections_without_the_key_cannot_push_out_dovecots(monkeypatch):
+    from app.metrics import Metrics
+    monkeypatch.setattr(policyhttp, "MAX_PER_PEER", 3)
+    keyed = _req(b'{"login": "u", "remote": "198.51.100.1"}', extra=b"X-API-Key: k\r\n")
+
+    async def main():
+        server, port = await _endpoint(request_timeout=30, policy_api_key="k")
+        server.policy.metrics = metrics = Metrics()
+
+        async def conn(send: bytes = b""):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(send)
+            await asyncio.sleep(0.05)
+            return r, w
+        a = await conn(keyed)
+        got = [await _answer(a[0])]
+        a[1].write(keyed[:1])                   # proven, and busy with its next request
+        b, c = await conn(b"P"), await conn(b"P")   # one byte each: no key shown
+        d = await conn(keyed)                   # evicts b (not c: the oldest unproven)
+        got.append(await _answer(d[0]))
+        e = await conn(keyed)                   # evicts c, not d (proven, idle)
+        got.append(await _answer(e[0]))
+        a[1].write(keyed[1:])
+        got.append(await _answer(a[0]))
+        cut = [await _closed(x[0], 0.5) for x in (b, c)]
+        for x in (a, d, e):                     # all proven and busy: nothing to evict
+            x[1].write(b"P")
+        f = await conn()
+        cut.append(await _closed(f[0], 0.5))
+        for x in (a, b, c, d, e, f):
+            x[1].close()
+        server.close()
+        await server.wait_closed(1)
+        sample = metrics.registry.get_sample_value
+        return got, cut, (sample("lastlogin_policy_connections_evicted_total"), sample(
+            "lastlogin_policy_connections_refused_total", {"reason": "too_many_from_peer"}))
+    got, cut, counted = asyncio.run(main())
+    assert got == [(200, {"status": 0, "msg": ""})] * 4
+    assert cut == [True, True, True] and counted == (2, 1)
+    group = policyhttp.peer_group
+    assert group("2001:db8:1:2::5") == group("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert group("2001:db8:1:3::5") != group("2001:db8:1:2::5")
+    assert group("::ffff:192.0.2.1") == group("192.0.2.1") == "192.0.2.1"
+
+
+def test_an_upgrade_gets_one_answer_and_is_counted_once():
+    from app.metrics import Metrics
+    body = b'{"login": "u", "remote": "198.51.100.1"}'
+    upgrade = b"Connection: Upgrade\r\nUpgrade: h2c\r\n"
+
+    async def main():
+        server, port = await _endpoint(request_timeout=5)
+        server.policy.metrics = metrics = Metrics()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_req(body, extra=upgrade) + _req(body))
+        got = await _until_closed(reader, 5)
+        server.close()
+        await server.wait_closed(1)
+        return got, metrics.registry.get_sample_value("lastlogin_policy_requests_refused_total")
+    got, refused = asyncio.run(main())
+    assert got.startswith(b"HTTP/1.1 400 ") and got.count(b"HTTP/1.1") == 1, got
+    assert got.endswith(b'"msg": "Upgrade not supported"}') and refused == 1
+
+
+def test_http10_is_closed_unless_it_asks_for_keep_alive():
+    body = b'{"login": "u", "remote": "198.51.100.1"}'
+
+    def req10(extra=b""):
+        return _req(body, extra=extra).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+
+    async def main():
+        server, port = await _endpoint(request_timeout=5)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(req10())
+        plain = await _until_closed(reader, 2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(req10(b"Connection: keep-alive\r\n"))
+        kept = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(re.search(rb"Content-Length: (\d+)", kept)[1]))
+        writer.write(req10(b"Connection: keep-alive\r\n"))
+        again = await _answer(reader)
+        writer.close()
+        server.close()
+        await server.wait_closed(1)
+        return plain, kept, again
+    plain, kept, again = asyncio.run(main())
+    assert plain.startswith(b"HTTP/1.1 200 ") and b"Connection: close\r\n" in plain, plain
+    assert b"Connection: keep-alive\r\n" in kept and again == (200, {"status": 0, "msg": ""})
+
+
+def test_an_internal_error_is_answered_500_and_its_lines_are_throttled(monkeypatch, caplog):
+    def broken(command, body):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(policyhttp, "parse_attempt", broken)
+
+    async def main():
+        server, port = await _endpoint(request_timeout=5)
+        got = []
+        for _ in range(policyhttp.LOG_BURST + 3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(ALLOW_REQ)
+            got.append((await _until_closed(reader, 5))[:12])
+            writer.close()
+        server.close()
+        await server.wait_closed(1)
+        return got
+    with caplog.at_level(logging.WARNING, logger="lastlogin.policy"):
+        got = asyncio.run(main())
+    assert got == [b"HTTP/1.1 500"] * (policyhttp.LOG_BURST + 3)
+    failed = [r for r in caplog.records if "event=policy_request_failed" in r.getMessage()]
+    assert len(failed) == policyhttp.LOG_BURST
+    assert "event=policy_refusals_not_logged request_failed count=3" in caplog.text
+
+
+def test_the_sweep_goes_on_after_an_error(monkeypatch):
+    monkeypatch.setattr(policyhttp, "SWEEP", 0.1)
+    errors = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda _l, ctx: errors.append(ctx))
+        server, port = await _endpoint(request_timeout=0.3)
+        flush = server.throttle.flush
+
+        def fails_once(now):
+            server.throttle.flush = flush
+            raise RuntimeError("a bug")
+        server.throttle.flush = fails_once
+        await asyncio.sleep(0.15)                # the first sweep has failed
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        closed = await _closed(reader, 3)        # still closed at its deadline
+        writer.close()
+        server.close()
+        await server.wait_closed(1)
+        return closed
+    assert asyncio.run(main()) is True and len(errors) == 1
