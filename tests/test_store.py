@@ -248,3 +248,24 @@ def test_the_batch_statement_is_short_enough_for_psycopg_to_keep_its_parse():
     from app.db.writers import PG_BATCH
     assert "--" not in PG_BATCH and "  " not in PG_BATCH
     assert len(PG_BATCH.encode()) <= MAX_CACHED_STATEMENT_LENGTH
+
+
+def test_the_postgresql_batch_is_planned_once_not_for_every_commit(pg_db):
+    """Left to choose, PostgreSQL planned the batch statement afresh for each
+    commit (~1.3 ms of its CPU, more than running it); the writer's
+    connection asks for the one generic plan."""
+    from app.db import make_engine
+    from app.db.writers import PostgresWriter
+    engine = make_engine(pg_db)
+    writer = PostgresWriter(engine)
+    try:
+        for i in range(8):          # past the 5 custom plans PostgreSQL tries first
+            assert writer.write([record(b"u%d@example.com" % (i % 3),
+                                        at=T0 + dt.timedelta(seconds=i))]) == 1
+        plans = writer._conn().execute(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+            "WHERE statement LIKE %s", ["%INSERT INTO login_events%"]).fetchall()
+    finally:
+        writer.close()
+        engine.dispose()
+    assert plans == [(8, 0)]

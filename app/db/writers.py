@@ -179,6 +179,12 @@ class PostgresWriter(_OwnConnection):
         if self._raw is None:
             raw = self.engine.raw_connection()
             raw.driver_connection.autocommit = True
+            # One plan for every batch: left to choose, PostgreSQL keeps
+            # planning the statement afresh for each commit (its custom plans
+            # look cheaper than a generic one over the partitions), ~1.3 ms of
+            # its CPU per commit; the generic plan prunes partitions when it
+            # runs. This connection is the writer's own, never pooled again.
+            raw.driver_connection.execute("SET plan_cache_mode = force_generic_plan")
             self._raw = raw
         return self._raw.driver_connection
 
