@@ -146,8 +146,8 @@ class Daemon:
                 elif what in (STOP, HANDOVER):
                     break
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
-                loop.remove_signal_handler(sig)
+            for sig in STOP_SIGNALS:
+                loop.add_signal_handler(sig, while_stopping, sig)
             status.cancel()
             remove_own_status(self.settings.runtime_dir())
             sd_notify("STOPPING=1")
@@ -230,8 +230,23 @@ def run(settings: Settings, config_path: str | None = None) -> int:
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(daemon.serve())
     finally:
+        # Closing the loop gave the signals back their default action; a
+        # second SIGTERM (an impatient operator) must not kill the writer
+        # while it stores what the drained logins handed it.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda signum, _frame: while_stopping(signum))
         daemon.shutdown()
     return EXIT_OK
+
+
+# Signals that would end (or re-enter) the daemon while it stops: logged and
+# ignored from the first SIGTERM on; the stop itself is bounded by
+# drain_timeout (logins in flight) and the writer's own timeout.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+
+
+def while_stopping(signum: int) -> None:
+    log.warning("event=signal_ignored signal=%s reason=stopping", signal.Signals(signum).name)
 
 
 def open_geoip(settings: Settings) -> GeoIP | None:

@@ -211,3 +211,35 @@ def test_a_socket_systemd_owns_stays_systemds_after_a_handover(tmp_path, monkeyp
     sock.detach()
     spare.close()
     assert owned is False
+
+
+def test_a_second_sigterm_while_draining_is_logged_and_the_stop_completes(sqlite_url):
+    """An impatient second SIGTERM (or a SIGHUP) during the drain does not
+    kill the daemon midway: it is logged, the drain ends at drain_timeout and
+    the daemon stops the normal way."""
+    d = make_daemon(sqlite_url, drain_timeout="2", request_timeout="30")
+    d.start()
+    slow = socket.socket(socket.AF_UNIX)
+    try:
+        slow.connect(d.sock("imap"))
+        slow.sendall(b"VERSION\t1")             # a request begun, never finished
+        assert wait_for(lambda: '"inflight": 1' in _status_text(d), timeout=10)
+        d.signal(signal.SIGTERM)
+        assert wait_for(lambda: "event=draining inflight=1" in d.logs())
+        d.signal(signal.SIGTERM)
+        d.signal(signal.SIGHUP)
+        assert d.proc.wait(30) == 0
+    finally:
+        slow.close()
+    logs = d.logs()
+    assert "event=signal_ignored signal=SIGTERM reason=stopping" in logs
+    assert "event=signal_ignored signal=SIGHUP reason=stopping" in logs
+    assert "event=drain_timeout abandoned=1" in logs and "event=stopped" in logs
+    d.stop()
+
+
+def _status_text(d) -> str:
+    try:
+        return open(os.path.join(d.socket_dir, "status.json")).read()
+    except OSError:
+        return ""
