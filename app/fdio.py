@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import fcntl
 import os
 import socket
 from typing import Callable
@@ -149,7 +150,9 @@ async def write_fd(fd: int, data: bytes, timeout: float) -> None:
     """Write to a client connection without blocking and without reading it.
 
     The fd is shared with Dovecot's mail process, so its flags stay as they
-    are: MSG_DONTWAIT makes each send non-blocking by itself.
+    are: MSG_DONTWAIT makes each send non-blocking by itself. Waiting for
+    it is the exception: uvloop's add_writer sets O_NONBLOCK on it (libuv's
+    uv_poll_init), so the flags it had are put back after each wait.
     """
     sock = socket.socket(fileno=fd)
     deadline = asyncio.get_running_loop().time() + timeout
@@ -159,7 +162,12 @@ async def write_fd(fd: int, data: bytes, timeout: float) -> None:
             try:
                 sent = sock.send(view, SEND_FLAGS)
             except BlockingIOError:
-                await wait_ready(fd, True, deadline)
+                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+                try:
+                    await wait_ready(fd, True, deadline)
+                finally:
+                    if fcntl.fcntl(fd, fcntl.F_GETFL) != flags:
+                        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
                 continue
             view = view[sent:]
     finally:

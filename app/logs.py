@@ -239,13 +239,15 @@ def emit(logger: logging.Logger, level: int, msg: str, *args: object) -> None:
     if handlers is None:
         logger.log(level, msg, *args)
         return
-    created = time.time()
     message = text_of(msg, args)
     name, lname = logger.name, _LEVELS[level]
     for h in handlers:
-        line = h.formatter.line(created, lname, name, message)     # type: ignore[union-attr]
+        # Stamped and formatted under the handler's lock, as Handler.handle
+        # formats: the formatter's stamp cache is shared with other
+        # threads' lines, and lines reach the stream in time order.
         h.acquire()
         try:
+            line = h.formatter.line(time.time(), lname, name, message)  # type: ignore[union-attr]
             h.stream.write(line + h.terminator)
             h.flush()
         except Exception:  # noqa: BLE001 - as StreamHandler.emit does

@@ -46,6 +46,10 @@ from .status import STATUS_FILE
 log = logging.getLogger("lastlogin.server")
 
 INLINE_PARSE_BYTES = 16 << 10       # real requests are a few hundred bytes
+# uvloop rounds a timer to whole ms of its cached clock: it can fire up to
+# ~1 ms before its time. A sweep ends what is due within this slack, so it
+# never wakes to find nothing and re-arm for a sub-ms delay.
+SWEEP_SLACK = 0.002
 
 
 class ConnectionRefused(Exception):
@@ -186,8 +190,11 @@ class Connection:
         self.close()
 
     def run(self, coro) -> None:
-        """The rest of this login in a Task (which closes the connection)."""
-        self.task = asyncio.get_running_loop().create_task(coro)
+        """The rest of this login in a Task (which closes the connection).
+        The done callback closes even a Task cancelled (by ``cut``) before
+        its first step, whose ``finally`` never runs."""
+        task = self.task = asyncio.get_running_loop().create_task(coro)
+        task.add_done_callback(lambda _t: self.close())
 
     def fail(self, exc: BaseException) -> None:
         self.server._failed(self, exc)
@@ -196,7 +203,7 @@ class Connection:
     def cut(self) -> None:
         """Drain ran out of time: end this login now, without a reply."""
         if self.task is not None:
-            self.task.cancel()      # its finally closes
+            self.task.cancel()      # its finally, or its done callback, closes
         else:
             self.close()
 
@@ -227,6 +234,7 @@ class Server:
         self._inflight: set[Connection] = set()
         self._waiting: dict[Connection, None] = {}  # for their request, oldest first
         self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_at = 0.0                        # when it fires, on the loop's clock
         self._idle: asyncio.Future[None] | None = None
         self._accepting = False
         self._limit_logged_at = -1e9
@@ -349,31 +357,51 @@ class Server:
 
     # waiting for a request: one reader each, one timer for all of them
     def _wait_for(self, conn: Connection) -> None:
-        assert self._loop is not None
-        conn.waiting = True
-        conn.deadline = conn.started + self.settings.request_timeout
-        self._loop.add_reader(conn.sock.fileno(), conn.readable)
+        loop = self._loop
+        assert loop is not None
+        # On the loop's clock, which the sweep timer runs on (uvloop's is
+        # not time.monotonic()); the connection arrived this loop turn.
+        deadline = loop.time() + self.settings.request_timeout
+        loop.add_reader(conn.sock.fileno(), conn.readable)
+        conn.waiting = True         # only once the reader is there (close undoes both)
+        conn.deadline = deadline
         self._waiting[conn] = None
-        if self._sweep is None:
-            self._sweep = self._loop.call_later(conn.deadline - time.monotonic(),
-                                                self._expire)
+        # A SIGHUP may have lowered request_timeout: an earlier deadline
+        # than the armed one re-arms the sweep.
+        if self._sweep is None or deadline < self._sweep_at:
+            self._arm(deadline)
+
+    def _arm(self, when: float) -> None:
+        assert self._loop is not None
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep_at = when
+        self._sweep = self._loop.call_at(when, self._expire)
 
     def _waited(self, conn: Connection) -> None:
         conn.waiting = False
         assert self._loop is not None
         self._loop.remove_reader(conn.sock.fileno())
-        del self._waiting[conn]
+        self._waiting.pop(conn, None)
 
     def _expire(self) -> None:
-        """Connections past request_timeout end; the timer follows the next deadline."""
+        """Connections past request_timeout end; the timer follows the next
+        deadline. One connection that cannot be failed stops neither the
+        others nor the timer."""
         self._sweep = None
-        now = time.monotonic()
-        for conn in [c for c in self._waiting if c.deadline <= now]:
-            conn.fail(TimeoutError())
-        if self._waiting:
-            assert self._loop is not None
-            soonest = min(c.deadline for c in self._waiting)
-            self._sweep = self._loop.call_later(soonest - now, self._expire)
+        assert self._loop is not None
+        due = self._loop.time() + SWEEP_SLACK
+        try:
+            for conn in [c for c in self._waiting if c.deadline <= due]:
+                try:
+                    conn.fail(TimeoutError())
+                except Exception:  # noqa: BLE001 - the sweep goes on
+                    log.exception("event=internal_error protocol=%s peer=%s",
+                                  conn.proto, conn.peer)
+                    self._waiting.pop(conn, None)   # never swept again
+        finally:
+            if self._waiting and self._sweep is None:
+                self._arm(min(c.deadline for c in self._waiting))
 
     # what continues in a Task
     async def _finish(self, conn: Connection, message: bytes | None) -> None:

@@ -213,14 +213,21 @@ class LoginService:
         began = time.perf_counter()
 
         def recorded(_outcome: str | None, exc: BaseException | None) -> None:
-            self._observe_record(began)
-            if exc is None:
-                self._delivered(ex, answer)
-                done(answer, None)
-            elif isinstance(exc, RecordError):
-                done(self._unrecorded(protocol, exc), None)
-            else:
-                done(None, exc)
+            # done is called exactly once, also when a step before it raises:
+            # the connection then logs, closes and frees its slot.
+            result: tuple[Answer | None, BaseException | None]
+            try:
+                self._observe_record(began)
+                if exc is None:
+                    self._delivered(ex, answer)
+                    result = (answer, None)
+                elif isinstance(exc, RecordError):
+                    result = (self._unrecorded(protocol, exc), None)
+                else:
+                    result = (None, exc)
+            except Exception as err:  # noqa: BLE001
+                result = (None, err)
+            done(*result)
 
         return self.recorder.submit(record, steps.record_timeout, recorded)
 

@@ -346,3 +346,158 @@ def test_the_login_line_without_a_log_record_is_the_same_line(fmt):
         assert len(seen) == 1 and len(out.getvalue().splitlines()) == 3
     finally:
         root.handlers[:], root.level, root.propagate = saved
+
+
+# The connection handler in-process (no service is reached): what a daemon
+# cannot show deterministically.
+def _run(main, loop="asyncio"):
+    if loop == "uvloop":
+        import uvloop
+        return uvloop.run(main())
+    import asyncio
+    return asyncio.run(main())
+
+
+def _server(**kw):
+    import dataclasses
+    import types
+
+    from app.config import Settings
+    from app.server import Server
+    no_service = types.SimpleNamespace(metrics=None)       # none is reached
+    server = Server(dataclasses.replace(Settings(), **kw), no_service, [])  # type: ignore[arg-type]
+    server.start()
+    return server
+
+
+def _waiting_conn(server):
+    """A connection whose request has not come: its reader is on the loop."""
+    from app.server import Connection
+    ours, peer = socket.socketpair()
+    conn = Connection(server, "imap", ours)
+    server._inflight.add(conn)
+    conn.read()
+    assert conn.waiting
+    return conn, peer
+
+
+def test_a_cut_task_that_never_ran_still_closes_its_connection():
+    """drain's cut() on a Task cancelled before its first step (its finally
+    never runs): the connection closes all the same, the peer sees EOF."""
+    import asyncio
+
+    async def main():
+        server = _server()
+        conn, peer = _waiting_conn(server)
+        conn.run(asyncio.sleep(60))
+        conn.cut()
+        await asyncio.wait([conn.task])
+        await asyncio.sleep(0)
+        return conn.closed, len(server._inflight), peer.recv(1, socket.MSG_DONTWAIT)
+    assert _run(main) == (True, 0, b"")
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_request_sweep_follows_a_lowered_timeout_and_fires_once(loop):
+    """SIGHUP lowers request_timeout while the sweep is armed for a later
+    deadline: the new connection's earlier one re-arms it; and one sweep
+    ends it (uvloop's timers fire up to 1 ms early)."""
+    import asyncio
+    import dataclasses
+
+    async def main():
+        server = _server(request_timeout=60.0)
+        slow, _p1 = _waiting_conn(server)
+        server.reconfigure(dataclasses.replace(server.settings, request_timeout=0.05))
+        sweeps = []
+        expire = server._expire
+        server._expire = lambda: (sweeps.append(1), expire())     # type: ignore[method-assign]
+        quick, p2 = _waiting_conn(server)
+        p2.setblocking(False)
+        assert server._sweep_at == quick.deadline < slow.deadline
+        await asyncio.get_running_loop().sock_recv(p2, 1)         # EOF: timed out
+        out = quick.closed, slow.closed, len(sweeps)
+        slow.close()
+        return out
+    assert _run(main, loop) == (True, False, 1)
+
+
+def test_the_sweep_goes_on_when_one_connection_cannot_be_failed(monkeypatch, caplog):
+    from app.server import Connection
+
+    async def main():
+        server = _server()
+        first, _p1 = _waiting_conn(server)
+        second, _p2 = _waiting_conn(server)
+        fail = Connection.fail
+
+        def fails_first(conn, exc):
+            if conn is first:
+                raise RuntimeError("a bug")
+            fail(conn, exc)
+        monkeypatch.setattr(Connection, "fail", fails_first)
+        first.deadline = second.deadline = 0.0
+        server._expire()
+        out = second.closed, first in server._waiting
+        first.close()
+        return out
+    assert _run(main) == (True, False)
+    assert "event=internal_error" in caplog.text
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_client_write_that_waits_leaves_the_fd_flags_as_they_were(loop):
+    """Protocol doc 14.11: the client fd is Dovecot's too; uvloop's add_writer
+    sets O_NONBLOCK on it, write_fd puts the flags back."""
+    import asyncio
+    import fcntl
+
+    from app.fdio import write_fd
+
+    async def main():
+        client, mail = socket.socketpair()          # both blocking
+        filled = 0
+        try:
+            while True:
+                filled += client.send(b"z" * 65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+        before = fcntl.fcntl(client.fileno(), fcntl.F_GETFL)
+        writing = asyncio.ensure_future(write_fd(client.fileno(), b"alert", 10))
+        await asyncio.sleep(0)                      # waiting for the fd
+
+        def read_all():
+            got = 0
+            while got < filled + 5:
+                got += len(mail.recv(1 << 20))
+        await asyncio.to_thread(read_all)
+        await writing
+        return before, fcntl.fcntl(client.fileno(), fcntl.F_GETFL)
+    before, after = _run(main, loop)
+    assert after == before and not before & os.O_NONBLOCK
+
+
+def test_the_login_line_is_formatted_under_the_handler_lock():
+    """As Handler.handle does: the formatter's stamp cache is shared with the
+    other threads' lines."""
+    import logging
+
+    from app.logs import _KVFormatter, emit, setup_logging
+    root = logging.getLogger("lastlogin")
+    saved = root.handlers[:], root.level, root.propagate
+    setup_logging("info", "kv")
+    handler = root.handlers[0]
+    held = []
+
+    class Checking(_KVFormatter):
+        def line(self, *a, **kw):
+            held.append(handler.lock._is_owned())     # type: ignore[union-attr]
+            return super().line(*a, **kw)
+    handler.setFormatter(Checking())
+    handler.stream = open(os.devnull, "w")
+    try:
+        emit(logging.getLogger("lastlogin.server"), logging.INFO, "event=login x=%s", 1)
+    finally:
+        handler.stream.close()
+        root.handlers[:], root.level, root.propagate = saved
+    assert held == [True]
