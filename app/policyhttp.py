@@ -200,7 +200,7 @@ class PolicyServer:
                 self.policy.metrics.policy_connections_refused.labels(refused).inc()
             self._drop(me)
             me.done = True
-            me.transport.close()
+            close_soon(me.transport)
 
     def _drop(self, me: _Conn) -> None:
         if me in self._conns:
@@ -222,7 +222,7 @@ class PolicyServer:
         if me.transport.get_write_buffer_size() > FEED:
             me.transport.abort()
         else:
-            me.transport.close()
+            close_soon(me.transport)
 
     def _admit(self, me: _Conn) -> str | None:
         """Room for a new connection: evict one (of this peer when it is over
@@ -509,7 +509,7 @@ class _Conn(asyncio.Protocol):
         if self.transport.get_write_buffer_size() > (0 if self.idle else 4096):
             self.transport.abort()      # a client that does not read its answers
         else:
-            self.transport.close()
+            close_soon(self.transport)
 
     # --- the parser's callbacks -------------------------------------------------
 
@@ -572,6 +572,19 @@ class _Conn(asyncio.Protocol):
         """Stop the parser (it raises its own error, carrying ours)."""
         self.refusal = exc
         raise exc
+
+
+# A connection closed with an answer still buffered gets this long to take
+# it; then it is cut. It no longer counts against MAX_CONNECTIONS, so it must
+# not be able to stay open by never reading.
+CLOSE_GRACE = 1.0
+
+
+def close_soon(transport: asyncio.BaseTransport) -> None:
+    """Close, letting a small buffered answer go out, but within CLOSE_GRACE."""
+    transport.close()
+    if transport.get_write_buffer_size():   # type: ignore[attr-defined]
+        asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)  # type: ignore[attr-defined]
 
 
 class _Throttle:

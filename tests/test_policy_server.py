@@ -895,3 +895,42 @@ def test_the_sweep_goes_on_after_an_error(monkeypatch):
         await server.wait_closed(1)
         return closed
     assert asyncio.run(main()) is True and len(errors) == 1
+
+
+def test_a_connection_closed_with_answers_unread_is_cut_within_the_grace(monkeypatch):
+    """Evicted (or expired) with a small answer still buffered, a connection
+    is closed gently -- but it no longer counts against MAX_CONNECTIONS, so a
+    client that never reads cannot keep it open: it is cut after CLOSE_GRACE."""
+    monkeypatch.setattr(policyhttp, "CLOSE_GRACE", 0.3)
+
+    async def main():
+        server, port = await _endpoint(request_timeout=30)
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", port))
+        s.setblocking(False)
+        try:
+            await asyncio.sleep(0.05)
+            me = next(iter(server._conns))
+            me.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            while not 0 < me.transport.get_write_buffer_size() <= policyhttp.FEED:
+                try:
+                    s.send(ALLOW_REQ * 4)           # answers pile up, never read
+                except BlockingIOError:
+                    pass
+                await asyncio.sleep(0.01)
+            sock = me.transport.get_extra_info("socket")
+            server._cut(me)                         # what eviction does
+            assert sock.fileno() != -1              # the answer may still go out...
+            for _ in range(100):
+                if sock.fileno() == -1:
+                    break
+                await asyncio.sleep(0.05)
+            assert sock.fileno() == -1              # ...but not for ever
+        finally:
+            s.close()
+            server.close()
+            await server.wait_closed(1)
+
+    asyncio.run(main())
