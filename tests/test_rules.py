@@ -443,11 +443,21 @@ def test_an_automatic_block_already_in_force_is_extended_not_added_twice(engine)
     assert first == again == shorter != user
     assert [r.id for r in rows] == [first, user]
     assert rows[0].valid_until == now + dt.timedelta(hours=2)
+    # one an operator disabled is left as it is: the next burst is a new block
+    from app.db.rules import set_enabled
+    with engine.begin() as conn:
+        set_enabled(conn, user, False)
+        fresh = add_auto_block(conn, valid_until=now + dt.timedelta(hours=3), comment="3",
+                               priority=50, now=now, username="bob@example.com")
+        off = conn.execute(sa.select(access_rules.c.enabled, access_rules.c.valid_until)
+                           .where(access_rules.c.id == user)).one()
+    assert fresh not in (first, user) and not off.enabled
+    assert off.valid_until == now + dt.timedelta(hours=1)
     # one that has ended is not extended: a new block is a new rule
     with engine.begin() as conn:
         later = add_auto_block(conn, valid_until=now + dt.timedelta(hours=5),
                                **dict(block, now=now + dt.timedelta(hours=3)))
-    assert later not in (first, user)
+    assert later not in (first, user, fresh)
 
 
 def test_two_daemons_adding_the_same_block_at_once_leave_one_rule(pg_db):

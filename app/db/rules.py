@@ -158,7 +158,9 @@ def add_auto_block(conn: sa.Connection, *, valid_until: dt.datetime, comment: st
         lock = int.from_bytes(hashlib.blake2b(b"lastlogin auto block\0" + key,
                                               digest_size=8).digest(), "big", signed=True)
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(lock)))
-    same = [t.c.created_by == AUTO, t.c.valid_until > now,
+    # Only one in force: one an operator disabled stays as they left it, and a
+    # new burst of failures gets a new block.
+    same = [t.c.created_by == AUTO, t.c.enabled.is_(True), t.c.valid_until > now,
             t.c.username.is_(None) if username is None else t.c.username == username,
             (t.c.remote_network.is_(None) if remote_network is None
              else t.c.remote_network == remote_network)]
