@@ -549,3 +549,20 @@ def test_a_login_in_a_days_first_half_hour_counts_on_that_day(engine, zone, offs
         for rows in (reports.daily(conn, 30, now, tz), DailyCounts().rows(conn, now, tz)):
             assert [(r["day"], r["allowed"]) for r in rows] == [
                 (today - dt.timedelta(days=7), 1), (yesterday, 1), (today, 1)]
+
+
+def test_quarter_hour_buckets_and_a_zone_that_moves_by_half_an_hour(engine):
+    """The buckets are quarter hours (not minutes), and a window that crosses
+    Lord Howe's half-hour daylight saving counts by quarter hour too."""
+    at = dt.datetime(2026, 11, 26, 10, 7, tzinfo=dt.timezone.utc)
+    with engine.begin() as conn:
+        record_logins(conn, [record(b"a@example.com", at=at + dt.timedelta(minutes=m))
+                             for m in (0, 7, 8, 30)])
+    with engine.connect() as conn:
+        rows = reports.hourly(conn, at - HOUR, minutes=15)
+    assert sorted((r["hour"].minute, r["n"]) for r in rows) == [(0, 2), (15, 1), (30, 1)]
+    howe = zoneinfo.ZoneInfo("Australia/Lord_Howe")         # +11 in summer, +10:30 in winter
+    assert reports.bucket_minutes(howe, at - dt.timedelta(days=29), at) == 60
+    assert reports.bucket_minutes(howe, at - dt.timedelta(days=364), at) == 15
+    assert reports.bucket_minutes(zoneinfo.ZoneInfo("Asia/Kolkata"), at, at) == 15
+    assert reports.bucket_minutes(dt.timezone.utc, at - dt.timedelta(days=364), at) == 60

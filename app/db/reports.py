@@ -222,12 +222,19 @@ def daily(conn: sa.Connection, days: int, now: dt.datetime,
 
 def bucket_minutes(tz: dt.tzinfo, *moments: dt.datetime) -> int:
     """How finely ``hourly`` must count for days in ``tz``: 60 where the zone
-    is a whole number of hours from UTC at ``moments``; 15 where it is not
+    is a whole number of hours from UTC on every day between the earliest and
+    the latest of ``moments``; 15 where it is not
     (India +5:30, Nepal +5:45, Newfoundland -3:30, ...), else the logins of a
     day's first half hour would land in the UTC hour that began the day before.
     """
-    offsets = (m.astimezone(tz).utcoffset() or dt.timedelta() for m in moments)
-    return 60 if all(o % dt.timedelta(hours=1) == dt.timedelta() for o in offsets) else 15
+    hour, day = dt.timedelta(hours=1), dt.timedelta(days=1)
+    at, end = min(moments), max(moments)
+    while True:         # each day of the window: a zone may move by half an hour
+        if (at.astimezone(tz).utcoffset() or dt.timedelta()) % hour:
+            return 15
+        if at >= end:
+            return 60
+        at = min(at + day, end)
 
 
 # --- what the dashboard adds (app/web) ------------------------------------------
@@ -300,7 +307,7 @@ def hourly(conn: sa.Connection, start: dt.datetime, host: str | None = None,
     elif minutes == 60:
         hour = sa.func.strftime("%Y-%m-%d %H:00:00", e.c.occurred_at)
     else:
-        quarter = sa.cast(sa.func.strftime("%M", e.c.occurred_at), sa.Integer) / minutes * minutes
+        quarter = sa.cast(sa.func.strftime("%M", e.c.occurred_at), sa.Integer) // minutes * minutes
         hour = (sa.func.strftime("%Y-%m-%d %H:", e.c.occurred_at)
                 .concat(sa.func.printf("%02d:00", quarter)))
     group = [hour, e.c.protocol, e.c.outcome] + ([e.c.host] if by_host else [])
