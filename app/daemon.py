@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import signal
 
 import sqlalchemy as sa
@@ -45,6 +46,7 @@ log = logging.getLogger("lastlogin.daemon")
 
 # Exit statuses of `lastlogin serve` (the CLI's table: README "Exit statuses").
 EXIT_OK = 0
+EXIT_FORCED = 1        # a stop cut short by a third SIGTERM or SIGINT
 EXIT_CONFIG = 2             # a setting, a directory or a socket path is unusable
 EXIT_SCHEMA = 3             # the database schema is not at head
 
@@ -245,8 +247,27 @@ def run(settings: Settings, config_path: str | None = None) -> int:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 
 
+_stop_signals_while_stopping = 0
+
+
 def while_stopping(signum: int) -> None:
-    log.warning("event=signal_ignored signal=%s reason=stopping", signal.Signals(signum).name)
+    """A signal once the daemon is stopping: ignored, except that a second
+    extra SIGTERM or SIGINT ends the process at once (a stop that hangs, e.g.
+    on a group lookup that never returns, must not need SIGKILL). Nothing
+    acknowledged is lost either way: every answered login was committed or
+    spooled before its answer."""
+    global _stop_signals_while_stopping
+    name = signal.Signals(signum).name
+    if signum in (signal.SIGTERM, signal.SIGINT):
+        _stop_signals_while_stopping += 1
+        if _stop_signals_while_stopping >= 2:
+            log.error("event=stop_forced signal=%s", name)
+            logging.shutdown()
+            os._exit(EXIT_FORCED)
+        log.warning("event=signal_ignored signal=%s reason=stopping "
+                    "detail=\"send it once more to stop at once\"", name)
+        return
+    log.warning("event=signal_ignored signal=%s reason=stopping", name)
 
 
 def open_geoip(settings: Settings) -> GeoIP | None:

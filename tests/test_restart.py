@@ -238,6 +238,28 @@ def test_a_second_sigterm_while_draining_is_logged_and_the_stop_completes(sqlite
     d.stop()
 
 
+def test_a_third_stop_signal_ends_a_stop_that_hangs_at_once(sqlite_url):
+    """The stop waits for a stalled login up to drain_timeout (here 50 s): a
+    third SIGTERM ends the process at once, with its one line."""
+    d = make_daemon(sqlite_url, drain_timeout="50", request_timeout="55")
+    d.start()
+    slow = socket.socket(socket.AF_UNIX)
+    try:
+        slow.connect(d.sock("imap"))
+        slow.sendall(b"VERSION\t1")
+        assert wait_for(lambda: '"inflight": 1' in _status_text(d), timeout=10)
+        d.signal(signal.SIGTERM)
+        assert wait_for(lambda: "event=draining inflight=1" in d.logs())
+        d.signal(signal.SIGTERM)
+        assert wait_for(lambda: "send it once more to stop at once" in d.logs())
+        d.signal(signal.SIGTERM)
+        assert d.proc.wait(10) == 1
+    finally:
+        slow.close()
+    assert "event=stop_forced signal=SIGTERM" in d.logs()
+    d.stop()
+
+
 def _status_text(d) -> str:
     try:
         return open(os.path.join(d.socket_dir, "status.json")).read()
