@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ import sqlalchemy as sa
 
 from app.db import make_engine
 from app.db.schema import login_events
+from app.status import read_status
 from tests.harness.db import empty_tables
 from tests.harness.daemon import make_daemon, wait_for
 from tests.harness.dovecot import make_dovecot
@@ -217,20 +219,10 @@ def test_a_second_sigterm_while_draining_is_logged_and_the_stop_completes(sqlite
     """An impatient second SIGTERM (or a SIGHUP) during the drain does not
     kill the daemon midway: it is logged, the drain ends at drain_timeout and
     the daemon stops the normal way."""
-    d = make_daemon(sqlite_url, drain_timeout="2", request_timeout="30")
-    d.start()
-    slow = socket.socket(socket.AF_UNIX)
-    try:
-        slow.connect(d.sock("imap"))
-        slow.sendall(b"VERSION\t1")             # a request begun, never finished
-        assert wait_for(lambda: '"inflight": 1' in _status_text(d), timeout=10)
-        d.signal(signal.SIGTERM)
-        assert wait_for(lambda: "event=draining inflight=1" in d.logs())
+    with _draining(sqlite_url, drain_timeout="2", request_timeout="30") as d:
         d.signal(signal.SIGTERM)
         d.signal(signal.SIGHUP)
         assert d.proc.wait(30) == 0
-    finally:
-        slow.close()
     logs = d.logs()
     assert "event=signal_ignored signal=SIGTERM reason=stopping" in logs
     assert "event=signal_ignored signal=SIGHUP reason=stopping" in logs
@@ -241,27 +233,28 @@ def test_a_second_sigterm_while_draining_is_logged_and_the_stop_completes(sqlite
 def test_a_third_stop_signal_ends_a_stop_that_hangs_at_once(sqlite_url):
     """The stop waits for a stalled login up to drain_timeout (here 50 s): a
     third SIGTERM ends the process at once, with its one line."""
-    d = make_daemon(sqlite_url, drain_timeout="50", request_timeout="55")
-    d.start()
-    slow = socket.socket(socket.AF_UNIX)
-    try:
-        slow.connect(d.sock("imap"))
-        slow.sendall(b"VERSION\t1")
-        assert wait_for(lambda: '"inflight": 1' in _status_text(d), timeout=10)
-        d.signal(signal.SIGTERM)
-        assert wait_for(lambda: "event=draining inflight=1" in d.logs())
+    with _draining(sqlite_url, drain_timeout="50", request_timeout="55") as d:
         d.signal(signal.SIGTERM)
         assert wait_for(lambda: "send it once more to stop at once" in d.logs())
         d.signal(signal.SIGTERM)
         assert d.proc.wait(10) == 1
-    finally:
-        slow.close()
     assert "event=stop_forced signal=SIGTERM" in d.logs()
     d.stop()
 
 
-def _status_text(d) -> str:
+@contextlib.contextmanager
+def _draining(db_url, **settings):
+    """A daemon told to stop (one SIGTERM) while a login it accepted is still
+    waiting for the rest of its request: the drain waits for it."""
+    d = make_daemon(db_url, **settings)
+    d.start()
+    slow = socket.socket(socket.AF_UNIX)
     try:
-        return open(os.path.join(d.socket_dir, "status.json")).read()
-    except OSError:
-        return ""
+        slow.connect(d.sock("imap"))
+        slow.sendall(b"VERSION\t1")             # a request begun, never finished
+        assert wait_for(lambda: getattr(read_status(d.socket_dir), "inflight", 0) == 1)
+        d.signal(signal.SIGTERM)
+        assert wait_for(lambda: "event=draining inflight=1" in d.logs())
+        yield d
+    finally:
+        slow.close()
