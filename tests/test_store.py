@@ -22,10 +22,20 @@ def lasts(engine):
         return {(r.username, r.protocol): r for r in conn.execute(sa.select(last_logins))}
 
 
-@pytest.fixture(params=["core", "writer"])
+# Every write path on each backend (db_url and store, indirect): PostgreSQL's
+# writer twice, a batch of one login as plain values (PG_ONE) and as arrays
+# like any batch (PG_BATCH).
+write_paths = pytest.mark.parametrize(("db_url", "store"), [
+    ("postgresql", "core"), ("postgresql", "writer"), ("postgresql", "writer-arrays"),
+    ("sqlite", "core"), ("sqlite", "writer")], indirect=True)
+
+
+@pytest.fixture
 def store(request, engine):
-    """Both write paths: record_logins (imports, replays) and the daemon's batch writer
-    (on PostgreSQL the one-statement fast path); they must store the same rows."""
+    """Every write path: record_logins (imports, replays) and the daemon's batch
+    writer -- on PostgreSQL the one statement, a batch of one login as plain
+    values (PG_ONE) or, with "writer-arrays", as arrays like any batch
+    (PG_BATCH); they must store the same rows."""
     if request.param == "core":
         def write(_engine, *records):
             with engine.begin() as conn:
@@ -33,10 +43,13 @@ def store(request, engine):
         yield write
         return
     writer = writer_for(engine)
+    if request.param == "writer-arrays":
+        writer.one_row_statement = False
     yield lambda _engine, *records: writer.write(list(records))
     writer.close()
 
 
+@write_paths
 def test_event_and_last_login_are_written(engine, store):
     assert store(engine, record(master_user=b"admin", auth_user=b"alice")) == 1
     (ev,) = events(engine)
@@ -49,6 +62,7 @@ def test_event_and_last_login_are_written(engine, store):
     assert (row.first_seen, row.last_seen, row.login_count) == (T0, T0, 1)
 
 
+@write_paths
 def test_second_login_updates_count_and_last_ip(engine, store):
     later = T0 + dt.timedelta(hours=1)
     store(engine, record())
@@ -59,6 +73,7 @@ def test_second_login_updates_count_and_last_ip(engine, store):
     assert (row.last_remote_ip, row.last_local_ip) == ("2001:db8::7", None)
 
 
+@write_paths
 def test_protocols_are_kept_apart(engine, store):
     store(engine, record(protocol="imap"), record(protocol="pop3"), record(protocol="pop3"))
     rows = lasts(engine)
@@ -66,6 +81,7 @@ def test_protocols_are_kept_apart(engine, store):
     assert rows[("alice@example.com", "pop3")].login_count == 2
 
 
+@write_paths
 def test_one_batch_with_many_logins_of_one_user(engine, store):
     batch = [record(at=T0 + dt.timedelta(seconds=i), remote_ip=f"10.0.0.{i}") for i in (3, 1, 2)]
     assert store(engine, *batch) == 3
@@ -75,6 +91,7 @@ def test_one_batch_with_many_logins_of_one_user(engine, store):
     assert row.first_seen == T0 + dt.timedelta(seconds=1)
 
 
+@write_paths
 def test_replay_is_idempotent(engine, store):
     a, b = record(), record(at=T0 + dt.timedelta(minutes=5))
     store(engine, a)
@@ -83,6 +100,7 @@ def test_replay_is_idempotent(engine, store):
     assert lasts(engine)[("alice@example.com", "imap")].login_count == 2
 
 
+@write_paths
 def test_an_older_event_arriving_late_does_not_move_last_seen(engine, store):
     newer = T0 + dt.timedelta(days=1)
     store(engine, record(at=newer, remote_ip="10.1.1.1"))
@@ -91,12 +109,14 @@ def test_an_older_event_arriving_late_does_not_move_last_seen(engine, store):
     assert (row.first_seen, row.last_seen, row.last_remote_ip) == (T0, newer, "10.1.1.1")
 
 
+@write_paths
 def test_denied_logins_are_history_but_not_last_login(engine, store):
     store(engine, record(outcome="denied"))
     assert [e.outcome for e in events(engine)] == ["denied"]
     assert lasts(engine) == {}
 
 
+@write_paths
 @pytest.mark.parametrize("name", HOSTILE_USERNAMES, ids=range(len(HOSTILE_USERNAMES)))
 def test_hostile_usernames_are_stored_verbatim(engine, store, name):
     store(engine, record(name))
@@ -128,17 +148,20 @@ def test_normalize_ip(raw, expected):
     assert normalize_ip(raw) == expected
 
 
+@write_paths
 def test_alert_deliveries_are_written_with_the_login(engine, store):
     from app.db.schema import login_alert_deliveries
     rec = record(alerts_shown=(7, 9))
     store(engine, rec, record(b"bob@example.com"))
     store(engine, rec)                         # a replay adds nothing
+    store(engine, record(b"carol@example.com", alerts_shown=(9,)))     # a batch of one
     with engine.connect() as conn:
         rows = conn.execute(sa.select(login_alert_deliveries)).all()
     assert sorted((r.alert_id, r.username) for r in rows) == [
-        (7, "alice@example.com"), (9, "alice@example.com")]
+        (7, "alice@example.com"), (9, "alice@example.com"), (9, "carol@example.com")]
 
 
+@write_paths
 def test_a_record_written_twice_counts_once(engine, store):
     """A slow commit that also went to the spool reaches the database twice,
     even within one batch: one event, one count."""
@@ -158,6 +181,7 @@ def test_usernames_past_the_index_limit_keep_their_bytes():
     assert username_text(b"short") == ("short", None)
 
 
+@write_paths
 def test_refusal_message_and_unapplied_policy_are_kept(engine, store):
     store(engine, record(outcome="denied", rule_id=7, message="Call the helpdesk."),
           record(b"bob", policy_applied=False))
@@ -204,11 +228,12 @@ def test_upgrade_starts_sqlite_ids_past_what_history_mentions(tmp_path):
     assert ids == [1, 4]
 
 
-@pytest.mark.parametrize("path", ["core", "writer"])
+@pytest.mark.parametrize("path", ["core", "writer", "writer-one-by-one"])
 def test_new_locations_and_last_country_on_every_write_path(engine, path):
     """The flag and the last country come out the same from record_logins and
     from the daemon's batch writer of each backend (PostgreSQL's one statement,
-    SQLite's own connection)."""
+    SQLite's own connection), whether the logins come in batches or one per
+    commit (PostgreSQL's PG_ONE)."""
     writer = writer_for(engine)
 
     def write(*records):
@@ -216,8 +241,11 @@ def test_new_locations_and_last_country_on_every_write_path(engine, path):
         if path == "core":
             with engine.begin() as conn:
                 record_logins(conn, list(records), flagged)
-        else:
+        elif path == "writer":
             writer.write(list(records), flagged)
+        else:
+            for rec in records:
+                writer.write([rec], flagged)
         return flagged
 
     h = dt.timedelta(hours=1)
@@ -245,9 +273,10 @@ def test_the_batch_statement_is_short_enough_for_psycopg_to_keep_its_parse():
     every commit re-parses the whole batch statement."""
     from psycopg._queries import MAX_CACHED_STATEMENT_LENGTH
 
-    from app.db.writers import PG_BATCH
-    assert "--" not in PG_BATCH and "  " not in PG_BATCH
-    assert len(PG_BATCH.encode()) <= MAX_CACHED_STATEMENT_LENGTH
+    from app.db.writers import PG_BATCH, PG_ONE
+    for statement in (PG_BATCH, PG_ONE):
+        assert "--" not in statement and "  " not in statement
+        assert len(statement.encode()) <= MAX_CACHED_STATEMENT_LENGTH
 
 
 def test_the_postgresql_batch_is_planned_once_not_for_every_commit(pg_db):
@@ -260,12 +289,14 @@ def test_the_postgresql_batch_is_planned_once_not_for_every_commit(pg_db):
     writer = PostgresWriter(engine)
     try:
         for i in range(8):          # past the 5 custom plans PostgreSQL tries first
-            assert writer.write([record(b"u%d@example.com" % (i % 3),
-                                        at=T0 + dt.timedelta(seconds=i))]) == 1
+            at = T0 + dt.timedelta(seconds=i)
+            assert writer.write([record(b"u%d@example.com" % (i % 3), at=at)]) == 1
+            assert writer.write([record(b"v%d@example.com" % (i % 3), at=at),
+                                 record(b"w%d@example.com" % (i % 3), at=at)]) == 2
         plans = writer._conn().execute(
             "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
             "WHERE statement LIKE %s", ["%INSERT INTO login_events%"]).fetchall()
     finally:
         writer.close()
         engine.dispose()
-    assert plans == [(8, 0)]
+    assert plans == [(8, 0), (8, 0)]        # PG_ONE and PG_BATCH

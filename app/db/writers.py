@@ -129,13 +129,34 @@ COLUMNS = ("event_id", "occurred_at", "username", "username_raw", "protocol", "r
            "local_ip", "outcome", "rule_id", "auth_mech", "master_user", "auth_user",
            "message", "policy_applied", "host", "country", "asn", "session_id")
 
+# A batch of one login -- every commit at low load -- as the same statement
+# with its input as one row of plain values instead of eighteen one-element
+# arrays: everything after the input is the same text, so both store the
+# same rows by construction. Adapting the arrays was about 40 % of the
+# writer's CPU for such a commit, and PostgreSQL's unnest ~10 % of its own.
+_INPUT = re.compile(r"WITH input AS \( SELECT \* FROM unnest\(.*?\) AS t\([^)]*\) \)")
+_TYPES = dict(re.findall(r"%\((\w+)\)s::(\w+)\[\]", PG_BATCH))
+PG_ONE, _n = _INPUT.subn(
+    "WITH input AS (SELECT " + ", ".join(f"%({c})s::{_TYPES[c]} AS {c}" for c in COLUMNS) + ")",
+    PG_BATCH)
+assert _n == 1, "PG_BATCH's input no longer has the shape PG_ONE replaces"
 
-def pg_params(records: Sequence[LoginRecord]) -> dict[str, list[object]]:
+
+def pg_params(records: Sequence[LoginRecord]) -> dict[str, object]:
+    """PG_BATCH's parameters: one array per column."""
     records = unique_events(records)
     rows = [r.event_row() for r in records]
-    params: dict[str, list[object]] = {c: [row[c] for row in rows] for c in COLUMNS}
+    params: dict[str, object] = {c: [row[c] for row in rows] for c in COLUMNS}
     params["d_event"] = [r.event_id for r in records for _ in r.alerts_shown]
     params["d_alert"] = [a for r in records for a in r.alerts_shown]
+    return params
+
+
+def pg_params_one(record: LoginRecord) -> dict[str, object]:
+    """PG_ONE's parameters: the one login's values as they are."""
+    params: dict[str, object] = record.event_row()
+    params["d_event"] = [record.event_id] * len(record.alerts_shown)
+    params["d_alert"] = list(record.alerts_shown)
     return params
 
 
@@ -171,6 +192,8 @@ class _OwnConnection:
 class PostgresWriter(_OwnConnection):
     """PostgreSQL: one prepared statement per batch on an autocommit connection."""
 
+    one_row_statement = True    # a batch of one as PG_ONE (the tests also run it off)
+
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         self._raw = None
@@ -191,8 +214,12 @@ class PostgresWriter(_OwnConnection):
     def write(self, records: Sequence[LoginRecord],
               flagged: list[uuid.UUID] | None = None) -> int:
         """Store a batch; ``flagged`` gets the ids of the new locations among it."""
+        if len(records) == 1 and self.one_row_statement:
+            statement, params = PG_ONE, pg_params_one(records[0])
+        else:
+            statement, params = PG_BATCH, pg_params(records)
         try:
-            row = self._conn().execute(PG_BATCH, pg_params(records), prepare=True).fetchone()
+            row = self._conn().execute(statement, params, prepare=True).fetchone()
         except Exception:
             self.close()            # a fresh connection next time
             raise
