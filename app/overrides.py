@@ -206,12 +206,15 @@ def plan(overrides: "Overrides | None", alerts: tuple[Alert, ...],
     """
     domain = domain_of(user)
     wanted = overrides.for_login(user, domain) if overrides is not None else {}
-    tvars = LoginVars.of(req.username, protocol, req.remote_ip, req.local_ip)
-    if last_login is not None:
-        tvars = dataclasses.replace(tvars, last_login_time=last_login[0],
-                                    last_login_ip=last_login[1],
-                                    last_login_country=last_login[2])
-    wanted = expand_fields(wanted, tvars)
+    # IMAP only: elsewhere an unsolicited line would break the session.
+    shown = alerts_for(alerts, delivered, user, domain, now) if protocol == "imap" else []
+    if wanted or shown:             # most logins have nothing to expand
+        tvars = LoginVars.of(req.username, protocol, req.remote_ip, req.local_ip)
+        if last_login is not None:
+            tvars = dataclasses.replace(tvars, last_login_time=last_login[0],
+                                        last_login_ip=last_login[1],
+                                        last_login_country=last_login[2])
+        wanted = expand_fields(wanted, tvars)
     if system_groups:
         base = wanted.get("acl_groups")
         if base is None:
@@ -219,7 +222,5 @@ def plan(overrides: "Overrides | None", alerts: tuple[Alert, ...],
             base = current.decode("utf-8", "replace") if current is not None else None
         wanted = {**wanted, "acl_groups": union_list(base, list(system_groups))}
     fields = merge_fields(req.fields, wanted)
-    # IMAP only: elsewhere an unsolicited line would break the session.
-    shown = alerts_for(alerts, delivered, user, domain, now) if protocol == "imap" else []
     return Plan(fields, [a.id for a in shown if a.show_once],
                 b"".join(alert_line(expand(a.message, tvars)) for a in shown), len(shown))
