@@ -347,8 +347,8 @@ def write_doc(runs: list[Run], levels: list[int], memory, args, modes: list[str]
              "PostgreSQL, every login committed before its reply (one daemon per event "
              "loop, same database); the null handler does no work at all. "
              f"{CLIENTS[args.client]} Client and servers share the "
-             f"{os.cpu_count()} cores; the null handler's latency is mostly the client's "
-             "own.", "",
+             f"{os.cpu_count()} cores; null p50/p99: the do-nothing handler's latency, the "
+             "floor that client, handler loop and machine set together.", "",
              "| concurrency | mode | null handler logins/s | lastlogin logins/s | ratio | "
              "lastlogin p50 | p95 | p99 | null p50 | null p99 | daemon CPU per login | "
              "spread (lastlogin rates) |",
