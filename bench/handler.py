@@ -2,26 +2,34 @@
 
     python -m bench.handler [--seconds 5] [--rounds 3] [--concurrency 1,8,64]
                             [--memory-logins 100000] [--profile] [--smoke]
-                            [--baseline REV] [--no-doc]
+                            [--baseline REV] [--client c|python] [--no-doc]
 
 A client speaks the post-login protocol exactly as Dovecot's mail process
 does (request line + one real socket fd via SCM_RIGHTS, one request per
-connection) from threads, at each concurrency, against (A) the do-nothing
+connection), at each concurrency, against (A) the do-nothing
 handler in bench/null_handler.py and (B) `lastlogin serve` on PostgreSQL,
 interleaved round by round (A B A B ...). Every login lastlogin answered is
 counted in the database afterwards. --baseline REV adds a daemon running
 that git revision's code (extracted to a temporary directory), interleaved
 with the others: what a change bought, measured in the same run. Results (logins/s, p50/p95/p99 from send
 to reply, ratios of medians) go into docs/performance.md between the
-HANDLER markers. --smoke: a few hundred logins, correctness only.
+HANDLER markers. --smoke: a few hundred logins with each client, correctness only.
+
+The client (--client): "c" (the default where gcc is found) is
+bench/postlogin_load.c, one thread and epoll, compiled with the system gcc
+into the run's temporary directory; "python" is bench/load.py's threads,
+which at concurrency 64 are themselves the bottleneck (the GIL, on the
+cores the servers need), so the daemon's tail latency cannot be read there.
 """
 
 from __future__ import annotations
 
 import argparse
+import array
 import datetime as dt
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -33,7 +41,7 @@ import sqlalchemy as sa
 
 from app.db import make_engine
 from app.db.migrate import upgrade
-from app.protocol import build_request
+from app.protocol import build_request, tab_escape
 from bench.doc import write_section
 from bench.load import Run, drive as drive_load
 from tests.harness.daemon import Daemon, make_daemon
@@ -52,10 +60,79 @@ def one_login(path: str, username: bytes) -> bool:
 
 
 def drive(path: str, mode: str, concurrency: int, seconds: float | None, count: int | None,
-          prefix: str) -> Run:
-    """Logins of fresh users ``<prefix><worker>-<i>@example.com`` against ``path``."""
+          prefix: str, client: CClient | None = None) -> Run:
+    """Logins of fresh users ``<prefix><worker>-<i>@example.com`` against ``path``:
+    from Python threads, or from the C client ``client`` when given."""
+    if client is not None:
+        return client.drive(path, mode, concurrency, seconds, count, prefix)
     return drive_load(lambda n, i: one_login(path, f"{prefix}{n}-{i}@example.com".encode()),
                       Run(mode, concurrency), seconds, count)
+
+
+MARK = b"{worker-i}"
+
+
+def request_parts(prefix: str) -> tuple[bytes, bytes]:
+    """The request one_login sends for ``<prefix><worker>-<i>@example.com``,
+    as the bytes before and after ``<worker>-<i>`` (which the C client
+    writes). Refuses a prefix the username would have to be tab-escaped for:
+    the C client inserts digits and '-' only and escapes nothing."""
+    sample = f"{prefix}0-0@example.com".encode()
+    if tab_escape(sample) != sample or MARK in sample:
+        raise ValueError(f"prefix {prefix!r}: the username would need escaping")
+    parts = build_request(b"192.0.2.25", b"198.51.100.7",
+                          prefix.encode() + MARK + b"@example.com", FIELDS).split(MARK)
+    if len(parts) != 2 or parts[0] + b"0-0" + parts[1] != build_request(
+            b"192.0.2.25", b"198.51.100.7", sample, FIELDS):
+        raise ValueError(f"prefix {prefix!r}: cannot cut the request around the username")
+    return parts[0], parts[1]
+
+
+class CClient:
+    """bench/postlogin_load.c, built with the system gcc into ``workdir``."""
+
+    SOURCE = ROOT / "bench" / "postlogin_load.c"
+
+    def __init__(self, workdir: Path, login_timeout: float = 20.0) -> None:
+        gcc = shutil.which("gcc")
+        if gcc is None:
+            raise RuntimeError("gcc not found: cannot build the C load client "
+                               "(bench/postlogin_load.c); use --client python")
+        self.workdir = workdir
+        self.exe = workdir / "postlogin_load"
+        self.login_timeout = login_timeout
+        subprocess.run([gcc, "-O2", "-Wall", "-Wextra", "-o", str(self.exe), str(self.SOURCE)],
+                       check=True)
+
+    def drive(self, path: str, mode: str, concurrency: int, seconds: float | None,
+              count: int | None, prefix: str) -> Run:
+        """As bench.load.drive: ``concurrency`` logins in flight, for ``seconds`` or
+        ``count`` logins in all (count // concurrency per worker)."""
+        before, after = request_parts(prefix)
+        lat = self.workdir / "latencies.bin"
+        cmd = [str(self.exe), "-c", str(concurrency), "-b", before.hex(), "-a", after.hex(),
+               "-T", repr(self.login_timeout), "-o", str(lat)]
+        cmd += ["-t", repr(float(seconds))] if seconds is not None else ["-n", str(count)]
+        out = subprocess.run(cmd + [path], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"{self.exe.name} exited {out.returncode}: {out.stderr.strip()}")
+        got = dict(kv.split("=", 1) for kv in out.stdout.split())
+        run = Run(mode, concurrency, logins=int(got["logins"]), failures=int(got["failures"]),
+                  seconds=float(got["seconds"]))
+        samples = array.array("d")
+        samples.frombytes(lat.read_bytes())
+        lat.unlink()
+        if len(samples) != run.logins:
+            raise RuntimeError(f"{len(samples)} latencies for {run.logins} logins")
+        run.latencies = samples.tolist()
+        return run
+
+
+def make_client(choice: str, workdir: Path) -> CClient | None:
+    """The client --client asks for (None: Python threads)."""
+    if choice == "python":
+        return None
+    return CClient(workdir)
 
 
 class NullHandler:
@@ -147,13 +224,22 @@ def main() -> None:
                     help="also run this git revision's code (asyncio), interleaved")
     ap.add_argument("--log-level", default="warning",
                     help="the daemons' log level (info: the one line per login is written)")
+    ap.add_argument("--client", choices=["c", "python"], default=None,
+                    help="the load client: c (bench/postlogin_load.c, the default where gcc "
+                         "is found) or python (threads)")
     ap.add_argument("--no-doc", action="store_true", help="print, do not write the doc")
     args = ap.parse_args()
+    if args.client is None:
+        args.client = "c" if shutil.which("gcc") else "python"
+        if args.client == "python":
+            print("gcc not found: the Python load client is used, itself the bottleneck "
+                  "at high concurrency", flush=True)
     loops = [lp for lp in args.loops.split(",") if lp]
     levels = [int(c) for c in args.concurrency.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="llbench-", dir="/tmp"))
     url, server = database()
     runs: list[Run] = []
+    client = make_client(args.client, workdir) if not args.smoke else None
     try:
         null = NullHandler(workdir)
         null_path = null.path
@@ -168,16 +254,18 @@ def main() -> None:
         ll_path = ll.sock("imap")
         try:
             if args.smoke:
-                smoke(null_path, ll_path, url)
+                smoke(null_path, ll_path, url, workdir)
                 return
             for rnd in range(args.rounds):
                 for c in levels:
-                    runs.append(drive(null_path, "null", c, args.seconds, None, f"n{rnd}c{c}-"))
+                    runs.append(drive(null_path, "null", c, args.seconds, None, f"n{rnd}c{c}-",
+                                      client))
                     line = f"round {rnd + 1} c={c}: null {runs[-1].rate:.0f}/s"
                     for k, (mode, daemon) in enumerate(daemons.items()):
                         prefix = f"b{rnd}c{c}m{k}-"
                         cpu0 = cpu_seconds(daemon.proc.pid)
-                        run = drive(daemon.sock("imap"), mode, c, args.seconds, None, prefix)
+                        run = drive(daemon.sock("imap"), mode, c, args.seconds, None, prefix,
+                                    client)
                         run.cpu = cpu_seconds(daemon.proc.pid) - cpu0
                         stored = stored_events(url, prefix)
                         if stored != run.logins:
@@ -189,8 +277,8 @@ def main() -> None:
                                  f"(stored {stored})")
                     print(line, flush=True)
             if args.profile:
-                profile(ll, ll_path, workdir)
-            memory = {mode: memory_run(d, d.sock("imap"), args.memory_logins, str(k))
+                profile(ll, ll_path, workdir, client)
+            memory = {mode: memory_run(d, d.sock("imap"), args.memory_logins, str(k), client)
                       for k, (mode, d) in enumerate(daemons.items())} if args.memory_logins else {}
         finally:
             null.stop()
@@ -207,17 +295,21 @@ def mode_of(loop: str) -> str:
     return "lastlogin" if loop == "asyncio" else f"lastlogin-{loop}"
 
 
-def smoke(null_path: str, ll_path: str, url: str) -> None:
-    for c in (1, 8):
-        base = drive(null_path, "null", c, None, 96, f"sn{c}-")
-        run = drive(ll_path, "lastlogin", c, None, 96, f"sl{c}-")
-        stored = stored_events(url, f"sl{c}-")
-        assert base.failures == 0 and run.failures == 0, (base.failures, run.failures)
-        assert run.logins == 96 and stored == 96, (run.logins, stored)
-    print("smoke: 2 x 96 logins answered by both handlers, every lastlogin login stored once")
+def smoke(null_path: str, ll_path: str, url: str, workdir: Path) -> None:
+    """Both clients (the C one is built here: no gcc, no smoke), both handlers."""
+    for name, client in (("python", None), ("c", CClient(workdir))):
+        for c in (1, 8):
+            base = drive(null_path, "null", c, None, 96, f"s{name}n{c}-", client)
+            run = drive(ll_path, "lastlogin", c, None, 96, f"s{name}l{c}-", client)
+            stored = stored_events(url, f"s{name}l{c}-")
+            assert base.failures == 0 and run.failures == 0, (name, base.failures, run.failures)
+            assert base.logins == 96 and len(base.latencies) == 96, (name, base.logins)
+            assert run.logins == 96 and stored == 96, (name, run.logins, stored)
+        print(f"smoke ({name} client): 2 x 96 logins answered by both handlers, "
+              "every lastlogin login stored once")
 
 
-def profile(ll: Daemon, path: str, workdir: Path) -> None:
+def profile(ll: Daemon, path: str, workdir: Path, client: CClient | None = None) -> None:
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)
     pyspy = str(Path(sys.executable).with_name("py-spy"))
@@ -225,18 +317,26 @@ def profile(ll: Daemon, path: str, workdir: Path) -> None:
                             "--rate", "200", "--format", "speedscope", "-o",
                             str(out / "handler-c64.speedscope.json")],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    drive(path, "lastlogin", 64, 8.0, None, "prof-")
+    drive(path, "lastlogin", 64, 8.0, None, "prof-", client)
     spy.wait(60)
 
 
-def memory_run(ll: Daemon, path: str, total: int, tag: str = "") -> tuple[int, int, int]:
+def memory_run(ll: Daemon, path: str, total: int, tag: str = "",
+               client: CClient | None = None) -> tuple[int, int, int]:
     """RSS after the first tenth of ``total`` logins and after all of them."""
     first = total // 10
-    drive(path, "lastlogin", 16, None, first, f"memA{tag}-")
+    drive(path, "lastlogin", 16, None, first, f"memA{tag}-", client)
     early = rss_kib(ll.proc.pid)
-    drive(path, "lastlogin", 16, None, total - first, f"memB{tag}-")
+    drive(path, "lastlogin", 16, None, total - first, f"memB{tag}-", client)
     late = rss_kib(ll.proc.pid)
     return total, early, late
+
+
+CLIENTS = {
+    "c": "Client: bench/postlogin_load.c (C, one thread, epoll, `--client c`).",
+    "python": "Client: Python threads, bench/load.py (`--client python`), itself the "
+              "bottleneck at concurrency 64.",
+}
 
 
 def write_doc(runs: list[Run], levels: list[int], memory, args, modes: list[str]) -> None:
@@ -245,12 +345,14 @@ def write_doc(runs: list[Run], levels: list[int], memory, args, modes: list[str]
              f"{args.rounds} rounds x {args.seconds:g} s per mode and concurrency, interleaved "
              f"(null, {', '.join(modes)}, null, ...), medians over rounds. lastlogin on "
              "PostgreSQL, every login committed before its reply (one daemon per event "
-             "loop, same database); the null handler does no work at all. Client and "
-             "servers share the 2 cores.", "",
+             "loop, same database); the null handler does no work at all. "
+             f"{CLIENTS[args.client]} Client and servers share the "
+             f"{os.cpu_count()} cores; null p50/p99: the do-nothing handler's latency, the "
+             "floor that client, handler loop and machine set together.", "",
              "| concurrency | mode | null handler logins/s | lastlogin logins/s | ratio | "
-             "lastlogin p50 | p95 | p99 | null p50 | daemon CPU per login | "
+             "lastlogin p50 | p95 | p99 | null p50 | null p99 | daemon CPU per login | "
              "spread (lastlogin rates) |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     med = lambda rs, p: statistics.median(r.pct(p) for r in rs)   # noqa: E731
     for c in levels:
         null = [r for r in runs if r.mode == "null" and r.concurrency == c]
@@ -260,7 +362,7 @@ def write_doc(runs: list[Run], levels: list[int], memory, args, modes: list[str]
             lr = statistics.median(r.rate for r in ll)
             lines.append(f"| {c} | {mode} | {nr:,.0f} | {lr:,.0f} | {lr / nr:.2f} | "
                          f"{med(ll, 50):.2f} ms | {med(ll, 95):.2f} ms | {med(ll, 99):.2f} ms | "
-                         f"{med(null, 50):.2f} ms | "
+                         f"{med(null, 50):.2f} ms | {med(null, 99):.2f} ms | "
                          f"{statistics.median(r.cpu_per_login for r in ll):.3f} ms | "
                          f"{', '.join(f'{r.rate:,.0f}' for r in ll)} |")
     lines.append("")

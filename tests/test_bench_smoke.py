@@ -1,12 +1,23 @@
 """The handler benchmark, as a smoke test: it runs, and every login is stored once.
+Its C load client (bench/postlogin_load.c) sends what Dovecot sends and counts
+what goes wrong as failures. These need gcc: without it they fail, not skip.
 
 No timing is asserted here; speed is measured by `python -m bench.handler`.
 """
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 from pathlib import Path
+
+import pytest
+
+from app.protocol import build_request
+from bench.handler import FIELDS, CClient, request_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +29,8 @@ def test_handler_benchmark_smoke(pg_cluster):
     out = subprocess.run([sys.executable, "-m", "bench.handler", "--smoke"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "every lastlogin login stored once" in out.stdout
+    assert "smoke (python client): 2 x 96 logins answered" in out.stdout
+    assert "smoke (c client): 2 x 96 logins answered" in out.stdout
 
 
 def test_geoip_benchmark_smoke():
@@ -28,3 +40,112 @@ def test_geoip_benchmark_smoke():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "geoip benchmark ran" in out.stdout
+
+
+@pytest.fixture
+def sockdir():
+    d = Path(tempfile.mkdtemp(prefix="llcl-", dir="/tmp"))    # short: sun_path is 108 bytes
+    yield d
+    shutil.rmtree(d)
+
+
+@pytest.fixture
+def cclient(sockdir):
+    return CClient(sockdir, login_timeout=0.3)
+
+
+def serve(path: Path, handle, listen: int = 64) -> socket.socket:
+    """A listener on ``path`` whose connections go, one at a time, to ``handle``
+    on a thread; closing the listener ends the thread."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    sock.listen(listen)
+
+    def loop():
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            with conn:
+                handle(conn)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return sock
+
+
+def read_request(conn: socket.socket) -> tuple[bytes, list[int]]:
+    data, fds = b"", []
+    while data.count(b"\n") < 2:
+        chunk, more, _flags, _addr = socket.recv_fds(conn, 65536, 4)
+        if not chunk:
+            break
+        data += chunk
+        fds += more
+    return data, fds
+
+
+def test_c_client_sends_what_dovecot_sends(cclient, sockdir):
+    seen: list[tuple[bytes, int, bytes]] = []
+
+    def handle(conn):
+        data, fds = read_request(conn)
+        conn.sendall(b"user\tuid=5000\n")
+        conn.close()
+        passed = [socket.socket(fileno=fd) for fd in fds]
+        # the client closed its end of the pair after the reply: EOF on the passed end
+        eof = passed[0].recv(1) if passed else b"?"
+        for p in passed:
+            p.close()
+        seen.append((data, len(fds), eof))
+
+    listener = serve(sockdir / "rec.sock", handle)
+    try:
+        run = cclient.drive(str(sockdir / "rec.sock"), "rec", 2, None, 6, "rq7-")
+    finally:
+        listener.close()
+    assert (run.logins, run.failures, len(run.latencies)) == (6, 0, 6)
+    expected = {build_request(b"192.0.2.25", b"198.51.100.7", f"rq7-{n}-{i}@example.com".encode(),
+                              FIELDS) for n in range(2) for i in range(3)}
+    assert sorted(d for d, _, _ in seen) == sorted(expected)
+    assert all(nfds == 1 and eof == b"" for _, nfds, eof in seen)
+
+
+def test_c_client_refuses_prefixes_that_need_escaping():
+    with pytest.raises(ValueError):
+        request_parts("a\tb-")
+
+
+@pytest.mark.parametrize("reply", [b"", b"user\tno line end"])
+def test_c_client_counts_a_reply_without_lf_as_a_failure(cclient, sockdir, reply):
+    def handle(conn):
+        read_request(conn)
+        conn.sendall(reply)
+
+    listener = serve(sockdir / "bad.sock", handle)
+    try:
+        run = cclient.drive(str(sockdir / "bad.sock"), "bad", 2, None, 8, "f-")
+    finally:
+        listener.close()
+    assert (run.logins, run.failures) == (0, 8)
+
+
+def test_c_client_goes_on_through_refusals_full_backlogs_and_timeouts(cclient, sockdir):
+    # no socket at all (ENOENT), then one nobody listens on (ECONNREFUSED)
+    run = cclient.drive(str(sockdir / "missing.sock"), "x", 4, None, 40, "m-")
+    assert (run.logins, run.failures) == (0, 40)
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(sockdir / "dead.sock"))
+    dead.close()
+    run = cclient.drive(str(sockdir / "dead.sock"), "x", 4, None, 40, "d-")
+    assert (run.logins, run.failures) == (0, 40)
+    # a listener that never accepts: a connect or two queue and time out (0.3 s
+    # each here, 20 s in the bench), the rest find the backlog full (EAGAIN)
+    stuck = socket.socket(socket.AF_UNIX)
+    stuck.bind(str(sockdir / "stuck.sock"))
+    stuck.listen(1)
+    try:
+        run = cclient.drive(str(sockdir / "stuck.sock"), "x", 8, None, 40, "s-")
+    finally:
+        stuck.close()
+    assert (run.logins, run.failures) == (0, 40)
