@@ -77,6 +77,8 @@ def redact(text: str) -> str:
 def _safe_arg(arg: object) -> object:
     if isinstance(arg, (Shown, int, float)) or arg is None:
         return arg
+    if type(arg) is str and _PLAIN.match(arg):
+        return arg                  # as show() would, without the Shown copy
     return show(arg if isinstance(arg, (str, bytes)) else str(arg))
 
 
@@ -101,7 +103,7 @@ def text_of(msg: str, args: object) -> str:
             if isinstance(args, dict):
                 msg = msg % {k: _safe_arg(v) for k, v in args.items()}
             else:
-                msg = msg % tuple([_safe_arg(a) for a in args])     # type: ignore[attr-defined]
+                msg = msg % tuple(map(_safe_arg, args))     # type: ignore[call-overload]
         except (TypeError, ValueError):
             msg = f"{msg} args={show(repr(args))}"
     return redact(_controls(msg))
