@@ -227,6 +227,8 @@ def main() -> None:
     ap.add_argument("--client", choices=["c", "python"], default=None,
                     help="the load client: c (bench/postlogin_load.c, the default where gcc "
                          "is found) or python (threads)")
+    ap.add_argument("--no-sqlite", dest="sqlite", action="store_false",
+                    help="do not also run lastlogin (asyncio) on the embedded SQLite default")
     ap.add_argument("--no-doc", action="store_true", help="print, do not write the doc")
     args = ap.parse_args()
     if args.client is None:
@@ -246,10 +248,17 @@ def main() -> None:
         daemons = {mode_of(lp): start_lastlogin(url, workdir, name=f"ll-{lp}", event_loop=lp,
                                                 log_level=args.log_level)
                    for lp in loops}
+        urls = dict.fromkeys(daemons, url)
+        if args.sqlite and not args.smoke:
+            urls["lastlogin-sqlite"] = f"sqlite:///{workdir / 'lastlogin.db'}"
+            upgrade(urls["lastlogin-sqlite"])
+            daemons["lastlogin-sqlite"] = start_lastlogin(
+                urls["lastlogin-sqlite"], workdir, name="ll-sqlite", log_level=args.log_level)
         if args.baseline:
             daemons[f"base-{args.baseline}"] = start_lastlogin(
                 url, workdir, name="ll-base", code_dir=checkout(args.baseline, workdir),
                 log_level=args.log_level)
+            urls[f"base-{args.baseline}"] = url
         ll = next(iter(daemons.values()))
         ll_path = ll.sock("imap")
         try:
@@ -267,7 +276,7 @@ def main() -> None:
                         run = drive(daemon.sock("imap"), mode, c, args.seconds, None, prefix,
                                     client)
                         run.cpu = cpu_seconds(daemon.proc.pid) - cpu0
-                        stored = stored_events(url, prefix)
+                        stored = stored_events(urls[mode], prefix)
                         if stored != run.logins:
                             raise SystemExit(f"{prefix}: {run.logins} answered but "
                                              f"{stored} stored")
@@ -344,7 +353,8 @@ def write_doc(runs: list[Run], levels: list[int], memory, args, modes: list[str]
              f"cores, Python {platform.python_version()}); `python -m bench.handler`: "
              f"{args.rounds} rounds x {args.seconds:g} s per mode and concurrency, interleaved "
              f"(null, {', '.join(modes)}, null, ...), medians over rounds. lastlogin on "
-             "PostgreSQL, every login committed before its reply (one daemon per event "
+             "PostgreSQL (lastlogin-sqlite: on the embedded SQLite default, synchronous="
+             "FULL), every login committed before its reply (one daemon per event "
              "loop, same database); the null handler does no work at all. "
              f"{CLIENTS[args.client]} Client and servers share the "
              f"{os.cpu_count()} cores; null p50/p99: the do-nothing handler's latency, the "
