@@ -300,3 +300,73 @@ def test_the_postgresql_batch_is_planned_once_not_for_every_commit(pg_db):
         writer.close()
         engine.dispose()
     assert plans == [(8, 0), (8, 0)]        # PG_ONE and PG_BATCH
+
+
+def test_pg_one_and_pg_batch_store_every_column_alike(pg_db):
+    """The same logins, one per commit, through PG_ONE and through PG_BATCH:
+    every column of every table the same. PG_ONE's row takes the columns by
+    position, so a column order that drifted from PG_BATCH's would swap
+    values here (the other tests leave most columns at their defaults)."""
+    from app.db import make_engine
+    from app.db.schema import login_alert_deliveries
+    from app.db.writers import PostgresWriter
+    from tests.harness.db import empty_tables
+
+    first = record(b"a\xff@example.com", at=T0 - dt.timedelta(days=1), country="DE")
+    logins = [
+        first,
+        record(b"a\xff@example.com", rule_id=2**31 - 1, master_user=b"admin",
+               auth_user=b"a", alerts_shown=(3, 4), message="m\u00e9ssage", host="mx1",
+               country="FR", asn=4_200_000_000, session_id="sess-1",
+               policy_applied=False),
+        record(b"b@example.com", outcome="denied", local_ip=None, rule_id=7,
+               message="go away", host="mx2", asn=1, session_id="sess-2"),
+        record(b"c@example.com", remote_ip="2001:db8::7", host="mx3"),
+    ]
+    engine = make_engine(pg_db)
+    stored = {}
+    try:
+        for one in (True, False):
+            empty_tables(engine)
+            writer = PostgresWriter(engine)
+            writer.one_row_statement = one
+            flagged: list = []
+            try:
+                for rec in logins:
+                    assert writer.write([rec], flagged) == 1
+            finally:
+                writer.close()
+            with engine.connect() as conn:
+                stored[one] = tuple(
+                    sorted(conn.execute(sa.select(table)).all(), key=repr)
+                    for table in (login_events, last_logins, login_alert_deliveries)
+                ) + (flagged,)
+    finally:
+        engine.dispose()
+    assert stored[True] == stored[False]
+    events_, lasts_, deliveries, flagged = stored[True]
+    assert {(e.host, e.message, e.session_id) for e in events_} >= {
+        ("mx1", "m\u00e9ssage", "sess-1"), ("mx2", "go away", "sess-2")}
+    assert len(deliveries) == 2 and flagged == [logins[1].event_id]
+
+
+def test_the_writer_prepares_one_statement_whatever_the_size_of_its_integers(pg_db):
+    """psycopg sends a Python int as the smallest type that holds it and
+    prepares a statement per combination of types: the writer sends every
+    int as int8, so rule ids and AS numbers of any size share one."""
+    from app.db import make_engine
+    from app.db.writers import PostgresWriter
+    engine = make_engine(pg_db)
+    writer = PostgresWriter(engine)
+    try:
+        for i, (rule_id, asn) in enumerate([(5, 5), (70_000, 70_000), (5, 5_000_000_000),
+                                            (2**31 - 1, 64_500)]):
+            assert writer.write([record(b"u%d@example.com" % i, rule_id=rule_id, asn=asn,
+                                        country="FR")]) == 1
+        count = writer._conn().execute(
+            "SELECT count(*) FROM pg_prepared_statements "
+            "WHERE statement LIKE %s", ["%INSERT INTO login_events%"]).fetchone()[0]
+    finally:
+        writer.close()
+        engine.dispose()
+    assert count == 1

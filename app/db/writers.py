@@ -19,6 +19,7 @@ import uuid
 from typing import Sequence
 
 import sqlalchemy as sa
+from psycopg.types.numeric import Int8Dumper
 
 from ..login import LoginRecord
 from .schema import last_logins, login_alert_deliveries, login_events
@@ -131,15 +132,25 @@ COLUMNS = ("event_id", "occurred_at", "username", "username_raw", "protocol", "r
 
 # A batch of one login -- every commit at low load -- as the same statement
 # with its input as one row of plain values instead of eighteen one-element
-# arrays: everything after the input is the same text, so both store the
-# same rows by construction. Adapting the arrays was about 40 % of the
-# writer's CPU for such a commit, and PostgreSQL's unnest ~10 % of its own.
-_INPUT = re.compile(r"WITH input AS \( SELECT \* FROM unnest\(.*?\) AS t\([^)]*\) \)")
-_TYPES = dict(re.findall(r"%\((\w+)\)s::(\w+)\[\]", PG_BATCH))
-PG_ONE, _n = _INPUT.subn(
-    "WITH input AS (SELECT " + ", ".join(f"%({c})s::{_TYPES[c]} AS {c}" for c in COLUMNS) + ")",
-    PG_BATCH)
-assert _n == 1, "PG_BATCH's input no longer has the shape PG_ONE replaces"
+# arrays: everything after the input is the same text, and the row's
+# columns are PG_BATCH's, in the order of its ``AS t(...)`` list (the INSERT
+# takes them by position), so both store the same rows by construction.
+# Adapting the arrays was about 40 % of the writer's CPU for such a commit.
+def _one_row_statement(batch: str) -> str:
+    found = list(re.finditer(r"WITH input AS \( SELECT \* FROM unnest\((.*?)\) "
+                             r"AS t\(([^)]*)\) \)", batch))
+    if len(found) != 1:
+        raise RuntimeError("PG_BATCH's input no longer has the shape PG_ONE replaces")
+    m = found[0]
+    params = re.findall(r"%\((\w+)\)s::(\w+)\[\]", m.group(1))
+    names = [n.strip() for n in m.group(2).split(",")]
+    if [p for p, _ in params] != names or tuple(names) != COLUMNS:
+        raise RuntimeError("PG_BATCH's arrays, its AS t(...) list and COLUMNS disagree")
+    row = ", ".join(f"%({p})s::{t} AS {n}" for (p, t), n in zip(params, names))
+    return f"{batch[:m.start()]}WITH input AS (SELECT {row}){batch[m.end():]}"
+
+
+PG_ONE = _one_row_statement(PG_BATCH)
 
 
 def pg_params(records: Sequence[LoginRecord]) -> dict[str, object]:
@@ -208,6 +219,10 @@ class PostgresWriter(_OwnConnection):
             # its CPU per commit; the generic plan prunes partitions when it
             # runs. This connection is the writer's own, never pooled again.
             raw.driver_connection.execute("SET plan_cache_mode = force_generic_plan")
+            # Every int as int8: psycopg otherwise sends the smallest type
+            # that holds the value, and prepares (and plans) the statement
+            # once per combination of int2/int4/int8 among rule_id and asn.
+            raw.driver_connection.adapters.register_dumper(int, Int8Dumper)
             self._raw = raw
         return self._raw.driver_connection
 
