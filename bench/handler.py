@@ -267,8 +267,8 @@ def main() -> None:
                 return
             for rnd in range(args.rounds):
                 for c in levels:
-                    runs.append(drive(null_path, "null", c, args.seconds, None, f"n{rnd}c{c}-",
-                                      client))
+                    runs.append(failed(drive(null_path, "null", c, args.seconds, None,
+                                             f"n{rnd}c{c}-", client)))
                     line = f"round {rnd + 1} c={c}: null {runs[-1].rate:.0f}/s"
                     for k, (mode, daemon) in enumerate(daemons.items()):
                         prefix = f"b{rnd}c{c}m{k}-"
@@ -276,6 +276,7 @@ def main() -> None:
                         run = drive(daemon.sock("imap"), mode, c, args.seconds, None, prefix,
                                     client)
                         run.cpu = cpu_seconds(daemon.proc.pid) - cpu0
+                        failed(run)
                         stored = stored_events(urls[mode], prefix)
                         if stored != run.logins:
                             raise SystemExit(f"{prefix}: {run.logins} answered but "
@@ -297,6 +298,14 @@ def main() -> None:
     finally:
         if server:
             server.stop()
+
+
+def failed(run: Run) -> Run:
+    """``run``, unless logins failed in it: then its figures do not hold."""
+    if run.failures:
+        raise SystemExit(f"{run.mode} c={run.concurrency}: {run.failures} logins failed "
+                         f"({run.logins} answered); the run is not a measurement")
+    return run
 
 
 def mode_of(loop: str) -> str:

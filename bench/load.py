@@ -46,7 +46,7 @@ def drive(attempt: Callable[[int, int], bool], run: Run, seconds: float | None =
     ``seconds`` or ``count`` attempts in all; an OSError counts as a failure."""
     lock = threading.Lock()
     start = threading.Barrier(run.concurrency + 1)
-    per_thread = count // run.concurrency if count else None
+    per_thread = count // run.concurrency if count is not None else None
     deadline = [0.0]
 
     def worker(n: int) -> None:

@@ -24,6 +24,7 @@
  * Built by bench/handler.py at bench time; never committed as a binary.
  */
 #define _GNU_SOURCE
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -90,7 +91,8 @@ static unsigned char *unhex(const char *hex, size_t *len)
         die("malloc");
     for (size_t k = 0; k < n / 2; k++) {
         unsigned v;
-        if (sscanf(hex + 2 * k, "%2x", &v) != 1) {
+        if (!isxdigit((unsigned char)hex[2 * k]) || !isxdigit((unsigned char)hex[2 * k + 1])
+            || sscanf(hex + 2 * k, "%2x", &v) != 1) {
             fprintf(stderr, "bad hex at %zu\n", 2 * k);
             exit(2);
         }
@@ -320,7 +322,10 @@ int main(int argc, char **argv)
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < (rlim_t)conc * 3 + 16) {
         rl.rlim_cur = rl.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &rl);
+        if (setrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur < (rlim_t)conc * 3 + 16) {
+            fprintf(stderr, "too few file descriptors for %d logins in flight\n", conc);
+            exit(2);
+        }
     }
     ep = epoll_create1(EPOLL_CLOEXEC);
     if (ep < 0)
