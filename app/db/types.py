@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 from typing import Any
 
@@ -65,13 +66,20 @@ class _AddressBase(sa.TypeDecorator[str]):
         raise NotImplementedError
 
 
+@functools.lru_cache(maxsize=4096)
+def _canonical_address(value: Any) -> str:
+    # Cached: the same client and server addresses come back login after
+    # login, and parsing one was a sixth of the SQLite writer's Python.
+    return str(ipaddress.ip_address(value))
+
+
 class IPAddress(_AddressBase):
     pg_type = postgresql.INET
     cache_ok = True
 
     @staticmethod
     def canonical(value: Any) -> str:
-        return str(ipaddress.ip_address(value))
+        return _canonical_address(value)
 
 
 class IPNetwork(_AddressBase):
