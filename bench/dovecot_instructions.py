@@ -21,22 +21,11 @@ import glob
 import os
 import shutil
 
-import sqlalchemy as sa
-
-from app.db import make_engine
 from bench.dovecot_modes import Bench
-from bench.handler import drive as handler_drive, start_lastlogin
+from bench.handler import drive as handler_drive, start_lastlogin, stored_events
 from bench.instructions import control, instructions
 from bench.load import Run, drive
 from tests.harness.mailclients import imap_login_ok
-
-
-def stored(url: str) -> int:
-    engine = make_engine(url)
-    with engine.connect() as conn:
-        n = conn.execute(sa.text("SELECT count(*) FROM login_events")).scalar_one()
-    engine.dispose()
-    return n
 
 
 def main() -> None:
@@ -72,14 +61,14 @@ def main() -> None:
             for way in ("dovecot", "handler client"):
                 for old in glob.glob(f"{out}/cg.*"):
                     os.rename(old, f"{old}.{rnd}.old")
-                before = stored(bench.ll_pg_url)
+                before = stored_events(bench.ll_pg_url, "")
                 control("-z", pid)
                 control("-i", "on", pid)
                 run = (through_dovecot(args.logins) if way == "dovecot"
                        else handler_drive(path, way, 1, None, args.logins, f"r{rnd}-"))
                 control("-i", "off", pid)
                 control("-d", pid)
-                added = stored(bench.ll_pg_url) - before
+                added = stored_events(bench.ll_pg_url, "") - before
                 if added != run.logins or run.failures:
                     raise SystemExit(f"{way}: {run.logins} answered, {run.failures} failed, "
                                      f"{added} stored")

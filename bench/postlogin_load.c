@@ -180,6 +180,19 @@ static void try_send(struct slot *s, int registered)
     watch(s, EPOLLIN, registered ? EPOLL_CTL_MOD : EPOLL_CTL_ADD);
 }
 
+/* Connected: the "client connection" pair whose far end is passed, then the request. */
+static void pair_and_send(struct slot *s, int registered)
+{
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
+        finish(s, 0);
+        return;
+    }
+    s->near = sv[0];
+    s->far = sv[1];
+    try_send(s, registered);
+}
+
 /* Start the slot's next login, or retire the slot. */
 static void start(struct slot *s)
 {
@@ -210,14 +223,7 @@ static void start(struct slot *s)
         }
         return;
     }
-    int sv[2];
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
-        finish(s, 0);
-        return;
-    }
-    s->near = sv[0];
-    s->far = sv[1];
-    try_send(s, 0);
+    pair_and_send(s, 0);
 }
 
 static void on_event(struct slot *s, uint32_t events)
@@ -229,14 +235,7 @@ static void on_event(struct slot *s, uint32_t events)
             finish(s, 0);
             return;
         }
-        int sv[2];
-        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
-            finish(s, 0);
-            return;
-        }
-        s->near = sv[0];
-        s->far = sv[1];
-        try_send(s, 1);
+        pair_and_send(s, 1);
     } else if (s->st == SENDING) {
         try_send(s, 1);
     } else if (s->st == READING) {
