@@ -359,14 +359,46 @@ def test_the_writer_prepares_one_statement_whatever_the_size_of_its_integers(pg_
     engine = make_engine(pg_db)
     writer = PostgresWriter(engine)
     try:
+        def prepared():
+            return writer._conn().execute(
+                "SELECT count(*) FROM pg_prepared_statements "
+                "WHERE statement LIKE %s", ["%INSERT INTO login_events%"]).fetchone()[0]
+
         for i, (rule_id, asn) in enumerate([(5, 5), (70_000, 70_000), (5, 5_000_000_000),
                                             (2**31 - 1, 64_500)]):
             assert writer.write([record(b"u%d@example.com" % i, rule_id=rule_id, asn=asn,
                                         country="FR")]) == 1
-        count = writer._conn().execute(
-            "SELECT count(*) FROM pg_prepared_statements "
-            "WHERE statement LIKE %s", ["%INSERT INTO login_events%"]).fetchone()[0]
+        sizes = prepared()
+        # a NULL has no type of its own: without a rule and an AS, one more
+        assert writer.write([record(b"n@example.com", rule_id=None, asn=None)]) == 1
+        with_nulls = prepared()
     finally:
         writer.close()
         engine.dispose()
-    assert count == 1
+    assert (sizes, with_nulls) == (1, 2)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda s: s.replace("AS t(event_id, occurred_at", "AS t(occurred_at, event_id"),
+    lambda s: s.replace("%(message)s::text[], %(policy_applied)s::bool[], %(host)s::text[]",
+                        "%(host)s::text[], %(policy_applied)s::bool[], %(message)s::text[]"),
+    lambda s: s.replace("WITH input AS ( SELECT * FROM unnest(", "WITH input AS ( SELECT * FROM f("),
+    lambda s: s + " " + s[s.index("WITH input AS"):s.index(", located AS")],
+], ids=["columns-swapped", "arrays-swapped", "no-unnest", "two-inputs"])
+def test_a_batch_statement_pg_one_cannot_follow_is_refused(damage):
+    from app.db.writers import COLUMNS, PG_BATCH, _one_row_statement
+    damaged = damage(PG_BATCH)
+    assert damaged != PG_BATCH
+    with pytest.raises(RuntimeError):
+        _one_row_statement(damaged)
+    assert _one_row_statement(PG_BATCH).count(" AS ") >= len(COLUMNS)
+
+
+def test_an_address_column_refuses_what_is_not_an_address_with_the_same_error():
+    """Parsed addresses are cached; what cannot be cached (or parsed) still
+    gets ipaddress's own ValueError."""
+    from app.db.types import IPAddress
+    assert IPAddress.canonical("2001:DB8::0:7") == IPAddress.canonical("2001:db8::7") == "2001:db8::7"
+    for bad in ("not-an-address", ["192.0.2.1"], "192.0.2.256"):
+        with pytest.raises(ValueError):
+            IPAddress.canonical(bad)

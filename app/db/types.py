@@ -79,7 +79,10 @@ class IPAddress(_AddressBase):
 
     @staticmethod
     def canonical(value: Any) -> str:
-        return _canonical_address(value)
+        try:
+            return _canonical_address(value)
+        except TypeError:           # unhashable: ipaddress says what is wrong with it
+            return str(ipaddress.ip_address(value))
 
 
 class IPNetwork(_AddressBase):

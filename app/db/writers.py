@@ -222,6 +222,8 @@ class PostgresWriter(_OwnConnection):
             # Every int as int8: psycopg otherwise sends the smallest type
             # that holds the value, and prepares (and plans) the statement
             # once per combination of int2/int4/int8 among rule_id and asn.
+            # (A None still has no type of its own: rule_id, asn, the raw
+            # username and the alerts each set or not make a variant.)
             raw.driver_connection.adapters.register_dumper(int, Int8Dumper)
             self._raw = raw
         return self._raw.driver_connection
