@@ -350,10 +350,10 @@ def test_pg_one_and_pg_batch_store_every_column_alike(pg_db):
     assert len(deliveries) == 2 and flagged == [logins[1].event_id]
 
 
-def test_the_writer_prepares_one_statement_whatever_the_size_of_its_integers(pg_db):
-    """psycopg sends a Python int as the smallest type that holds it and
-    prepares a statement per combination of types: the writer sends every
-    int as int8, so rule ids and AS numbers of any size share one."""
+def test_the_writer_prepares_one_statement_whatever_its_integers_and_nulls(pg_db):
+    """Every parameter's type comes from its cast in the statement: one
+    prepared statement for rule ids and AS numbers of any size, set or NULL
+    (a cursor prepared one per combination of int2/int4/int8 and NULLs)."""
     from app.db import make_engine
     from app.db.writers import PostgresWriter
     engine = make_engine(pg_db)
@@ -361,21 +361,20 @@ def test_the_writer_prepares_one_statement_whatever_the_size_of_its_integers(pg_
     try:
         def prepared():
             return writer._conn().execute(
-                "SELECT count(*) FROM pg_prepared_statements "
-                "WHERE statement LIKE %s", ["%INSERT INTO login_events%"]).fetchone()[0]
+                "SELECT name FROM pg_prepared_statements "
+                "WHERE statement LIKE %s ORDER BY name", ["%INSERT INTO login_events%"]).fetchall()
 
         for i, (rule_id, asn) in enumerate([(5, 5), (70_000, 70_000), (5, 5_000_000_000),
-                                            (2**31 - 1, 64_500)]):
+                                            (2**31 - 1, 64_500), (None, None)]):
             assert writer.write([record(b"u%d@example.com" % i, rule_id=rule_id, asn=asn,
-                                        country="FR")]) == 1
-        sizes = prepared()
-        # a NULL has no type of its own: without a rule and an AS, one more
-        assert writer.write([record(b"n@example.com", rule_id=None, asn=None)]) == 1
-        with_nulls = prepared()
+                                        country="FR" if asn else None)]) == 1
+            assert writer.write([record(b"v%d@example.com" % i, rule_id=rule_id, asn=asn),
+                                 record(b"w%d@example.com" % i)]) == 2
+        names = prepared()
     finally:
         writer.close()
         engine.dispose()
-    assert (sizes, with_nulls) == (1, 2)
+    assert names == [("lastlogin_batch",), ("lastlogin_one",)]
 
 
 @pytest.mark.parametrize("damage", [
@@ -402,3 +401,52 @@ def test_an_address_column_refuses_what_is_not_an_address_with_the_same_error():
     for bad in ("not-an-address", ["192.0.2.1"], "192.0.2.256"):
         with pytest.raises(ValueError):
             IPAddress.canonical(bad)
+
+
+def test_the_writer_raises_what_a_cursor_would_and_reconnects(pg_db):
+    """The writer runs its statement through libpq itself: a row the server
+    refuses raises psycopg's error for that SQLSTATE (not an outage); a
+    connection the server ended raises OperationalError (an outage: the
+    recorder spools); the next write opens a new connection and commits."""
+    import psycopg
+
+    from app.db import make_engine
+    from app.db.writers import PostgresWriter
+    from app.recorder import database_away
+    engine = make_engine(pg_db)
+    writer = PostgresWriter(engine)
+    try:
+        assert writer.write([record(b"first@example.com")]) == 1
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF NEW.username = 'refused@example.com' THEN "
+                "RAISE EXCEPTION 'no' USING ERRCODE = 'check_violation'; END IF; "
+                "RETURN NEW; END $$")
+            conn.exec_driver_sql("CREATE TRIGGER refuse BEFORE INSERT ON login_events "
+                                 "FOR EACH ROW EXECUTE FUNCTION refuse()")
+        try:
+            for batch in ([record(b"refused@example.com")],
+                          [record(b"refused@example.com"), record(b"mate@example.com")]):
+                with pytest.raises(psycopg.errors.CheckViolation) as refused:
+                    writer.write(batch)
+                assert refused.value.sqlstate == "23514" and not database_away(refused.value)
+        finally:
+            with engine.begin() as conn:
+                conn.exec_driver_sql("DROP TRIGGER refuse ON login_events")
+                conn.exec_driver_sql("DROP FUNCTION refuse()")
+        backend = writer._conn().info.backend_pid
+        with engine.begin() as conn:
+            assert conn.exec_driver_sql(
+                f"SELECT pg_terminate_backend({int(backend)})").scalar()
+        with pytest.raises(psycopg.OperationalError) as lost:
+            writer.write([record(b"lost@example.com")])
+        assert database_away(lost.value)
+        assert writer.write([record(b"again@example.com")]) == 1
+        assert writer._conn().info.backend_pid != backend
+    finally:
+        writer.close()
+        engine.dispose()
+    with engine.connect() as conn:
+        names = sorted(conn.execute(sa.select(login_events.c.username)).scalars())
+    assert names == ["again@example.com", "first@example.com"]

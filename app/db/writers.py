@@ -18,8 +18,11 @@ import re
 import uuid
 from typing import Sequence
 
+import psycopg
 import sqlalchemy as sa
-from psycopg.types.numeric import Int8Dumper
+from psycopg import errors as pg_errors
+from psycopg import pq
+from psycopg.adapt import PyFormat, Transformer
 
 from ..login import LoginRecord
 from .schema import last_logins, login_alert_deliveries, login_events
@@ -200,43 +203,86 @@ class _OwnConnection:
             self._raw = None
 
 
+def _positional(statement: str) -> tuple[bytes, tuple[str, ...]]:
+    """``statement`` with its ``%(name)s`` placeholders as libpq's ``$n``, and
+    the names in the order of their numbers."""
+    names: list[str] = []
+
+    def number(m: re.Match[str]) -> str:
+        if m.group(1) not in names:
+            names.append(m.group(1))
+        return f"${names.index(m.group(1)) + 1}"
+
+    text = re.sub(r"%\((\w+)\)s", number, statement)
+    if "%" in text:
+        raise RuntimeError("a statement the writer prepares has a % that is not a parameter")
+    return text.encode(), tuple(names)
+
+
+# The writer's two statements, prepared by name on its connection when it
+# opens. Every parameter is cast in the text (``$1::uuid``, ``$2::uuid[]``
+# ...), so PostgreSQL takes its type from the cast and one prepared
+# statement serves every login, NULLs and any size of integer included.
+_ONE, _BATCH = b"lastlogin_one", b"lastlogin_batch"
+_PREPARED = {_ONE: _positional(PG_ONE), _BATCH: _positional(PG_BATCH)}
+
+
 class PostgresWriter(_OwnConnection):
-    """PostgreSQL: one prepared statement per batch on an autocommit connection."""
+    """PostgreSQL: one prepared statement per batch on an autocommit connection.
+
+    The statement runs through psycopg's libpq layer (``psycopg.pq``): the
+    parameters dumped as text by the connection's own adapters (a
+    ``Transformer``, as a cursor dumps them), ``PQexecPrepared`` (which lets
+    go of the GIL while it waits), the one result row loaded by the same
+    adapters. A cursor's execute costs about twice the Python for the same
+    bytes on the wire, and this is the writer's one statement, run for
+    every commit.
+    """
 
     one_row_statement = True    # a batch of one as PG_ONE (the tests also run it off)
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         self._raw = None
+        self._tx: Transformer | None = None
 
-    def _conn(self):
+    def _conn(self) -> psycopg.Connection:
         if self._raw is None:
             raw = self.engine.raw_connection()
-            raw.driver_connection.autocommit = True
-            # One plan for every batch: left to choose, PostgreSQL keeps
-            # planning the statement afresh for each commit (its custom plans
-            # look cheaper than a generic one over the partitions), ~1.3 ms of
-            # its CPU per commit; the generic plan prunes partitions when it
-            # runs. This connection is the writer's own, never pooled again.
-            raw.driver_connection.execute("SET plan_cache_mode = force_generic_plan")
-            # Every int as int8: psycopg otherwise sends the smallest type
-            # that holds the value, and prepares (and plans) the statement
-            # once per combination of int2/int4/int8 among rule_id and asn.
-            # (A None still has no type of its own: rule_id, asn, the raw
-            # username and the alerts each set or not make a variant.)
-            raw.driver_connection.adapters.register_dumper(int, Int8Dumper)
+            try:
+                conn = raw.driver_connection
+                conn.autocommit = True
+                # One plan for every batch: left to choose, PostgreSQL keeps
+                # planning the statement afresh for each commit (its custom
+                # plans look cheaper than a generic one over the partitions),
+                # ~1.3 ms of its CPU per commit; the generic plan prunes
+                # partitions when it runs. This connection is the writer's
+                # own, never pooled again.
+                conn.execute("SET plan_cache_mode = force_generic_plan")
+                for name, (text, _) in _PREPARED.items():
+                    res = conn.pgconn.prepare(name, text)
+                    if res.status != pq.ExecStatus.COMMAND_OK:
+                        raise _error(conn, res)
+                self._tx = Transformer(conn)
+            except Exception:
+                raw.invalidate()
+                raise
             self._raw = raw
         return self._raw.driver_connection
+
+    def close(self) -> None:
+        self._tx = None
+        super().close()
 
     def write(self, records: Sequence[LoginRecord],
               flagged: list[uuid.UUID] | None = None) -> int:
         """Store a batch; ``flagged`` gets the ids of the new locations among it."""
         if len(records) == 1 and self.one_row_statement:
-            statement, params = PG_ONE, pg_params_one(records[0])
+            name, params = _ONE, pg_params_one(records[0])
         else:
-            statement, params = PG_BATCH, pg_params(records)
+            name, params = _BATCH, pg_params(records)
         try:
-            row = self._conn().execute(statement, params, prepare=True).fetchone()
+            row = self._execute(name, params)
         except Exception:
             self.close()            # a fresh connection next time
             raise
@@ -244,6 +290,26 @@ class PostgresWriter(_OwnConnection):
             flagged.extend(row[3])
         return int(row[0])
 
+    def _execute(self, name: bytes, params: dict[str, object]) -> tuple:
+        conn = self._conn()
+        tx = self._tx
+        assert tx is not None
+        names = _PREPARED[name][1]
+        values = tx.dump_sequence([params[n] for n in names], [PyFormat.TEXT] * len(names))
+        res = conn.pgconn.exec_prepared(name, values)
+        if res.status != pq.ExecStatus.TUPLES_OK:
+            raise _error(conn, res)
+        tx.set_pgresult(res)
+        return tx.load_row(0, tuple)
+
+
+def _error(conn: psycopg.Connection, res: pq.abc.PGresult) -> psycopg.Error:
+    """What a cursor would raise for a failed result: the server's error by
+    its SQLSTATE; an OperationalError when the connection itself is gone."""
+    if conn.pgconn.status == pq.ConnStatus.BAD:
+        message = res.error_message.decode("utf-8", "replace").strip()
+        return psycopg.OperationalError(message or "the connection to the server was lost")
+    return pg_errors.error_from_result(res, encoding=conn.info.encoding)
 
 
 _SQLITE_COLUMNS = COLUMNS + ("new_location",)
