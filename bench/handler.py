@@ -13,7 +13,14 @@ counted in the database afterwards. --baseline REV adds a daemon running
 that git revision's code (extracted to a temporary directory), interleaved
 with the others: what a change bought, measured in the same run. Results (logins/s, p50/p95/p99 from send
 to reply, ratios of medians) go into docs/performance.md between the
-HANDLER markers. --smoke: a few hundred logins with each client, correctness only.
+HANDLER markers, with a second table, the CPU budget per login: in the same
+run, the handler's CPU (the null handler's or the daemon's process), the load
+client's (the C client's process; with the Python client, the benchmark
+process's own), PostgreSQL's (every process of the throw-away server; "-" for
+a server given by LASTLOGIN_BENCH_DATABASE_URL) and their total, against the
+CPU time the machine had (wall seconds x cores): whether a target rate is
+within reach on the cores at all. --smoke: a few hundred logins with each
+client, correctness only.
 
 The client (--client): "c" (the default where gcc is found) is
 bench/postlogin_load.c, one thread and epoll, compiled with the system gcc
@@ -35,7 +42,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 import sqlalchemy as sa
 
@@ -65,8 +74,11 @@ def drive(path: str, mode: str, concurrency: int, seconds: float | None, count: 
     from Python threads, or from the C client ``client`` when given."""
     if client is not None:
         return client.drive(path, mode, concurrency, seconds, count, prefix)
-    return drive_load(lambda n, i: one_login(path, f"{prefix}{n}-{i}@example.com".encode()),
-                      Run(mode, concurrency), seconds, count)
+    cpu0 = time.process_time()          # the client is this process's threads
+    run = drive_load(lambda n, i: one_login(path, f"{prefix}{n}-{i}@example.com".encode()),
+                     Run(mode, concurrency), seconds, count)
+    run.client_cpu = time.process_time() - cpu0
+    return run
 
 
 MARK = b"{worker-i}"
@@ -118,7 +130,7 @@ class CClient:
             raise RuntimeError(f"{self.exe.name} exited {out.returncode}: {out.stderr.strip()}")
         got = dict(kv.split("=", 1) for kv in out.stdout.split())
         run = Run(mode, concurrency, logins=int(got["logins"]), failures=int(got["failures"]),
-                  seconds=float(got["seconds"]))
+                  seconds=float(got["seconds"]), client_cpu=float(got["cpu"]))
         samples = array.array("d")
         samples.frombytes(lat.read_bytes())
         lat.unlink()
@@ -186,6 +198,74 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def postmaster_pid(server: PgServer | None) -> int | None:
+    """The pid of ``server``'s postmaster (the first line of postmaster.pid);
+    None for no server of ours (one LASTLOGIN_BENCH_DATABASE_URL gives)."""
+    if server is None:
+        return None
+    return int(Path(server.datadir, "postmaster.pid").read_text().split()[0])
+
+
+def pg_cpu_seconds(postmaster: int) -> float:
+    """User + system CPU so far of a PostgreSQL server: the postmaster, its
+    live children (backends, background workers) and, through the
+    postmaster's cutime/cstime, the children it has reaped, so that a backend
+    ending between two readings is neither lost nor counted twice."""
+    clk = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue                    # ended meanwhile: counted in cutime, if it was ours
+        if int(entry.name) == postmaster:
+            total += sum(int(f) for f in fields[11:15]) / clk
+        elif int(fields[1]) == postmaster:
+            total += (int(fields[11]) + int(fields[12])) / clk
+    return total
+
+
+def machine_cpu_seconds() -> float:
+    """CPU the whole machine has spent so far, all cores (/proc/stat: all but
+    idle and iowait; guest time is within user time)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(handler_pid: int, postmaster: int | None, go: Callable[[], Run]) -> Run:
+    """``go()``'s run, with the CPU the handler (process ``handler_pid``) and
+    PostgreSQL (``postmaster``'s server, if any) used meanwhile and the wall
+    time that took, and what every process on the machine used (the
+    client's CPU ``go`` measures itself)."""
+    db0 = pg_cpu_seconds(postmaster) if postmaster is not None else 0.0
+    cpu0 = cpu_seconds(handler_pid)
+    machine0 = machine_cpu_seconds()
+    t0 = time.monotonic()
+    run = go()
+    run.wall = time.monotonic() - t0
+    run.machine_cpu = machine_cpu_seconds() - machine0
+    run.cpu = cpu_seconds(handler_pid) - cpu0
+    if postmaster is not None:
+        run.db_cpu = pg_cpu_seconds(postmaster) - db0
+    return run
+
+
+def budget(run: Run) -> dict[str, float | None]:
+    """``run``'s CPU per login in ms: handler, client, PostgreSQL (None: not
+    measured), their total, the whole machine's (every process, ours or
+    not), and the CPU time available (wall x cores); busy: total / available."""
+    per = lambda sec: sec / run.logins * 1000 if run.logins else float("nan")  # noqa: E731
+    total = run.cpu + run.client_cpu + (run.db_cpu or 0.0)
+    available = run.wall * (os.cpu_count() or 1)
+    return {"handler": per(run.cpu), "client": per(run.client_cpu),
+            "db": None if run.db_cpu is None else per(run.db_cpu), "total": per(total),
+            "machine": per(run.machine_cpu), "available": per(available),
+            "busy": total / available if available else float("nan")}
+
+
 def rss_kib(pid: int) -> int:
     for ln in Path(f"/proc/{pid}/status").read_text().splitlines():
         if ln.startswith("VmRSS:"):
@@ -240,6 +320,7 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="llbench-", dir="/tmp"))
     url, server = database()
+    postmaster = postmaster_pid(server)
     runs: list[Run] = []
     client = make_client(args.client, workdir) if not args.smoke else None
     try:
@@ -263,20 +344,22 @@ def main() -> None:
         ll_path = ll.sock("imap")
         try:
             if args.smoke:
-                smoke(null_path, ll_path, url, workdir)
+                smoke(null_path, ll_path, url, workdir, null.proc.pid, ll.proc.pid, postmaster)
                 return
             for rnd in range(args.rounds):
                 for c in levels:
-                    runs.append(failed(drive(null_path, "null", c, args.seconds, None,
-                                             f"n{rnd}c{c}-", client)))
+                    runs.append(failed(measured(
+                        null.proc.pid, postmaster,
+                        lambda: drive(null_path, "null", c, args.seconds, None,
+                                      f"n{rnd}c{c}-", client))))
                     line = f"round {rnd + 1} c={c}: null {runs[-1].rate:.0f}/s"
+                    budgets = [budget_line(runs[-1])]
                     for k, (mode, daemon) in enumerate(daemons.items()):
                         prefix = f"b{rnd}c{c}m{k}-"
-                        cpu0 = cpu_seconds(daemon.proc.pid)
-                        run = drive(daemon.sock("imap"), mode, c, args.seconds, None, prefix,
-                                    client)
-                        run.cpu = cpu_seconds(daemon.proc.pid) - cpu0
-                        failed(run)
+                        run = failed(measured(
+                            daemon.proc.pid, postmaster,
+                            lambda: drive(daemon.sock("imap"), mode, c, args.seconds, None,
+                                          prefix, client)))
                         stored = stored_events(urls[mode], prefix)
                         if stored != run.logins:
                             raise SystemExit(f"{prefix}: {run.logins} answered but "
@@ -285,7 +368,10 @@ def main() -> None:
                         line += (f", {mode} {run.rate:.0f}/s "
                                  f"{run.cpu / max(run.logins, 1) * 1000:.3f} ms CPU/login "
                                  f"(stored {stored})")
+                        budgets.append(budget_line(run))
                     print(line, flush=True)
+                    print("  CPU ms/login handler+client+PostgreSQL=total (machine) of available: "
+                          + "; ".join(budgets), flush=True)
             if args.profile:
                 profile(ll, ll_path, workdir, client)
             memory = {mode: memory_run(d, d.sock("imap"), args.memory_logins, str(k), client)
@@ -298,6 +384,13 @@ def main() -> None:
     finally:
         if server:
             server.stop()
+
+
+def budget_line(run: Run) -> str:
+    b = budget(run)
+    db = "-" if b["db"] is None else f"{b['db']:.3f}"
+    return (f"{run.mode} {b['handler']:.3f}+{b['client']:.3f}+{db}={b['total']:.3f} "
+            f"(machine {b['machine']:.3f}) of {b['available']:.3f} ({b['busy']:.0%})")
 
 
 def failed(run: Run) -> Run:
@@ -313,18 +406,29 @@ def mode_of(loop: str) -> str:
     return "lastlogin" if loop == "asyncio" else f"lastlogin-{loop}"
 
 
-def smoke(null_path: str, ll_path: str, url: str, workdir: Path) -> None:
-    """Both clients (the C one is built here: no gcc, no smoke), both handlers."""
+def smoke(null_path: str, ll_path: str, url: str, workdir: Path, null_pid: int, ll_pid: int,
+          postmaster: int | None) -> None:
+    """Both clients (the C one is built here: no gcc, no smoke), both handlers;
+    the CPU budget is measured and must be there (no figure is judged)."""
     for name, client in (("python", None), ("c", CClient(workdir))):
         for c in (1, 8):
-            base = drive(null_path, "null", c, None, 96, f"s{name}n{c}-", client)
-            run = drive(ll_path, "lastlogin", c, None, 96, f"s{name}l{c}-", client)
+            base = measured(null_pid, postmaster, lambda: drive(
+                null_path, "null", c, None, 96, f"s{name}n{c}-", client))
+            run = measured(ll_pid, postmaster, lambda: drive(
+                ll_path, "lastlogin", c, None, 96, f"s{name}l{c}-", client))
             stored = stored_events(url, f"s{name}l{c}-")
             assert base.failures == 0 and run.failures == 0, (name, base.failures, run.failures)
             assert base.logins == 96 and len(base.latencies) == 96, (name, base.logins)
             assert run.logins == 96 and stored == 96, (name, run.logins, stored)
+            for r in (base, run):
+                b = budget(r)
+                assert r.client_cpu > 0 and r.wall > 0 and r.cpu >= 0, (name, r)
+                assert (b["db"] is None) == (postmaster is None), (name, b)
+                assert b["db"] is None or b["db"] >= 0, (name, b)
+                assert b["total"] > 0 and b["machine"] > 0 and b["available"] > 0, (name, b)
         print(f"smoke ({name} client): 2 x 96 logins answered by both handlers, "
-              "every lastlogin login stored once")
+              "every lastlogin login stored once; CPU ms/login handler+client+PostgreSQL"
+              f"=total (machine) of available: {budget_line(base)}; {budget_line(run)}")
 
 
 def profile(ll: Daemon, path: str, workdir: Path, client: CClient | None = None) -> None:
@@ -355,6 +459,47 @@ CLIENTS = {
     "python": "Client: Python threads, bench/load.py (`--client python`), itself the "
               "bottleneck at concurrency 64.",
 }
+CLIENT_CPU = {
+    "c": "the C client's process (getrusage at its end)",
+    "python": "the benchmark process's own CPU over the run (its client threads; "
+              "Python client)",
+}
+
+
+def budget_table(runs: list[Run], levels: list[int], modes: list[str], client: str) -> list[str]:
+    """The CPU budget per login, medians over rounds of each figure (so a
+    median total need not be the sum of the medians above it)."""
+    ncpu = os.cpu_count()
+    measured_db = all(r.db_cpu is not None for r in runs)
+    lines = ["CPU budget per login, the same runs: ms of CPU per login answered, medians "
+             "over rounds of each column. handler: the null handler's or the daemon's "
+             f"process (/proc); client: {CLIENT_CPU[client]}; PostgreSQL: "
+             + ("every process of the throw-away server (postmaster, backends, background "
+                "workers, and those that ended during the run), also while the null handler "
+                "or lastlogin-sqlite runs, where it is the idle server's own work; "
+                if measured_db else 'not measured ("-"), a server not started by the '
+                "benchmark (LASTLOGIN_BENCH_DATABASE_URL), so total leaves it out; ")
+             + "total: the three, per run; whole machine: the CPU every process used meanwhile "
+             "(/proc/stat; above total: the benchmark process, the kernel's own threads and "
+             "other work on the machine); available: the CPU time the machine had, wall "
+             f"seconds x {ncpu} cores, per login; busy: total / available.", "",
+             "| concurrency | mode | logins/s | handler | client | PostgreSQL | total | "
+             "whole machine | available | busy |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    med = lambda rs, k: statistics.median(budget(r)[k] for r in rs)   # noqa: E731
+    for c in levels:
+        for mode in ["null", *modes]:
+            rs = [r for r in runs if r.mode == mode and r.concurrency == c]
+            if not rs:
+                continue
+            db = (f"{med(rs, 'db'):.3f} ms" if all(r.db_cpu is not None for r in rs)
+                  else "-")
+            lines.append(f"| {c} | {mode} | {statistics.median(r.rate for r in rs):,.0f} | "
+                         f"{med(rs, 'handler'):.3f} ms | {med(rs, 'client'):.3f} ms | {db} | "
+                         f"{med(rs, 'total'):.3f} ms | {med(rs, 'machine'):.3f} ms | "
+                         f"{med(rs, 'available'):.3f} ms | "
+                         f"{med(rs, 'busy'):.0%} |")
+    return lines
 
 
 def write_doc(runs: list[Run], levels: list[int], memory, args, modes: list[str]) -> None:
@@ -384,6 +529,8 @@ def write_doc(runs: list[Run], levels: list[int], memory, args, modes: list[str]
                          f"{med(null, 50):.2f} ms | {med(null, 99):.2f} ms | "
                          f"{statistics.median(r.cpu_per_login for r in ll):.3f} ms | "
                          f"{', '.join(f'{r.rate:,.0f}' for r in ll)} |")
+    lines.append("")
+    lines += budget_table(runs, levels, modes, args.client)
     lines.append("")
     for mode, (total, early, late) in memory.items():
         lines.append(f"Memory ({mode}): resident size {early / 1024:.1f} MiB after "

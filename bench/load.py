@@ -20,6 +20,10 @@ class Run:
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
     cpu: float = 0.0                # the server's CPU seconds over the run, where measured
+    client_cpu: float = 0.0         # the load client's CPU seconds, where measured
+    db_cpu: float | None = None     # the database server's CPU seconds, where measured
+    machine_cpu: float = 0.0        # every process's CPU seconds (/proc/stat), where measured
+    wall: float = 0.0               # wall seconds over which cpu, client_cpu, db_cpu were taken
 
     @property
     def cpu_per_login(self) -> float:

@@ -19,8 +19,10 @@
  * -n COUNT: COUNT / N logins per worker (as bench/load.py drive). With -t,
  * logins are started until SECONDS have passed; those in flight finish.
  * Prints one line: logins=L failures=F seconds=S p50=.. p95=.. p99=.. (ms,
- * as bench.load.Run.pct picks them) and writes every successful login's
- * latency (seconds, native doubles, from socket() to close) to LATENCY_FILE.
+ * as bench.load.Run.pct picks them) cpu=C (this process's user + system CPU
+ * seconds from start-up on, by getrusage) and writes every successful
+ * login's latency (seconds, native doubles, from socket() to close) to
+ * LATENCY_FILE.
  * Built by bench/handler.py at bench time; never committed as a binary.
  */
 #define _GNU_SOURCE
@@ -385,8 +387,13 @@ int main(int argc, char **argv)
             die(out);
     }
     qsort(lat, nlat, sizeof *lat, cmp_double);
-    printf("logins=%ld failures=%ld seconds=%.6f p50=%.3f p95=%.3f p99=%.3f\n", logins,
-           failures, elapsed, pct(50), pct(95), pct(99));
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru))
+        die("getrusage");
+    double cpu = ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6
+                 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
+    printf("logins=%ld failures=%ld seconds=%.6f p50=%.3f p95=%.3f p99=%.3f cpu=%.6f\n",
+           logins, failures, elapsed, pct(50), pct(95), pct(99), cpu);
     return 0;
 
 usage:

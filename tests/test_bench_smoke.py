@@ -6,6 +6,7 @@ No timing is asserted here; speed is measured by `python -m bench.handler`.
 """
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -31,6 +32,57 @@ def test_handler_benchmark_smoke(pg_cluster):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "smoke (python client): 2 x 96 logins answered" in out.stdout
     assert "smoke (c client): 2 x 96 logins answered" in out.stdout
+    # the CPU budget was measured in the smoke runs (bench.handler.smoke asserts
+    # the figures are there, client CPU > 0); a server of the environment's: no PostgreSQL
+    for mode in ("null", "lastlogin"):
+        assert len(re.findall(rf"[:;] {mode} \d+\.\d+\+\d+\.\d+\+-=\d+\.\d+ ", out.stdout)) == 2
+
+
+def budget_rows(stdout: str) -> list[dict[str, str]]:
+    """The rows of the printed "CPU budget per login" table, by column."""
+    lines = stdout.splitlines()
+    head = next(i for i, ln in enumerate(lines)
+                if ln.startswith("| concurrency | mode | logins/s |"))
+    names = [c.strip() for c in lines[head].strip("|").split("|")]
+    rows = []
+    for ln in lines[head + 2:]:
+        if not ln.startswith("|"):
+            break
+        rows.append(dict(zip(names, (c.strip() for c in ln.strip("|").split("|")))))
+    return rows
+
+
+def ms(cell: str) -> float:
+    assert cell.endswith(" ms"), cell
+    return float(cell[:-3])
+
+
+def test_handler_benchmark_reports_the_cpu_budget_per_login():
+    # a tiny run, printed, not written: the budget table has every figure, positive,
+    # the total the sum of the three; a throw-away server of the benchmark's own, so that
+    # PostgreSQL's CPU is measured, unless the environment names a server (then "-")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LASTLOGIN_")}
+    env.update(PYTHONPATH=str(ROOT))
+    theirs = os.environ.get("LASTLOGIN_TEST_DATABASE_URL")
+    if theirs:
+        env.update(LASTLOGIN_BENCH_DATABASE_URL=theirs)
+    out = subprocess.run([sys.executable, "-m", "bench.handler", "--concurrency", "8",
+                          "--rounds", "1", "--seconds", "1", "--loops", "asyncio", "--no-sqlite",
+                          "--memory-logins", "0", "--no-doc"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = budget_rows(out.stdout)
+    assert [(r["concurrency"], r["mode"]) for r in rows] == [("8", "null"), ("8", "lastlogin")]
+    for r in rows:
+        assert int(r["logins/s"].replace(",", "")) > 0, r
+        assert ms(r["handler"]) > 0 and ms(r["client"]) > 0, r
+        assert ms(r["available"]) > 0 and ms(r["whole machine"]) > 0, r
+        assert int(r["busy"].rstrip("%")) > 0, r
+        pg = 0.0 if theirs else ms(r["PostgreSQL"])
+        assert (r["PostgreSQL"] == "-") if theirs else (pg >= 0), r
+        assert abs(ms(r["total"]) - (ms(r["handler"]) + ms(r["client"]) + pg)) <= 0.0021, r
+    if not theirs:      # lastlogin commits every login on it
+        assert ms(rows[1]["PostgreSQL"]) > 0, rows[1]
 
 
 def test_geoip_benchmark_smoke():
