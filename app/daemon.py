@@ -133,6 +133,7 @@ class Daemon:
         for sig, what in ((signal.SIGTERM, STOP), (signal.SIGINT, STOP),
                           (signal.SIGHUP, RELOAD), (signal.SIGUSR2, HANDOVER)):
             loop.add_signal_handler(sig, self._wanted.put_nowait, what)
+        self.recorder.attach(loop)      # commits from the loop while the database answers
         self.server.start()
         if self.policy_server is not None:
             await self.policy_server.start()    # bound before READY, or the start fails
@@ -159,6 +160,7 @@ class Daemon:
             if self.policy_server is not None:
                 await self.policy_server.wait_closed(self.settings.drain_timeout)
             await self.policy.drain(self.settings.drain_timeout)
+            await self.recorder.detach(self.settings.drain_timeout)
 
     def reload(self) -> None:
         """SIGHUP: re-read the settings; keep the old ones if the new are bad."""

@@ -10,9 +10,12 @@ nothing of files or connections.
 
 Behind that one call:
 
-- **Group commit.** A writer thread takes everything that queued up while
-  the previous commit ran and stores it in one transaction, so under load
-  many logins share one commit (and one fsync).
+- **Group commit.** Everything that queued up while the previous commit
+  ran is stored in one transaction, so under load many logins share one
+  commit (and one fsync). On PostgreSQL the loop lane (app/lane.py) does
+  it from the event loop while the database answers; a writer thread does
+  it otherwise (SQLite, no lane connection yet) and takes whatever the lane
+  hands back -- so retries, the quarantine and the spool live in one place.
 - **Outages.** A commit that fails, or takes longer than the timeout, marks
   the recorder down and sends the record to the spool (fsync'ed before the
   answer). While down, logins spool directly; the ``Replayer`` probes the
@@ -42,7 +45,8 @@ import sqlalchemy as sa
 
 from .db.store import record_logins
 from .login import DENIED, LoginRecord
-from .db.writers import writer_for
+from .db.writers import PostgresWriter, writer_for
+from .lane import LoopLane
 from .logs import show
 from .spool import Spool, SpoolFull, encode, record_key
 from .worker import Worker
@@ -216,6 +220,7 @@ class Recorder:
         self._thread = threading.Thread(target=self._run, name="lastlogin-writer",
                                         daemon=True)
         self._count_lock = threading.Lock()
+        self._lane: LoopLane | None = None     # commits from the event loop (attach)
         self.down = False           # the database failed; cleared by the replayer
         self.busy_since: float | None = None    # when the current commit began
         self.spool_refusing: str | None = None  # why logins are refused, while they are
@@ -245,6 +250,37 @@ class Recorder:
         if self.spool is not None:
             self.spool.close()      # our segment becomes replayable by a successor
         return True
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Commit from ``loop`` itself while the database answers: PostgreSQL
+        only (app/lane.py); the writer thread takes everything else."""
+        if self._lane is None and isinstance(self._writer, PostgresWriter):
+            self._lane = LoopLane(PostgresWriter(self._engine), loop, self._batch_max,
+                                  self._lane_committed, self._lane_fallback)
+
+    async def detach(self, timeout: float) -> None:
+        """Before the loop ends: the lane's commit in flight is waited for
+        (up to ``timeout``); what it still holds goes to the writer thread."""
+        lane = self._lane
+        if lane is None:
+            return
+        deadline = time.monotonic() + timeout
+        while not lane.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        self._lane = None
+        self._lane_fallback(lane.close())
+
+    def _lane_committed(self, items: list[Item], flagged: list[uuid.UUID]) -> None:
+        with self._count_lock:
+            self.commits += 1
+            self.records += len(items)
+        _settle_on_loop([waiter for _, waiter in items], COMMITTED, None)
+        if flagged:
+            self.located(flagged, [rec for rec, _ in items])
+
+    def _lane_fallback(self, items: list[Item]) -> None:
+        for item in items:
+            self._queue.put(item)
 
     # --- the one call the service makes ------------------------------------
 
@@ -285,7 +321,9 @@ class Recorder:
         # extra future or task callback, and a loop hop, per login).
         pending.timer = loop.call_at(loop.time() + timeout, self._expire, rec, pending,
                                      timeout)
-        self._queue.put((rec, pending))
+        lane = self._lane
+        if lane is None or lane.loop is not loop or not lane.take((rec, pending)):
+            self._queue.put((rec, pending))
         return pending
 
     def _expire(self, rec: LoginRecord, pending: Pending, timeout: float) -> None:
@@ -340,8 +378,10 @@ class Recorder:
 
     def stuck(self, after: float) -> bool:
         """The writer has been inside one commit for longer than ``after`` seconds."""
-        since = self.busy_since
-        return since is not None and time.monotonic() - since > after
+        now = time.monotonic()
+        lane = self._lane
+        return any(since is not None and now - since > after
+                   for since in (self.busy_since, lane.busy_since if lane else None))
 
     def mark_up(self) -> None:
         if self.down:

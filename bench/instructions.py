@@ -60,7 +60,7 @@ class Counted:
 
     loop: int = 0           # instructions on the event loop thread (thread 1)
     others: int = 0         # the writer thread, libpq, executors and the rest
-    commits: int = 0        # statements the writer sent (one per batch)
+    commits: int = 0        # statements the writer or the loop lane sent (one per batch)
     logins: int = 0
 
     @property
@@ -81,7 +81,8 @@ def instructions(pattern: str) -> Counted:
             got.loop += int(m.group(1))
         else:
             got.others += int(m.group(1))
-            got.commits += calls_to(text, _COMMIT_CALLS)
+        # The writer thread's statements, and the loop lane's (app/lane.py)
+        got.commits += calls_to(text, _COMMIT_CALLS)
     return got
 
 
@@ -155,9 +156,12 @@ def main() -> None:
              f"{args.logins:,} logins per concurrency under callgrind after 400 warm-up "
              f"logins, log level {args.log_level}; instructions of the daemon process "
              "divided by the logins, the event loop thread apart from the others (the "
-             "writer thread and libpq, mostly). The writer's share depends on how many "
-             "logins share a commit, which under valgrind (threads run one at a time) "
-             "is not what it is in production: hence the commits column. lastlogin on "
+             "writer thread and libpq, mostly; on PostgreSQL the loop lane commits from "
+             "the event loop itself, so there the writer's work is in the event loop "
+             "column). The writer's share depends on how many logins share a commit, "
+             "which under valgrind (threads run one at a time) is not what it is in "
+             "production: hence the commits column (statements sent, by any thread). "
+             "lastlogin on "
              "PostgreSQL, every login committed before its reply and counted in the "
              "database afterwards.", "",
              "| c | code | per login | event loop | other threads | logins per commit "

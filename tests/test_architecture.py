@@ -25,7 +25,7 @@ LAYERS = {
     "config": 1, "logs": 1, "status": 1, "safedirs": 1, "fdio": 1, "worker": 1,
     "metrics": 1, "sysgroups": 1, "db": 1, "geoip": 1,
     # 2 state kept beside the login path: spool, recorder, rules in memory, hooks
-    "spool": 2, "recorder": 2, "snapshot": 2, "maintenance": 2, "nexthop": 2,
+    "spool": 2, "recorder": 2, "lane": 2, "snapshot": 2, "maintenance": 2, "nexthop": 2,
     "importer": 2, "health": 2, "notify": 2,
     # 3 one login
     "service": 3, "authpolicy": 3,

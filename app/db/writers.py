@@ -277,30 +277,41 @@ class PostgresWriter(_OwnConnection):
     def write(self, records: Sequence[LoginRecord],
               flagged: list[uuid.UUID] | None = None) -> int:
         """Store a batch; ``flagged`` gets the ids of the new locations among it."""
+        try:
+            name, values = self.statement(records)
+            conn = self._conn()
+            res = conn.pgconn.exec_prepared(name, values)
+            if res.status != pq.ExecStatus.TUPLES_OK:
+                raise _error(conn, res)
+            new, located = self.outcome(res)
+        except Exception:
+            self.close()            # a fresh connection next time
+            raise
+        if flagged is not None:
+            flagged.extend(located)
+        return new
+
+    def statement(self, records: Sequence[LoginRecord]) -> tuple[bytes, list]:
+        """The prepared statement for ``records`` and its parameters, dumped
+        (the connection is opened first if it is not)."""
         if len(records) == 1 and self.one_row_statement:
             name, params = _ONE, pg_params_one(records[0])
         else:
             name, params = _BATCH, pg_params(records)
-        try:
-            row = self._execute(name, params)
-        except Exception:
-            self.close()            # a fresh connection next time
-            raise
-        if flagged is not None and row[3]:
-            flagged.extend(row[3])
-        return int(row[0])
-
-    def _execute(self, name: bytes, params: dict[str, object]) -> tuple:
-        conn = self._conn()
+        self._conn()
         tx = self._tx
         assert tx is not None
         names = _PREPARED[name][1]
-        values = tx.dump_sequence([params[n] for n in names], [PyFormat.TEXT] * len(names))
-        res = conn.pgconn.exec_prepared(name, values)
-        if res.status != pq.ExecStatus.TUPLES_OK:
-            raise _error(conn, res)
+        return name, tx.dump_sequence([params[n] for n in names], [PyFormat.TEXT] * len(names))
+
+    def outcome(self, res: pq.abc.PGresult) -> tuple[int, list[uuid.UUID]]:
+        """From the statement's one row: the events it inserted and the ids of
+        the new locations among them."""
+        tx = self._tx
+        assert tx is not None
         tx.set_pgresult(res)
-        return tx.load_row(0, tuple)
+        row = tx.load_row(0, tuple)
+        return int(row[0]), list(row[3] or ())
 
 
 def _error(conn: psycopg.Connection, res: pq.abc.PGresult) -> psycopg.Error:

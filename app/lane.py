@@ -1,0 +1,218 @@
+"""Group commit on the event loop, for PostgreSQL, while the database answers.
+
+The writer thread (app/recorder.py) stores every batch with one blocking
+statement; each login then crosses threads twice -- handed to the writer,
+handed back through the loop's self-pipe -- and the two threads pass the
+GIL back and forth. At low load, where every login is its own commit, those
+hand-offs were about a third of a login's CPU (futex, pipe and wake-up
+system calls). The lane sends the same prepared statement from the loop
+itself on a non-blocking libpq connection of its own and reads the result
+when the socket is readable: the loop serves other logins meanwhile, and
+records submitted while a commit is in flight go out together with the next
+one (group commit, one statement in flight).
+
+The lane only ever commits. Anything else -- an error of any kind, a lost
+connection, no connection yet, the recorder down, the lane closing -- hands
+the records, in order, to the writer thread, which owns retries, the
+quarantine and the spool. A batch whose outcome is unknown (the connection
+died after it was sent) is written again by the thread; the statement's
+``ON CONFLICT DO NOTHING`` and its fold of only the rows it inserted store
+and count it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Callable
+
+import psycopg
+from psycopg import pq
+
+from .db.writers import PostgresWriter, _error
+from .logs import show
+
+if TYPE_CHECKING:
+    from .recorder import Item
+
+log = logging.getLogger("lastlogin.recorder")
+
+RETRY_AFTER = 1.0       # seconds between attempts to (re)open the lane's connection
+
+
+class LoopLane:
+    """Commits from one event loop; hands what it cannot commit to ``fallback``.
+
+    ``committed(items, flagged)`` is called on the loop for each batch the
+    database took (count, settle, new locations); ``fallback(items)`` for
+    records the writer thread must store instead.
+    """
+
+    def __init__(self, writer: PostgresWriter, loop: asyncio.AbstractEventLoop,
+                 batch_max: int, committed: Callable[[list["Item"], list], None],
+                 fallback: Callable[[list["Item"]], None]) -> None:
+        self.writer = writer
+        self.loop = loop
+        self.batch_max = batch_max
+        self.committed = committed
+        self.fallback = fallback
+        self.queued: list[Item] = []
+        self.inflight: list[Item] | None = None
+        self.busy_since: float | None = None     # when the statement in flight was sent
+        self._pgconn: pq.abc.PGconn | None = None
+        self._fd = -1
+        self._writing = False
+        self._opening = False
+        self._retry_at = 0.0
+        self.closed = False
+        self.handed_over = 0        # records handed to the writer thread (tests)
+        self.commits = 0            # batches the lane committed (tests)
+
+    # --- what the recorder calls ------------------------------------------------
+
+    def take(self, item: "Item") -> bool:
+        """Queue ``item`` for the next commit; False: not connected (the caller
+        hands it to the writer thread)."""
+        if self._pgconn is None:
+            self._open()
+            return False
+        self.queued.append(item)
+        if self.inflight is None:
+            self._send()
+        return True
+
+    def close(self) -> list["Item"]:
+        """Stop; what was queued or in flight comes back (for the writer thread)."""
+        self.closed = True
+        left = (self.inflight or []) + self.queued
+        self.inflight, self.queued = None, []
+        self._drop_connection()
+        return left
+
+    @property
+    def idle(self) -> bool:
+        return self.inflight is None and not self.queued
+
+    # --- the connection -------------------------------------------------------------
+
+    def _open(self) -> None:
+        """Open the connection off the loop (it blocks), at most once a second."""
+        if self._opening or self.closed or self.loop.time() < self._retry_at:
+            return
+        self._opening = True
+        self._retry_at = self.loop.time() + RETRY_AFTER
+        fut = self.loop.run_in_executor(None, self.writer._conn)
+        fut.add_done_callback(self._opened)
+
+    def _opened(self, fut: "asyncio.Future[psycopg.Connection]") -> None:
+        self._opening = False
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            log.debug("event=lane_unavailable error=%s", show(str(exc).splitlines()[0:1]))
+            self.writer.close()
+            return
+        if self.closed:
+            self.writer.close()
+            return
+        pgconn = fut.result().pgconn
+        try:
+            pgconn.nonblocking = 1
+            self._fd = pgconn.socket
+            self.loop.add_reader(self._fd, self._readable)
+        except Exception as err:  # noqa: BLE001 - the writer thread goes on alone
+            log.debug("event=lane_unavailable error=%s", show(str(err)))
+            self._drop_connection()
+            return
+        self._pgconn = pgconn
+
+    def _drop_connection(self) -> None:
+        if self._fd >= 0:
+            self.loop.remove_reader(self._fd)
+            if self._writing:
+                self.loop.remove_writer(self._fd)
+        self._fd, self._writing, self._pgconn = -1, False, None
+        self.writer.close()
+
+    # --- one commit -----------------------------------------------------------------
+
+    def _send(self) -> None:
+        batch = self.queued[:self.batch_max]
+        del self.queued[:len(batch)]
+        self.inflight = batch
+        self.busy_since = time.monotonic()
+        pgconn = self._pgconn
+        assert pgconn is not None
+        try:
+            name, values = self.writer.statement([rec for rec, _ in batch])
+            pgconn.send_query_prepared(name, values)
+            self._flush()
+        except Exception as exc:  # noqa: BLE001 - the writer thread takes them
+            self._fail(exc)
+
+    def _flush(self) -> None:
+        """Send what libpq still holds; wait for the socket if it is full."""
+        pgconn = self._pgconn
+        if pgconn is None:
+            return
+        try:
+            more = pgconn.flush()
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+            return
+        if more and not self._writing:
+            self.loop.add_writer(self._fd, self._flush)
+            self._writing = True
+        elif not more and self._writing:
+            self.loop.remove_writer(self._fd)
+            self._writing = False
+
+    def _readable(self) -> None:
+        pgconn = self._pgconn
+        if pgconn is None:
+            return
+        try:
+            pgconn.consume_input()
+            if self.inflight is None:
+                # Nothing asked: a notice, or the server closing the connection.
+                if pgconn.status == pq.ConnStatus.BAD:
+                    self._fail(psycopg.OperationalError("the connection was closed"))
+                return
+            if pgconn.is_busy():
+                return
+            results = []
+            while True:
+                res = pgconn.get_result()
+                if res is None:
+                    break
+                results.append(res)
+                if pgconn.is_busy():
+                    # Not seen with one statement; libpq would block here.
+                    raise psycopg.OperationalError("more results than one statement gives")
+            if len(results) != 1 or results[0].status != pq.ExecStatus.TUPLES_OK:
+                bad = next((r for r in results if r.status != pq.ExecStatus.TUPLES_OK), None)
+                raise (_error(self.writer._conn(), bad) if bad is not None else
+                       psycopg.OperationalError(f"{len(results)} results for one statement"))
+            _, flagged = self.writer.outcome(results[0])
+        except Exception as exc:  # noqa: BLE001 - the writer thread takes them
+            self._fail(exc)
+            return
+        batch, self.inflight, self.busy_since = self.inflight, None, None
+        self.commits += 1
+        self.committed(batch, flagged)
+        if self.queued and self._pgconn is not None:
+            self._send()
+
+    def _fail(self, exc: BaseException) -> None:
+        """Whatever went wrong, the writer thread stores the records (in order)."""
+        left = (self.inflight or []) + self.queued
+        self.inflight, self.queued, self.busy_since = None, [], None
+        self._drop_connection()
+        self._retry_at = self.loop.time() + RETRY_AFTER
+        log.info("event=lane_handover records=%d error=%s", len(left),
+                 show(str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+        self.handed_over += len(left)
+        if left:
+            self.fallback(left)
