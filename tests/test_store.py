@@ -291,15 +291,18 @@ def test_the_postgresql_batch_is_planned_once_not_for_every_commit(pg_db):
         for i in range(8):          # past the 5 custom plans PostgreSQL tries first
             at = T0 + dt.timedelta(seconds=i)
             assert writer.write([record(b"u%d@example.com" % (i % 3), at=at)]) == 1
+            assert writer.write([record(b"p%d@example.com" % (i % 3), at=at,
+                                        country="FR")]) == 1
             assert writer.write([record(b"v%d@example.com" % (i % 3), at=at),
                                  record(b"w%d@example.com" % (i % 3), at=at)]) == 2
         plans = writer._conn().execute(
-            "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
-            "WHERE statement LIKE %s", ["%INSERT INTO login_events%"]).fetchall()
+            "SELECT name, generic_plans, custom_plans FROM pg_prepared_statements "
+            "WHERE statement LIKE %s ORDER BY name", ["%INSERT INTO login_events%"]).fetchall()
     finally:
         writer.close()
         engine.dispose()
-    assert plans == [(8, 0), (8, 0)]        # PG_ONE and PG_BATCH
+    assert plans == [("lastlogin_batch", 8, 0), ("lastlogin_one", 8, 0),
+                     ("lastlogin_one_unlocated", 8, 0)]
 
 
 def test_pg_one_and_pg_batch_store_every_column_alike(pg_db):
@@ -374,7 +377,7 @@ def test_the_writer_prepares_one_statement_whatever_its_integers_and_nulls(pg_db
     finally:
         writer.close()
         engine.dispose()
-    assert names == [("lastlogin_batch",), ("lastlogin_one",)]
+    assert names == [("lastlogin_batch",), ("lastlogin_one",), ("lastlogin_one_unlocated",)]
 
 
 @pytest.mark.parametrize("damage", [
@@ -391,6 +394,30 @@ def test_a_batch_statement_pg_one_cannot_follow_is_refused(damage):
     with pytest.raises(RuntimeError):
         _one_row_statement(damaged)
     assert _one_row_statement(PG_BATCH).count(" AS ") >= len(COLUMNS)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda s: s.replace("WHEN i.outcome <> 'allowed' OR", "WHEN i.outcome = 'denied' OR"),
+    lambda s: s.replace("(i.country IS NULL AND i.asn IS NULL)", "(i.country IS NULL)"),
+    lambda s: s.replace("END AS new_location", "END AS located_new"),
+], ids=["outcome-test", "place-test", "no-new-location"])
+def test_a_one_row_statement_the_unlocated_one_cannot_follow_is_refused(damage):
+    """The unlocated statement stands for the CASE's first branch, which the
+    writer tests in Python: a CASE that says anything else stops the daemon."""
+    from app.db.writers import PG_ONE, _unlocated_statement
+    damaged = damage(PG_ONE)
+    assert damaged != PG_ONE
+    with pytest.raises(RuntimeError):
+        _unlocated_statement(damaged)
+    assert "false AS new_location" in _unlocated_statement(PG_ONE)
+
+
+def test_the_writer_picks_the_unlocated_statement_as_the_case_would():
+    from app.db.writers import unlocated
+    assert unlocated(record(b"a@example.com"))
+    assert unlocated(record(b"a@example.com", outcome="denied", country="FR", asn=1))
+    assert not unlocated(record(b"a@example.com", country="FR"))
+    assert not unlocated(record(b"a@example.com", asn=64500))
 
 
 def test_an_address_column_refuses_what_is_not_an_address_with_the_same_error():
