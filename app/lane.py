@@ -17,7 +17,13 @@ the records, in order, to the writer thread, which owns retries, the
 quarantine and the spool. A batch whose outcome is unknown (the connection
 died after it was sent) is written again by the thread; the statement's
 ``ON CONFLICT DO NOTHING`` and its fold of only the rows it inserted store
-and count it once.
+and count it once -- but cannot flag again, as new locations, the rows the
+lost commit had inserted (only the notification is lost, never a record).
+
+A healthy connection -- the server refused the statement, or a record could
+not be dumped -- stays for the next commit; any other is dropped and opened
+again after RETRY_AFTER. A batch is dumped on the loop, so a statement
+carries at most LANE_BATCH_MAX records.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 import psycopg
+from psycopg import errors as pg_errors
 from psycopg import pq
 
 from .db.writers import PostgresWriter, _error
@@ -39,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lastlogin.recorder")
 
 RETRY_AFTER = 1.0       # seconds between attempts to (re)open the lane's connection
+LANE_BATCH_MAX = 128    # records per statement sent from the loop
 
 
 class LoopLane:
@@ -54,7 +62,9 @@ class LoopLane:
                  fallback: Callable[[list["Item"]], None]) -> None:
         self.writer = writer
         self.loop = loop
-        self.batch_max = batch_max
+        # A batch is dumped on the loop: at most LANE_BATCH_MAX records per
+        # statement (999 records of 4 KB names held the loop ~80 ms).
+        self.batch_max = min(batch_max, LANE_BATCH_MAX)
         self.committed = committed
         self.fallback = fallback
         self.queued: list[Item] = []
@@ -63,6 +73,7 @@ class LoopLane:
         self._pgconn: pq.abc.PGconn | None = None
         self._fd = -1
         self._writing = False
+        self._results: list = []        # results of the statement in flight, so far
         self._opening = False
         self._retry_at = 0.0
         self.closed = False
@@ -133,7 +144,7 @@ class LoopLane:
             self.loop.remove_reader(self._fd)
             if self._writing:
                 self.loop.remove_writer(self._fd)
-        self._fd, self._writing, self._pgconn = -1, False, None
+        self._fd, self._writing, self._pgconn, self._results = -1, False, None, []
         self.writer.close()
 
     # --- one commit -----------------------------------------------------------------
@@ -143,10 +154,15 @@ class LoopLane:
         del self.queued[:len(batch)]
         self.inflight = batch
         self.busy_since = time.monotonic()
+        self._results = []
         pgconn = self._pgconn
         assert pgconn is not None
         try:
             name, values = self.writer.statement([rec for rec, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - a record that cannot be dumped
+            self._fail(exc)       # nothing was sent: the connection stays
+            return
+        try:
             pgconn.send_query_prepared(name, values)
             self._flush()
         except Exception as exc:  # noqa: BLE001 - the writer thread takes them
@@ -180,17 +196,16 @@ class LoopLane:
                 if pgconn.status == pq.ConnStatus.BAD:
                     self._fail(psycopg.OperationalError("the connection was closed"))
                 return
-            if pgconn.is_busy():
-                return
-            results = []
-            while True:
+            # The reply may come in several reads (a result, then the
+            # ReadyForQuery that ends it): what came is kept until it is whole.
+            while not pgconn.is_busy():
                 res = pgconn.get_result()
                 if res is None:
                     break
-                results.append(res)
-                if pgconn.is_busy():
-                    # Not seen with one statement; libpq would block here.
-                    raise psycopg.OperationalError("more results than one statement gives")
+                self._results.append(res)
+            else:
+                return
+            results, self._results = self._results, []
             if len(results) != 1 or results[0].status != pq.ExecStatus.TUPLES_OK:
                 bad = next((r for r in results if r.status != pq.ExecStatus.TUPLES_OK), None)
                 raise (_error(self.writer._conn(), bad) if bad is not None else
@@ -202,15 +217,30 @@ class LoopLane:
         batch, self.inflight, self.busy_since = self.inflight, None, None
         self.commits += 1
         self.committed(batch, flagged)
-        if self.queued and self._pgconn is not None:
+        # (a callback above may have sent a statement already: one at a time)
+        if self.queued and self.inflight is None and self._pgconn is not None:
             self._send()
 
+    def _healthy(self) -> bool:
+        """The connection can take the next statement: open, no transaction
+        left, nothing of the last one still to send or to read."""
+        pgconn = self._pgconn
+        return (pgconn is not None and pgconn.status == pq.ConnStatus.OK
+                and pgconn.transaction_status == pq.TransactionStatus.IDLE
+                and not self._writing and not self._results)
+
     def _fail(self, exc: BaseException) -> None:
-        """Whatever went wrong, the writer thread stores the records (in order)."""
+        """Whatever went wrong, the writer thread stores the records (in order).
+        A healthy connection (the server refused the statement, or a record
+        could not be dumped) is kept for the next commit; any other is
+        dropped and opened again after RETRY_AFTER."""
         left = (self.inflight or []) + self.queued
         self.inflight, self.queued, self.busy_since = None, [], None
-        self._drop_connection()
-        self._retry_at = self.loop.time() + RETRY_AFTER
+        if not self._healthy() or isinstance(exc, pg_errors.InvalidSqlStatementName):
+            # (our statements gone from the session: a new one prepares them)
+            self._drop_connection()
+            self._retry_at = self.loop.time() + RETRY_AFTER
+        self._results = []
         log.info("event=lane_handover records=%d error=%s", len(left),
                  show(str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
         self.handed_over += len(left)

@@ -67,8 +67,10 @@ DATA_STATES = ("22", "23", "54")
 # insufficient resources, operator intervention (shutdown, statement
 # timeout), system error, internal error, transaction rollback (deadlock,
 # serialization), authorization (a role that may not log in), unknown
-# database, object not available (lock timeout).
-AWAY_STATES = ("08", "53", "57", "58", "XX", "40", "28", "3D", "55")
+# database, object not available (lock timeout), and the writer's prepared
+# statements gone even from a new connection (a transaction-pooling
+# pgbouncer in front: docs/scaling.md).
+AWAY_STATES = ("08", "53", "57", "58", "XX", "40", "28", "3D", "55", "26")
 
 
 class RecordError(Exception):
@@ -143,7 +145,7 @@ class Pending:
     when it is neither stored nor spooled) -- unless ``abandon()`` came
     first (the login was cut off: nothing is called, the timer is off).
 
-    The writer settles it. When the record timeout fires first, the record
+    The lane or the writer settles it. When the record timeout fires first, the record
     is spooled from here (``spooled``: the writer must not spool it again);
     when that fails too, the writer's late outcome decides (``late``).
     """
@@ -231,9 +233,9 @@ class Recorder:
         self.quarantined = 0
         self.db_errors = 0
         self.new_locations = 0
-        # Told, on the writer's or replayer's thread, of committed records
-        # that are new locations (the daemon's notifier queues them; it must
-        # not block).
+        # Told, on the event loop (the lane), the writer's or the replayer's
+        # thread, of committed records that are new locations (the daemon's
+        # notifier queues them; it must not block).
         self.on_new_locations: Callable[[list[LoginRecord]], None] | None = None
 
     def start(self) -> None:
@@ -377,7 +379,8 @@ class Recorder:
             log.error("event=database_down action=spooling reason=%s", show(why))
 
     def stuck(self, after: float) -> bool:
-        """The writer has been inside one commit for longer than ``after`` seconds."""
+        """The writer thread or the lane has been inside one commit for longer
+        than ``after`` seconds."""
         now = time.monotonic()
         lane = self._lane
         return any(since is not None and now - since > after

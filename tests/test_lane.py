@@ -6,6 +6,7 @@ refuses, a result lost after the commit), then exact counts."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import sqlalchemy as sa
 
@@ -233,4 +234,191 @@ def test_the_thread_alone_on_a_database_that_is_not_postgresql(sqlite_db):
     finally:
         assert recorder.stop(10)
     assert counts(engine) == (1, 1)
+    engine.dispose()
+
+
+def chunking_proxy(target_port: int, chunk: int = 8, delay: float = 0.002):
+    """A TCP proxy on 127.0.0.1 that hands the server's bytes on ``chunk``
+    at a time, ``delay`` apart (a segmenting network, a middlebox): a
+    reply then reaches libpq over several reads. Returns (port, stop)."""
+    import socket
+    import threading
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    socks = [lsock]
+
+    def pump(src, dst, size, pause):
+        try:
+            while data := src.recv(65536):
+                for i in range(0, len(data), size):
+                    dst.sendall(data[i:i + size])
+                    if pause:
+                        time.sleep(pause)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def serve():
+        while True:
+            try:
+                client, _ = lsock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", target_port))
+            socks.extend((client, server))
+            threading.Thread(target=pump, args=(client, server, 1 << 20, 0), daemon=True).start()
+            threading.Thread(target=pump, args=(server, client, chunk, delay),
+                             daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    def stop():
+        for s in socks:
+            s.close()
+    return lsock.getsockname()[1], stop
+
+
+def test_a_reply_in_pieces_is_read_whole_and_new_locations_are_flagged(pg_db):
+    """The server's reply reaches the lane in 8-byte pieces: every commit is
+    the lane's own (none handed to the thread, which would store them again
+    but flag no new location), and each new location is told once."""
+    import datetime as dt
+
+    from sqlalchemy.engine import make_url
+
+    url = make_url(pg_db)
+    port, stop = chunking_proxy(url.port)
+    engine = make_engine(url.set(port=port).render_as_string(hide_password=False))
+    recorder = Recorder(engine)
+    told = []
+    recorder.on_new_locations = told.extend
+    recorder.start()
+    at = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
+
+    async def body(lane):
+        out = [await recorder.record(record(b"u%d@example.com" % i, at=at, country="DE"), 5.0)
+               for i in range(5)]
+        out += [await recorder.record(record(b"u%d@example.com" % i, at=at + dt.timedelta(hours=1),
+                                             country="FR"), 5.0) for i in range(5)]
+        return out, lane.commits, lane.handed_over
+
+    try:
+        outcomes, commits, handed = run(recorder, body)
+    finally:
+        assert recorder.stop(10)
+        stop()
+    assert outcomes == [COMMITTED] * 10 and (commits, handed) == (10, 0)
+    assert recorder.new_locations == 5
+    assert sorted(r.username for r in told) == [b"u%d@example.com" % i for i in range(5)]
+    assert counts(make_engine(pg_db)) == (11, 11)
+    engine.dispose()
+
+
+def test_statements_gone_from_the_session_are_prepared_again(pg_db):
+    """DEALLOCATE ALL on the writer's and on the lane's connection: the
+    next commit opens a new connection and prepares them again -- never a
+    quarantined login -- and the lane goes on committing."""
+    from app.db.writers import PostgresWriter
+
+    engine = make_engine(pg_db)
+    writer = PostgresWriter(engine)
+    try:
+        assert writer.write([record(b"w1@example.com")]) == 1
+        pid = writer._conn().info.backend_pid
+        writer._conn().execute("DEALLOCATE ALL")
+        assert writer.write([record(b"w2@example.com")]) == 1
+        assert writer._conn().info.backend_pid != pid
+    finally:
+        writer.close()
+
+    recorder = Recorder(engine)
+    recorder.start()
+
+    async def body(lane):
+        lane.writer._conn().execute("DEALLOCATE ALL")
+        gone = await recorder.record(record(b"l1@example.com"), 5.0)
+        handed = lane.handed_over
+        await asyncio.sleep(RETRY)
+        await recorder.record(record(b"l2@example.com"), 5.0)     # opens the lane again
+        for _ in range(300):
+            if lane._pgconn is not None:
+                break
+            await asyncio.sleep(0.01)
+        commits = lane.commits
+        again = await recorder.record(record(b"l3@example.com"), 5.0)
+        return gone, handed, again, lane.commits - commits
+
+    try:
+        gone, handed, again, lane_commits = run(recorder, body)
+    finally:
+        assert recorder.stop(10)
+    assert (gone, handed, again, lane_commits) == (COMMITTED, 1, COMMITTED, 1)
+    assert recorder.quarantined == 0 and counts(engine) == (6, 6)
+    engine.dispose()
+
+
+def test_a_record_that_cannot_be_sent_keeps_both_connections(pg_db, tmp_path):
+    """A record psycopg cannot dump (a NUL in a text column) is set aside
+    alone; neither the writer nor the lane drops its connection for it."""
+    engine = make_engine(pg_db)
+    spool = Spool(tmp_path / "spool", 1 << 20)
+    recorder = Recorder(engine, spool=spool)
+    recorder.start()
+
+    async def body(lane):
+        pid = lane.writer._conn().info.backend_pid
+        bad = await recorder.record(record(b"nul@example.com", session_id="a\x00b"), 5.0)
+        good = await recorder.record(record(b"good@example.com"), 5.0)
+        return bad, good, lane.writer._conn().info.backend_pid == pid, lane.commits
+
+    try:
+        bad, good, same, commits = run(recorder, body)
+    finally:
+        assert recorder.stop(10)
+    assert (bad, good, same) == (QUARANTINED, COMMITTED, True) and commits >= 1
+    assert counts(engine) == (2, 2) and spool.quarantine.count() == 1
+    engine.dispose()
+
+
+def test_a_callback_that_submits_never_puts_two_statements_in_flight(pg_db):
+    """A login's done callback submits another login while more than a
+    statement's worth is queued: one statement at a time, every record
+    committed by the lane, none handed over, none timed out."""
+    engine = make_engine(pg_db)
+    recorder = Recorder(engine, batch_max=2)
+    recorder.start()
+
+    async def body(lane):
+        loop = asyncio.get_running_loop()
+        futs = []
+
+        def submit(name, then=None):
+            fut = loop.create_future()
+
+            def done(outcome, exc):
+                fut.set_result(exc or outcome)
+                if then is not None:
+                    then()          # within the recorder's own callback
+            recorder.submit(record(name), 5.0, done)
+            futs.append(fut)
+
+        submit(b"q0@example.com", lambda: submit(b"from-callback@example.com"))
+        for i in range(1, 6):
+            submit(b"q%d@example.com" % i)
+        while len(futs) < 7 or not all(f.done() for f in futs):
+            await asyncio.sleep(0.01)
+        return [f.result() for f in futs], lane.handed_over
+
+    try:
+        outcomes, handed = run(recorder, body)
+    finally:
+        assert recorder.stop(10)
+    assert outcomes == [COMMITTED] * 7 and handed == 0
+    assert recorder.down is False and counts(engine) == (8, 8)
     engine.dispose()

@@ -249,7 +249,7 @@ def _positional(statement: str) -> tuple[bytes, tuple[str, ...]]:
     return text.encode(), tuple(names)
 
 
-# The writer's two statements, prepared by name on its connection when it
+# The writer's three statements, prepared by name on its connection when it
 # opens. Every parameter is cast in the text (``$1::uuid``, ``$2::uuid[]``
 # ...), so PostgreSQL takes its type from the cast and one prepared
 # statement serves every login, NULLs and any size of integer included.
@@ -308,19 +308,38 @@ class PostgresWriter(_OwnConnection):
     def write(self, records: Sequence[LoginRecord],
               flagged: list[uuid.UUID] | None = None) -> int:
         """Store a batch; ``flagged`` gets the ids of the new locations among it."""
-        try:
-            name, values = self.statement(records)
-            conn = self._conn()
-            res = conn.pgconn.exec_prepared(name, values)
-            if res.status != pq.ExecStatus.TUPLES_OK:
-                raise _error(conn, res)
-            new, located = self.outcome(res)
-        except Exception:
-            self.close()            # a fresh connection next time
-            raise
+        for attempt in (1, 2):
+            try:
+                name, values = self.statement(records)
+                conn = self._conn()
+                res = conn.pgconn.exec_prepared(name, values)
+                if res.status != pq.ExecStatus.TUPLES_OK:
+                    raise _error(conn, res)
+                new, located = self.outcome(res)
+                break
+            except pg_errors.InvalidSqlStatementName:
+                # Our statements are gone from the session (DEALLOCATE ALL,
+                # a pooler that moved us): once more on a new connection;
+                # twice is the setup's fault, an outage (recorder.AWAY_STATES).
+                self.close()
+                if attempt == 2:
+                    raise
+            except Exception:
+                if not self.healthy():
+                    self.close()    # a fresh connection next time
+                raise
         if flagged is not None:
             flagged.extend(located)
         return new
+
+    def healthy(self) -> bool:
+        """The connection can take the next statement (after the server
+        refused one, or a record could not be dumped, it can)."""
+        if self._raw is None:
+            return False
+        pgconn = self._raw.driver_connection.pgconn
+        return (pgconn.status == pq.ConnStatus.OK
+                and pgconn.transaction_status == pq.TransactionStatus.IDLE)
 
     def statement(self, records: Sequence[LoginRecord]) -> tuple[bytes, list]:
         """The prepared statement for ``records`` and its parameters, dumped
