@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from app.db import make_engine
 from app.db.migrate import upgrade
 from bench.doc import write_section
-from bench.handler import start_lastlogin
+from bench.handler import pg_cpu_seconds, start_lastlogin
 from bench.load import Run, drive
 from tests.harness.dovecot import MAIL_UID, Dovecot
 from tests.harness.mailclients import imap_login_ok, pop3_login_ok
@@ -93,18 +93,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def cpu_of_tree(root: int) -> float:
-    """CPU of ``root`` and its direct children (PostgreSQL's backends)."""
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(entry.name) == root or int(fields[1]) == root:
-            total += (int(fields[11]) + int(fields[12])) / CLK
-    return total
+    """CPU of a PostgreSQL server so far: ``root`` (the postmaster), its live
+    backends and those it has reaped (bench.handler.pg_cpu_seconds)."""
+    return pg_cpu_seconds(root)
 
 
 class Bench:
@@ -199,6 +190,9 @@ class Bench:
         self.pg.stop()
 
 
+PGSQL_DRIVER = "/usr/lib/dovecot/modules/dict/libdriver_pgsql.so"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -209,6 +203,11 @@ def main() -> None:
     if args.users < 16:
         ap.error("--users must be at least 16: each of the 16 workers logs in as its own user")
     modes = args.modes.split(",")
+    if "plugin" in modes and not Path(PGSQL_DRIVER).exists():
+        # Without it Dovecot's last_login plugin writes nothing, silently,
+        # and would be measured doing nothing (scripts/bench installs it).
+        raise SystemExit(f"the plugin mode needs Dovecot's PostgreSQL driver ({PGSQL_DRIVER}, "
+                         "Debian package dovecot-pgsql)")
     bench = Bench(args.users)
     results: list[Run] = []
     checks: list[str] = []
@@ -254,6 +253,10 @@ def main() -> None:
                 print(checks[-1], flush=True)
     finally:
         bench.close()
+    wrong = [c for c in checks if c.endswith("(MISMATCH)")]
+    if wrong:
+        raise SystemExit("writes do not match the logins, the run is not a measurement: "
+                         + "; ".join(wrong))
     write_doc(results, modes, checks, cpu, args)
 
 

@@ -425,7 +425,8 @@ def smoke(null_path: str, ll_path: str, url: str, workdir: Path, null_pid: int, 
                 assert r.client_cpu > 0 and r.wall > 0 and r.cpu >= 0, (name, r)
                 assert (b["db"] is None) == (postmaster is None), (name, b)
                 assert b["db"] is None or b["db"] >= 0, (name, b)
-                assert b["total"] > 0 and b["machine"] > 0 and b["available"] > 0, (name, b)
+                # /proc counts in 10 ms ticks: a 96-login run may show none
+                assert b["total"] > 0 and b["machine"] >= 0 and b["available"] > 0, (name, b)
         print(f"smoke ({name} client): 2 x 96 logins answered by both handlers, "
               "every lastlogin login stored once; CPU ms/login handler+client+PostgreSQL"
               f"=total (machine) of available: {budget_line(base)}; {budget_line(run)}")

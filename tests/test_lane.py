@@ -28,6 +28,27 @@ def counts(engine) -> tuple[int, int]:
     return events, int(total or 0)
 
 
+async def lane_open(lane) -> None:
+    """Until the lane's connection is open (it opens off the loop)."""
+    for _ in range(500):
+        if lane._pgconn is not None:
+            return
+        await asyncio.sleep(0.01)
+    assert lane._pgconn is not None
+
+
+async def commits_once_reopened(recorder: Recorder, lane, name: bytes) -> tuple[str, int]:
+    """After a hand-over: wait past RETRY_AFTER, let a record open the lane
+    again (the thread commits that one), then ``name``'s outcome and how
+    many statements the lane sent for it."""
+    await asyncio.sleep(RETRY)
+    await recorder.record(record(b"reopen-" + name), 5.0)
+    await lane_open(lane)
+    commits = lane.commits
+    outcome = await recorder.record(record(name), 5.0)
+    return outcome, lane.commits - commits
+
+
 def run(recorder: Recorder, body):
     """``body(lane)`` on a loop the recorder commits from; the lane open first."""
     async def main():
@@ -36,11 +57,7 @@ def run(recorder: Recorder, body):
         # The first record opens the lane's connection (off the loop) and
         # goes to the writer thread meanwhile.
         assert await recorder.record(record(b"opener@example.com"), 5.0) == COMMITTED
-        for _ in range(500):
-            if lane._pgconn is not None:
-                break
-            await asyncio.sleep(0.01)
-        assert lane._pgconn is not None
+        await lane_open(lane)
         try:
             return await body(lane)
         finally:
@@ -106,15 +123,8 @@ def test_a_backend_terminated_mid_commit_hands_the_batch_to_the_thread(pg_db):
         finally:
             slow_commits(pg_db, 0, False)
         handed = lane.handed_over
-        await asyncio.sleep(RETRY)                     # the lane may open again
-        await recorder.record(record(b"reopen@example.com"), 5.0)
-        for _ in range(300):
-            if lane._pgconn is not None:
-                break
-            await asyncio.sleep(0.01)
-        commits = lane.commits
-        after = await recorder.record(record(b"after@example.com"), 5.0)
-        return outcomes, handed, after, lane.commits - commits
+        after, lane_commits = await commits_once_reopened(recorder, lane, b"after@example.com")
+        return outcomes, handed, after, lane_commits
 
     try:
         outcomes, handed, after, lane_commits = run(recorder, body)
@@ -344,15 +354,8 @@ def test_statements_gone_from_the_session_are_prepared_again(pg_db):
         lane.writer._conn().execute("DEALLOCATE ALL")
         gone = await recorder.record(record(b"l1@example.com"), 5.0)
         handed = lane.handed_over
-        await asyncio.sleep(RETRY)
-        await recorder.record(record(b"l2@example.com"), 5.0)     # opens the lane again
-        for _ in range(300):
-            if lane._pgconn is not None:
-                break
-            await asyncio.sleep(0.01)
-        commits = lane.commits
-        again = await recorder.record(record(b"l3@example.com"), 5.0)
-        return gone, handed, again, lane.commits - commits
+        again, lane_commits = await commits_once_reopened(recorder, lane, b"l3@example.com")
+        return gone, handed, again, lane_commits
 
     try:
         gone, handed, again, lane_commits = run(recorder, body)
