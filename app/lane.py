@@ -3,16 +3,17 @@
 The writer thread (app/recorder.py) stores every batch with one blocking
 statement; each login then crosses threads twice -- handed to the writer,
 handed back through the loop's self-pipe -- and the two threads pass the
-GIL back and forth. At low load, where every login is its own commit, those
-hand-offs were about a third of a login's CPU (futex, pipe and wake-up
-system calls). The lane sends the same prepared statement from the loop
+GIL back and forth: futex, pipe and wake-up system calls at every login
+where each login is its own commit, and GIL hand-offs under load, for
+Python the GIL serialised with the loop anyway. The lane sends the same prepared statement from the loop
 itself on a non-blocking libpq connection of its own and reads the result
 when the socket is readable: the loop serves other logins meanwhile, and
 records submitted while a commit is in flight go out together with the next
-one (group commit, one statement in flight).
+one (group commit, one statement in flight). The recorder sends nothing
+here while it is down with a spool (those records go to the spool).
 
 The lane only ever commits. Anything else -- an error of any kind, a lost
-connection, no connection yet, the recorder down, the lane closing -- hands
+connection, no connection yet, the lane closing -- hands
 the records, in order, to the writer thread, which owns retries, the
 quarantine and the spool. A batch whose outcome is unknown (the connection
 died after it was sent) is written again by the thread; the statement's
@@ -21,8 +22,9 @@ and count it once -- but cannot flag again, as new locations, the rows the
 lost commit had inserted (only the notification is lost, never a record).
 
 A healthy connection -- the server refused the statement, or a record could
-not be dumped -- stays for the next commit; any other is dropped and opened
-again after RETRY_AFTER. A batch is dumped on the loop, so a statement
+not be dumped -- stays for the next commit; any other, and one whose
+prepared statements are gone from the session, is dropped and opened again
+after RETRY_AFTER. A batch is dumped on the loop, so a statement
 carries at most LANE_BATCH_MAX records.
 """
 

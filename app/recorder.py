@@ -10,14 +10,17 @@ nothing of files or connections.
 
 Behind that one call:
 
-- **Group commit.** Everything that queued up while the previous commit
-  ran is stored in one transaction, so under load many logins share one
-  commit (and one fsync). On PostgreSQL the loop lane (app/lane.py) does
-  it from the event loop while the database answers; a writer thread does
-  it otherwise (SQLite, no lane connection yet) and takes whatever the lane
-  hands back -- so retries, the quarantine and the spool live in one place.
-- **Outages.** A commit that fails, or takes longer than the timeout, marks
-  the recorder down and sends the record to the spool (fsync'ed before the
+- **Group commit.** What queued up while the previous commit ran is
+  stored in one transaction (up to ``batch_max`` records; the lane, 128),
+  so under load many logins share one commit (and one fsync). On
+  PostgreSQL the loop lane (app/lane.py) does it from the event loop while
+  the database answers; a writer thread does it otherwise (SQLite, no lane
+  connection yet or for a second after a lane failure, another event loop)
+  and takes whatever the lane hands back -- so retries, the quarantine and
+  the spool live in one place.
+- **Outages.** A commit of the writer thread that fails, or any commit
+  that takes longer than the timeout, marks the recorder down (a failed
+  lane commit first goes to the thread, whose own failure then does) and sends the record to the spool (fsync'ed before the
   answer). While down, logins spool directly; the ``Replayer`` probes the
   database and replays closed segments when it answers.
 - **Exactly once.** A record that timed out may still commit later *and*
@@ -145,9 +148,10 @@ class Pending:
     when it is neither stored nor spooled) -- unless ``abandon()`` came
     first (the login was cut off: nothing is called, the timer is off).
 
-    The lane or the writer settles it. When the record timeout fires first, the record
-    is spooled from here (``spooled``: the writer must not spool it again);
-    when that fails too, the writer's late outcome decides (``late``).
+    The lane or the writer settles it. When the record timeout fires
+    first, the record is spooled from here (``spooled``: the writer must
+    not spool it again); when that fails too, the late outcome of the
+    commit in flight, the lane's or the writer's, decides (``late``).
     """
 
     __slots__ = ("loop", "done", "timer", "timed_out", "spooled", "late", "finished")
