@@ -16,6 +16,7 @@ app/service.py (decisions and records).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import os
@@ -137,6 +138,11 @@ class Daemon:
         self.server.start()
         if self.policy_server is not None:
             await self.policy_server.start()    # bound before READY, or the start fails
+        # What start-up built (settings, the engine, modules, the snapshot)
+        # lives as long as the daemon: out of the collector's way, so that
+        # a full collection walks only what logins made since.
+        gc.collect()
+        gc.freeze()
         notify_ready()
         status = asyncio.create_task(self.server.write_status())
         try:
