@@ -150,9 +150,10 @@ def make_client(choice: str, workdir: Path) -> CClient | None:
 class NullHandler:
     """bench/null_handler.py as a process: it prints READY once it listens."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.path = str(workdir / "null.sock")
-        self.log = open(workdir / "null.log", "ab")
+    def __init__(self, workdir: Path, path: str | None = None) -> None:
+        self.path = path or str(workdir / "null.sock")
+        self.log = open(workdir / ("null.log" if path is None else f"null-{Path(path).stem}.log"),
+                        "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.null_handler", self.path],
                                      env={**os.environ, "PYTHONPATH": str(ROOT)},
                                      stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT)
