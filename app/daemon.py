@@ -29,12 +29,12 @@ from .config import ConfigError, Settings, load_settings
 from .db import make_engine
 from .db.migrate import ensure_at_head
 from .geoip import GeoIP, GeoIPError
-from .logs import show
+from .logs import first_line, show
 from .maintenance import Maintenance
 from .metrics import Metrics
 from .notify import Notifier
 from .policyhttp import PolicyServer
-from .recorder import Recorder, Replayer, first_line
+from .recorder import Recorder, Replayer
 from .safedirs import prepare_daemon_dirs
 from .server import Server
 from .service import LoginService, Steps

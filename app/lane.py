@@ -40,7 +40,7 @@ from psycopg import errors as pg_errors
 from psycopg import pq
 
 from .db.writers import PostgresWriter, _error
-from .logs import show
+from .logs import first_line, show
 
 if TYPE_CHECKING:
     from .recorder import Item
@@ -124,7 +124,7 @@ class LoopLane:
             return
         exc = fut.exception()
         if exc is not None:
-            log.debug("event=lane_unavailable error=%s", show(str(exc).splitlines()[0:1]))
+            log.debug("event=lane_unavailable error=%s", show(first_line(exc)))
             self.writer.close()
             return
         if self.closed:
@@ -136,7 +136,7 @@ class LoopLane:
             self._fd = pgconn.socket
             self.loop.add_reader(self._fd, self._readable)
         except Exception as err:  # noqa: BLE001 - the writer thread goes on alone
-            log.debug("event=lane_unavailable error=%s", show(str(err)))
+            log.debug("event=lane_unavailable error=%s", show(first_line(err)))
             self._drop_connection()
             return
         self._pgconn = pgconn
@@ -243,8 +243,7 @@ class LoopLane:
             self._drop_connection()
             self._retry_at = self.loop.time() + RETRY_AFTER
         self._results = []
-        log.info("event=lane_handover records=%d error=%s", len(left),
-                 show(str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+        log.info("event=lane_handover records=%d error=%s", len(left), show(first_line(exc)))
         self.handed_over += len(left)
         if left:
             self.fallback(left)

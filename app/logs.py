@@ -96,6 +96,12 @@ def message_of(record: logging.LogRecord) -> str:
     return text_of(str(record.msg), record.args)
 
 
+def first_line(exc: BaseException) -> str:
+    """An error as one line: its message's first line, or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def text_of(msg: str, args: object) -> str:
     """``msg % args`` with every argument escaped and secrets redacted."""
     if args:

@@ -50,7 +50,7 @@ from .db.store import record_logins
 from .login import DENIED, LoginRecord
 from .db.writers import PostgresWriter, writer_for
 from .lane import LoopLane
-from .logs import show
+from .logs import first_line, show
 from .spool import Spool, SpoolFull, encode, record_key
 from .worker import Worker
 
@@ -78,11 +78,6 @@ AWAY_STATES = ("08", "53", "57", "58", "XX", "40", "28", "3D", "55", "26")
 
 class RecordError(Exception):
     """The login could be neither recorded nor spooled: it must not go on."""
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _state(exc: BaseException) -> str | None:

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from app.db import make_engine
 from app.db.schema import last_logins, login_events
-from app.recorder import COMMITTED, QUARANTINED, Recorder
+from app.recorder import COMMITTED, QUARANTINED, SPOOLED, Recorder
 from app.spool import Spool
 from tests.builders import HOSTILE_USERNAMES, record
 from tests.harness.faults import reject_rows, slow_commits
@@ -425,3 +425,40 @@ def test_a_callback_that_submits_never_puts_two_statements_in_flight(pg_db):
     assert outcomes == [COMMITTED] * 7 and handed == 0
     assert recorder.down is False and counts(engine) == (8, 8)
     engine.dispose()
+
+
+def test_a_lane_that_cannot_connect_leaves_the_records_to_the_thread_quietly(tmp_path, caplog):
+    """The database is away when the lane tries to open (nothing listens on
+    its port): the records are spooled by the writer thread as before, and
+    the failed opening is one debug line, not a crashed loop callback."""
+    import logging
+
+    from tests.harness.pg import free_port
+
+    engine = make_engine(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none",
+                         connect_timeout=1)
+    recorder = Recorder(engine, spool=Spool(tmp_path / "spool", 1 << 20))
+    recorder.start()
+
+    async def main():
+        recorder.attach(asyncio.get_running_loop())
+        lane = recorder._lane
+        out = await recorder.record(record(b"away@example.com"), 5.0)
+        for _ in range(300):                        # the opening has ended
+            if not lane._opening:
+                break
+            await asyncio.sleep(0.01)
+        opening = lane._opening
+        await recorder.detach(1.0)
+        return out, opening, lane.handed_over
+
+    caplog.set_level(logging.DEBUG)
+    try:
+        outcome, opening, handed = asyncio.run(main())
+    finally:
+        assert recorder.stop(10)
+        engine.dispose()
+    assert (outcome, opening, handed) == (SPOOLED, False, 0)
+    assert [r.getMessage() for r in caplog.records
+            if r.name == "asyncio" and r.levelno >= logging.ERROR] == []
+    assert any("event=lane_unavailable" in r.getMessage() for r in caplog.records)
