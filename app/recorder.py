@@ -20,9 +20,10 @@ Behind that one call:
   the spool live in one place.
 - **Outages.** A commit of the writer thread that fails, or any commit
   that takes longer than the timeout, marks the recorder down (a failed
-  lane commit first goes to the thread, whose own failure then does) and sends the record to the spool (fsync'ed before the
-  answer). While down, logins spool directly; the ``Replayer`` probes the
-  database and replays closed segments when it answers.
+  lane commit first goes to the thread, whose own failure then does) and
+  sends the record to the spool (fsync'ed before the answer). While down,
+  logins spool directly; the ``Replayer`` probes the database and replays
+  closed segments when it answers.
 - **Exactly once.** A record that timed out may still commit later *and*
   be in the spool: the fold into last_logins happens only for rows the
   INSERT itself adds, so it counts once (app/db/store.record_logins).
@@ -257,7 +258,8 @@ class Recorder:
         only (app/lane.py); the writer thread takes everything else."""
         if self._lane is None and isinstance(self._writer, PostgresWriter):
             self._lane = LoopLane(PostgresWriter(self._engine), loop, self._batch_max,
-                                  self._lane_committed, self._lane_fallback)
+                                  lambda items, flagged: self._committed(items, flagged, True),
+                                  self._lane_fallback)
 
     async def detach(self, timeout: float) -> None:
         """Before the loop ends: the lane's commit in flight is waited for
@@ -271,11 +273,16 @@ class Recorder:
         self._lane = None
         self._lane_fallback(lane.close())
 
-    def _lane_committed(self, items: list[Item], flagged: list[uuid.UUID]) -> None:
+    def _committed(self, items: list[Item], flagged: list[uuid.UUID], on_loop: bool) -> None:
+        """A batch the database took (the lane's, on the loop, or the writer
+        thread's): counted, its waiters told, its new locations handed on."""
         with self._count_lock:
             self.commits += 1
             self.records += len(items)
-        _settle_on_loop([waiter for _, waiter in items], COMMITTED, None)
+        if on_loop:
+            _settle_on_loop([waiter for _, waiter in items], COMMITTED, None)
+        else:
+            settle(items, COMMITTED)
         if flagged:
             self.located(flagged, [rec for rec, _ in items])
 
@@ -469,14 +476,9 @@ class Recorder:
                 self._failed(items, exc)        # it takes nothing: an outage
             return
         self.busy_since = None
-        with self._count_lock:
-            self.commits += 1
-            self.records += len(items)
         log.debug("event=commit records=%d ms=%.2f", len(items),
                   (time.monotonic() - started) * 1000)
-        settle(items, COMMITTED)
-        if flagged:
-            self.located(flagged, [rec for rec, _ in items])
+        self._committed(items, flagged, False)
 
     def located(self, flagged: list[uuid.UUID], records: Sequence[LoginRecord]) -> None:
         """Count and hand on the committed records the database flagged as new locations."""
