@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from .authpolicy import AuthPolicy, PolicySteps
 from .config import ConfigError, Settings, load_settings
 from .db import make_engine
+from .db.engine import reply_deadline
 from .db.migrate import ensure_at_head
 from .geoip import GeoIP, GeoIPError
 from .logs import first_line, show
@@ -84,7 +85,8 @@ class Daemon:
         self.refresher = Refresher(self.engine, self.cache)
         self.recorder = Recorder(self.engine, batch_max=s.batch_max,
                                  spool=Spool(s.effective_spool_dir, s.spool_max_bytes),
-                                 spool_full_action=s.spool_full_action)
+                                 spool_full_action=s.spool_full_action,
+                                 reply_timeout=reply_deadline(s.record_timeout))
         try:
             ensure_at_head(self.engine)
             self.refresher.refresh()    # rules in memory before the first login

@@ -24,8 +24,10 @@ lost commit had inserted (only the notification is lost, never a record).
 A healthy connection -- the server refused the statement, or a record could
 not be dumped -- stays for the next commit; any other, and one whose
 prepared statements are gone from the session, is dropped and opened again
-after RETRY_AFTER. A batch is dumped on the loop, so a statement
-carries at most LANE_BATCH_MAX records.
+after RETRY_AFTER. So is one whose reply has not come within the writer's
+``reply_timeout`` (a server, or a path to it, that is gone without a word:
+a watchdog looks once a second while a statement is in flight). A batch is
+dumped on the loop, so a statement carries at most LANE_BATCH_MAX records.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import pq
 
-from .db.writers import PostgresWriter, _error
+from .db.writers import PostgresWriter
 from .logs import first_line, show
 
 if TYPE_CHECKING:
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lastlogin.recorder")
 
 RETRY_AFTER = 1.0       # seconds between attempts to (re)open the lane's connection
+WATCH_EVERY = 1.0       # seconds between looks at a statement in flight
 LANE_BATCH_MAX = 128    # records per statement sent from the loop
 
 
@@ -78,6 +81,7 @@ class LoopLane:
         self._results: list = []        # results of the statement in flight, so far
         self._opening = False
         self._retry_at = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
         self.closed = False
         self.handed_over = 0        # records handed to the writer thread (tests)
         self.commits = 0            # batches the lane committed (tests)
@@ -98,6 +102,9 @@ class LoopLane:
     def close(self) -> list["Item"]:
         """Stop; what was queued or in flight comes back (for the writer thread)."""
         self.closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         left = (self.inflight or []) + self.queued
         self.inflight, self.queued = None, []
         self._drop_connection()
@@ -169,6 +176,22 @@ class LoopLane:
             self._flush()
         except Exception as exc:  # noqa: BLE001 - the writer thread takes them
             self._fail(exc)
+            return
+        if self._watchdog is None and self.writer.reply_timeout is not None:
+            self._watchdog = self.loop.call_later(WATCH_EVERY, self._watch)
+
+    def _watch(self) -> None:
+        """Once a second while a statement is in flight: past the writer's
+        reply_timeout, the connection is given up and the records handed on."""
+        self._watchdog = None
+        since, timeout = self.busy_since, self.writer.reply_timeout
+        if self.inflight is None or since is None or timeout is None:
+            return
+        if time.monotonic() - since > timeout:
+            self._fail(psycopg.OperationalError(
+                f"no reply from the server within {timeout:g}s"))
+            return
+        self._watchdog = self.loop.call_later(WATCH_EVERY, self._watch)
 
     def _flush(self) -> None:
         """Send what libpq still holds; wait for the socket if it is full."""
@@ -208,11 +231,7 @@ class LoopLane:
             else:
                 return
             results, self._results = self._results, []
-            if len(results) != 1 or results[0].status != pq.ExecStatus.TUPLES_OK:
-                bad = next((r for r in results if r.status != pq.ExecStatus.TUPLES_OK), None)
-                raise (_error(self.writer._conn(), bad) if bad is not None else
-                       psycopg.OperationalError(f"{len(results)} results for one statement"))
-            _, flagged = self.writer.outcome(results[0])
+            _, flagged = self.writer.outcome(self.writer.reply(results))
         except Exception as exc:  # noqa: BLE001 - the writer thread takes them
             self._fail(exc)
             return

@@ -211,11 +211,14 @@ Item = tuple[LoginRecord, Pending]
 class Recorder:
     def __init__(self, engine: sa.Engine, batch_max: int = 1000,
                  writer=None, spool: Spool | None = None,
-                 spool_full_action: str = "allow") -> None:
+                 spool_full_action: str = "allow", reply_timeout: float | None = None) -> None:
         self._engine = engine
         self.engine = engine            # also read by the service (previous login for alerts)
         self._batch_max = batch_max
-        self._writer = writer or writer_for(engine)
+        # PostgreSQL: seconds a writer waits for a reply before it drops the
+        # connection as gone (db.engine.reply_deadline); None: no limit.
+        self._reply_timeout = reply_timeout
+        self._writer = writer or writer_for(engine, reply_timeout)
         self.spool = spool
         self.spool_full_action = spool_full_action
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -257,7 +260,8 @@ class Recorder:
         """Commit from ``loop`` itself while the database answers: PostgreSQL
         only (app/lane.py); the writer thread takes everything else."""
         if self._lane is None and isinstance(self._writer, PostgresWriter):
-            self._lane = LoopLane(PostgresWriter(self._engine), loop, self._batch_max,
+            self._lane = LoopLane(PostgresWriter(self._engine, self._reply_timeout), loop,
+                                  self._batch_max,
                                   lambda items, flagged: self._committed(items, flagged, True),
                                   self._lane_fallback)
 
@@ -455,6 +459,10 @@ class Recorder:
 
     def _write(self, items: list[Item]) -> None:
         if self.down:
+            # A connection that lived through an outage is not trusted again:
+            # it may be silent for good (the path to the server gone), and
+            # would cost the first login after it a reply_timeout.
+            self._writer.close()
             self._to_spool(items)
             return
         started = self.busy_since = time.monotonic()

@@ -15,7 +15,7 @@ from app.db.schema import last_logins, login_events
 from app.recorder import COMMITTED, QUARANTINED, SPOOLED, Recorder
 from app.spool import Spool
 from tests.builders import HOSTILE_USERNAMES, record
-from tests.harness.faults import reject_rows, slow_commits
+from tests.harness.faults import TcpProxy, reject_rows, slow_commits
 
 RETRY = 1.05           # a little over app/lane.RETRY_AFTER
 
@@ -247,53 +247,6 @@ def test_the_thread_alone_on_a_database_that_is_not_postgresql(sqlite_db):
     engine.dispose()
 
 
-def chunking_proxy(target_port: int, chunk: int = 8, delay: float = 0.002):
-    """A TCP proxy on 127.0.0.1 that hands the server's bytes on ``chunk``
-    at a time, ``delay`` apart (a segmenting network, a middlebox): a
-    reply then reaches libpq over several reads. Returns (port, stop)."""
-    import socket
-    import threading
-
-    lsock = socket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(16)
-    socks = [lsock]
-
-    def pump(src, dst, size, pause):
-        try:
-            while data := src.recv(65536):
-                for i in range(0, len(data), size):
-                    dst.sendall(data[i:i + size])
-                    if pause:
-                        time.sleep(pause)
-        except OSError:
-            pass
-        finally:
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-    def serve():
-        while True:
-            try:
-                client, _ = lsock.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", target_port))
-            socks.extend((client, server))
-            threading.Thread(target=pump, args=(client, server, 1 << 20, 0), daemon=True).start()
-            threading.Thread(target=pump, args=(server, client, chunk, delay),
-                             daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-
-    def stop():
-        for s in socks:
-            s.close()
-    return lsock.getsockname()[1], stop
-
-
 def test_a_reply_in_pieces_is_read_whole_and_new_locations_are_flagged(pg_db):
     """The server's reply reaches the lane in 8-byte pieces: every commit is
     the lane's own (none handed to the thread, which would store them again
@@ -303,8 +256,8 @@ def test_a_reply_in_pieces_is_read_whole_and_new_locations_are_flagged(pg_db):
     from sqlalchemy.engine import make_url
 
     url = make_url(pg_db)
-    port, stop = chunking_proxy(url.port)
-    engine = make_engine(url.set(port=port).render_as_string(hide_password=False))
+    proxy = TcpProxy(url.port, chunk=8, delay=0.002)
+    engine = make_engine(url.set(port=proxy.port).render_as_string(hide_password=False))
     recorder = Recorder(engine)
     told = []
     recorder.on_new_locations = told.extend
@@ -322,7 +275,7 @@ def test_a_reply_in_pieces_is_read_whole_and_new_locations_are_flagged(pg_db):
         outcomes, commits, handed = run(recorder, body)
     finally:
         assert recorder.stop(10)
-        stop()
+        proxy.stop()
     assert outcomes == [COMMITTED] * 10 and (commits, handed) == (10, 0)
     assert recorder.new_locations == 5
     assert sorted(r.username for r in told) == [b"u%d@example.com" % i for i in range(5)]
@@ -462,3 +415,157 @@ def test_a_lane_that_cannot_connect_leaves_the_records_to_the_thread_quietly(tmp
     assert [r.getMessage() for r in caplog.records
             if r.name == "asyncio" and r.levelno >= logging.ERROR] == []
     assert any("event=lane_unavailable" in r.getMessage() for r in caplog.records)
+
+
+def test_a_server_gone_silent_mid_commit_is_given_up_and_each_login_stored_once(pg_db, tmp_path,
+                                                                               caplog):
+    """The path to the server goes silent while commits are in flight: the
+    server still gets every statement and commits it, but no reply ever
+    comes back and nothing is closed (a partition, a host gone). The logins
+    are spooled after their record timeout as before; the lane gives its
+    connection up after the writer's reply_timeout (without it, it would wait
+    until the kernel gave up -- a quarter of an hour -- and the replayer,
+    seeing a commit in flight, would replay nothing meanwhile); the writer
+    thread, silent too, gives up the same way; once new connections pass
+    again, the spool is replayed and the lane commits again. Every login --
+    committed by the server unheard, spooled, then written again -- is
+    stored and counted exactly once."""
+    import logging
+
+    from sqlalchemy.engine import make_url
+
+    from app.db.engine import reply_deadline
+    from app.recorder import Replayer
+
+    bound = 0.3
+    url = make_url(pg_db)
+    proxy = TcpProxy(url.port)
+    engine = make_engine(url.set(port=proxy.port).render_as_string(hide_password=False),
+                         connect_timeout=1, write_bound=bound)
+    recorder = Recorder(engine, spool=Spool(tmp_path / "spool", 1 << 20),
+                        reply_timeout=reply_deadline(bound))
+    replayer = Replayer(engine, recorder, interval=0.2, stuck_after=bound)
+    recorder.start()
+    replayer.start()
+    caplog.set_level(logging.INFO, logger="lastlogin.recorder")
+
+    async def until(what, seconds: float) -> float:
+        start = time.monotonic()
+        while not what():
+            assert time.monotonic() - start < seconds, "timed out"
+            await asyncio.sleep(0.05)
+        return time.monotonic() - start
+
+    async def body(lane):
+        proxy.silence(replies_only=True)
+        silent = await asyncio.gather(*(recorder.record(record(b"s%d@example.com" % i), bound)
+                                        for i in range(5)))
+        stuck = recorder.stuck(0.2)
+        gave_up = await until(lambda: lane.handed_over == 5, 10)
+        proxy.speak()
+        await until(lambda: not recorder.down and not recorder.spool.segments(), 15)
+        await asyncio.sleep(RETRY)
+        after = [await recorder.record(record(b"after%d@example.com" % i), 5.0)
+                 for i in range(3)]
+        await lane_open(lane)
+        commits = lane.commits
+        last = await recorder.record(record(b"last@example.com"), 5.0)
+        return silent, stuck, gave_up, after, last, lane.commits - commits
+
+    try:
+        silent, stuck, gave_up, after, last, lane_commits = run(recorder, body)
+    finally:
+        replayer.stop()
+        assert recorder.stop(10)
+        proxy.stop()
+        engine.dispose()
+    assert silent == [SPOOLED] * 5 and stuck
+    assert gave_up < reply_deadline(bound) + 2        # the deadline, and the watchdog's second
+    assert after == [COMMITTED] * 3 and (last, lane_commits) == (COMMITTED, 1)
+    # opener + 5 committed unheard (and spooled, and written again) + 3 + 1
+    direct = make_engine(pg_db)
+    assert counts(direct) == (10, 10)
+    direct.dispose()
+    lines = [r.getMessage() for r in caplog.records if "event=lane_handover" in r.getMessage()]
+    assert len(lines) == 1 and "no reply from the server within 1.5s" in lines[0]
+
+
+def test_the_writer_thread_gives_up_a_silent_server_and_its_retry_counts_once(pg_db):
+    """The writer thread's own statement, committed by the server but its
+    reply never heard: write() raises OperationalError after reply_timeout
+    (not a hang), drops the connection, and the same batch written again on
+    a new one is stored and counted once."""
+    import psycopg
+    import pytest
+    from sqlalchemy.engine import make_url
+
+    from app.db.writers import PostgresWriter
+
+    url = make_url(pg_db)
+    proxy = TcpProxy(url.port)
+    engine = make_engine(url.set(port=proxy.port).render_as_string(hide_password=False),
+                         connect_timeout=1, write_bound=0.3)
+    writer = PostgresWriter(engine, reply_timeout=0.5)
+    batch = [record(b"w%d@example.com" % i) for i in range(3)]
+    try:
+        assert writer.write([record(b"before@example.com")]) == 1
+        proxy.silence(replies_only=True)
+        start = time.monotonic()
+        with pytest.raises(psycopg.OperationalError, match="no reply from the server within 0.5s"):
+            writer.write(batch)
+        waited = time.monotonic() - start
+        assert writer._raw is None                    # dropped, not kept
+        direct = make_engine(pg_db)
+        assert counts(direct) == (4, 4)               # the server did commit it
+        proxy.speak()
+        assert writer.write(batch) == 0               # written again: nothing new
+        assert writer.write([record(b"after@example.com")]) == 1
+        assert counts(direct) == (5, 5)
+        direct.dispose()
+    finally:
+        writer.close()
+        proxy.stop()
+        engine.dispose()
+    assert 0.5 <= waited < 1.5
+
+
+def test_the_daemons_connections_carry_tcp_bounds(pg_db):
+    """Every connection of an engine made with write_bound asks the kernel to
+    drop it when sent data goes unacknowledged for the reply deadline, and to
+    probe it when idle: read back from the sockets themselves (the lane's,
+    the writer thread's and a pooled one)."""
+    import os
+    import socket
+
+    from app.db.engine import reply_deadline
+    from app.db.writers import PostgresWriter
+
+    engine = make_engine(pg_db, write_bound=0.3)
+
+    def options(fd: int) -> tuple[int, ...]:
+        sock = socket.socket(fileno=os.dup(fd))
+        try:
+            return tuple(sock.getsockopt(*o) for o in (
+                (socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+                (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                (socket.IPPROTO_TCP, socket.TCP_KEEPCNT)))
+        finally:
+            sock.close()
+
+    writer = PostgresWriter(engine, reply_deadline(0.3))
+    try:
+        assert writer.write([record(b"tcp@example.com")]) == 1
+        with engine.connect() as conn:
+            pooled = conn.connection.driver_connection.pgconn.socket
+            want = (1, 1500, 2, 1, 3)
+            assert options(pooled) == want
+        assert options(writer._conn().pgconn.socket) == want
+        plain = make_engine(pg_db)
+        with plain.connect() as conn:               # the CLI's: the system's defaults
+            assert options(conn.connection.driver_connection.pgconn.socket)[1] == 0
+        plain.dispose()
+    finally:
+        writer.close()
+        engine.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import urllib.parse
@@ -79,6 +80,33 @@ def _sqlite_reader_pragmas(dbapi_conn, _record) -> None:
 READ_ONLY_STATEMENT_TIMEOUT = 10.0      # seconds: a reader's query gives up after
 
 
+# The daemon's bounds on one write, from its record_timeout (``write_bound``):
+# the server gives up waiting for a lock after one bound and on a statement
+# after four; a reply that has not come a bound later than that will not
+# come (the server, or the path to it, is gone) and the connection is
+# dropped -- by the writers themselves (app/lane.py, PostgresWriter) and, on
+# every connection of the engine, by the kernel (tcp_user_timeout: sent data
+# not acknowledged for that long; keepalives: an idle connection whose peer
+# stopped answering).
+def write_timeouts(write_bound: float) -> tuple[int, int]:
+    """(lock_timeout, statement_timeout) in milliseconds."""
+    ms = int(write_bound * 1000)
+    return ms, ms * 4
+
+
+def reply_deadline(write_bound: float) -> float:
+    """Seconds after which a writer stops waiting for the server's reply."""
+    return write_timeouts(write_bound)[1] / 1000 + write_bound
+
+
+def _tcp_bounds(write_bound: float) -> dict[str, int]:
+    """libpq's TCP settings for the daemon's connections (ignored on a UNIX socket)."""
+    deadline = reply_deadline(write_bound)
+    return {"keepalives": 1, "keepalives_idle": max(1, math.ceil(deadline)),
+            "keepalives_interval": max(1, math.ceil(write_bound)), "keepalives_count": 3,
+            "tcp_user_timeout": int(deadline * 1000)}
+
+
 def make_engine(url: str, *, connect_timeout: int = 5,
                 write_bound: float | None = None,
                 file_group: str | int | None = None, tighten: bool = False,
@@ -109,9 +137,11 @@ def make_engine(url: str, *, connect_timeout: int = 5,
                                "application_name": "lastlogin"}
     options = []
     if write_bound:
-        # The daemon's statements give up instead of hanging behind a lock.
-        ms = int(write_bound * 1000)
-        options.append(f"-c lock_timeout={ms} -c statement_timeout={ms * 4}")
+        # The daemon's statements give up instead of hanging behind a lock,
+        # and its connections instead of waiting on a server that is gone.
+        lock_ms, statement_ms = write_timeouts(write_bound)
+        options.append(f"-c lock_timeout={lock_ms} -c statement_timeout={statement_ms}")
+        args.update(_tcp_bounds(write_bound))
     if read_only:
         ms = int(READ_ONLY_STATEMENT_TIMEOUT * 1000)
         options.append(f"-c default_transaction_read_only=on -c statement_timeout={ms}")

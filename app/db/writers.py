@@ -15,6 +15,8 @@ all give the same rows (tests/test_store.py runs against each).
 from __future__ import annotations
 
 import re
+import select
+import time
 import uuid
 from typing import Sequence
 
@@ -272,8 +274,11 @@ class PostgresWriter(_OwnConnection):
 
     one_row_statement = True    # a batch of one as PG_ONE (the tests also run it off)
 
-    def __init__(self, engine: sa.Engine) -> None:
+    def __init__(self, engine: sa.Engine, reply_timeout: float | None = None) -> None:
         self.engine = engine
+        # Seconds to wait for the server's reply before the connection is
+        # dropped as gone (engine.reply_deadline); None: as long as it takes.
+        self.reply_timeout = reply_timeout
         self._raw = None
         self._tx: Transformer | None = None
 
@@ -311,11 +316,7 @@ class PostgresWriter(_OwnConnection):
         for attempt in (1, 2):
             try:
                 name, values = self.statement(records)
-                conn = self._conn()
-                res = conn.pgconn.exec_prepared(name, values)
-                if res.status != pq.ExecStatus.TUPLES_OK:
-                    raise _error(conn, res)
-                new, located = self.outcome(res)
+                new, located = self.outcome(self.reply(self._run(name, values)))
                 break
             except pg_errors.InvalidSqlStatementName:
                 # Our statements are gone from the session (DEALLOCATE ALL,
@@ -331,6 +332,50 @@ class PostgresWriter(_OwnConnection):
         if flagged is not None:
             flagged.extend(located)
         return new
+
+    def _run(self, name: bytes, values: list) -> list[pq.abc.PGresult]:
+        """Run the prepared statement; its results. Past ``reply_timeout``
+        without the whole reply, the connection is dropped and the error is
+        an OperationalError (the outcome is unknown: the statement's ON
+        CONFLICT stores a batch committed after all once, when it is sent
+        again)."""
+        pgconn = self._conn().pgconn
+        if self.reply_timeout is None:
+            return [pgconn.exec_prepared(name, values)]     # lets go of the GIL
+        give_up = time.monotonic() + self.reply_timeout
+        poller = select.poll()
+        poller.register(pgconn.socket, select.POLLIN | select.POLLOUT)
+        results = []
+        pgconn.nonblocking = 1              # (PQexec, above, acts blocking on it anyway)
+        pgconn.send_query_prepared(name, values)
+        while pgconn.flush():               # the socket is full: wait, read what came
+            self._wait(poller, give_up)
+            pgconn.consume_input()
+        poller.modify(pgconn.socket, select.POLLIN)
+        while True:
+            while pgconn.is_busy():
+                self._wait(poller, give_up)
+                pgconn.consume_input()
+            res = pgconn.get_result()
+            if res is None:
+                return results
+            results.append(res)
+
+    def _wait(self, poller: select.poll, give_up: float) -> None:
+        left = give_up - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):      # (poll lets go of the GIL)
+            self.close()
+            raise psycopg.OperationalError(
+                f"no reply from the server within {self.reply_timeout:g}s")
+
+    def reply(self, results: list[pq.abc.PGresult]) -> pq.abc.PGresult:
+        """The one row-returning result of a statement, or its error."""
+        if len(results) == 1 and results[0].status == pq.ExecStatus.TUPLES_OK:
+            return results[0]
+        bad = next((r for r in results if r.status != pq.ExecStatus.TUPLES_OK), None)
+        if bad is None:
+            raise psycopg.OperationalError(f"{len(results)} results for one statement")
+        raise _error(self._raw.driver_connection if self._raw is not None else None, bad)
 
     def healthy(self) -> bool:
         """The connection can take the next statement (after the server
@@ -365,10 +410,10 @@ class PostgresWriter(_OwnConnection):
         return int(row[0]), list(row[3] or ())
 
 
-def _error(conn: psycopg.Connection, res: pq.abc.PGresult) -> psycopg.Error:
+def _error(conn: psycopg.Connection | None, res: pq.abc.PGresult) -> psycopg.Error:
     """What a cursor would raise for a failed result: the server's error by
     its SQLSTATE; an OperationalError when the connection itself is gone."""
-    if conn.pgconn.status == pq.ConnStatus.BAD:
+    if conn is None or conn.pgconn.status == pq.ConnStatus.BAD:
         message = res.error_message.decode("utf-8", "replace").strip()
         return psycopg.OperationalError(message or "the connection to the server was lost")
     return pg_errors.error_from_result(res, encoding=conn.info.encoding)
@@ -500,9 +545,9 @@ class SqliteWriter(_OwnConnection):
 
 
 
-def writer_for(engine: sa.Engine):
+def writer_for(engine: sa.Engine, reply_timeout: float | None = None):
     if engine.dialect.name == "postgresql":
-        return PostgresWriter(engine)
+        return PostgresWriter(engine, reply_timeout)
     if engine.dialect.name == "sqlite":
         return SqliteWriter(engine)
     return SqlAlchemyWriter(engine)
