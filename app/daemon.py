@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from .authpolicy import AuthPolicy, PolicySteps
 from .config import ConfigError, Settings, load_settings
 from .db import make_engine
-from .db.engine import reply_deadline
+from .db.engine import ReplyBound
 from .db.migrate import ensure_at_head
 from .geoip import GeoIP, GeoIPError
 from .logs import first_line, show
@@ -83,10 +83,18 @@ class Daemon:
                                   file_group=s.database_group or None, tighten=True)
         self.cache = ConfigCache()
         self.refresher = Refresher(self.engine, self.cache)
+        # The writers and the replayer open their connections afresh (a pooled
+        # one may have gone silent while idle, and the pool's ping has no bound).
+        self.write_engine = self.engine
+        if self.engine.dialect.name == "postgresql":
+            self.write_engine = make_engine(s.effective_database_url,
+                                            connect_timeout=max(1, math.ceil(s.record_timeout)),
+                                            write_bound=s.record_timeout, pooled=False)
         self.recorder = Recorder(self.engine, batch_max=s.batch_max,
                                  spool=Spool(s.effective_spool_dir, s.spool_max_bytes),
                                  spool_full_action=s.spool_full_action,
-                                 reply_timeout=reply_deadline(s.record_timeout))
+                                 reply_bound=ReplyBound.for_write_bound(s.record_timeout),
+                                 write_engine=self.write_engine)
         try:
             ensure_at_head(self.engine)
             self.refresher.refresh()    # rules in memory before the first login
@@ -96,7 +104,8 @@ class Daemon:
             log.error("event=database_unreachable_at_start action=spooling error=%s",
                       show(first_line(exc)[:200]))
             self.recorder.down = True
-        self.replayer = Replayer(self.engine, self.recorder, stuck_after=s.record_timeout)
+        self.replayer = Replayer(self.write_engine, self.recorder,
+                                 stuck_after=s.record_timeout)
         self.maintenance = Maintenance(self.engine, s.retention_days)
         self.notifier = Notifier(self.engine, s.notify_command, s.notify_timeout,
                                  s.notify_queue) if s.notify_command else None
@@ -228,6 +237,7 @@ class Daemon:
         if self.notifier is not None:
             self.notifier.stop(timeout=self.settings.notify_timeout)
         self.engine.dispose()
+        self.write_engine.dispose()
         rec = self.recorder
         log.info("event=stopped records=%d commits=%d spooled=%d dropped=%d quarantined=%d",
                  rec.records, rec.commits, rec.spooled, rec.dropped, rec.quarantined)

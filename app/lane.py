@@ -24,9 +24,12 @@ lost commit had inserted (only the notification is lost, never a record).
 A healthy connection -- the server refused the statement, or a record could
 not be dumped -- stays for the next commit; any other, and one whose
 prepared statements are gone from the session, is dropped and opened again
-after RETRY_AFTER. So is one whose reply has not come within the writer's
-``reply_timeout`` (a server, or a path to it, that is gone without a word:
-a watchdog looks once a second while a statement is in flight). A batch is
+after RETRY_AFTER. A statement with no reply by the writer's bound
+(db.engine.ReplyBound; a watchdog looks once a second while one is in
+flight) gets a cancel request, sent off the loop: a live server answers it
+(a commit waiting for a synchronous standby completes locally, a statement
+waiting for something else fails); with no reply after that either, the
+server or the path to it is gone and the connection is dropped. A batch is
 dumped on the loop, so a statement carries at most LANE_BATCH_MAX records.
 """
 
@@ -41,7 +44,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import pq
 
-from .db.writers import PostgresWriter
+from .db.writers import PostgresWriter, send_cancel
 from .logs import first_line, show
 
 if TYPE_CHECKING:
@@ -82,6 +85,7 @@ class LoopLane:
         self._opening = False
         self._retry_at = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
+        self._cancelled: float | None = None    # when a cancel went out for the statement in flight
         self.closed = False
         self.handed_over = 0        # records handed to the writer thread (tests)
         self.commits = 0            # batches the lane committed (tests)
@@ -164,6 +168,7 @@ class LoopLane:
         self.inflight = batch
         self.busy_since = time.monotonic()
         self._results = []
+        self._cancelled = None
         pgconn = self._pgconn
         assert pgconn is not None
         try:
@@ -177,20 +182,32 @@ class LoopLane:
         except Exception as exc:  # noqa: BLE001 - the writer thread takes them
             self._fail(exc)
             return
-        if self._watchdog is None and self.writer.reply_timeout is not None:
+        if self._watchdog is None and self.writer.bound is not None:
             self._watchdog = self.loop.call_later(WATCH_EVERY, self._watch)
 
     def _watch(self) -> None:
-        """Once a second while a statement is in flight: past the writer's
-        reply_timeout, the connection is given up and the records handed on."""
+        """Once a second while a statement is in flight: past the bound's
+        deadline a cancel request; past the time to give up, the connection
+        is dropped and the records handed on."""
         self._watchdog = None
-        since, timeout = self.busy_since, self.writer.reply_timeout
-        if self.inflight is None or since is None or timeout is None:
+        since, bound, pgconn = self.busy_since, self.writer.bound, self._pgconn
+        if self.inflight is None or since is None or bound is None or pgconn is None:
             return
-        if time.monotonic() - since > timeout:
+        now = time.monotonic()
+        if self._cancelled is not None and now - self._cancelled > 2 * bound.grace:
             self._fail(psycopg.OperationalError(
-                f"no reply from the server within {timeout:g}s"))
+                f"no reply from the server within {bound.deadline:g}s, nor after a cancel"))
             return
+        if now - since > bound.deadline and self._cancelled is None:
+            self._cancelled = now
+            log.warning("event=commit_overdue seconds=%g action=cancel", bound.deadline)
+            try:
+                cancel = pgconn.cancel_conn()       # (made here: the loop owns pgconn)
+            except Exception as exc:  # noqa: BLE001 - giving up, later, decides
+                log.debug("event=cancel_failed error=%s", show(first_line(exc)))
+            else:
+                fut = self.loop.run_in_executor(None, send_cancel, cancel, bound.grace)
+                fut.add_done_callback(_cancel_sent)
         self._watchdog = self.loop.call_later(WATCH_EVERY, self._watch)
 
     def _flush(self) -> None:
@@ -266,3 +283,9 @@ class LoopLane:
         self.handed_over += len(left)
         if left:
             self.fallback(left)
+
+
+def _cancel_sent(fut: "asyncio.Future[None]") -> None:
+    exc = None if fut.cancelled() else fut.exception()
+    if exc is not None:
+        log.debug("event=cancel_failed error=%s", show(first_line(exc)))

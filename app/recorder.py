@@ -47,6 +47,7 @@ from typing import Callable, Sequence
 import psycopg
 import sqlalchemy as sa
 
+from .db.engine import ReplyBound
 from .db.store import record_logins
 from .login import DENIED, LoginRecord
 from .db.writers import PostgresWriter, writer_for
@@ -211,14 +212,17 @@ Item = tuple[LoginRecord, Pending]
 class Recorder:
     def __init__(self, engine: sa.Engine, batch_max: int = 1000,
                  writer=None, spool: Spool | None = None,
-                 spool_full_action: str = "allow", reply_timeout: float | None = None) -> None:
+                 spool_full_action: str = "allow", reply_bound: ReplyBound | None = None,
+                 write_engine: sa.Engine | None = None) -> None:
         self._engine = engine
         self.engine = engine            # also read by the service (previous login for alerts)
         self._batch_max = batch_max
-        # PostgreSQL: seconds a writer waits for a reply before it drops the
-        # connection as gone (db.engine.reply_deadline); None: no limit.
-        self._reply_timeout = reply_timeout
-        self._writer = writer or writer_for(engine, reply_timeout)
+        # The writers' connections: from ``write_engine`` (the daemon's opens
+        # each afresh, never from a pool), waiting for a reply as long as
+        # ``reply_bound`` says (PostgreSQL; None: no limit).
+        self._write_engine = write_engine or engine
+        self._reply_bound = reply_bound
+        self._writer = writer or writer_for(self._write_engine, reply_bound)
         self.spool = spool
         self.spool_full_action = spool_full_action
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -260,7 +264,7 @@ class Recorder:
         """Commit from ``loop`` itself while the database answers: PostgreSQL
         only (app/lane.py); the writer thread takes everything else."""
         if self._lane is None and isinstance(self._writer, PostgresWriter):
-            self._lane = LoopLane(PostgresWriter(self._engine, self._reply_timeout), loop,
+            self._lane = LoopLane(PostgresWriter(self._write_engine, self._reply_bound), loop,
                                   self._batch_max,
                                   lambda items, flagged: self._committed(items, flagged, True),
                                   self._lane_fallback)
@@ -461,7 +465,7 @@ class Recorder:
         if self.down:
             # A connection that lived through an outage is not trusted again:
             # it may be silent for good (the path to the server gone), and
-            # would cost the first login after it a reply_timeout.
+            # would cost the first login after it a whole ReplyBound.
             self._writer.close()
             self._to_spool(items)
             return

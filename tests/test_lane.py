@@ -417,44 +417,59 @@ def test_a_lane_that_cannot_connect_leaves_the_records_to_the_thread_quietly(tmp
     assert any("event=lane_unavailable" in r.getMessage() for r in caplog.records)
 
 
+def silent_setup(pg_db: str, bound: float, tmp_path):
+    """The daemon's wiring (app/daemon.py) through a TcpProxy: a pooled
+    engine for everything else, a write engine that opens each connection
+    afresh for the writers and the replayer."""
+    from sqlalchemy.engine import make_url
+
+    from app.db.engine import ReplyBound
+    from app.recorder import Replayer
+
+    url = make_url(pg_db)
+    proxy = TcpProxy(url.port)
+    through = url.set(port=proxy.port).render_as_string(hide_password=False)
+    engine = make_engine(through, connect_timeout=1, write_bound=bound)
+    write_engine = make_engine(through, connect_timeout=1, write_bound=bound, pooled=False)
+    recorder = Recorder(engine, spool=Spool(tmp_path / "spool", 1 << 20),
+                        reply_bound=ReplyBound.for_write_bound(bound), write_engine=write_engine)
+    replayer = Replayer(write_engine, recorder, interval=0.2, stuck_after=bound)
+    return proxy, engine, write_engine, recorder, replayer
+
+
+async def until(what, seconds: float) -> float:
+    start = time.monotonic()
+    while not what():
+        assert time.monotonic() - start < seconds, "timed out"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
+
+
 def test_a_server_gone_silent_mid_commit_is_given_up_and_each_login_stored_once(pg_db, tmp_path,
                                                                                caplog):
     """The path to the server goes silent while commits are in flight: the
     server still gets every statement and commits it, but no reply ever
     comes back and nothing is closed (a partition, a host gone). The logins
-    are spooled after their record timeout as before; the lane gives its
-    connection up after the writer's reply_timeout (without it, it would wait
-    until the kernel gave up -- a quarter of an hour -- and the replayer,
-    seeing a commit in flight, would replay nothing meanwhile); the writer
-    thread, silent too, gives up the same way; once new connections pass
-    again, the spool is replayed and the lane commits again. Every login --
-    committed by the server unheard, spooled, then written again -- is
-    stored and counted exactly once."""
+    are spooled after their record timeout as before; the lane sends a
+    cancel request at the bound's deadline (unheard too) and gives its
+    connection up (without that, it would wait until the kernel gave up --
+    a quarter of an hour -- and the replayer, seeing a commit in flight,
+    would replay nothing meanwhile); the writer thread drops its own; an
+    idle pooled connection, silent too, is never used by the writers or the
+    replayer. Once new connections pass again the spool is replayed and the
+    lane commits again: every login -- committed by the server unheard,
+    spooled, then written again -- is stored and counted exactly once."""
     import logging
 
-    from sqlalchemy.engine import make_url
-
-    from app.db.engine import reply_deadline
-    from app.recorder import Replayer
+    from app.db.engine import ReplyBound
 
     bound = 0.3
-    url = make_url(pg_db)
-    proxy = TcpProxy(url.port)
-    engine = make_engine(url.set(port=proxy.port).render_as_string(hide_password=False),
-                         connect_timeout=1, write_bound=bound)
-    recorder = Recorder(engine, spool=Spool(tmp_path / "spool", 1 << 20),
-                        reply_timeout=reply_deadline(bound))
-    replayer = Replayer(engine, recorder, interval=0.2, stuck_after=bound)
+    proxy, engine, write_engine, recorder, replayer = silent_setup(pg_db, bound, tmp_path)
+    with engine.connect() as conn:          # idle in the pool, as the rule reloader's would be
+        conn.execute(sa.text("SELECT 1"))
     recorder.start()
     replayer.start()
     caplog.set_level(logging.INFO, logger="lastlogin.recorder")
-
-    async def until(what, seconds: float) -> float:
-        start = time.monotonic()
-        while not what():
-            assert time.monotonic() - start < seconds, "timed out"
-            await asyncio.sleep(0.05)
-        return time.monotonic() - start
 
     async def body(lane):
         proxy.silence(replies_only=True)
@@ -479,68 +494,166 @@ def test_a_server_gone_silent_mid_commit_is_given_up_and_each_login_stored_once(
         assert recorder.stop(10)
         proxy.stop()
         engine.dispose()
+        write_engine.dispose()
+    give_up = ReplyBound.for_write_bound(bound).give_up
     assert silent == [SPOOLED] * 5 and stuck
-    assert gave_up < reply_deadline(bound) + 2        # the deadline, and the watchdog's second
+    assert gave_up < give_up + 2                  # and the watchdog's second, and a margin
     assert after == [COMMITTED] * 3 and (last, lane_commits) == (COMMITTED, 1)
     # opener + 5 committed unheard (and spooled, and written again) + 3 + 1
     direct = make_engine(pg_db)
     assert counts(direct) == (10, 10)
     direct.dispose()
-    lines = [r.getMessage() for r in caplog.records if "event=lane_handover" in r.getMessage()]
-    assert len(lines) == 1 and "no reply from the server within 1.5s" in lines[0]
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("event=commit_overdue seconds=1.5 action=cancel" in m for m in messages) == 1
+    handed = [m for m in messages if "event=lane_handover" in m]
+    assert len(handed) == 1 and "no reply from the server within 1.5s, nor after a cancel" in handed[0]
 
 
 def test_the_writer_thread_gives_up_a_silent_server_and_its_retry_counts_once(pg_db):
     """The writer thread's own statement, committed by the server but its
-    reply never heard: write() raises OperationalError after reply_timeout
-    (not a hang), drops the connection, and the same batch written again on
-    a new one is stored and counted once."""
+    reply never heard: write() raises OperationalError once the bound is
+    spent (deadline, a cancel that goes unheard, grace), not a hang; drops
+    the connection; and the same batch written again on a new one is stored
+    and counted once."""
+    import threading
+
     import psycopg
-    import pytest
     from sqlalchemy.engine import make_url
 
+    from app.db.engine import ReplyBound
     from app.db.writers import PostgresWriter
 
     url = make_url(pg_db)
     proxy = TcpProxy(url.port)
     engine = make_engine(url.set(port=proxy.port).render_as_string(hide_password=False),
-                         connect_timeout=1, write_bound=0.3)
-    writer = PostgresWriter(engine, reply_timeout=0.5)
+                         connect_timeout=1, write_bound=0.3, pooled=False)
+    bound = ReplyBound(0.4, 0.2)
+    writer = PostgresWriter(engine, bound)
     batch = [record(b"w%d@example.com" % i) for i in range(3)]
+    direct = make_engine(pg_db)
+    outcome: list = []
+
+    def write_silent():
+        start = time.monotonic()
+        try:
+            writer.write(batch)
+            outcome.append("returned")
+        except psycopg.OperationalError as exc:
+            outcome.append(str(exc))
+        outcome.append(time.monotonic() - start)
+
     try:
         assert writer.write([record(b"before@example.com")]) == 1
         proxy.silence(replies_only=True)
-        start = time.monotonic()
-        with pytest.raises(psycopg.OperationalError, match="no reply from the server within 0.5s"):
-            writer.write(batch)
-        waited = time.monotonic() - start
+        thread = threading.Thread(target=write_silent, daemon=True)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive(), "write() hung on a silent server"
         assert writer._raw is None                    # dropped, not kept
-        direct = make_engine(pg_db)
-        assert counts(direct) == (4, 4)               # the server did commit it
+        for _ in range(50):                           # the server did commit it
+            if counts(direct) == (4, 4):
+                break
+            time.sleep(0.05)
+        assert counts(direct) == (4, 4)
         proxy.speak()
         assert writer.write(batch) == 0               # written again: nothing new
         assert writer.write([record(b"after@example.com")]) == 1
         assert counts(direct) == (5, 5)
-        direct.dispose()
     finally:
         writer.close()
         proxy.stop()
         engine.dispose()
-    assert 0.5 <= waited < 1.5
+        direct.dispose()
+    message, waited = outcome
+    assert message == "no reply from the server within 0.4s, nor after a cancel"
+    assert bound.give_up <= waited < bound.give_up + 1
 
 
-def test_the_daemons_connections_carry_tcp_bounds(pg_db):
+def test_a_commit_a_live_server_cannot_finish_is_cancelled_not_abandoned(tmp_path, caplog):
+    """A live server whose commits wait for a synchronous standby that never
+    confirms (synchronous_standby_names names one that does not exist): the
+    server's statement_timeout does not cover that wait. At the bound's
+    deadline the lane sends a cancel request; the server then completes the
+    commit locally and says so, and the lane goes on with its connection.
+    Dropping the connection instead left its backend waiting on the primary
+    for as long as the standby was away -- one more connection slot taken at
+    every stalled commit. Every login is stored and counted once."""
+    import logging
+
+    from app.db.engine import ReplyBound
+    from app.db.migrate import upgrade
+    from app.recorder import Replayer
+    from tests.harness.pg import start_server
+
+    server = start_server()
+    bound = ReplyBound.for_write_bound(0.2)
+    engine = None
+    try:
+        url = server.url()
+        upgrade(url)
+        admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+        engine = make_engine(url, write_bound=0.2, pooled=False)
+        recorder = Recorder(engine, spool=Spool(tmp_path / "spool", 1 << 20), reply_bound=bound)
+        recorder.start()
+        caplog.set_level(logging.INFO, logger="lastlogin.recorder")
+
+        def standby(name: str) -> None:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f"ALTER SYSTEM SET synchronous_standby_names = '{name}'"))
+                conn.execute(sa.text("SELECT pg_reload_conf()"))
+
+        def ours() -> tuple[int, int]:
+            """(our backends waiting for the standby, all of ours)"""
+            with admin.connect() as conn:
+                return tuple(conn.execute(sa.text(
+                    "SELECT count(*) FILTER (WHERE wait_event = 'SyncRep'), count(*) "
+                    "FROM pg_stat_activity WHERE application_name = 'lastlogin'")).one())
+
+        async def body(lane):
+            standby("ghost")
+            await asyncio.sleep(0.5)                # (the reload reaches every backend)
+            seen, outcomes = [], []
+            for i in range(3):
+                recorder.mark_up()                  # (no replayer here: the lane takes it)
+                outcomes.append(await recorder.record(record(b"sync%d@example.com" % i), 0.2))
+                waited = ours()
+                await until(lambda: lane.inflight is None, bound.give_up + 3)
+                seen.append((waited, ours(), lane._pgconn is not None))
+            return outcomes, seen, lane.commits, lane.handed_over
+
+        try:
+            outcomes, seen, commits, handed = run(recorder, body)
+            standby("")
+            Replayer(engine, recorder).run_once()
+        finally:
+            assert recorder.stop(10)
+        assert outcomes == [SPOOLED] * 3
+        # each commit did stall; the lane's and the writer thread's connections
+        assert [w for (w, _), _, _ in seen] == [1] * 3 and max(n for _, (_, n), _ in seen) <= 2, seen
+        # after the cancel: nothing of ours waiting, the lane's connection kept
+        assert [(w, kept) for _, (w, _), kept in seen] == [(0, True)] * 3, seen
+        assert (commits, handed) == (3, 0)         # (the opener was the thread's)
+        assert counts(engine) == (4, 4)
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum("event=commit_overdue seconds=1 action=cancel" in m for m in messages) == 3
+        admin.dispose()
+    finally:
+        if engine is not None:
+            engine.dispose()
+        server.stop()
+
+
+def test_the_daemons_connections_carry_tcp_bounds_the_url_can_override(pg_db):
     """Every connection of an engine made with write_bound asks the kernel to
-    drop it when sent data goes unacknowledged for the reply deadline, and to
-    probe it when idle: read back from the sockets themselves (the lane's,
-    the writer thread's and a pooled one)."""
+    drop it when sent data goes unacknowledged, and to probe it when idle:
+    read back from the sockets themselves (a writer's, a pooled one). A URL
+    that sets these libpq parameters itself keeps its own values, and its
+    own server options beside the daemon's."""
     import os
     import socket
 
-    from app.db.engine import reply_deadline
+    from app.db.engine import ReplyBound
     from app.db.writers import PostgresWriter
-
-    engine = make_engine(pg_db, write_bound=0.3)
 
     def options(fd: int) -> tuple[int, ...]:
         sock = socket.socket(fileno=os.dup(fd))
@@ -554,18 +667,32 @@ def test_the_daemons_connections_carry_tcp_bounds(pg_db):
         finally:
             sock.close()
 
-    writer = PostgresWriter(engine, reply_deadline(0.3))
+    def sockets_of(engine) -> tuple[int, ...]:
+        with engine.connect() as conn:
+            return options(conn.connection.driver_connection.pgconn.socket)
+
+    engine = make_engine(pg_db, write_bound=2.0)
+    writer = PostgresWriter(make_engine(pg_db, write_bound=2.0, pooled=False),
+                            ReplyBound.for_write_bound(2.0))
     try:
         assert writer.write([record(b"tcp@example.com")]) == 1
-        with engine.connect() as conn:
-            pooled = conn.connection.driver_connection.pgconn.socket
-            want = (1, 1500, 2, 1, 3)
-            assert options(pooled) == want
+        want = (1, 10_000, 10, 2, 3)                  # the docs' table, for record_timeout 2 s
+        assert sockets_of(engine) == want
         assert options(writer._conn().pgconn.socket) == want
-        plain = make_engine(pg_db)
-        with plain.connect() as conn:               # the CLI's: the system's defaults
-            assert options(conn.connection.driver_connection.pgconn.socket)[1] == 0
+        small = make_engine(pg_db, write_bound=0.1)   # never under TCP_FLOOR
+        assert sockets_of(small)[1:3] == (10_000, 10)
+        small.dispose()
+        plain = make_engine(pg_db)                    # the CLI's: the system's defaults
+        assert sockets_of(plain)[1] == 0
         plain.dispose()
+        own = make_engine(pg_db + "?tcp_user_timeout=60000&keepalives_idle=300"
+                          "&options=-c%20search_path%3Dpg_catalog", write_bound=2.0)
+        assert sockets_of(own)[1:3] == (60_000, 300)
+        with own.connect() as conn:
+            assert conn.execute(sa.text("SHOW search_path")).scalar() == "pg_catalog"
+            assert conn.execute(sa.text("SHOW lock_timeout")).scalar() == "2s"
+        own.dispose()
     finally:
         writer.close()
+        writer.engine.dispose()
         engine.dispose()

@@ -6,6 +6,7 @@ import math
 import os
 import stat
 import urllib.parse
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
@@ -80,37 +81,56 @@ def _sqlite_reader_pragmas(dbapi_conn, _record) -> None:
 READ_ONLY_STATEMENT_TIMEOUT = 10.0      # seconds: a reader's query gives up after
 
 
-# The daemon's bounds on one write, from its record_timeout (``write_bound``):
-# the server gives up waiting for a lock after one bound and on a statement
-# after four; a reply that has not come a bound later than that will not
-# come (the server, or the path to it, is gone) and the connection is
-# dropped -- by the writers themselves (app/lane.py, PostgresWriter) and, on
-# every connection of the engine, by the kernel (tcp_user_timeout: sent data
-# not acknowledged for that long; keepalives: an idle connection whose peer
-# stopped answering).
+# The daemon's bounds on one write, from its record_timeout (``write_bound``).
+# The server gives up waiting for a lock after one bound and on a statement
+# after four. Its statement_timeout does not cover the commit's own waits
+# (a synchronous standby that does not confirm, a stalled WAL flush), and a
+# server, or a path to it, that is gone sends nothing at all: so a writer
+# that has no reply a bound after the statement_timeout asks the server to
+# cancel the statement (a live server then answers, if only with an error:
+# a commit waiting for a standby completes locally), and drops the
+# connection if no reply comes a little later still (``ReplyBound``).
+# The kernel bounds every connection of the engine as well: tcp_user_timeout
+# (sent data not acknowledged) and keepalives (an idle connection whose
+# peer vanished).
+TCP_FLOOR = 10.0        # seconds: no TCP bound below this (lost segments are resent)
+
+
 def write_timeouts(write_bound: float) -> tuple[int, int]:
-    """(lock_timeout, statement_timeout) in milliseconds."""
-    ms = int(write_bound * 1000)
+    """(lock_timeout, statement_timeout) in milliseconds (never 0: that is "none")."""
+    ms = max(1, math.ceil(write_bound * 1000))
     return ms, ms * 4
 
 
-def reply_deadline(write_bound: float) -> float:
-    """Seconds after which a writer stops waiting for the server's reply."""
-    return write_timeouts(write_bound)[1] / 1000 + write_bound
+@dataclass(frozen=True)
+class ReplyBound:
+    """How long a writer waits for the server's reply: ``deadline`` seconds,
+    then it sends a cancel request (itself given ``grace`` seconds), then
+    ``grace`` more for the reply before it drops the connection as gone."""
+    deadline: float
+    grace: float
+
+    @classmethod
+    def for_write_bound(cls, write_bound: float) -> "ReplyBound":
+        return cls(write_timeouts(write_bound)[1] / 1000 + write_bound, write_bound)
+
+    @property
+    def give_up(self) -> float:
+        return self.deadline + 2 * self.grace
 
 
 def _tcp_bounds(write_bound: float) -> dict[str, int]:
     """libpq's TCP settings for the daemon's connections (ignored on a UNIX socket)."""
-    deadline = reply_deadline(write_bound)
-    return {"keepalives": 1, "keepalives_idle": max(1, math.ceil(deadline)),
+    bound = max(TCP_FLOOR, ReplyBound.for_write_bound(write_bound).deadline)
+    return {"keepalives": 1, "keepalives_idle": math.ceil(bound),
             "keepalives_interval": max(1, math.ceil(write_bound)), "keepalives_count": 3,
-            "tcp_user_timeout": int(deadline * 1000)}
+            "tcp_user_timeout": math.ceil(bound * 1000)}
 
 
 def make_engine(url: str, *, connect_timeout: int = 5,
                 write_bound: float | None = None,
                 file_group: str | int | None = None, tighten: bool = False,
-                read_only: bool = False) -> sa.Engine:
+                read_only: bool = False, pooled: bool = True) -> sa.Engine:
     """An engine for ``url``; the SQLite file (and its directory) is created
     private (``private_sqlite_file``).
 
@@ -118,6 +138,14 @@ def make_engine(url: str, *, connect_timeout: int = 5,
     SQLite opens the file with ``mode=ro`` and never creates it (a missing
     file fails to connect); PostgreSQL sessions start with
     default_transaction_read_only=on and a statement_timeout.
+
+    ``pooled=False`` (PostgreSQL; the daemon's writers and replayer): every
+    connection is opened afresh, never one that sat idle in a pool (it may
+    have gone silent meanwhile, and the pool's liveness ping has no bound).
+
+    libpq parameters the URL sets itself (connect_timeout, keepalives...)
+    are the operator's and are kept; its ``options`` are kept too, with the
+    daemon's settings after them.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -135,7 +163,8 @@ def make_engine(url: str, *, connect_timeout: int = 5,
         return engine
     args: dict[str, object] = {"connect_timeout": connect_timeout,
                                "application_name": "lastlogin"}
-    options = []
+    theirs = parsed.query.get("options")
+    options = [theirs if isinstance(theirs, str) else " ".join(theirs)] if theirs else []
     if write_bound:
         # The daemon's statements give up instead of hanging behind a lock,
         # and its connections instead of waiting on a server that is gone.
@@ -147,4 +176,8 @@ def make_engine(url: str, *, connect_timeout: int = 5,
         options.append(f"-c default_transaction_read_only=on -c statement_timeout={ms}")
     if options:
         args["options"] = " ".join(options)
+    # (connect_args win over the URL's query: leave the URL's own alone)
+    args = {k: v for k, v in args.items() if k == "options" or k not in parsed.query}
+    if not pooled:
+        return sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args=args)
     return sa.create_engine(url, pool_pre_ping=True, connect_args=args)

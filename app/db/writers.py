@@ -14,6 +14,7 @@ all give the same rows (tests/test_store.py runs against each).
 
 from __future__ import annotations
 
+import logging
 import re
 import select
 import time
@@ -27,8 +28,12 @@ from psycopg import pq
 from psycopg.adapt import PyFormat, Transformer
 
 from ..login import LoginRecord
+from ..logs import first_line
+from .engine import ReplyBound
 from .schema import last_logins, login_alert_deliveries, login_events
 from .store import _fold, flag_new_locations, record_logins, unique_events
+
+log = logging.getLogger("lastlogin.recorder")
 
 # Parameters are arrays, one element per record (unnest keeps them in step).
 PG_BATCH = """
@@ -274,11 +279,11 @@ class PostgresWriter(_OwnConnection):
 
     one_row_statement = True    # a batch of one as PG_ONE (the tests also run it off)
 
-    def __init__(self, engine: sa.Engine, reply_timeout: float | None = None) -> None:
+    def __init__(self, engine: sa.Engine, bound: ReplyBound | None = None) -> None:
         self.engine = engine
-        # Seconds to wait for the server's reply before the connection is
-        # dropped as gone (engine.reply_deadline); None: as long as it takes.
-        self.reply_timeout = reply_timeout
+        # How long to wait for the server's reply before a cancel request,
+        # then before the connection is dropped as gone; None: as long as it takes.
+        self.bound = bound
         self._raw = None
         self._tx: Transformer | None = None
 
@@ -334,39 +339,48 @@ class PostgresWriter(_OwnConnection):
         return new
 
     def _run(self, name: bytes, values: list) -> list[pq.abc.PGresult]:
-        """Run the prepared statement; its results. Past ``reply_timeout``
-        without the whole reply, the connection is dropped and the error is
-        an OperationalError (the outcome is unknown: the statement's ON
-        CONFLICT stores a batch committed after all once, when it is sent
-        again)."""
+        """Run the prepared statement; its results. With no reply by the
+        bound's deadline, a cancel request; with none after that either, the
+        connection is dropped and the error is an OperationalError (the
+        outcome is unknown: the statement's ON CONFLICT stores a batch that
+        was committed after all once, when it is sent again)."""
         pgconn = self._conn().pgconn
-        if self.reply_timeout is None:
+        bound = self.bound
+        if bound is None:
             return [pgconn.exec_prepared(name, values)]     # lets go of the GIL
-        give_up = time.monotonic() + self.reply_timeout
+        give_up = time.monotonic() + bound.deadline
+        cancelled = False
         poller = select.poll()
         poller.register(pgconn.socket, select.POLLIN | select.POLLOUT)
         results = []
         pgconn.nonblocking = 1              # (PQexec, above, acts blocking on it anyway)
         pgconn.send_query_prepared(name, values)
-        while pgconn.flush():               # the socket is full: wait, read what came
-            self._wait(poller, give_up)
-            pgconn.consume_input()
-        poller.modify(pgconn.socket, select.POLLIN)
+        sending = True
         while True:
-            while pgconn.is_busy():
-                self._wait(poller, give_up)
+            if sending and not pgconn.flush():
+                sending = False
+                poller.modify(pgconn.socket, select.POLLIN)
+            if not sending and not pgconn.is_busy():
+                res = pgconn.get_result()
+                if res is None:
+                    return results
+                results.append(res)
+                continue
+            left = give_up - time.monotonic()
+            if left > 0 and poller.poll(left * 1000):         # (poll lets go of the GIL)
                 pgconn.consume_input()
-            res = pgconn.get_result()
-            if res is None:
-                return results
-            results.append(res)
-
-    def _wait(self, poller: select.poll, give_up: float) -> None:
-        left = give_up - time.monotonic()
-        if left <= 0 or not poller.poll(left * 1000):      # (poll lets go of the GIL)
-            self.close()
-            raise psycopg.OperationalError(
-                f"no reply from the server within {self.reply_timeout:g}s")
+            elif not cancelled:
+                cancelled = True
+                log.warning("event=commit_overdue seconds=%g action=cancel", bound.deadline)
+                try:
+                    send_cancel(pgconn.cancel_conn(), bound.grace)
+                except Exception as exc:  # noqa: BLE001 - the wait below decides
+                    log.debug("event=cancel_failed error=%s", first_line(exc))
+                give_up = time.monotonic() + bound.grace
+            else:
+                self.close()
+                raise psycopg.OperationalError(
+                    f"no reply from the server within {bound.deadline:g}s, nor after a cancel")
 
     def reply(self, results: list[pq.abc.PGresult]) -> pq.abc.PGresult:
         """The one row-returning result of a statement, or its error."""
@@ -408,6 +422,30 @@ class PostgresWriter(_OwnConnection):
         tx.set_pgresult(res)
         row = tx.load_row(0, tuple)
         return int(row[0]), list(row[3] or ())
+
+
+def send_cancel(cancel: pq.abc.PGcancelConn, timeout: float) -> None:
+    """Send a cancel request (made by ``PGconn.cancel_conn()`` on the thread
+    that owns the connection; this may run on any thread); raise
+    OperationalError if it cannot be delivered within ``timeout`` seconds."""
+    give_up = time.monotonic() + timeout
+    try:
+        cancel.start()
+        while True:
+            state = cancel.poll()
+            if state == pq.PollingStatus.OK:
+                return
+            if state == pq.PollingStatus.FAILED:
+                raise psycopg.OperationalError(
+                    cancel.get_error_message().strip() or "the cancel request failed")
+            poller = select.poll()
+            poller.register(cancel.socket, select.POLLIN if state == pq.PollingStatus.READING
+                            else select.POLLOUT)
+            left = give_up - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                raise psycopg.OperationalError(f"the cancel request took over {timeout:g}s")
+    finally:
+        cancel.finish()
 
 
 def _error(conn: psycopg.Connection | None, res: pq.abc.PGresult) -> psycopg.Error:
@@ -545,9 +583,9 @@ class SqliteWriter(_OwnConnection):
 
 
 
-def writer_for(engine: sa.Engine, reply_timeout: float | None = None):
+def writer_for(engine: sa.Engine, bound: ReplyBound | None = None):
     if engine.dialect.name == "postgresql":
-        return PostgresWriter(engine, reply_timeout)
+        return PostgresWriter(engine, bound)
     if engine.dialect.name == "sqlite":
         return SqliteWriter(engine)
     return SqlAlchemyWriter(engine)
