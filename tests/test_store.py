@@ -291,6 +291,10 @@ def test_the_postgresql_batch_is_planned_once_not_for_every_commit(pg_db):
         for i in range(8):          # past the 5 custom plans PostgreSQL tries first
             at = T0 + dt.timedelta(seconds=i)
             assert writer.write([record(b"u%d@example.com" % (i % 3), at=at)]) == 1
+            assert writer.write([record(b"d%d@example.com" % (i % 3), at=at,
+                                        outcome="denied")]) == 1
+            assert writer.write([record(b"a%d@example.com" % (i % 3), at=at,
+                                        alerts_shown=(1,))]) == 1
             assert writer.write([record(b"p%d@example.com" % (i % 3), at=at,
                                         country="FR")]) == 1
             assert writer.write([record(b"v%d@example.com" % (i % 3), at=at),
@@ -301,7 +305,8 @@ def test_the_postgresql_batch_is_planned_once_not_for_every_commit(pg_db):
     finally:
         writer.close()
         engine.dispose()
-    assert plans == [("lastlogin_batch", 8, 0), ("lastlogin_one", 8, 0),
+    assert plans == [("lastlogin_batch", 8, 0), ("lastlogin_lean_allowed", 8, 0),
+                     ("lastlogin_lean_other", 8, 0), ("lastlogin_one", 8, 0),
                      ("lastlogin_one_unlocated", 8, 0)]
 
 
@@ -316,6 +321,8 @@ def test_pg_one_and_pg_batch_store_every_column_alike(pg_db):
     from tests.harness.db import empty_tables
 
     first = record(b"a\xff@example.com", at=T0 - dt.timedelta(days=1), country="DE")
+    unplaced = record(b"c@example.com", remote_ip="2001:db8::7", host="mx3",
+                      master_user=b"m'; --\\", session_id="sess-3")
     logins = [
         first,
         record(b"a\xff@example.com", rule_id=2**31 - 1, master_user=b"admin",
@@ -324,10 +331,15 @@ def test_pg_one_and_pg_batch_store_every_column_alike(pg_db):
                policy_applied=False),
         record(b"b@example.com", outcome="denied", local_ip=None, rule_id=7,
                message="go away", host="mx2", asn=1, session_id="sess-2"),
-        record(b"c@example.com", remote_ip="2001:db8::7", host="mx3"),
+        unplaced,                                               # the lean ones from here
+        record(b"c@example.com", at=T0 - dt.timedelta(days=2), remote_ip="192.0.2.9"),
+        record(b"c@example.com", at=T0 + dt.timedelta(hours=1), protocol="pop3",
+               policy_applied=False),
+        record(b"d\t\\\xfe" + b"x" * 4000, outcome="denied", rule_id=3, message="no"),
+        record(b"e@example.com", alerts_shown=(5,)),            # unlocated, with an alert
     ]
     engine = make_engine(pg_db)
-    stored = {}
+    stored, used = {}, {}
     try:
         for one in (True, False):
             empty_tables(engine)
@@ -337,6 +349,11 @@ def test_pg_one_and_pg_batch_store_every_column_alike(pg_db):
             try:
                 for rec in logins:
                     assert writer.write([rec], flagged) == 1
+                assert writer.write([unplaced], flagged) == 0       # a replay counts nothing
+                assert writer.write([logins[6]], flagged) == 0
+                if one:
+                    used[one] = dict(writer._conn().execute(
+                        "SELECT name, generic_plans FROM pg_prepared_statements").fetchall())
             finally:
                 writer.close()
             with engine.connect() as conn:
@@ -347,10 +364,15 @@ def test_pg_one_and_pg_batch_store_every_column_alike(pg_db):
     finally:
         engine.dispose()
     assert stored[True] == stored[False]
+    assert used[True] == {"lastlogin_one": 2, "lastlogin_one_unlocated": 1, "lastlogin_batch": 0,
+                          "lastlogin_lean_allowed": 4, "lastlogin_lean_other": 3}
     events_, lasts_, deliveries, flagged = stored[True]
     assert {(e.host, e.message, e.session_id) for e in events_} >= {
         ("mx1", "m\u00e9ssage", "sess-1"), ("mx2", "go away", "sess-2")}
-    assert len(deliveries) == 2 and flagged == [logins[1].event_id]
+    assert len(deliveries) == 3 and flagged == [logins[1].event_id]
+    c_imap = [row for row in lasts_ if row.username == "c@example.com" and row.protocol == "imap"]
+    assert [(r.login_count, r.first_seen, r.last_seen, r.last_remote_ip) for r in c_imap] == [
+        (2, T0 - dt.timedelta(days=2), unplaced.occurred_at, "2001:db8::7")]
 
 
 def test_the_writer_prepares_one_statement_whatever_its_integers_and_nulls(pg_db):
@@ -377,7 +399,8 @@ def test_the_writer_prepares_one_statement_whatever_its_integers_and_nulls(pg_db
     finally:
         writer.close()
         engine.dispose()
-    assert names == [("lastlogin_batch",), ("lastlogin_one",), ("lastlogin_one_unlocated",)]
+    assert names == [("lastlogin_batch",), ("lastlogin_lean_allowed",), ("lastlogin_lean_other",),
+                     ("lastlogin_one",), ("lastlogin_one_unlocated",)]
 
 
 @pytest.mark.parametrize("damage", [
@@ -410,6 +433,23 @@ def test_a_one_row_statement_the_unlocated_one_cannot_follow_is_refused(damage):
     with pytest.raises(RuntimeError):
         _unlocated_statement(damaged)
     assert "false AS new_location" in _unlocated_statement(PG_ONE)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda s: s.replace("last_country, login_count)", "last_country, login_count, last_asn)"),
+    lambda s: s.replace("policy_applied, host, country, asn, session_id, new_location)",
+                        "policy_applied, host, asn, country, session_id, new_location)"),
+    lambda s: s.replace("ON CONFLICT (event_id, occurred_at) DO NOTHING", "ON CONFLICT DO NOTHING"),
+    lambda s: s.replace("%(asn)s::bigint[]", "%(asn)s::bigint"),
+], ids=["fold-column-added", "event-columns-swapped", "conflict-target", "not-an-array"])
+def test_a_batch_statement_the_lean_ones_cannot_follow_is_refused(damage):
+    """The lean statements take PG_BATCH's columns, casts, conflict target
+    and fold; a PG_BATCH they cannot follow stops the daemon at import."""
+    from app.db.writers import PG_BATCH, _lean_statements
+    damaged = damage(PG_BATCH)
+    assert damaged != PG_BATCH
+    with pytest.raises(RuntimeError):
+        _lean_statements(damaged)
 
 
 def test_the_writer_picks_the_unlocated_statement_as_the_case_would():
