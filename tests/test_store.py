@@ -297,6 +297,9 @@ def test_the_postgresql_batch_is_planned_once_not_for_every_commit(pg_db):
                                         alerts_shown=(1,))]) == 1
             assert writer.write([record(b"p%d@example.com" % (i % 3), at=at,
                                         country="FR")]) == 1
+            assert writer.write([record(b"n%d@example.com" % (i % 3), at=at, asn=64500)]) == 1
+            assert writer.write([record(b"o%d@example.com" % (i % 3), at=at, country="FR",
+                                        alerts_shown=(1,))]) == 1
             assert writer.write([record(b"v%d@example.com" % (i % 3), at=at),
                                  record(b"w%d@example.com" % (i % 3), at=at)]) == 2
         plans = writer._conn().execute(
@@ -306,6 +309,7 @@ def test_the_postgresql_batch_is_planned_once_not_for_every_commit(pg_db):
         writer.close()
         engine.dispose()
     assert plans == [("lastlogin_batch", 8, 0), ("lastlogin_lean_allowed", 8, 0),
+                     ("lastlogin_lean_asn", 8, 0), ("lastlogin_lean_country", 8, 0),
                      ("lastlogin_lean_other", 8, 0), ("lastlogin_one", 8, 0),
                      ("lastlogin_one_unlocated", 8, 0)]
 
@@ -337,6 +341,10 @@ def test_pg_one_and_pg_batch_store_every_column_alike(pg_db):
                policy_applied=False),
         record(b"d\t\\\xfe" + b"x" * 4000, outcome="denied", rule_id=3, message="no"),
         record(b"e@example.com", alerts_shown=(5,)),            # unlocated, with an alert
+        record(b"a\xff@example.com", at=T0 + dt.timedelta(hours=2), country="JP", asn=2497),
+        record(b"a\xff@example.com", at=T0 + dt.timedelta(hours=3), asn=64500, protocol="pop3"),
+        record(b"a\xff@example.com", at=T0 + dt.timedelta(hours=4), country="JP"),   # seen
+        record(b"f@example.com", country="NZ"),                 # a first login is not new
     ]
     engine = make_engine(pg_db)
     stored, used = {}, {}
@@ -364,12 +372,14 @@ def test_pg_one_and_pg_batch_store_every_column_alike(pg_db):
     finally:
         engine.dispose()
     assert stored[True] == stored[False]
-    assert used[True] == {"lastlogin_one": 2, "lastlogin_one_unlocated": 1, "lastlogin_batch": 0,
-                          "lastlogin_lean_allowed": 4, "lastlogin_lean_other": 3}
+    assert used[True] == {"lastlogin_one": 1, "lastlogin_one_unlocated": 1, "lastlogin_batch": 0,
+                          "lastlogin_lean_allowed": 4, "lastlogin_lean_other": 3,
+                          "lastlogin_lean_country": 4, "lastlogin_lean_asn": 1}
     events_, lasts_, deliveries, flagged = stored[True]
     assert {(e.host, e.message, e.session_id) for e in events_} >= {
         ("mx1", "m\u00e9ssage", "sess-1"), ("mx2", "go away", "sess-2")}
-    assert len(deliveries) == 3 and flagged == [logins[1].event_id]
+    assert len(deliveries) == 3
+    assert flagged == [logins[1].event_id, logins[8].event_id, logins[9].event_id]
     c_imap = [row for row in lasts_ if row.username == "c@example.com" and row.protocol == "imap"]
     assert [(r.login_count, r.first_seen, r.last_seen, r.last_remote_ip) for r in c_imap] == [
         (2, T0 - dt.timedelta(days=2), unplaced.occurred_at, "2001:db8::7")]
@@ -399,8 +409,9 @@ def test_the_writer_prepares_one_statement_whatever_its_integers_and_nulls(pg_db
     finally:
         writer.close()
         engine.dispose()
-    assert names == [("lastlogin_batch",), ("lastlogin_lean_allowed",), ("lastlogin_lean_other",),
-                     ("lastlogin_one",), ("lastlogin_one_unlocated",)]
+    assert names == [("lastlogin_batch",), ("lastlogin_lean_allowed",), ("lastlogin_lean_asn",),
+                     ("lastlogin_lean_country",), ("lastlogin_lean_other",), ("lastlogin_one",),
+                     ("lastlogin_one_unlocated",)]
 
 
 @pytest.mark.parametrize("damage", [
@@ -441,7 +452,11 @@ def test_a_one_row_statement_the_unlocated_one_cannot_follow_is_refused(damage):
                         "policy_applied, host, asn, country, session_id, new_location)"),
     lambda s: s.replace("ON CONFLICT (event_id, occurred_at) DO NOTHING", "ON CONFLICT DO NOTHING"),
     lambda s: s.replace("%(asn)s::bigint[]", "%(asn)s::bigint"),
-], ids=["fold-column-added", "event-columns-swapped", "conflict-target", "not-an-array"])
+    lambda s: s.replace("p.country = i.country", "p.country = i.host"),
+    lambda s: s.replace("AND p.outcome = 'allowed' AND p.occurred_at < i.occurred_at) OR",
+                        "AND p.occurred_at < i.occurred_at) OR"),
+], ids=["fold-column-added", "event-columns-swapped", "conflict-target", "not-an-array",
+        "probe-column", "first-probe-outcome"])
 def test_a_batch_statement_the_lean_ones_cannot_follow_is_refused(damage):
     """The lean statements take PG_BATCH's columns, casts, conflict target
     and fold; a PG_BATCH they cannot follow stops the daemon at import."""
