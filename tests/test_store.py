@@ -345,6 +345,8 @@ def test_pg_one_and_pg_batch_store_every_column_alike(pg_db):
         record(b"a\xff@example.com", at=T0 + dt.timedelta(hours=3), asn=64500, protocol="pop3"),
         record(b"a\xff@example.com", at=T0 + dt.timedelta(hours=4), country="JP"),   # seen
         record(b"f@example.com", country="NZ"),                 # a first login is not new
+        record(b"g\xe9@example.com", host="mx4"),              # not UTF-8: username_raw set
+        record(b"h@example.com", outcome="failed", message="bad password", asn=7),
     ]
     engine = make_engine(pg_db)
     stored, used = {}, {}
@@ -373,13 +375,15 @@ def test_pg_one_and_pg_batch_store_every_column_alike(pg_db):
         engine.dispose()
     assert stored[True] == stored[False]
     assert used[True] == {"lastlogin_one": 1, "lastlogin_one_unlocated": 1, "lastlogin_batch": 0,
-                          "lastlogin_lean_allowed": 4, "lastlogin_lean_other": 3,
+                          "lastlogin_lean_allowed": 5, "lastlogin_lean_other": 4,
                           "lastlogin_lean_country": 4, "lastlogin_lean_asn": 1}
     events_, lasts_, deliveries, flagged = stored[True]
     assert {(e.host, e.message, e.session_id) for e in events_} >= {
         ("mx1", "m\u00e9ssage", "sess-1"), ("mx2", "go away", "sess-2")}
     assert len(deliveries) == 3
     assert flagged == [logins[1].event_id, logins[8].event_id, logins[9].event_id]
+    assert {row.username_raw for row in lasts_} >= {b"g\xe9@example.com"}
+    assert "h@example.com" not in {row.username for row in lasts_}    # a failure folds nothing
     c_imap = [row for row in lasts_ if row.username == "c@example.com" and row.protocol == "imap"]
     assert [(r.login_count, r.first_seen, r.last_seen, r.last_remote_ip) for r in c_imap] == [
         (2, T0 - dt.timedelta(days=2), unplaced.occurred_at, "2001:db8::7")]
@@ -446,17 +450,67 @@ def test_a_one_row_statement_the_unlocated_one_cannot_follow_is_refused(damage):
     assert "false AS new_location" in _unlocated_statement(PG_ONE)
 
 
+def test_every_fold_reads_the_row_as_stored_even_one_a_trigger_rewrote(pg_db):
+    """An operator's BEFORE INSERT trigger on login_events rewrites the row
+    (lowercases the name, drops the address): the fold into last_logins
+    follows the stored row on every path -- the batch, and each one-login
+    statement -- so a user's last_logins row does not depend on the load."""
+    from app.db import make_engine
+    from app.db.writers import PostgresWriter
+    from tests.harness.db import empty_tables
+
+    engine = make_engine(pg_db)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE FUNCTION ll_test_rewrite() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            "BEGIN NEW.username := lower(NEW.username); NEW.remote_ip := NULL; RETURN NEW; END $$")
+        conn.exec_driver_sql("CREATE TRIGGER ll_test_rewrite BEFORE INSERT ON login_events "
+                             "FOR EACH ROW EXECUTE FUNCTION ll_test_rewrite()")
+    logins = [record(b"Alice@Example.com", at=T0 - dt.timedelta(hours=2)),
+              record(b"Alice@Example.com", at=T0 - dt.timedelta(hours=1), country="DE"),
+              record(b"Alice@Example.com", asn=64500, protocol="pop3")]
+    stored = {}
+    try:
+        for one in (True, False):
+            empty_tables(engine)
+            writer = PostgresWriter(engine)
+            writer.one_row_statement = one
+            try:
+                for rec in logins:
+                    writer.write([rec])
+            finally:
+                writer.close()
+            with engine.connect() as conn:
+                stored[one] = sorted(conn.execute(
+                    sa.select(last_logins.c.username, last_logins.c.protocol,
+                              last_logins.c.last_remote_ip, last_logins.c.login_count)).all())
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TRIGGER ll_test_rewrite ON login_events")
+            conn.exec_driver_sql("DROP FUNCTION ll_test_rewrite()")
+        engine.dispose()
+    assert stored[True] == stored[False] == [("alice@example.com", "imap", None, 2),
+                                             ("alice@example.com", "pop3", None, 1)]
+
+
 @pytest.mark.parametrize("damage", [
     lambda s: s.replace("last_country, login_count)", "last_country, login_count, last_asn)"),
     lambda s: s.replace("policy_applied, host, country, asn, session_id, new_location)",
                         "policy_applied, host, asn, country, session_id, new_location)"),
     lambda s: s.replace("ON CONFLICT (event_id, occurred_at) DO NOTHING", "ON CONFLICT DO NOTHING"),
     lambda s: s.replace("%(asn)s::bigint[]", "%(asn)s::bigint"),
+    lambda s: s.replace("FROM new WHERE outcome = 'allowed' GROUP BY",
+                        "FROM new WHERE outcome IN ('allowed', 'failed') GROUP BY"),
+    lambda s: s.replace("login_count = l.login_count + EXCLUDED.login_count RETURNING 1",
+                        "login_count = l.login_count + EXCLUDED.login_count "
+                        "WHERE l.last_seen < EXCLUDED.last_seen RETURNING 1"),
+    lambda s: s.replace("(array_agg(host ORDER BY occurred_at DESC))[1]",
+                        "(array_agg(host ORDER BY occurred_at))[1]"),
     lambda s: s.replace("p.country = i.country", "p.country = i.host"),
     lambda s: s.replace("AND p.outcome = 'allowed' AND p.occurred_at < i.occurred_at) OR",
                         "AND p.occurred_at < i.occurred_at) OR"),
 ], ids=["fold-column-added", "event-columns-swapped", "conflict-target", "not-an-array",
-        "probe-column", "first-probe-outcome"])
+        "fold-filter", "fold-update-where", "fold-order", "probe-column", "first-probe-outcome"])
 def test_a_batch_statement_the_lean_ones_cannot_follow_is_refused(damage):
     """The lean statements take PG_BATCH's columns, casts, conflict target
     and fold; a PG_BATCH they cannot follow stops the daemon at import."""
