@@ -62,6 +62,21 @@ FIXED_SETTINGS = ("database_url", "socket_dir", "protocols", "socket_imap", "soc
 STOP, RELOAD, HANDOVER = "stop", "reload", "handover"
 
 
+def daemon_engines(s: Settings) -> tuple[sa.Engine, sa.Engine]:
+    """The daemon's engine, and the one its writers and replayer use: on
+    PostgreSQL that one opens each connection afresh (a pooled connection may
+    have gone silent while idle, and the pool's ping has no bound)."""
+    engine = make_engine(s.effective_database_url,
+                         connect_timeout=max(1, math.ceil(s.record_timeout)),
+                         write_bound=s.record_timeout,
+                         file_group=s.database_group or None, tighten=True)
+    if engine.dialect.name != "postgresql":
+        return engine, engine
+    return engine, make_engine(s.effective_database_url,
+                               connect_timeout=max(1, math.ceil(s.record_timeout)),
+                               write_bound=s.record_timeout, pooled=False)
+
+
 class Daemon:
     def __init__(self, settings: Settings, config_path: str | None = None) -> None:
         self.settings = settings
@@ -77,19 +92,9 @@ class Daemon:
         s = self.settings
         self.geoip = open_geoip(s)  # a missing or unreadable file: one line, exit 2
         prepare_daemon_dirs(s)      # socket, database and spool dirs: private or refused
-        self.engine = make_engine(s.effective_database_url,
-                                  connect_timeout=max(1, math.ceil(s.record_timeout)),
-                                  write_bound=s.record_timeout,
-                                  file_group=s.database_group or None, tighten=True)
+        self.engine, self.write_engine = daemon_engines(s)
         self.cache = ConfigCache()
         self.refresher = Refresher(self.engine, self.cache)
-        # The writers and the replayer open their connections afresh (a pooled
-        # one may have gone silent while idle, and the pool's ping has no bound).
-        self.write_engine = self.engine
-        if self.engine.dialect.name == "postgresql":
-            self.write_engine = make_engine(s.effective_database_url,
-                                            connect_timeout=max(1, math.ceil(s.record_timeout)),
-                                            write_bound=s.record_timeout, pooled=False)
         self.recorder = Recorder(self.engine, batch_max=s.batch_max,
                                  spool=Spool(s.effective_spool_dir, s.spool_max_bytes),
                                  spool_full_action=s.spool_full_action,

@@ -482,7 +482,7 @@ class Recorder:
                 # mates: write them one by one so only that one is set aside.
                 for item in items:
                     self._write([item])
-            elif rejects_record(exc) or accepts_writes(self._engine):
+            elif rejects_record(exc) or accepts_writes(self._write_engine):
                 self._quarantine(items[0], exc)
             else:
                 self._failed(items, exc)        # it takes nothing: an outage

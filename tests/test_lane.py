@@ -418,19 +418,20 @@ def test_a_lane_that_cannot_connect_leaves_the_records_to_the_thread_quietly(tmp
 
 
 def silent_setup(pg_db: str, bound: float, tmp_path):
-    """The daemon's wiring (app/daemon.py) through a TcpProxy: a pooled
-    engine for everything else, a write engine that opens each connection
-    afresh for the writers and the replayer."""
+    """The daemon's engines (app/daemon.daemon_engines) through a TcpProxy,
+    its recorder and replayer wired as app/daemon.py wires them."""
     from sqlalchemy.engine import make_url
 
+    from app.config import Settings
+    from app.daemon import daemon_engines
     from app.db.engine import ReplyBound
     from app.recorder import Replayer
 
     url = make_url(pg_db)
     proxy = TcpProxy(url.port)
-    through = url.set(port=proxy.port).render_as_string(hide_password=False)
-    engine = make_engine(through, connect_timeout=1, write_bound=bound)
-    write_engine = make_engine(through, connect_timeout=1, write_bound=bound, pooled=False)
+    settings = Settings(database_url=url.set(port=proxy.port).render_as_string(hide_password=False),
+                        record_timeout=bound, data_dir=str(tmp_path))
+    engine, write_engine = daemon_engines(settings)
     recorder = Recorder(engine, spool=Spool(tmp_path / "spool", 1 << 20),
                         reply_bound=ReplyBound.for_write_bound(bound), write_engine=write_engine)
     replayer = Replayer(write_engine, recorder, interval=0.2, stuck_after=bound)
@@ -465,13 +466,15 @@ def test_a_server_gone_silent_mid_commit_is_given_up_and_each_login_stored_once(
 
     bound = 0.3
     proxy, engine, write_engine, recorder, replayer = silent_setup(pg_db, bound, tmp_path)
-    with engine.connect() as conn:          # idle in the pool, as the rule reloader's would be
-        conn.execute(sa.text("SELECT 1"))
     recorder.start()
     replayer.start()
     caplog.set_level(logging.INFO, logger="lastlogin.recorder")
 
     async def body(lane):
+        # (the lane and the writer thread hold theirs by now)
+        for each in (engine, write_engine):     # idle in a pool, as the rule reloader's would
+            with each.connect() as conn:        # be, and the replayer's after an earlier replay
+                conn.execute(sa.text("SELECT 1"))
         proxy.silence(replies_only=True)
         silent = await asyncio.gather(*(recorder.record(record(b"s%d@example.com" % i), bound)
                                         for i in range(5)))

@@ -345,6 +345,10 @@ def test_pg_one_and_pg_batch_store_every_column_alike(pg_db):
         record(b"a\xff@example.com", at=T0 + dt.timedelta(hours=3), asn=64500, protocol="pop3"),
         record(b"a\xff@example.com", at=T0 + dt.timedelta(hours=4), country="JP"),   # seen
         record(b"f@example.com", country="NZ"),                 # a first login is not new
+        record(b"k@example.com", at=T0 - dt.timedelta(hours=3), country="DE", asn=3320),
+        record(b"k@example.com", at=T0 - dt.timedelta(hours=2), asn=3320),     # ASN seen
+        record(b"k@example.com", at=T0 - dt.timedelta(hours=1), country="DE", asn=1),  # a new
+        record(b"k@example.com", country="AT", asn=3320),       # ASN, a seen one: the country rules
         record(b"g\xe9@example.com", host="mx4"),              # not UTF-8: username_raw set
         record(b"h@example.com", outcome="failed", message="bad password", asn=7),
     ]
@@ -376,12 +380,13 @@ def test_pg_one_and_pg_batch_store_every_column_alike(pg_db):
     assert stored[True] == stored[False]
     assert used[True] == {"lastlogin_one": 1, "lastlogin_one_unlocated": 1, "lastlogin_batch": 0,
                           "lastlogin_lean_allowed": 5, "lastlogin_lean_other": 4,
-                          "lastlogin_lean_country": 4, "lastlogin_lean_asn": 1}
+                          "lastlogin_lean_country": 7, "lastlogin_lean_asn": 2}
     events_, lasts_, deliveries, flagged = stored[True]
     assert {(e.host, e.message, e.session_id) for e in events_} >= {
         ("mx1", "m\u00e9ssage", "sess-1"), ("mx2", "go away", "sess-2")}
     assert len(deliveries) == 3
-    assert flagged == [logins[1].event_id, logins[8].event_id, logins[9].event_id]
+    assert flagged == [logins[1].event_id, logins[8].event_id, logins[9].event_id,
+                       logins[15].event_id]
     assert {row.username_raw for row in lasts_} >= {b"g\xe9@example.com"}
     assert "h@example.com" not in {row.username for row in lasts_}    # a failure folds nothing
     c_imap = [row for row in lasts_ if row.username == "c@example.com" and row.protocol == "imap"]
@@ -506,11 +511,15 @@ def test_every_fold_reads_the_row_as_stored_even_one_a_trigger_rewrote(pg_db):
                         "WHERE l.last_seen < EXCLUDED.last_seen RETURNING 1"),
     lambda s: s.replace("(array_agg(host ORDER BY occurred_at DESC))[1]",
                         "(array_agg(host ORDER BY occurred_at))[1]"),
+    lambda s: s.replace("WHEN i.country IS NOT NULL THEN", "WHEN i.asn IS NULL THEN"),
+    lambda s: s.replace("b.outcome = 'allowed' AND b.occurred_at < i.occurred_at)) THEN false",
+                        "b.outcome = 'allowed' AND b.occurred_at <= i.occurred_at)) THEN false"),
     lambda s: s.replace("p.country = i.country", "p.country = i.host"),
     lambda s: s.replace("AND p.outcome = 'allowed' AND p.occurred_at < i.occurred_at) OR",
                         "AND p.occurred_at < i.occurred_at) OR"),
 ], ids=["fold-column-added", "event-columns-swapped", "conflict-target", "not-an-array",
-        "fold-filter", "fold-update-where", "fold-order", "probe-column", "first-probe-outcome"])
+        "fold-filter", "fold-update-where", "fold-order", "asn-first", "batch-probe-order",
+        "probe-column", "first-probe-outcome"])
 def test_a_batch_statement_the_lean_ones_cannot_follow_is_refused(damage):
     """The lean statements take PG_BATCH's columns, casts, conflict target
     and fold; a PG_BATCH they cannot follow stops the daemon at import."""

@@ -208,6 +208,25 @@ _FOLD_OF_ONE = ("SELECT username, protocol, username_raw, occurred_at, occurred_
                 "local_ip, host, country, 1 FROM new WHERE outcome = 'allowed'")
 _FOLD_READS = "event_id, username, protocol, username_raw, occurred_at, remote_ip, local_ip, " \
               "host, country, outcome"
+# PG_BATCH's new-location test (pinned too): for one login -- allowed, with a
+# place, so past the first branch (``one_statement`` picks) -- its probes of
+# the input find nothing, and the country branch or the ASN one is taken by
+# whether the login has a country: PG_LEAN_COUNTRY and PG_LEAN_ASN below.
+_NEW_LOCATION_OF_BATCH = (
+    "CASE WHEN i.outcome <> 'allowed' OR (i.country IS NULL AND i.asn IS NULL) THEN false "
+    "WHEN NOT (EXISTS (SELECT 1 FROM login_events p WHERE p.username = i.username "
+    "AND p.outcome = 'allowed' AND p.occurred_at < i.occurred_at) "
+    "OR EXISTS (SELECT 1 FROM input b WHERE b.username = i.username AND b.outcome = 'allowed' "
+    "AND b.occurred_at < i.occurred_at)) THEN false "
+    "WHEN i.country IS NOT NULL THEN NOT EXISTS (SELECT 1 FROM login_events p "
+    "WHERE p.username = i.username AND p.country = i.country AND p.outcome = 'allowed' "
+    "AND p.occurred_at < i.occurred_at) AND NOT EXISTS (SELECT 1 FROM input b "
+    "WHERE b.username = i.username AND b.country = i.country AND b.outcome = 'allowed' "
+    "AND b.occurred_at < i.occurred_at) "
+    "ELSE NOT EXISTS (SELECT 1 FROM login_events p WHERE p.username = i.username "
+    "AND p.asn = i.asn AND p.outcome = 'allowed' AND p.occurred_at < i.occurred_at) "
+    "AND NOT EXISTS (SELECT 1 FROM input b WHERE b.username = i.username AND b.asn = i.asn "
+    "AND b.outcome = 'allowed' AND b.occurred_at < i.occurred_at) END")
 
 
 # The commonest commit of all -- one login without a place (no GeoIP, or a
@@ -263,6 +282,10 @@ def _lean_statements(batch: str) -> tuple[str, str, str, str]:
     # instead of setting the correlated probes up over every partition at
     # each execution, which grew with the partitions (+28 % of its CPU at
     # 17 against 5, session 6's measurement).
+    located_case = re.search(r"located AS \( SELECT i\.\*, (CASE .*? END) AS new_location "
+                             r"FROM input i \)", batch)
+    if located_case is None or located_case.group(1) != _NEW_LOCATION_OF_BATCH:
+        raise RuntimeError("PG_BATCH's new-location test is not the one the lean statements restate")
     probes = re.findall(r"EXISTS \(SELECT 1 FROM login_events p WHERE (p\.username = i\.username "
                         r"AND (?:p\.(country|asn) = i\.\2 AND )?p\.outcome = 'allowed' AND "
                         r"p\.occurred_at < i\.occurred_at)\)", batch)
