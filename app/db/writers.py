@@ -242,8 +242,10 @@ _NEW_LOCATION_OF_BATCH = (
 # conflict targets, the fold's ON CONFLICT clause, the probes -- and the
 # fold reads what the insert returned, as PG_BATCH's does (an operator's
 # trigger that changes the stored row changes the fold alike). What is
-# said anew here, the fold of one row, sits beside the batch's fold, which
-# is pinned; tests/test_store.py stores the same rows through every path.
+# said anew here -- the fold of one row, the new-location test for one
+# row -- sits beside the batch's own, which is pinned (the import fails
+# when PG_BATCH changes there); tests/test_store.py stores the same rows
+# and flags through every path.
 def _lean_statements(batch: str) -> tuple[str, str, str, str]:
     """(for an allowed login, for any other) -- each login unlocated and
     without alerts shown -- and (with a country, with an ASN only) for an
