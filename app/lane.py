@@ -44,7 +44,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import pq
 
-from .db.writers import PostgresWriter, send_cancel
+from .db.writers import PostgresWriter, cancel_failed, cancel_overdue, send_cancel
 from .logs import first_line, show
 
 if TYPE_CHECKING:
@@ -200,12 +200,8 @@ class LoopLane:
             return
         if now - since > bound.deadline and self._cancelled is None:
             self._cancelled = now
-            log.warning("event=commit_overdue seconds=%g action=cancel", bound.deadline)
-            try:
-                cancel = pgconn.cancel_conn()       # (made here: the loop owns pgconn)
-            except Exception as exc:  # noqa: BLE001 - giving up, later, decides
-                log.debug("event=cancel_failed error=%s", show(first_line(exc)))
-            else:
+            cancel = cancel_overdue(pgconn, bound)      # (made here: the loop owns pgconn)
+            if cancel is not None:
                 fut = self.loop.run_in_executor(None, send_cancel, cancel, bound.grace)
                 fut.add_done_callback(_cancel_sent)
         self._watchdog = self.loop.call_later(WATCH_EVERY, self._watch)
@@ -288,4 +284,4 @@ class LoopLane:
 def _cancel_sent(fut: "asyncio.Future[None]") -> None:
     exc = None if fut.cancelled() else fut.exception()
     if exc is not None:
-        log.debug("event=cancel_failed error=%s", show(first_line(exc)))
+        cancel_failed(exc)

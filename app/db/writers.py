@@ -28,7 +28,7 @@ from psycopg import pq
 from psycopg.adapt import PyFormat, Transformer
 
 from ..login import LoginRecord
-from ..logs import first_line
+from ..logs import first_line, show
 from .engine import ReplyBound
 from .schema import last_logins, login_alert_deliveries, login_events
 from .store import _fold, flag_new_locations, record_logins, unique_events
@@ -501,11 +501,12 @@ class PostgresWriter(_OwnConnection):
                 pgconn.consume_input()
             elif not cancelled:
                 cancelled = True
-                log.warning("event=commit_overdue seconds=%g action=cancel", bound.deadline)
-                try:
-                    send_cancel(pgconn.cancel_conn(), bound.grace)
-                except Exception as exc:  # noqa: BLE001 - the wait below decides
-                    log.debug("event=cancel_failed error=%s", first_line(exc))
+                cancel = cancel_overdue(pgconn, bound)
+                if cancel is not None:
+                    try:
+                        send_cancel(cancel, bound.grace)
+                    except Exception as exc:  # noqa: BLE001 - the wait below decides
+                        cancel_failed(exc)
                 give_up = time.monotonic() + bound.grace
             else:
                 self.close()
@@ -557,6 +558,22 @@ class PostgresWriter(_OwnConnection):
 
 
 _DONE = (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK)
+
+
+def cancel_overdue(pgconn: pq.abc.PGconn, bound: ReplyBound) -> pq.abc.PGcancelConn | None:
+    """The statement on ``pgconn`` is past ``bound``'s deadline: one line, and
+    its cancel request, made on the thread that owns ``pgconn`` (None if it
+    cannot be made: giving up, later, decides)."""
+    log.warning("event=commit_overdue seconds=%g action=cancel", bound.deadline)
+    try:
+        return pgconn.cancel_conn()
+    except Exception as exc:  # noqa: BLE001
+        cancel_failed(exc)
+        return None
+
+
+def cancel_failed(exc: BaseException) -> None:
+    log.debug("event=cancel_failed error=%s", show(first_line(exc)))
 
 
 def send_cancel(cancel: pq.abc.PGcancelConn, timeout: float) -> None:
