@@ -112,9 +112,27 @@ def impatient_cclient(sockdir):
     return CClient(sockdir, login_timeout=0.3)
 
 
-def serve(path: Path, handle, listen: int = 64) -> socket.socket:
+class Served:
+    """A listener on a thread; ``stop()`` ends it once the connection in hand
+    has been handled, so what the handler saw is all there afterwards (the
+    client has its reply before the handler is done with the connection)."""
+
+    def __init__(self, sock: socket.socket, thread: threading.Thread):
+        self.sock, self.thread = sock, thread
+
+    def stop(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)    # wakes the accept (EINVAL)
+        except OSError:
+            pass
+        self.thread.join(timeout=30)
+        self.sock.close()
+        assert not self.thread.is_alive(), "the test listener's handler did not finish"
+
+
+def serve(path: Path, handle, listen: int = 64) -> Served:
     """A listener on ``path`` whose connections go, one at a time, to ``handle``
-    on a thread; closing the listener ends the thread."""
+    on a thread."""
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(path))
     sock.listen(listen)
@@ -131,8 +149,9 @@ def serve(path: Path, handle, listen: int = 64) -> socket.socket:
                 except OSError:
                     pass            # the client gave up on this one: serve the next
 
-    threading.Thread(target=loop, daemon=True).start()
-    return sock
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return Served(sock, thread)
 
 
 def read_request(conn: socket.socket) -> tuple[bytes, list[int]]:
@@ -164,7 +183,7 @@ def test_c_client_sends_what_dovecot_sends(cclient, sockdir):
     try:
         run = cclient.drive(str(sockdir / "rec.sock"), "rec", 2, None, 6, "rq7-")
     finally:
-        listener.close()
+        listener.stop()
     assert (run.logins, run.failures, len(run.latencies)) == (6, 0, 6)
     expected = {build_request(b"192.0.2.25", b"198.51.100.7", f"rq7-{n}-{i}@example.com".encode(),
                               FIELDS) for n in range(2) for i in range(3)}
@@ -187,7 +206,7 @@ def test_c_client_counts_a_reply_without_lf_as_a_failure(cclient, sockdir, reply
     try:
         run = cclient.drive(str(sockdir / "bad.sock"), "bad", 2, None, 8, "f-")
     finally:
-        listener.close()
+        listener.stop()
     assert (run.logins, run.failures) == (0, 8)
 
 
