@@ -119,9 +119,15 @@ def test_export_holds_every_row_and_forget_leaves_none(daemon, eng, pg_url):
     assert sorted(r["username"] for r in doc["last_logins"]) == ["Dave@Example.org",
                                                                 "dave@example.org"]
     assert [len(doc[k]) for k in ("rules", "overrides", "alerts")] == [1, 1, 1]
+    # the places each spelling logged in from, as its logins say
+    places = {(r["username"], kind, str(r[kind if kind == "asn" else "country"]))
+              for r in doc["logins"] for kind in ("country", "asn") if r[kind] is not None}
+    assert {(r["username"], "country", "AT") for r in doc["logins"]} & places
+    assert sorted((r["username"], r["kind"], r["place"]) for r in doc["places"]) == sorted(places)
     out = lastlogin("user", "export", "dave@example.org", "--format", "csv", env=env)
     rows = list(csv.DictReader(io.StringIO(out.stdout)))
-    assert [r["table"] for r in rows].count("logins") == 4 and len(rows) == 4 + 2 + 3
+    assert [r["table"] for r in rows].count("logins") == 4
+    assert len(rows) == 4 + 2 + len(places) + 3
 
     out = lastlogin("user", "forget", "dave@example.org", env=env)
     assert out.returncode == 2 and "give --yes" in out.stderr
@@ -129,10 +135,11 @@ def test_export_holds_every_row_and_forget_leaves_none(daemon, eng, pg_url):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["removed 4 rows from login_events",
                                        "removed 2 rows from last_logins",
+                                       f"removed {len(places)} rows from login_places",
                                        "removed 0 rows from login_alert_deliveries"]
     out = lastlogin("user", "export", "dave@example.org", env=env)
     doc = json.loads(out.stdout)
-    assert doc["logins"] == [] and doc["last_logins"] == []
+    assert doc["logins"] == [] and doc["last_logins"] == [] and doc["places"] == []
     assert [len(doc[k]) for k in ("rules", "overrides", "alerts")] == [1, 1, 1]
     out = lastlogin("user", "forget", "dave@example.org", "--yes", "--with-config", env=env)
     assert out.stdout.splitlines()[-3:] == ["removed 1 rows from access_rules",
@@ -140,7 +147,7 @@ def test_export_holds_every_row_and_forget_leaves_none(daemon, eng, pg_url):
                                             "removed 1 rows from login_alerts"]
     out = lastlogin("user", "export", "dave@example.org", env=env)
     assert out.returncode == 1 and not any(json.loads(out.stdout)[k] for k in (
-        "logins", "last_logins", "alert_deliveries", "rules", "overrides", "alerts"))
+        "logins", "last_logins", "places", "alert_deliveries", "rules", "overrides", "alerts"))
     with eng.connect() as conn:         # the other user is untouched
         assert conn.execute(sa.select(sa.func.count()).select_from(login_events)
                             ).scalar_one() == 1

@@ -1,6 +1,7 @@
 """The storage layer on PostgreSQL and SQLite."""
 
 import datetime as dt
+import re
 
 import pytest
 import sqlalchemy as sa
@@ -267,16 +268,18 @@ def test_new_locations_and_last_country_on_every_write_path(engine, path):
     writer.close()
 
 
-def test_the_batch_statement_is_short_enough_for_psycopg_to_keep_its_parse():
-    """psycopg converts a statement's %(name)s placeholders once and keeps
-    the result only up to MAX_CACHED_STATEMENT_LENGTH characters: past it,
-    every commit re-parses the whole batch statement."""
-    from psycopg._queries import MAX_CACHED_STATEMENT_LENGTH
-
-    from app.db.writers import PG_BATCH, PG_ONE
-    for statement in (PG_BATCH, PG_ONE):
+def test_the_statements_go_without_comments_each_converted_once():
+    """What the server parses is the statement without its comments and
+    runs of blanks, converted to libpq's $n placeholders once, at import
+    (the writers prepare it by name; nothing parses it again per commit)."""
+    from app.db import writers
+    statements = (writers.PG_BATCH, writers.PG_ONE, writers.PG_ONE_UNLOCATED,
+                  writers.PG_LEAN_ALLOWED, writers.PG_LEAN_OTHER, writers.PG_LEAN_COUNTRY,
+                  writers.PG_LEAN_ASN)
+    for statement in statements:
         assert "--" not in statement and "  " not in statement
-        assert len(statement.encode()) <= MAX_CACHED_STATEMENT_LENGTH
+    assert sorted(text for text, _ in writers._PREPARED.values()) == sorted(
+        writers._positional(s)[0] for s in statements)
 
 
 def test_the_postgresql_batch_is_planned_once_not_for_every_commit(pg_db):
@@ -514,12 +517,14 @@ def test_every_fold_reads_the_row_as_stored_even_one_a_trigger_rewrote(pg_db):
     lambda s: s.replace("WHEN i.country IS NOT NULL THEN", "WHEN i.asn IS NULL THEN"),
     lambda s: s.replace("b.outcome = 'allowed' AND b.occurred_at < i.occurred_at)) THEN false",
                         "b.outcome = 'allowed' AND b.occurred_at <= i.occurred_at)) THEN false"),
-    lambda s: s.replace("p.country = i.country", "p.country = i.host"),
-    lambda s: s.replace("AND p.outcome = 'allowed' AND p.occurred_at < i.occurred_at) OR",
-                        "AND p.occurred_at < i.occurred_at) OR"),
+    lambda s: s.replace("p.place = i.country", "p.place = i.host"),
+    lambda s: s.replace("p.username = i.username AND p.first_seen < i.occurred_at) OR",
+                        "p.username = i.username AND p.last_seen < i.occurred_at) OR"),
+    lambda s: s.replace("p.kind = 'asn'", "p.kind = 'country'"),
+    lambda s: s.replace(", placed AS (", ", places AS ("),
 ], ids=["fold-column-added", "event-columns-swapped", "conflict-target", "not-an-array",
         "fold-filter", "fold-update-where", "fold-order", "asn-first", "batch-probe-order",
-        "probe-column", "first-probe-outcome"])
+        "probe-column", "first-probe-table", "probe-kind", "places-cte"])
 def test_a_batch_statement_the_lean_ones_cannot_follow_is_refused(damage):
     """The lean statements take PG_BATCH's columns, casts, conflict target
     and fold; a PG_BATCH they cannot follow stops the daemon at import."""
@@ -528,6 +533,18 @@ def test_a_batch_statement_the_lean_ones_cannot_follow_is_refused(damage):
     assert damaged != PG_BATCH
     with pytest.raises(RuntimeError):
         _lean_statements(damaged)
+
+
+def test_the_lean_located_statements_write_the_places_as_the_batch_does():
+    """Their login_places CTE is PG_BATCH's own text, whatever it says."""
+    from app.db.writers import PG_BATCH, _lean_statements
+    changed = PG_BATCH.replace("k.first_seen <= n.occurred_at", "k.first_seen < n.occurred_at")
+    for batch in (PG_BATCH, changed):
+        placed = re.search(r", placed AS \( (INSERT .*? WHERE EXCLUDED\.first_seen < "
+                           r"s\.first_seen) \) SELECT", batch).group(1)
+        allowed, other, country, asn = _lean_statements(batch)
+        assert placed in country and placed in asn
+        assert "login_places" not in allowed and "login_places" not in other
 
 
 def test_the_writer_picks_the_unlocated_statement_as_the_case_would():

@@ -16,11 +16,12 @@ import sqlalchemy as sa
 
 from ..login import scope_key, user_key
 from .schema import (access_rules, last_logins, login_alert_deliveries, login_alerts,
-                     login_events, userdb_overrides)
+                     login_events, login_places, userdb_overrides)
 
 # (name in the export, table, username column) -- the user's own history
 HISTORY = (("logins", login_events, "username"),
            ("last_logins", last_logins, "username"),
+           ("places", login_places, "username"),
            ("alert_deliveries", login_alert_deliveries, "username"))
 
 
@@ -58,9 +59,9 @@ def export_user(conn: sa.Connection, username: str) -> dict[str, list[dict[str, 
     names = _names(conn, username)
     out: dict[str, list[dict[str, Any]]] = {}
     for name, table, col in HISTORY:
-        order = table.c.occurred_at if name == "logins" else list(table.primary_key)[0]
+        order = [table.c.occurred_at] if name == "logins" else list(table.primary_key)
         out[name] = [dict(r) for r in conn.execute(
-            sa.select(table).where(table.c[col].in_(names)).order_by(order)).mappings()]
+            sa.select(table).where(table.c[col].in_(names)).order_by(*order)).mappings()]
     ids = _config(conn, username)
     for name, table in CONFIG:
         out[name] = [dict(r) for r in conn.execute(

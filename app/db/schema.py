@@ -126,6 +126,23 @@ last_logins = sa.Table(
     comment="One row per user and protocol: the last allowed login.",
 )
 
+PLACE_KINDS = ("country", "asn")
+PLACE_KIND_CHECK = "kind IN (" + ", ".join(f"'{k}'" for k in PLACE_KINDS) + ")"
+
+login_places = sa.Table(
+    "login_places", metadata,
+    sa.Column("username", sa.Text, primary_key=True),
+    sa.Column("kind", sa.String(8), primary_key=True, comment="country or asn"),
+    sa.Column("place", sa.Text, primary_key=True,
+              comment="the country code, or the AS number in decimal"),
+    sa.Column("first_seen", UTCDateTime, nullable=False,
+              comment="the earliest allowed login of the user from this place still stored"),
+    sa.CheckConstraint(PLACE_KIND_CHECK, name="kind"),
+    comment="Every country and AS each user logged in from (allowed logins), for the "
+            "new-location test: derived from login_events, in the same transactions; "
+            "retention prunes it with the history.",
+)
+
 userdb_overrides = sa.Table(
     "userdb_overrides", metadata,
     sa.Column("id", sa.Integer, primary_key=True),

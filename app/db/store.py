@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from ..login import LoginRecord, username_text
 from .engine import dialect_insert
-from .schema import last_logins, login_alert_deliveries, login_events
+from .schema import last_logins, login_alert_deliveries, login_events, login_places
 
 
 def unique_events(records: Sequence[LoginRecord]) -> list[LoginRecord]:
@@ -24,19 +24,46 @@ def unique_events(records: Sequence[LoginRecord]) -> list[LoginRecord]:
 
 
 def _seen_before(conn: sa.Connection, row: dict[str, object], same_place: bool) -> bool:
-    """An allowed login of this user before this one (from the same place)?"""
-    e = login_events
-    cond = [e.c.username == row["username"], e.c.outcome == "allowed",
-            e.c.occurred_at < row["occurred_at"]]
-    if same_place:
-        cond.append(e.c.country == row["country"] if row["country"] is not None
-                    else e.c.asn == row["asn"])
+    """An allowed login of this user before this one (from the same place)?
+
+    Asked of last_logins (its first_seen) and of login_places, as the
+    PostgreSQL batch does: one primary-key lookup each.
+    """
+    if not same_place:
+        t = last_logins
+        cond = [t.c.username == row["username"], t.c.first_seen < row["occurred_at"]]
+    else:
+        kind, place = place_key(row)
+        p = login_places
+        cond = [p.c.username == row["username"], p.c.kind == kind, p.c.place == place,
+                p.c.first_seen < row["occurred_at"]]
     return conn.execute(sa.select(sa.literal(1)).where(*cond).limit(1)).first() is not None
 
 
-def place_key(row: dict[str, object]) -> tuple[str, object]:
-    """What "the same place" compares: the country, or without one the ASN."""
-    return ("country", row["country"]) if row["country"] is not None else ("asn", row["asn"])
+def place_key(row: dict[str, object]) -> tuple[str, str]:
+    """What "the same place" compares, as login_places holds it: the
+    country, or without one the ASN (in decimal)."""
+    return (("country", row["country"]) if row["country"] is not None  # type: ignore[return-value]
+            else ("asn", str(row["asn"])))
+
+
+def place_rows(rows: Iterable[dict[str, object]]) -> list[dict[str, object]]:
+    """The login_places rows of ``rows`` (stored events): the country and the
+    ASN of each allowed one, each user and place at its earliest, in key
+    order (the order every writer locks them in)."""
+    first: dict[tuple[object, str, str], object] = {}
+    for row in rows:
+        if row["outcome"] != "allowed":
+            continue
+        for kind, place in (("country", row["country"]), ("asn", row["asn"])):
+            if place is None:
+                continue
+            key = (row["username"], kind, str(place))
+            t = first.get(key)
+            if t is None or row["occurred_at"] < t:  # type: ignore[operator]
+                first[key] = row["occurred_at"]
+    return [{"username": u, "kind": k, "place": p, "first_seen": t}
+            for (u, k, p), t in sorted(first.items(), key=lambda item: item[0])]  # type: ignore
 
 
 def flag_new_locations(conn: sa.Connection | None, rows: list[dict[str, object]],
@@ -99,6 +126,7 @@ def record_logins(conn: sa.Connection, records: Sequence[LoginRecord],
     if flagged is not None:
         flagged.extend(row["event_id"] for row in fresh if row["new_location"])  # type: ignore
     _upsert_last_logins(conn, [r for r in fresh if r["outcome"] == "allowed"])
+    _upsert_places(conn, place_rows(fresh))
     deliveries = [{"alert_id": a, "username": row["username"], "delivered_at": row["occurred_at"]}
                   for rec, row in zip(records, rows) if row["event_id"] in new_ids
                   for a in rec.alerts_shown]
@@ -135,6 +163,17 @@ def _fold(rows: Iterable[dict[str, object]]) -> list[dict[str, object]]:
     # In key order: concurrent writers (one daemon per mail host) then lock
     # the same users' rows in the same order and cannot deadlock.
     return [folded[k] for k in sorted(folded)]
+
+
+def _upsert_places(conn: sa.Connection, rows: list[dict[str, object]]) -> None:
+    """Add the places; a stored one keeps the earlier of the two times."""
+    if not rows:
+        return
+    stmt = dialect_insert(conn, login_places)
+    conn.execute(stmt.on_conflict_do_update(
+        index_elements=["username", "kind", "place"],
+        set_={"first_seen": stmt.excluded.first_seen},
+        where=stmt.excluded.first_seen < login_places.c.first_seen), rows)
 
 
 def _upsert_last_logins(conn: sa.Connection, rows: list[dict[str, object]]) -> None:

@@ -31,7 +31,7 @@ from ..login import LoginRecord
 from ..logs import first_line, show
 from .engine import ReplyBound
 from .schema import last_logins, login_alert_deliveries, login_events
-from .store import _fold, flag_new_locations, record_logins, unique_events
+from .store import _fold, flag_new_locations, place_key, place_rows, record_logins, unique_events
 
 log = logging.getLogger("lastlogin.recorder")
 
@@ -51,30 +51,32 @@ WITH input AS (
 ), located AS (
     -- new_location (app/db/store.flag_new_locations says the same in Python):
     -- an allowed login with a known place, of a user who logged in before
-    -- (stored, or earlier in this batch), never from that country -- or,
-    -- without a country, that ASN. Unlocated logins skip the probes.
+    -- (last_logins, or earlier in this batch), never from that country -- or,
+    -- without a country, that ASN (login_places, or earlier in this batch).
+    -- Unlocated logins skip the probes. Each probe is one primary-key
+    -- lookup, however many partitions login_events has.
     SELECT i.*,
            CASE WHEN i.outcome <> 'allowed' OR (i.country IS NULL AND i.asn IS NULL)
                 THEN false
                 -- the first login a user ever makes is not new
-                WHEN NOT (EXISTS (SELECT 1 FROM login_events p
-                                  WHERE p.username = i.username AND p.outcome = 'allowed'
-                                    AND p.occurred_at < i.occurred_at)
+                WHEN NOT (EXISTS (SELECT 1 FROM last_logins p
+                                  WHERE p.username = i.username
+                                    AND p.first_seen < i.occurred_at)
                           OR EXISTS (SELECT 1 FROM input b
                                      WHERE b.username = i.username AND b.outcome = 'allowed'
                                        AND b.occurred_at < i.occurred_at))
                 THEN false
                 WHEN i.country IS NOT NULL
-                THEN NOT EXISTS (SELECT 1 FROM login_events p      -- (username, country) index
-                                 WHERE p.username = i.username AND p.country = i.country
-                                   AND p.outcome = 'allowed' AND p.occurred_at < i.occurred_at)
+                THEN NOT EXISTS (SELECT 1 FROM login_places p
+                                 WHERE p.username = i.username AND p.kind = 'country'
+                                   AND p.place = i.country AND p.first_seen < i.occurred_at)
                      AND NOT EXISTS (SELECT 1 FROM input b
                                      WHERE b.username = i.username AND b.country = i.country
                                        AND b.outcome = 'allowed'
                                        AND b.occurred_at < i.occurred_at)
-                ELSE NOT EXISTS (SELECT 1 FROM login_events p
-                                 WHERE p.username = i.username AND p.asn = i.asn
-                                   AND p.outcome = 'allowed' AND p.occurred_at < i.occurred_at)
+                ELSE NOT EXISTS (SELECT 1 FROM login_places p
+                                 WHERE p.username = i.username AND p.kind = 'asn'
+                                   AND p.place = i.asn::text AND p.first_seen < i.occurred_at)
                      AND NOT EXISTS (SELECT 1 FROM input b
                                      WHERE b.username = i.username AND b.asn = i.asn
                                        AND b.outcome = 'allowed'
@@ -91,7 +93,7 @@ WITH input AS (
     SELECT * FROM located
     ON CONFLICT (event_id, occurred_at) DO NOTHING
     RETURNING event_id, occurred_at, username, username_raw, protocol, remote_ip, local_ip,
-              outcome, host, country, new_location
+              outcome, host, country, asn, new_location
 ), folded AS (
     -- ORDER BY: writers on several mail hosts lock the same users' rows in
     -- the same order, so concurrent batches wait for each other, never deadlock.
@@ -125,15 +127,29 @@ WITH input AS (
     ORDER BY d.alert_id, n.username
     ON CONFLICT DO NOTHING
     RETURNING 1
+), placed AS (
+    -- login_places: the country and the ASN of each allowed login inserted,
+    -- at the earliest time; a place stored at that time or before is left
+    -- alone (not even locked). Not read below: PostgreSQL runs it anyway,
+    -- after the CTEs that are, so every writer locks rows in the same order.
+    INSERT INTO login_places AS s (username, kind, place, first_seen)
+    SELECT n.username, v.kind, v.place, min(n.occurred_at)
+    FROM new n CROSS JOIN LATERAL (VALUES ('country', n.country), ('asn', n.asn::text))
+        AS v(kind, place)
+    WHERE n.outcome = 'allowed' AND v.place IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM login_places k
+                      WHERE k.username = n.username AND k.kind = v.kind AND k.place = v.place
+                        AND k.first_seen <= n.occurred_at)
+    GROUP BY n.username, v.kind, v.place ORDER BY n.username, v.kind, v.place
+    ON CONFLICT (username, kind, place) DO UPDATE SET first_seen = EXCLUDED.first_seen
+        WHERE EXCLUDED.first_seen < s.first_seen
 )
 SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM folded), (SELECT count(*) FROM delivered),
        (SELECT array_agg(event_id) FROM new WHERE new_location)
 """
 
-# As sent: without comments and runs of blanks. psycopg keeps the parse of a
-# statement of up to 4,096 characters (MAX_CACHED_STATEMENT_LENGTH); the text
-# above is 5,900, and re-parsing it for every commit was about an eighth of
-# the writer's instructions. tests/test_store.py holds it under the limit.
+# As sent: without comments and runs of blanks (the writers convert and
+# prepare each statement once per connection: see _positional).
 PG_BATCH = " ".join(re.sub(r"--[^\n]*", "", PG_BATCH).split())
 
 COLUMNS = ("event_id", "occurred_at", "username", "username_raw", "protocol", "remote_ip",
@@ -207,24 +223,24 @@ _FOLD_OF_BATCH = ("SELECT username, protocol, (array_agg(username_raw))[1], min(
 _FOLD_OF_ONE = ("SELECT username, protocol, username_raw, occurred_at, occurred_at, remote_ip, "
                 "local_ip, host, country, 1 FROM new WHERE outcome = 'allowed'")
 _FOLD_READS = "event_id, username, protocol, username_raw, occurred_at, remote_ip, local_ip, " \
-              "host, country, outcome"
+              "host, country, asn, outcome"
 # PG_BATCH's new-location test (pinned too): for one login -- allowed, with a
 # place, so past the first branch (``one_statement`` picks) -- its probes of
 # the input find nothing, and the country branch or the ASN one is taken by
 # whether the login has a country: PG_LEAN_COUNTRY and PG_LEAN_ASN below.
 _NEW_LOCATION_OF_BATCH = (
     "CASE WHEN i.outcome <> 'allowed' OR (i.country IS NULL AND i.asn IS NULL) THEN false "
-    "WHEN NOT (EXISTS (SELECT 1 FROM login_events p WHERE p.username = i.username "
-    "AND p.outcome = 'allowed' AND p.occurred_at < i.occurred_at) "
+    "WHEN NOT (EXISTS (SELECT 1 FROM last_logins p WHERE p.username = i.username "
+    "AND p.first_seen < i.occurred_at) "
     "OR EXISTS (SELECT 1 FROM input b WHERE b.username = i.username AND b.outcome = 'allowed' "
     "AND b.occurred_at < i.occurred_at)) THEN false "
-    "WHEN i.country IS NOT NULL THEN NOT EXISTS (SELECT 1 FROM login_events p "
-    "WHERE p.username = i.username AND p.country = i.country AND p.outcome = 'allowed' "
-    "AND p.occurred_at < i.occurred_at) AND NOT EXISTS (SELECT 1 FROM input b "
+    "WHEN i.country IS NOT NULL THEN NOT EXISTS (SELECT 1 FROM login_places p "
+    "WHERE p.username = i.username AND p.kind = 'country' AND p.place = i.country "
+    "AND p.first_seen < i.occurred_at) AND NOT EXISTS (SELECT 1 FROM input b "
     "WHERE b.username = i.username AND b.country = i.country AND b.outcome = 'allowed' "
     "AND b.occurred_at < i.occurred_at) "
-    "ELSE NOT EXISTS (SELECT 1 FROM login_events p WHERE p.username = i.username "
-    "AND p.asn = i.asn AND p.outcome = 'allowed' AND p.occurred_at < i.occurred_at) "
+    "ELSE NOT EXISTS (SELECT 1 FROM login_places p WHERE p.username = i.username "
+    "AND p.kind = 'asn' AND p.place = i.asn::text AND p.first_seen < i.occurred_at) "
     "AND NOT EXISTS (SELECT 1 FROM input b WHERE b.username = i.username AND b.asn = i.asn "
     "AND b.outcome = 'allowed' AND b.occurred_at < i.occurred_at) END")
 
@@ -259,7 +275,9 @@ def _lean_statements(batch: str) -> tuple[str, str, str, str]:
     fold = re.search(r"INSERT INTO last_logins AS l \(([^)]*)\) (SELECT .*?) "
                      r"(ON CONFLICT \(username, protocol\) DO UPDATE SET .*?) RETURNING 1 \)",
                      batch)
-    if ctes != ["input", "located", "new", "folded", "delivered"] or events is None or (
+    placed = re.search(r"placed AS \( (INSERT INTO login_places .*?) \) SELECT", batch)
+    if ctes != ["input", "located", "new", "folded", "delivered", "placed"] or (
+            events is None or placed is None) or (
             fold is None or fold.group(2) != _FOLD_OF_BATCH or " WHERE " in fold.group(3)):
         raise RuntimeError("PG_BATCH no longer has the shape the lean statements take")
     event_columns = [c.strip() for c in events.group(1).split(",")]
@@ -288,19 +306,22 @@ def _lean_statements(batch: str) -> tuple[str, str, str, str]:
                              r"FROM input i \)", batch)
     if located_case is None or located_case.group(1) != _NEW_LOCATION_OF_BATCH:
         raise RuntimeError("PG_BATCH's new-location test is not the one the lean statements restate")
-    probes = re.findall(r"EXISTS \(SELECT 1 FROM login_events p WHERE (p\.username = i\.username "
-                        r"AND (?:p\.(country|asn) = i\.\2 AND )?p\.outcome = 'allowed' AND "
-                        r"p\.occurred_at < i\.occurred_at)\)", batch)
+    probes = re.findall(r"EXISTS \(SELECT 1 FROM ((?:last_logins|login_places) p WHERE "
+                        r"p\.username = i\.username AND (?:p\.kind = '(country|asn)' AND "
+                        r"p\.place = i\.\w+(?:::text)? AND )?p\.first_seen < i\.occurred_at)\)",
+                        batch)
     if [place for _, place in probes] != ["", "country", "asn"]:
         raise RuntimeError("PG_BATCH's new-location probes are not the ones the lean statements take")
     first, by_country, by_asn = (
-        "EXISTS (SELECT 1 FROM login_events p WHERE "
+        "EXISTS (SELECT 1 FROM "
         + re.sub(r"\bi\.(\w+)", lambda m: value(m.group(1)), cond) + ")" for cond, _ in probes)
 
+    # The places: PG_BATCH's own CTE, as it is (for one row it inserts one
+    # or two rows, or none).
     def located(probe: str) -> str:
         new = insert(f"CASE WHEN NOT {first} THEN false ELSE NOT {probe} END")
         return (f"WITH new AS ({new} RETURNING {_FOLD_READS}, new_location), "
-                f"folded AS ({last} RETURNING 1) "
+                f"folded AS ({last} RETURNING 1), placed AS ({placed.group(1)}) "
                 f"SELECT (SELECT count(*) FROM new), (SELECT count(*) FROM folded), 0, "
                 f"(SELECT array_agg(event_id) FROM new WHERE new_location)")
     return allowed, insert("false"), located(by_country), located(by_asn)
@@ -628,15 +649,16 @@ _SQLITE_LAST = (
               for c in ("last_remote_ip", "last_local_ip", "last_host", "last_country"))
     + "login_count = last_logins.login_count + excluded.login_count")
 # app/db/store._seen_before, for the SQLite writer's own connection: before
-# at all, from the same country, from the same AS
+# at all, from the same place (country, or ASN)
 _SQLITE_SEEN = {
-    None: "SELECT 1 FROM login_events WHERE username = ? AND outcome = 'allowed' "
-          "AND occurred_at < ? LIMIT 1",
-    "country": "SELECT 1 FROM login_events WHERE username = ? AND outcome = 'allowed' "
-               "AND occurred_at < ? AND country = ? LIMIT 1",
-    "asn": "SELECT 1 FROM login_events WHERE username = ? AND outcome = 'allowed' "
-           "AND occurred_at < ? AND asn = ? LIMIT 1",
+    False: "SELECT 1 FROM last_logins WHERE username = ? AND first_seen < ? LIMIT 1",
+    True: "SELECT 1 FROM login_places WHERE username = ? AND first_seen < ? "
+          "AND kind = ? AND place = ?",
 }
+# app/db/store._upsert_places, written out for SQLite
+_SQLITE_PLACE = ("INSERT INTO login_places (username, kind, place, first_seen) VALUES (?, ?, ?, ?) "
+                 "ON CONFLICT (username, kind, place) DO UPDATE SET first_seen = "
+                 "excluded.first_seen WHERE excluded.first_seen < login_places.first_seen")
 _SQLITE_DELIVERY = ("INSERT INTO login_alert_deliveries (alert_id, username, delivered_at) "
                     "VALUES (?, ?, ?) ON CONFLICT DO NOTHING")
 
@@ -677,11 +699,9 @@ class SqliteWriter(_OwnConnection):
 
     def _seen_before(self, cur, row: dict[str, object], same_place: bool) -> bool:
         args = [row["username"], self._when(row["occurred_at"])]
-        place = None
         if same_place:
-            place = "country" if row["country"] is not None else "asn"
-            args.append(row[place])
-        return cur.execute(_SQLITE_SEEN[place], args).fetchone() is not None
+            args += place_key(row)
+        return cur.execute(_SQLITE_SEEN[same_place], args).fetchone() is not None
 
     def write(self, records: Sequence[LoginRecord],
               flagged: list[uuid.UUID] | None = None) -> int:
@@ -712,6 +732,9 @@ class SqliteWriter(_OwnConnection):
                 cur.executemany(_SQLITE_LAST, [
                     _convert([f[c] for c in _LAST_COLUMNS], self._last_conv)
                     for f in _fold(fresh)])
+                cur.executemany(_SQLITE_PLACE, [
+                    (p["username"], p["kind"], p["place"], self._when(p["first_seen"]))
+                    for p in place_rows(fresh)])
             if deliveries:
                 deliveries.sort(key=lambda d: (d[0], d[1]))
                 cur.executemany(_SQLITE_DELIVERY,

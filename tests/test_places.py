@@ -1,0 +1,272 @@
+"""login_places: the new-location test asks it (and last_logins) instead of
+the history, and gets the history's answer on every write path.
+
+The reference is the definition read off the history itself, in Python:
+an allowed login with a place, of a user with an earlier allowed login
+(stored before its batch, or in it), none of them from that place (the
+country, or without one the ASN).
+"""
+
+import datetime as dt
+import random
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from app.db import make_engine
+from app.db.migrate import upgrade
+from app.db.retention import follow_places, prune
+from app.db.schema import last_logins, login_events, login_places
+from app.db.store import record_logins, unique_events
+from app.db.writers import PostgresWriter, writer_for
+from tests.builders import T0, record
+
+PATHS = pytest.mark.parametrize(("db_url", "path"), [
+    ("postgresql", "core"), ("postgresql", "writer"), ("postgresql", "writer-arrays"),
+    ("sqlite", "core"), ("sqlite", "writer")], indirect=["db_url"])
+
+
+def writing(engine, path):
+    """write(records) -> the ids flagged new, through one write path."""
+    if path == "core":
+        def write(records):
+            flagged = []
+            with engine.begin() as conn:
+                record_logins(conn, records, flagged)
+            return flagged
+        return write, lambda: None
+    writer = writer_for(engine)
+    if path == "writer-arrays":
+        writer.one_row_statement = False
+
+    def write(records):
+        flagged = []
+        writer.write(records, flagged)
+        return flagged
+    return write, writer.close
+
+
+def expected_flags(batches):
+    """The new-location flag of every login stored, by the history's definition."""
+    stored = []         # (user, at, country, asn) of the allowed logins stored
+    ids, flags = set(), {}
+    for batch in batches:
+        batch = unique_events(batch)
+        for rec in batch:
+            if rec.event_id in ids:
+                continue            # a replay: not stored again
+            user, at = rec.username, rec.occurred_at
+            allowed_before = [(c, a) for u, t, c, a in stored if u == user and t < at] + [
+                (b.country, b.asn) for b in batch
+                if b.username == user and b.outcome == "allowed" and b.occurred_at < at]
+            if rec.outcome != "allowed" or (rec.country is None and rec.asn is None):
+                flags[rec.event_id] = False
+            elif rec.country is not None:
+                flags[rec.event_id] = bool(allowed_before) and all(
+                    c != rec.country for c, _ in allowed_before)
+            else:
+                flags[rec.event_id] = bool(allowed_before) and all(
+                    a != rec.asn for _, a in allowed_before)
+        for rec in batch:
+            if rec.event_id not in ids:
+                ids.add(rec.event_id)
+                if rec.outcome == "allowed":
+                    stored.append((rec.username, rec.occurred_at, rec.country, rec.asn))
+    return flags
+
+
+def places_from_history(conn):
+    """login_places as the stored history says it should be."""
+    e = login_events
+    out = set()
+    for kind, col in (("country", e.c.country), ("asn", e.c.asn)):
+        for user, place, first in conn.execute(
+                sa.select(e.c.username, col, sa.func.min(e.c.occurred_at))
+                .where(e.c.outcome == "allowed", col.is_not(None)).group_by(e.c.username, col)):
+            out.add((user, kind, str(place), first))
+    return out
+
+
+def places(conn):
+    p = login_places
+    return set(conn.execute(sa.select(p.c.username, p.c.kind, p.c.place, p.c.first_seen)))
+
+
+def shuffled_logins(seed: int, n_batches: int = 70):
+    """Batches of logins in no particular time order: four users, places
+    that repeat, logins with only an ASN or none, refused and failed ones,
+    two logins at the same instant, replays of logins already stored."""
+    rnd = random.Random(seed)
+    users = [b"ann@example.com", b"bob@example.com", b"cyd@example.org", b"dee@example.org"]
+    places_ = [("DE", 3320), ("DE", 8881), ("FR", 3215), (None, 64500), (None, 3320),
+               ("AT", None), (None, None)]
+    done, batches = [], []
+    for _ in range(n_batches):
+        batch = []
+        for _ in range(rnd.choice((1, 1, 1, 2, 3, 5))):
+            if done and rnd.random() < 0.08:
+                batch.append(rnd.choice(done))          # a replay
+                continue
+            country, asn = rnd.choice(places_)
+            at = T0 + dt.timedelta(hours=rnd.randrange(-400, 400))
+            if done and rnd.random() < 0.1:
+                at = rnd.choice(done).occurred_at       # the same instant as another
+            rec = record(rnd.choice(users), at=at, country=country, asn=asn,
+                         protocol=rnd.choice(("imap", "pop3")),
+                         outcome=rnd.choices(("allowed", "denied", "failed"), (8, 1, 1))[0])
+            batch.append(rec)
+        done += batch
+        batches.append(batch)
+    return batches
+
+
+@PATHS
+@pytest.mark.parametrize("seed", [1, 2])
+def test_every_path_flags_what_the_history_says(engine, path, seed):
+    batches = shuffled_logins(seed)
+    want = expected_flags(batches)
+    assert 5 < sum(want.values()) < len(want) // 2          # the case is not trivial
+    write, close = writing(engine, path)
+    try:
+        flagged = [i for batch in batches for i in write(batch)]
+    finally:
+        close()
+    assert sorted(flagged) == sorted(k for k, v in want.items() if v)
+    with engine.connect() as conn:
+        stored = dict(conn.execute(sa.select(login_events.c.event_id,
+                                             login_events.c.new_location)).all())
+        assert stored == want
+        assert places(conn) == places_from_history(conn)
+
+
+@PATHS
+def test_a_user_known_only_from_last_logins_is_known(engine, path):
+    """A user whose history is gone (retention), or who came in from the
+    last_login plugin's table (import), still logged in before: a login from
+    a place not in login_places is new. The history alone could not tell."""
+    with engine.begin() as conn:
+        conn.execute(last_logins.insert().values(
+            username="alice@example.com", protocol="imap", first_seen=T0 - dt.timedelta(days=400),
+            last_seen=T0 - dt.timedelta(days=400), login_count=7))
+    write, close = writing(engine, path)
+    try:
+        located = record(at=T0, country="DE", asn=3320)
+        assert write([located]) == [located.event_id]
+        assert write([record(at=T0 + dt.timedelta(hours=1), country="DE", asn=3320)]) == []
+        # someone the daemon never saw: the first login is not new
+        assert write([record(b"bob@example.com", at=T0, country="FR")]) == []
+    finally:
+        close()
+
+
+@PATHS
+def test_retention_leaves_the_places_the_history_still_shows(engine, path):
+    day = dt.timedelta(days=1)
+    history = [record(at=T0 - 90 * day, country="DE", asn=3320),
+               record(at=T0 - 60 * day, country="FR", asn=3215),
+               record(at=T0 - 50 * day, asn=64500),
+               record(at=T0 - 10 * day, country="DE", asn=8881),
+               record(at=T0 - 5 * day, country="DE", asn=3320, outcome="denied")]
+    write, close = writing(engine, path)
+    try:
+        for rec in history:
+            write([rec])
+        result = prune(engine, T0 - 30 * day)
+        assert (result.places_forgotten, result.places_moved) == (4, 1)
+        with engine.connect() as conn:
+            assert places(conn) == places_from_history(conn) == {
+                ("alice@example.com", "country", "DE", T0 - 10 * day),
+                ("alice@example.com", "asn", "8881", T0 - 10 * day)}
+        # FR and AS 3320 went with the history: new again (a refused login
+        # from AS 3320 is kept but never made it a place); DE is not new
+        back = [record(at=T0, country="FR"), record(at=T0 + day, asn=3320),
+                record(at=T0 + 2 * day, country="DE")]
+        assert [write([rec]) for rec in back] == [[back[0].event_id], [back[1].event_id], []]
+    finally:
+        close()
+
+
+def test_retention_waits_for_a_writer_in_flight_and_keeps_its_place(pg_db):
+    """A writer's statement that found a place stored (so wrote nothing to
+    login_places) commits a login from it while retention decides that
+    place has no login left: retention waits for it, then sees it. Without
+    the lock, the place was deleted though its login was stored."""
+    import psycopg
+
+    from app.db.writers import PG_LEAN_COUNTRY, pg_params_one
+    day = dt.timedelta(days=1)
+    engine = make_engine(pg_db)
+    writer = PostgresWriter(engine)
+    try:
+        writer.write([record(at=T0 - 60 * day, country="FR")])
+        writer.write([record(at=T0 - 1 * day, country="DE")])
+        prune(engine, T0 - 30 * day)            # FR's only login goes ...
+        with engine.begin() as conn:            # ... as if the place had stayed behind
+            conn.execute(login_places.insert().values(
+                username="alice@example.com", kind="country", place="FR",
+                first_seen=T0 - 60 * day))
+        late = record(at=T0, country="FR")
+        with psycopg.connect(pg_db.replace("postgresql+psycopg", "postgresql")) as held:
+            # the writer's own statement, in a transaction left open
+            held.execute(PG_LEAN_COUNTRY, pg_params_one(late))
+            done: list = []
+            follower = threading.Thread(
+                target=lambda: done.append(follow_places(engine, T0 - 30 * day)))
+            follower.start()
+            time.sleep(1.0)
+            assert not done, "retention did not wait for the writer's transaction"
+            held.commit()
+            follower.join(timeout=30)
+        assert done == [(0, 1)]
+        with engine.connect() as conn:
+            assert places(conn) == places_from_history(conn)
+            assert ("alice@example.com", "country", "FR", T0) in places(conn)
+    finally:
+        writer.close()
+        engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_the_upgrade_fills_the_places_from_the_history(request, backend, tmp_path):
+    if backend == "postgresql":
+        url = request.getfixturevalue("pg_cluster").create_database()
+    else:
+        url = f"sqlite:///{tmp_path / 'up.db'}"
+    upgrade(url, "4d7e0f2b8c19")                # the release before login_places
+    engine = make_engine(url)
+    h = dt.timedelta(hours=1)
+    history = [record(at=T0 + 3 * h, country="DE", asn=3320),
+               record(at=T0 + 1 * h, country="DE", asn=8881),
+               record(at=T0 + 2 * h, asn=64500),
+               record(b"bob@example.com", at=T0, country="FR", asn=3215, outcome="denied"),
+               record(b"bob@example.com", at=T0 + h)]
+    cols = ("event_id", "occurred_at", "username", "protocol", "outcome", "country", "asn")
+    with engine.begin() as conn:                # the columns that release had, as it wrote them
+        conn.execute(login_events.insert(), [
+            {c: v for c, v in rec.event_row().items() if c in cols} for rec in history])
+        conn.execute(last_logins.insert(), [
+            {"username": "alice@example.com", "protocol": "imap", "first_seen": T0 + h,
+             "last_seen": T0 + 3 * h, "login_count": 3},
+            {"username": "bob@example.com", "protocol": "imap", "first_seen": T0 + h,
+             "last_seen": T0 + h, "login_count": 1}])
+    engine.dispose()
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert places(conn) == places_from_history(conn) == {
+                ("alice@example.com", "country", "DE", T0 + h),
+                ("alice@example.com", "asn", "8881", T0 + h),
+                ("alice@example.com", "asn", "3320", T0 + 3 * h),
+                ("alice@example.com", "asn", "64500", T0 + 2 * h)}
+        write, close = writing(engine, "writer")
+        try:
+            fr, de = record(at=T0 + 4 * h, country="FR"), record(at=T0 + 5 * h, country="DE")
+            bob = record(b"bob@example.com", at=T0 + 4 * h, country="FR", asn=3215)
+            assert write([fr, de, bob]) == [fr.event_id, bob.event_id]
+        finally:
+            close()
+    finally:
+        engine.dispose()
