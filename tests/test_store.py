@@ -538,7 +538,7 @@ def test_a_batch_statement_the_lean_ones_cannot_follow_is_refused(damage):
 def test_the_lean_located_statements_write_the_places_as_the_batch_does():
     """Their login_places CTE is PG_BATCH's own text, whatever it says."""
     from app.db.writers import PG_BATCH, _lean_statements
-    changed = PG_BATCH.replace("k.first_seen <= n.occurred_at", "k.first_seen < n.occurred_at")
+    changed = PG_BATCH.replace("> n.occurred_at, true)", ">= n.occurred_at, true)")
     for batch in (PG_BATCH, changed):
         placed = re.search(r", placed AS \( (INSERT .*? WHERE EXCLUDED\.first_seen < "
                            r"s\.first_seen) \) SELECT", batch).group(1)

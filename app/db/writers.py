@@ -132,14 +132,17 @@ WITH input AS (
     -- at the earliest time; a place stored at that time or before is left
     -- alone (not even locked). Not read below: PostgreSQL runs it anyway,
     -- after the CTEs that are, so every writer locks rows in the same order.
+    -- The stored time is a scalar subquery, one primary-key lookup per
+    -- place: as NOT EXISTS, the generic plan made it a hash anti-join that
+    -- read the whole table for each commit while the table was small.
     INSERT INTO login_places AS s (username, kind, place, first_seen)
     SELECT n.username, v.kind, v.place, min(n.occurred_at)
     FROM new n CROSS JOIN LATERAL (VALUES ('country', n.country), ('asn', n.asn::text))
         AS v(kind, place)
     WHERE n.outcome = 'allowed' AND v.place IS NOT NULL
-      AND NOT EXISTS (SELECT 1 FROM login_places k
-                      WHERE k.username = n.username AND k.kind = v.kind AND k.place = v.place
-                        AND k.first_seen <= n.occurred_at)
+      AND COALESCE((SELECT k.first_seen FROM login_places k
+                    WHERE k.username = n.username AND k.kind = v.kind AND k.place = v.place)
+                   > n.occurred_at, true)
     GROUP BY n.username, v.kind, v.place ORDER BY n.username, v.kind, v.place
     ON CONFLICT (username, kind, place) DO UPDATE SET first_seen = EXCLUDED.first_seen
         WHERE EXCLUDED.first_seen < s.first_seen
