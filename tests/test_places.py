@@ -270,3 +270,56 @@ def test_the_upgrade_fills_the_places_from_the_history(request, backend, tmp_pat
             close()
     finally:
         engine.dispose()
+
+
+def test_located_logins_go_on_while_retention_holds_the_places(pg_db, tmp_path):
+    """Retention's lock on login_places (follow_places) held for 3 s, longer
+    than record_timeout: the located logins meanwhile are answered within
+    record_timeout (spooled when their commit cannot take the lock), then
+    stored once each, with the flags and places the history says."""
+    import psycopg
+
+    from tests.harness import geoipdb
+    from tests.harness.daemon import make_daemon, wait_for
+    from tests.harness.postlogin import send_request
+    from tests.builders import request_bytes
+    (tmp_path / "geoip").mkdir()
+    dbs = geoipdb.build(str(tmp_path / "geoip"))
+    d = make_daemon(pg_db, protocols="imap", record_timeout="1", data_dir=str(tmp_path / "data"),
+                    geoip_country_db=dbs[0], geoip_asn_db=dbs[1])
+    engine = make_engine(pg_db)
+
+    def login(ip):
+        ex = send_request(d.sock("imap"), request_bytes(b"erin@example.org", remote_ip=ip.encode()),
+                          timeout=30)
+        ex.client.close()
+        return ex.refused
+
+    def stored():
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(login_events.c.country, login_events.c.new_location)
+                                .order_by(login_events.c.occurred_at)).all()
+            count = conn.execute(sa.select(sa.func.sum(last_logins.c.login_count))).scalar()
+            return rows, count, places(conn) == places_from_history(conn)
+
+    d.start()
+    try:
+        assert login(geoipdb.DE) is False
+        held = psycopg.connect(pg_db.replace("postgresql+psycopg", "postgresql"))
+        try:
+            held.execute("LOCK TABLE login_places IN SHARE ROW EXCLUSIVE MODE")
+            t0 = time.monotonic()
+            assert [login(ip) for ip in (geoipdb.AT, geoipdb.DE, geoipdb.FR)] == [False] * 3
+            assert time.monotonic() - t0 < 6
+            time.sleep(max(0.0, 3.0 - (time.monotonic() - t0)))
+        finally:
+            held.rollback()
+            held.close()
+        want = ([("DE", False), ("AT", True), ("DE", False), ("FR", True)], 4, True)
+        assert wait_for(lambda: stored() == want, timeout=20), stored()
+        time.sleep(1.5)                     # a late duplicate would show up by now
+        assert stored() == want
+        assert "action=spooling" in d.logs()    # the lock did hold the commits back
+    finally:
+        d.stop()
+        engine.dispose()
