@@ -35,9 +35,9 @@ class Maintenance(Worker):
             log.info("event=auto_blocks_purged rules=%d", purged)
         result = maintain(self.engine, now, self.retention_days)
         if result is not None:
-            log.info("event=retention days=%d partitions_dropped=%d rows=%d "
-                     "places_forgotten=%d", self.retention_days, len(result.partitions),
-                     result.rows_dropped + result.rows_deleted, result.places_forgotten)
+            log.info("event=retention days=%d partitions_dropped=%d rows=%d",
+                     self.retention_days, len(result.partitions),
+                     result.rows_dropped + result.rows_deleted)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import sqlalchemy as sa
 
-from .db.schema import login_events
+from .db.schema import login_places
 from .login import LoginRecord, username_text
 from .logs import show
 from .worker import Worker
@@ -30,13 +30,14 @@ _STOP = object()
 
 
 def previous_countries(conn: sa.Connection, rec: LoginRecord) -> list[str]:
-    """Countries of this user's allowed logins before ``rec``, sorted."""
-    e = login_events
+    """Countries of this user's allowed logins before ``rec``, sorted: as
+    login_places has them, the table the new-location test asked."""
+    p = login_places
     name = username_text(rec.username)[0]
-    rows = conn.execute(sa.select(e.c.country).distinct().where(
-        e.c.username == name, e.c.outcome == "allowed", e.c.country.is_not(None),
-        e.c.occurred_at < rec.occurred_at))
-    return sorted(r[0] for r in rows)
+    rows = conn.execute(sa.select(p.c.place).where(
+        p.c.username == name, p.c.kind == "country", p.c.first_seen < rec.occurred_at)
+        .order_by(p.c.place))
+    return [r[0] for r in rows]
 
 
 def message_of(rec: LoginRecord, previous: list[str]) -> dict[str, object]:

@@ -4,23 +4,22 @@ the history, and gets the history's answer on every write path.
 The reference is the definition read off the history itself, in Python:
 an allowed login with a place, of a user with an earlier allowed login
 (stored before its batch, or in it), none of them from that place (the
-country, or without one the ASN).
+country, or without one the ASN). Retention aside: it prunes the history
+and leaves login_places, so a place stays known.
 """
 
 import datetime as dt
 import random
-import threading
-import time
 
 import pytest
 import sqlalchemy as sa
 
 from app.db import make_engine
 from app.db.migrate import upgrade
-from app.db.retention import follow_places, prune
+from app.db.retention import prune
 from app.db.schema import last_logins, login_events, login_places
 from app.db.store import record_logins, unique_events
-from app.db.writers import PostgresWriter, writer_for
+from app.db.writers import writer_for
 from tests.builders import T0, record
 
 PATHS = pytest.mark.parametrize(("db_url", "path"), [
@@ -162,70 +161,31 @@ def test_a_user_known_only_from_last_logins_is_known(engine, path):
 
 
 @PATHS
-def test_retention_leaves_the_places_the_history_still_shows(engine, path):
+def test_retention_leaves_the_places(engine, path):
+    """login_places is a summary, like last_logins: a place stays known after
+    the logins that showed it were pruned, with the time it was first seen."""
     day = dt.timedelta(days=1)
     history = [record(at=T0 - 90 * day, country="DE", asn=3320),
                record(at=T0 - 60 * day, country="FR", asn=3215),
                record(at=T0 - 50 * day, asn=64500),
-               record(at=T0 - 10 * day, country="DE", asn=8881),
-               record(at=T0 - 5 * day, country="DE", asn=3320, outcome="denied")]
+               record(at=T0 - 10 * day, country="DE", asn=8881)]
     write, close = writing(engine, path)
     try:
         for rec in history:
             write([rec])
-        result = prune(engine, T0 - 30 * day)
-        assert (result.places_forgotten, result.places_moved) == (4, 1)
         with engine.connect() as conn:
-            assert places(conn) == places_from_history(conn) == {
-                ("alice@example.com", "country", "DE", T0 - 10 * day),
-                ("alice@example.com", "asn", "8881", T0 - 10 * day)}
-        # FR and AS 3320 went with the history: new again (a refused login
-        # from AS 3320 is kept but never made it a place); DE is not new
-        back = [record(at=T0, country="FR"), record(at=T0 + day, asn=3320),
-                record(at=T0 + 2 * day, country="DE")]
-        assert [write([rec]) for rec in back] == [[back[0].event_id], [back[1].event_id], []]
+            before = places(conn)
+            assert before == places_from_history(conn)
+        prune(engine, T0 - 30 * day)
+        with engine.connect() as conn:
+            assert places(conn) == before
+            assert conn.execute(sa.select(sa.func.count()).select_from(login_events)
+                                ).scalar_one() == 1
+        back = [record(at=T0, country="FR"), record(at=T0 + day, asn=64500),
+                record(at=T0 + 2 * day, country="AT")]
+        assert [write([rec]) for rec in back] == [[], [], [back[2].event_id]]
     finally:
         close()
-
-
-def test_retention_waits_for_a_writer_in_flight_and_keeps_its_place(pg_db):
-    """A writer's statement that found a place stored (so wrote nothing to
-    login_places) commits a login from it while retention decides that
-    place has no login left: retention waits for it, then sees it. Without
-    the lock, the place was deleted though its login was stored."""
-    import psycopg
-
-    from app.db.writers import PG_LEAN_COUNTRY, pg_params_one
-    day = dt.timedelta(days=1)
-    engine = make_engine(pg_db)
-    writer = PostgresWriter(engine)
-    try:
-        writer.write([record(at=T0 - 60 * day, country="FR")])
-        writer.write([record(at=T0 - 1 * day, country="DE")])
-        prune(engine, T0 - 30 * day)            # FR's only login goes ...
-        with engine.begin() as conn:            # ... as if the place had stayed behind
-            conn.execute(login_places.insert().values(
-                username="alice@example.com", kind="country", place="FR",
-                first_seen=T0 - 60 * day))
-        late = record(at=T0, country="FR")
-        with psycopg.connect(pg_db.replace("postgresql+psycopg", "postgresql")) as held:
-            # the writer's own statement, in a transaction left open
-            held.execute(PG_LEAN_COUNTRY, pg_params_one(late))
-            done: list = []
-            follower = threading.Thread(
-                target=lambda: done.append(follow_places(engine, T0 - 30 * day)))
-            follower.start()
-            time.sleep(1.0)
-            assert not done, "retention did not wait for the writer's transaction"
-            held.commit()
-            follower.join(timeout=30)
-        assert done == [(0, 1)]
-        with engine.connect() as conn:
-            assert places(conn) == places_from_history(conn)
-            assert ("alice@example.com", "country", "FR", T0) in places(conn)
-    finally:
-        writer.close()
-        engine.dispose()
 
 
 @pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
@@ -271,55 +231,3 @@ def test_the_upgrade_fills_the_places_from_the_history(request, backend, tmp_pat
     finally:
         engine.dispose()
 
-
-def test_located_logins_go_on_while_retention_holds_the_places(pg_db, tmp_path):
-    """Retention's lock on login_places (follow_places) held for 3 s, longer
-    than record_timeout: the located logins meanwhile are answered within
-    record_timeout (spooled when their commit cannot take the lock), then
-    stored once each, with the flags and places the history says."""
-    import psycopg
-
-    from tests.harness import geoipdb
-    from tests.harness.daemon import make_daemon, wait_for
-    from tests.harness.postlogin import send_request
-    from tests.builders import request_bytes
-    (tmp_path / "geoip").mkdir()
-    dbs = geoipdb.build(str(tmp_path / "geoip"))
-    d = make_daemon(pg_db, protocols="imap", record_timeout="1", data_dir=str(tmp_path / "data"),
-                    geoip_country_db=dbs[0], geoip_asn_db=dbs[1])
-    engine = make_engine(pg_db)
-
-    def login(ip):
-        ex = send_request(d.sock("imap"), request_bytes(b"erin@example.org", remote_ip=ip.encode()),
-                          timeout=30)
-        ex.client.close()
-        return ex.refused
-
-    def stored():
-        with engine.connect() as conn:
-            rows = conn.execute(sa.select(login_events.c.country, login_events.c.new_location)
-                                .order_by(login_events.c.occurred_at)).all()
-            count = conn.execute(sa.select(sa.func.sum(last_logins.c.login_count))).scalar()
-            return rows, count, places(conn) == places_from_history(conn)
-
-    d.start()
-    try:
-        assert login(geoipdb.DE) is False
-        held = psycopg.connect(pg_db.replace("postgresql+psycopg", "postgresql"))
-        try:
-            held.execute("LOCK TABLE login_places IN SHARE ROW EXCLUSIVE MODE")
-            t0 = time.monotonic()
-            assert [login(ip) for ip in (geoipdb.AT, geoipdb.DE, geoipdb.FR)] == [False] * 3
-            assert time.monotonic() - t0 < 6
-            time.sleep(max(0.0, 3.0 - (time.monotonic() - t0)))
-        finally:
-            held.rollback()
-            held.close()
-        want = ([("DE", False), ("AT", True), ("DE", False), ("FR", True)], 4, True)
-        assert wait_for(lambda: stored() == want, timeout=20), stored()
-        time.sleep(1.5)                     # a late duplicate would show up by now
-        assert stored() == want
-        assert "action=spooling" in d.logs()    # the lock did hold the commits back
-    finally:
-        d.stop()
-        engine.dispose()

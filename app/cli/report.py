@@ -272,8 +272,7 @@ def prune(ctx: Context, older_than: str, dry_run: bool, assume_yes: bool, batch:
     click.echo(f"removed {result.rows_dropped + result.rows_deleted} login events older "
                f"than {shown_cutoff} "
                f"({len(result.partitions)} monthly partitions dropped, "
-               f"{result.rows_deleted} rows deleted in batches; "
-               f"{result.places_forgotten} places no longer seen in what is left)")
+               f"{result.rows_deleted} rows deleted in batches)")
 
 
 def _prune_with_bar(engine, cutoff: dt.datetime, batch: int, progress: bool | None):

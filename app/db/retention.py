@@ -1,8 +1,8 @@
-"""Retention: old login history goes; last_logins stays (it is not history).
+"""Retention: old login history goes; last_logins and login_places stay.
 
-login_places is derived from the history (the places each user logged in
-from, each at its earliest stored login), so it follows it: after a prune a
-place keeps only what is still stored -- its earliest login left, or it goes.
+They are summaries, not history: a user's last login per protocol, and the
+countries and AS numbers the user ever logged in from (so a place does not
+become "new" again because the logins that showed it were pruned).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable
 import sqlalchemy as sa
 
 from .partitions import drop_months_before, ensure_partitions, months_from
-from .schema import login_events, login_places
+from .schema import login_events
 
 
 @dataclass
@@ -22,8 +22,6 @@ class PruneResult:
     partitions: list[str] = field(default_factory=list)
     rows_dropped: int = 0       # with whole partitions
     rows_deleted: int = 0       # one batch at a time
-    places_forgotten: int = 0   # login_places rows whose every login went
-    places_moved: int = 0       # ... whose earliest login went, not the others
 
 
 def rows_older_than(conn: sa.Connection, cutoff: dt.datetime) -> int:
@@ -75,51 +73,7 @@ def prune(engine: sa.Engine, cutoff: dt.datetime, batch: int = 10_000,
         if progress and n:
             progress(n)
         if n < batch:
-            break
-    result.places_forgotten, result.places_moved = follow_places(engine, cutoff)
-    return result
-
-
-def follow_places(engine: sa.Engine, cutoff: dt.datetime, batch: int = 500) -> tuple[int, int]:
-    """Make login_places agree with the history again after a prune at
-    ``cutoff``: a place first seen before it gets its earliest allowed login
-    still stored, or goes. (forgotten, moved).
-
-    In key order, a batch per short transaction. On PostgreSQL each batch
-    first takes a lock that waits for the writers' statements in flight and
-    holds new ones back until it commits (SHARE ROW EXCLUSIVE: each writer's
-    statement takes ROW EXCLUSIVE on the table, even when it adds no row).
-    Without it, a writer that found a place stored, and so left it alone,
-    could commit a login from it just after this transaction's snapshot
-    and lose its place to the delete below.
-    """
-    p, e = login_places, login_events
-    key = sa.tuple_(p.c.username, p.c.kind, p.c.place)
-    matches = {"country": e.c.country == p.c.place,
-               "asn": sa.cast(e.c.asn, sa.Text) == p.c.place}
-    forgotten = moved = 0
-    after = None
-    while True:
-        with engine.begin() as conn:
-            if conn.dialect.name == "postgresql":
-                conn.execute(sa.text("LOCK TABLE login_places IN SHARE ROW EXCLUSIVE MODE"))
-            q = sa.select(p.c.username, p.c.kind, p.c.place).where(p.c.first_seen < cutoff)
-            if after is not None:
-                q = q.where(key > sa.tuple_(*after))
-            keys = [tuple(k) for k in conn.execute(
-                q.order_by(p.c.username, p.c.kind, p.c.place).limit(batch))]
-            if not keys:
-                return forgotten, moved
-            for kind, match in matches.items():
-                stored = sa.select(e.c.occurred_at).where(
-                    e.c.username == p.c.username, e.c.outcome == "allowed", match)
-                mine = (key.in_(keys), p.c.kind == kind)
-                forgotten += conn.execute(p.delete().where(
-                    *mine, ~stored.exists())).rowcount
-                moved += conn.execute(p.update().where(*mine).values(
-                    first_seen=stored.with_only_columns(sa.func.min(e.c.occurred_at))
-                    .scalar_subquery())).rowcount
-            after = keys[-1]
+            return result
 
 
 def maintain(engine: sa.Engine, now: dt.datetime, retention_days: int) -> PruneResult | None:

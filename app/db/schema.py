@@ -136,11 +136,11 @@ login_places = sa.Table(
     sa.Column("place", sa.Text, primary_key=True,
               comment="the country code, or the AS number in decimal"),
     sa.Column("first_seen", UTCDateTime, nullable=False,
-              comment="the earliest allowed login of the user from this place still stored"),
+              comment="the earliest allowed login of the user from this place"),
     sa.CheckConstraint(PLACE_KIND_CHECK, name="kind"),
     comment="Every country and AS each user logged in from (allowed logins), for the "
-            "new-location test: derived from login_events, in the same transactions; "
-            "retention prunes it with the history.",
+            "new-location test: kept with login_events, in the same transactions; like "
+            "last_logins, not pruned by retention.",
 )
 
 userdb_overrides = sa.Table(

@@ -12,7 +12,9 @@ holds one row per user and place with the earliest allowed login from it
 still stored: the test is one primary-key lookup, and the writers add a row
 in the same transaction as the login that first shows a place. "Did this
 user log in before at all" is now asked of last_logins (first_seen), which
-every allowed login already updates.
+every allowed login already updates. Like last_logins, the table is a
+summary that retention leaves alone: a place stays known after the logins
+that showed it were pruned (`lastlogin user forget` removes it).
 
 The upgrade fills the table from the stored history: one pass over the
 allowed logins with a place (on a large history this is the long part of
@@ -49,13 +51,12 @@ def upgrade():
         sa.Column("place", sa.Text, nullable=False,
                   comment="the country code, or the AS number in decimal"),
         sa.Column("first_seen", sa.DateTime(timezone=True), nullable=False,
-                  comment="the earliest allowed login of the user from this place "
-                          "still stored"),
+                  comment="the earliest allowed login of the user from this place"),
         sa.CheckConstraint("kind IN ('country', 'asn')", name=op.f("ck_login_places_kind")),
         sa.PrimaryKeyConstraint("username", "kind", "place", name="pk_login_places"),
         comment="Every country and AS each user logged in from (allowed logins), for the "
-                "new-location test: derived from login_events, in the same transactions; "
-                "retention prunes it with the history.",
+                "new-location test: kept with login_events, in the same transactions; like "
+                "last_logins, not pruned by retention.",
     )
     op.execute(BACKFILL)
 
