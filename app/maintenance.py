@@ -9,11 +9,15 @@ import sqlalchemy as sa
 
 from .db.retention import maintain
 from .db.rules import purge_expired_auto
+from .db.store import catch_up_places
 from .worker import Worker
 
 log = logging.getLogger("lastlogin.maintenance")
 
 DAY = 24 * 3600.0
+# How far back the daily job looks for logins stored without their places
+# (a rolling upgrade to the release with login_places takes this long at most).
+PLACES_CATCH_UP = dt.timedelta(days=3)
 
 
 class Maintenance(Worker):
@@ -33,6 +37,13 @@ class Maintenance(Worker):
             purged = purge_expired_auto(conn, now)
         if purged:
             log.info("event=auto_blocks_purged rules=%d", purged)
+        with self.engine.begin() as conn:
+            caught = catch_up_places(conn, now - PLACES_CATCH_UP)
+        if caught:
+            # logins stored without their places: by a daemon of an older
+            # release (a rolling upgrade), or rows written by hand
+            log.warning("event=places_caught_up rows=%d since=%s", caught,
+                        (now - PLACES_CATCH_UP).isoformat(timespec="seconds"))
         result = maintain(self.engine, now, self.retention_days)
         if result is not None:
             log.info("event=retention days=%d partitions_dropped=%d rows=%d",

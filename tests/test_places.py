@@ -10,6 +10,7 @@ and leaves login_places, so a place stays known.
 
 import datetime as dt
 import random
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -122,7 +123,7 @@ def shuffled_logins(seed: int, n_batches: int = 70):
 
 
 @PATHS
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1, 2, 8, 13])   # 8, 13: an ASN seen in the batch with a country
 def test_every_path_flags_what_the_history_says(engine, path, seed):
     batches = shuffled_logins(seed)
     want = expected_flags(batches)
@@ -231,3 +232,92 @@ def test_the_upgrade_fills_the_places_from_the_history(request, backend, tmp_pat
     finally:
         engine.dispose()
 
+
+
+def test_a_replay_and_a_live_commit_of_one_user_do_not_deadlock(pg_db):
+    """The spool's replay (record_logins) and the daemon's statement write
+    the same user's rows -- a show-once alert's delivery and a new place --
+    at once: they lock them in one order, so one waits for the other. The
+    replay is held for 2 s just before its delivery insert (a trigger); in
+    the order places-then-deliveries, the live statement took the delivery
+    meanwhile, waited for the place, and PostgreSQL broke the deadlock."""
+    import threading
+
+    from app.db.writers import PostgresWriter
+    engine = make_engine(pg_db)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE FUNCTION ll_test_pause() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF current_setting('lltest.pause', true) = 'on' THEN PERFORM pg_sleep(2); END IF; "
+            "RETURN NEW; END $$")
+        conn.exec_driver_sql("CREATE TRIGGER ll_test_pause BEFORE INSERT ON login_alert_deliveries "
+                             "FOR EACH ROW EXECUTE FUNCTION ll_test_pause()")
+    writer = PostgresWriter(engine)
+    try:
+        writer.write([record(at=T0, country="DE")])          # a user known from DE
+        replayed = record(at=T0 + dt.timedelta(hours=1), country="FR", alerts_shown=(7,))
+        live = record(at=T0 + dt.timedelta(hours=2), country="FR", protocol="pop3",
+                      alerts_shown=(7,))
+        errors: list[BaseException] = []
+
+        def replay():
+            try:
+                with engine.begin() as conn:
+                    conn.exec_driver_sql("SET LOCAL lltest.pause = 'on'")
+                    record_logins(conn, [replayed])
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+        replaying = threading.Thread(target=replay)
+        replaying.start()
+        time.sleep(0.5)                     # the replay is inside its pause by now
+        writer.write([live])
+        replaying.join(timeout=30)
+        assert errors == []
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.sum(last_logins.c.login_count))).scalar() == 3
+            assert places(conn) == places_from_history(conn)
+            assert conn.execute(sa.text("SELECT count(*) FROM login_alert_deliveries")).scalar() == 1
+    finally:
+        writer.close()
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TRIGGER ll_test_pause ON login_alert_deliveries")
+            conn.exec_driver_sql("DROP FUNCTION ll_test_pause()")
+        engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql", "sqlite"], indirect=True)
+def test_the_daily_job_adds_the_places_of_logins_stored_without_them(engine, caplog):
+    """A login stored by a daemon of the release before login_places (still
+    running on another host after the upgrade) has no place: the daily job
+    adds it, so the user's next login from there is not new, and writes
+    nothing when the table is whole."""
+    import logging
+
+    from app.maintenance import Maintenance
+    now = dt.datetime.now(dt.timezone.utc)
+    write, close = writing(engine, "writer")
+    try:
+        write([record(at=now - dt.timedelta(days=10), country="DE", asn=3320)])
+        old = record(at=now - dt.timedelta(hours=5), country="FR", asn=3215)
+        older = record(at=now - dt.timedelta(days=5), country="AT")     # past the window
+        with engine.begin() as conn:        # as that release wrote them: no places
+            for rec in (old, older):
+                conn.execute(login_events.insert().values(**rec.event_row()))
+            assert ("alice@example.com", "country", "FR", old.occurred_at) not in places(conn)
+        with caplog.at_level(logging.WARNING, logger="lastlogin.maintenance"):
+            Maintenance(engine, 0).run_once()
+        assert [r.getMessage().split(" since=")[0] for r in caplog.records] == [
+            "event=places_caught_up rows=2"]
+        with engine.connect() as conn:
+            assert ("alice@example.com", "country", "FR", old.occurred_at) in places(conn)
+            assert ("alice@example.com", "asn", "3215", old.occurred_at) in places(conn)
+            assert not any(p[2] == "AT" for p in places(conn))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lastlogin.maintenance"):
+            Maintenance(engine, 0).run_once()
+        assert caplog.records == []
+        assert write([record(at=now, country="FR")]) == []
+        at = record(at=now + dt.timedelta(seconds=1), country="AT")
+        assert write([at]) == [at.event_id]         # beyond the window: AT stays unknown
+    finally:
+        close()

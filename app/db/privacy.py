@@ -21,8 +21,9 @@ from .schema import (access_rules, last_logins, login_alert_deliveries, login_al
 # (name in the export, table, username column) -- the user's own history
 HISTORY = (("logins", login_events, "username"),
            ("last_logins", last_logins, "username"),
-           ("places", login_places, "username"),
-           ("alert_deliveries", login_alert_deliveries, "username"))
+           ("alert_deliveries", login_alert_deliveries, "username"),
+           # last: forget deletes in this order, the order the writers lock in
+           ("places", login_places, "username"))
 
 
 def _names(conn: sa.Connection, username: str) -> list[str]:

@@ -66,6 +66,43 @@ def place_rows(rows: Iterable[dict[str, object]]) -> list[dict[str, object]]:
             for (u, k, p), t in sorted(first.items(), key=lambda item: item[0])]  # type: ignore
 
 
+# The places of the allowed logins stored since :since that login_places
+# lacks, or holds at a later time (the upgrade's backfill, restated: the
+# migration stands alone). Only those rows are written.
+_CATCH_UP_PLACES = """
+INSERT INTO login_places (username, kind, place, first_seen)
+SELECT a.username, a.kind, a.place, a.first_seen FROM (
+    SELECT username, 'country' AS kind, country AS place, min(occurred_at) AS first_seen
+    FROM login_events
+    WHERE outcome = 'allowed' AND country IS NOT NULL AND occurred_at >= :since
+    GROUP BY username, country
+    UNION ALL
+    SELECT username, 'asn', CAST(asn AS TEXT), min(occurred_at)
+    FROM login_events
+    WHERE outcome = 'allowed' AND asn IS NOT NULL AND occurred_at >= :since
+    GROUP BY username, asn
+) a
+WHERE NOT EXISTS (SELECT 1 FROM login_places k
+                  WHERE k.username = a.username AND k.kind = a.kind AND k.place = a.place
+                    AND k.first_seen <= a.first_seen)
+ORDER BY a.username, a.kind, a.place
+ON CONFLICT (username, kind, place) DO UPDATE SET first_seen = excluded.first_seen
+    WHERE excluded.first_seen < login_places.first_seen
+"""
+
+
+def catch_up_places(conn: sa.Connection, since) -> int:
+    """Add to login_places what the logins stored since ``since`` show and it
+    lacks; the rows written (0 when every writer kept it). A login stored
+    without its place -- by a daemon of the release before login_places,
+    still running on another host after the upgrade, or by hand -- would
+    make the user's next login from that place "new"; the daily job runs
+    this over the last days."""
+    stmt = sa.text(_CATCH_UP_PLACES).bindparams(
+        sa.bindparam("since", since, type_=login_events.c.occurred_at.type))
+    return conn.execute(stmt).rowcount
+
+
 def flag_new_locations(conn: sa.Connection | None, rows: list[dict[str, object]],
                        seen_before=None) -> None:
     """Set ``new_location`` on each row, as the PostgreSQL batch does in SQL.
@@ -83,17 +120,16 @@ def flag_new_locations(conn: sa.Connection | None, rows: list[dict[str, object]]
                       and (r["country"] is not None or r["asn"] is not None)),
                      key=lambda r: r["occurred_at"])  # type: ignore[arg-type, return-value]
     batch_users: dict[object, object] = {}          # username -> earliest in batch
-    batch_places: dict[tuple[object, object], object] = {}
     for row in rows:
         row["new_location"] = False
         if row["outcome"] == "allowed":
             t = batch_users.get(row["username"])
             if t is None or row["occurred_at"] < t:  # type: ignore[operator]
                 batch_users[row["username"]] = row["occurred_at"]
-            key = (row["username"], place_key(row))
-            t = batch_places.get(key)
-            if t is None or row["occurred_at"] < t:  # type: ignore[operator]
-                batch_places[key] = row["occurred_at"]
+    # every place of the batch's allowed logins -- the country and the ASN of
+    # each, as the batch statement's probes of its input see them
+    batch_places = {(p["username"], (p["kind"], p["place"])): p["first_seen"]
+                    for p in place_rows(rows)}
     for row in by_time:
         at = row["occurred_at"]
         earlier_user = batch_users[row["username"]] < at  # type: ignore[operator]
@@ -126,7 +162,6 @@ def record_logins(conn: sa.Connection, records: Sequence[LoginRecord],
     if flagged is not None:
         flagged.extend(row["event_id"] for row in fresh if row["new_location"])  # type: ignore
     _upsert_last_logins(conn, [r for r in fresh if r["outcome"] == "allowed"])
-    _upsert_places(conn, place_rows(fresh))
     deliveries = [{"alert_id": a, "username": row["username"], "delivered_at": row["occurred_at"]}
                   for rec, row in zip(records, rows) if row["event_id"] in new_ids
                   for a in rec.alerts_shown]
@@ -134,6 +169,9 @@ def record_logins(conn: sa.Connection, records: Sequence[LoginRecord],
         deliveries.sort(key=lambda d: (d["alert_id"], d["username"]))     # lock order
         conn.execute(dialect_insert(conn, login_alert_deliveries).on_conflict_do_nothing(),
                      deliveries)
+    # last, as the batch statement writes them (its places CTE runs after
+    # the deliveries): writers lock rows in one order, so they never deadlock
+    _upsert_places(conn, place_rows(fresh))
     return len(fresh)
 
 

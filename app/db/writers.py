@@ -735,13 +735,14 @@ class SqliteWriter(_OwnConnection):
                 cur.executemany(_SQLITE_LAST, [
                     _convert([f[c] for c in _LAST_COLUMNS], self._last_conv)
                     for f in _fold(fresh)])
-                cur.executemany(_SQLITE_PLACE, [
-                    (p["username"], p["kind"], p["place"], self._when(p["first_seen"]))
-                    for p in place_rows(fresh)])
             if deliveries:
                 deliveries.sort(key=lambda d: (d[0], d[1]))
                 cur.executemany(_SQLITE_DELIVERY,
                                 [_convert(d, self._delivery_conv) for d in deliveries])
+            if fresh:                   # in the order every writer writes
+                cur.executemany(_SQLITE_PLACE, [
+                    (p["username"], p["kind"], p["place"], self._when(p["first_seen"]))
+                    for p in place_rows(fresh)])
             cur.execute("COMMIT")
             if flagged is not None:
                 flagged.extend(located)

@@ -18,8 +18,12 @@ that showed it were pruned (`lastlogin user forget` removes it).
 
 The upgrade fills the table from the stored history: one pass over the
 allowed logins with a place (on a large history this is the long part of
-the upgrade; the daemon can keep recording meanwhile only from its spool).
-The downgrade drops it; nothing else reads it.
+the upgrade). A daemon of the release before, still running on another
+mail host after the upgrade, stores logins without their places; the
+daemon's daily job of this release adds those of the last three days
+(app.db.store.catch_up_places, logged as event=places_caught_up), and until
+it has, the user's next login from such a place is flagged new. The
+downgrade drops the table; nothing else reads it.
 """
 
 import sqlalchemy as sa
