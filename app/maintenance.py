@@ -37,18 +37,25 @@ class Maintenance(Worker):
             purged = purge_expired_auto(conn, now)
         if purged:
             log.info("event=auto_blocks_purged rules=%d", purged)
-        with self.engine.begin() as conn:
-            caught = catch_up_places(conn, now - PLACES_CATCH_UP)
-        if caught:
-            # logins stored without their places: by a daemon of an older
-            # release (a rolling upgrade), or rows written by hand
-            log.warning("event=places_caught_up rows=%d since=%s", caught,
-                        (now - PLACES_CATCH_UP).isoformat(timespec="seconds"))
         result = maintain(self.engine, now, self.retention_days)
         if result is not None:
             log.info("event=retention days=%d partitions_dropped=%d rows=%d",
                      self.retention_days, len(result.partitions),
                      result.rows_dropped + result.rows_deleted)
+        # Last, and on its own: partitions ahead and retention do not wait
+        # for it, and its failure is its own line (tried again next time).
+        try:
+            with self.engine.begin() as conn:
+                caught = catch_up_places(conn, now - PLACES_CATCH_UP)
+        except sa.exc.SQLAlchemyError as exc:
+            log.error("event=places_catch_up_failed error=%s",
+                      str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__)
+            return
+        if caught:
+            # logins stored without their places: by a daemon of an older
+            # release (a rolling upgrade), or rows written by hand
+            log.warning("event=places_caught_up rows=%d since=%s", caught,
+                        (now - PLACES_CATCH_UP).isoformat(timespec="seconds"))
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -321,3 +321,50 @@ def test_the_daily_job_adds_the_places_of_logins_stored_without_them(engine, cap
         assert write([at]) == [at.event_id]         # beyond the window: AT stays unknown
     finally:
         close()
+
+
+def test_the_catch_up_is_one_host_at_a_time_and_its_failure_stops_nothing_else(pg_db, caplog):
+    """Another host holding the catch-up's lock: this one leaves it. A
+    catch-up that fails (a trigger refuses the row) is one line, after the
+    rest of the daily job, and the next run catches up."""
+    import logging
+
+    import psycopg
+
+    from app.db.store import PLACES_LOCK_KEY
+    from app.maintenance import Maintenance
+    now = dt.datetime.now(dt.timezone.utc)
+    engine = make_engine(pg_db)
+    missing = record(at=now - dt.timedelta(hours=1), country="FR")
+    with engine.begin() as conn:        # stored without its place
+        conn.execute(login_events.insert().values(**missing.event_row()))
+        conn.exec_driver_sql(
+            "CREATE FUNCTION ll_test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "RAISE EXCEPTION 'refused by the test'; END $$")
+        conn.exec_driver_sql("CREATE TRIGGER ll_test_refuse BEFORE INSERT ON login_places "
+                             "FOR EACH ROW EXECUTE FUNCTION ll_test_refuse()")
+    try:
+        with psycopg.connect(pg_db.replace("postgresql+psycopg", "postgresql")) as other:
+            other.execute("SELECT pg_advisory_xact_lock(%s)", (PLACES_LOCK_KEY,))
+            with caplog.at_level(logging.INFO, logger="lastlogin.maintenance"):
+                Maintenance(engine, 0).run_once()
+            assert [r for r in caplog.records if "places" in r.getMessage()] == []
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="lastlogin.maintenance"):
+            Maintenance(engine, 0).run_once()
+        assert [r.getMessage().split(" error=")[0] for r in caplog.records] == [
+            "event=places_catch_up_failed"]
+        assert "refused by the test" in caplog.records[0].getMessage()
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TRIGGER ll_test_refuse ON login_places")
+            conn.exec_driver_sql("DROP FUNCTION ll_test_refuse()")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="lastlogin.maintenance"):
+            Maintenance(engine, 0).run_once()
+        assert [r.getMessage().split(" since=")[0] for r in caplog.records] == [
+            "event=places_caught_up rows=1"]
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TRIGGER IF EXISTS ll_test_refuse ON login_places")
+            conn.exec_driver_sql("DROP FUNCTION IF EXISTS ll_test_refuse()")
+        engine.dispose()

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from ..login import scope_key, user_key
 from .schema import (access_rules, last_logins, login_alert_deliveries, login_alerts,
                      login_events, login_places, userdb_overrides)
+from .store import places_lock
 
 # (name in the export, table, username column) -- the user's own history
 HISTORY = (("logins", login_events, "username"),
@@ -74,6 +75,7 @@ def forget_user(conn: sa.Connection, username: str, with_config: bool = False
                 ) -> dict[str, int]:
     """Delete the user's history (and, ``with_config``, the rules, overrides and
     alerts naming them) in the caller's transaction; rows removed per table."""
+    places_lock(conn)           # not while the daily job adds places
     names = _names(conn, username)
     removed: dict[str, int] = {}
     for _, table, col in HISTORY:

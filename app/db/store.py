@@ -91,13 +91,39 @@ ON CONFLICT (username, kind, place) DO UPDATE SET first_seen = excluded.first_se
 """
 
 
+# One key for the transactions that must not overlap on login_places rows
+# they cannot see each other write: the catch-up and `user forget` (which
+# could otherwise leave a place the catch-up was adding for a forgotten
+# user). "llplac" in ASCII, easy to spot in pg_locks.
+PLACES_LOCK_KEY = 0x6C6C706C6163
+
+
+def places_lock(conn: sa.Connection, wait: bool = True) -> bool:
+    """Take PLACES_LOCK_KEY for the transaction (PostgreSQL; SQLite writes
+    one at a time anyway); False if ``wait`` is off and another has it."""
+    if conn.dialect.name != "postgresql":
+        return True
+    if wait:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": PLACES_LOCK_KEY})
+        return True
+    return bool(conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(:k)"),
+                             {"k": PLACES_LOCK_KEY}).scalar())
+
+
 def catch_up_places(conn: sa.Connection, since) -> int:
     """Add to login_places what the logins stored since ``since`` show and it
     lacks; the rows written (0 when every writer kept it). A login stored
     without its place -- by a daemon of the release before login_places,
     still running on another host after the upgrade, or by hand -- would
     make the user's next login from that place "new"; the daily job runs
-    this over the last days."""
+    this over the last days. One host at a time (another finds the lock
+    taken and leaves it), with a minute for the statement: it reads every
+    allowed login since ``since``, longer than the daemon's own bound on a
+    statement for a large installation."""
+    if not places_lock(conn, wait=False):
+        return 0
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SET LOCAL statement_timeout = '60s'"))
     stmt = sa.text(_CATCH_UP_PLACES).bindparams(
         sa.bindparam("since", since, type_=login_events.c.occurred_at.type))
     return conn.execute(stmt).rowcount

@@ -8,8 +8,8 @@ The new-location test asked login_events, for every allowed login with a
 place, whether the user had logged in from that country (or AS) before. On
 PostgreSQL that probed every monthly partition's index, so each located
 login cost more every month (docs/performance.md, session 7). login_places
-holds one row per user and place with the earliest allowed login from it
-still stored: the test is one primary-key lookup, and the writers add a row
+holds one row per user and place with the earliest allowed login from it:
+the test is one primary-key lookup, and the writers add a row
 in the same transaction as the login that first shows a place. "Did this
 user log in before at all" is now asked of last_logins (first_seen), which
 every allowed login already updates. Like last_logins, the table is a
