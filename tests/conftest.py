@@ -35,10 +35,11 @@ class PgCluster:
         self.admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
         self.created: list[str] = []
 
-    def create_database(self) -> str:
+    def create_database(self, options: str = "") -> str:
+        """``options``: what CREATE DATABASE takes after the name (a locale ...)."""
         name = f"lltest_{os.getpid()}_{next(_counter)}_{uuid.uuid4().hex[:6]}"
         with self.admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}" {options}')
         self.created.append(name)
         return database_url(self.admin_url, name)
 

@@ -368,3 +368,34 @@ def test_the_catch_up_is_one_host_at_a_time_and_its_failure_stops_nothing_else(p
             conn.exec_driver_sql("DROP TRIGGER IF EXISTS ll_test_refuse ON login_places")
             conn.exec_driver_sql("DROP FUNCTION IF EXISTS ll_test_refuse()")
         engine.dispose()
+
+
+@pytest.mark.parametrize("path", ["writer-arrays", "core"])
+def test_writers_lock_users_in_code_point_order_whatever_the_collation(pg_cluster, path):
+    """The batch statement and record_logins (the replayer) write -- and so
+    lock -- the rows of several users in one order: code points, as Python
+    sorts. In a database whose collation (ICU en-US here) orders the names
+    otherwise, the statement's ORDER BY followed the collation, so a replay
+    and a live batch could take two users' rows in opposite orders. The
+    heap keeps the order rows were inserted in (ctid, in a new table)."""
+    url = pg_cluster.create_database(
+        "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C'")
+    upgrade(url)
+    engine = make_engine(url)
+    names = ["user.x@y", "user1@x", "user@x", "User@x"]
+    with engine.connect() as conn:      # the case is real: the collation disagrees
+        assert conn.exec_driver_sql(
+            "SELECT array_agg(n ORDER BY n) FROM unnest(%(n)s::text[]) n", {"n": names}
+        ).scalar() != sorted(names)
+    write, close = writing(engine, path)
+    try:
+        write([record(n.encode(), at=T0 + dt.timedelta(seconds=i), country="FR", asn=3215,
+                      alerts_shown=(7,)) for i, n in enumerate(reversed(names))])
+        with engine.connect() as conn:
+            for table in ("last_logins", "login_alert_deliveries", "login_places"):
+                stored = [r[0] for r in conn.exec_driver_sql(
+                    f"SELECT username FROM {table} ORDER BY ctid")]
+                assert stored == sorted(stored) and set(stored) == set(names), table
+    finally:
+        close()
+        engine.dispose()

@@ -85,7 +85,7 @@ SELECT a.username, a.kind, a.place, a.first_seen FROM (
 WHERE NOT EXISTS (SELECT 1 FROM login_places k
                   WHERE k.username = a.username AND k.kind = a.kind AND k.place = a.place
                     AND k.first_seen <= a.first_seen)
-ORDER BY a.username, a.kind, a.place
+{order}
 ON CONFLICT (username, kind, place) DO UPDATE SET first_seen = excluded.first_seen
     WHERE excluded.first_seen < login_places.first_seen
 """
@@ -124,7 +124,9 @@ def catch_up_places(conn: sa.Connection, since) -> int:
         return 0
     if conn.dialect.name == "postgresql":
         conn.execute(sa.text("SET LOCAL statement_timeout = '60s'"))
-    stmt = sa.text(_CATCH_UP_PLACES).bindparams(
+    order = ('ORDER BY a.username COLLATE "C", a.kind, a.place'     # as the writers lock
+             if conn.dialect.name == "postgresql" else "")           # (SQLite: one writer)
+    stmt = sa.text(_CATCH_UP_PLACES.format(order=order)).bindparams(
         sa.bindparam("since", since, type_=login_events.c.occurred_at.type))
     return conn.execute(stmt).rowcount
 

@@ -97,6 +97,8 @@ WITH input AS (
 ), folded AS (
     -- ORDER BY: writers on several mail hosts lock the same users' rows in
     -- the same order, so concurrent batches wait for each other, never deadlock.
+    -- COLLATE "C": code point order, the order record_logins sorts in
+    -- Python; the database's own collation may differ (ICU, en_US ...).
     INSERT INTO last_logins AS l (username, protocol, username_raw, first_seen, last_seen,
                                   last_remote_ip, last_local_ip, last_host, last_country,
                                   login_count)
@@ -105,7 +107,8 @@ WITH input AS (
            (array_agg(local_ip ORDER BY occurred_at DESC))[1],
            (array_agg(host ORDER BY occurred_at DESC))[1],
            (array_agg(country ORDER BY occurred_at DESC))[1], count(*)
-    FROM new WHERE outcome = 'allowed' GROUP BY username, protocol ORDER BY username, protocol
+    FROM new WHERE outcome = 'allowed' GROUP BY username, protocol
+    ORDER BY username COLLATE "C", protocol
     ON CONFLICT (username, protocol) DO UPDATE SET
         first_seen = LEAST(l.first_seen, EXCLUDED.first_seen),
         last_seen = GREATEST(l.last_seen, EXCLUDED.last_seen),
@@ -124,7 +127,7 @@ WITH input AS (
     SELECT d.alert_id, n.username, n.occurred_at
     FROM unnest(%(d_event)s::uuid[], %(d_alert)s::int[]) AS d(event_id, alert_id)
     JOIN new n ON n.event_id = d.event_id
-    ORDER BY d.alert_id, n.username
+    ORDER BY d.alert_id, n.username COLLATE "C"
     ON CONFLICT DO NOTHING
     RETURNING 1
 ), placed AS (
@@ -143,7 +146,7 @@ WITH input AS (
       AND COALESCE((SELECT k.first_seen FROM login_places k
                     WHERE k.username = n.username AND k.kind = v.kind AND k.place = v.place)
                    > n.occurred_at, true)
-    GROUP BY n.username, v.kind, v.place ORDER BY n.username, v.kind, v.place
+    GROUP BY n.username, v.kind, v.place ORDER BY n.username COLLATE "C", v.kind, v.place
     ON CONFLICT (username, kind, place) DO UPDATE SET first_seen = EXCLUDED.first_seen
         WHERE EXCLUDED.first_seen < s.first_seen
 )
@@ -221,7 +224,7 @@ _FOLD_OF_BATCH = ("SELECT username, protocol, (array_agg(username_raw))[1], min(
                   "(array_agg(host ORDER BY occurred_at DESC))[1], "
                   "(array_agg(country ORDER BY occurred_at DESC))[1], count(*) "
                   "FROM new WHERE outcome = 'allowed' GROUP BY username, protocol "
-                  "ORDER BY username, protocol")
+                  "ORDER BY username COLLATE \"C\", protocol")
 # ... and what it makes of one row.
 _FOLD_OF_ONE = ("SELECT username, protocol, username_raw, occurred_at, occurred_at, remote_ip, "
                 "local_ip, host, country, 1 FROM new WHERE outcome = 'allowed'")
