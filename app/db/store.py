@@ -85,10 +85,17 @@ SELECT a.username, a.kind, a.place, a.first_seen FROM (
 WHERE NOT EXISTS (SELECT 1 FROM login_places k
                   WHERE k.username = a.username AND k.kind = a.kind AND k.place = a.place
                     AND k.first_seen <= a.first_seen)
-{order}
+"""
+_CATCH_UP_CONFLICT = """
 ON CONFLICT (username, kind, place) DO UPDATE SET first_seen = excluded.first_seen
     WHERE excluded.first_seen < login_places.first_seen
 """
+# On PostgreSQL in the order the writers lock rows in (SQLite: one writer at a time).
+_CATCH_UP_BY_DIALECT = {
+    "postgresql": (_CATCH_UP_PLACES + 'ORDER BY a.username COLLATE "C", a.kind, a.place'
+                   + _CATCH_UP_CONFLICT),
+    "sqlite": _CATCH_UP_PLACES + _CATCH_UP_CONFLICT,
+}
 
 
 # One key for the transactions that must not overlap on login_places rows
@@ -124,9 +131,8 @@ def catch_up_places(conn: sa.Connection, since) -> int:
         return 0
     if conn.dialect.name == "postgresql":
         conn.execute(sa.text("SET LOCAL statement_timeout = '60s'"))
-    order = ('ORDER BY a.username COLLATE "C", a.kind, a.place'     # as the writers lock
-             if conn.dialect.name == "postgresql" else "")           # (SQLite: one writer)
-    stmt = sa.text(_CATCH_UP_PLACES.format(order=order)).bindparams(
+    stmt = sa.text(_CATCH_UP_BY_DIALECT.get(conn.dialect.name, _CATCH_UP_BY_DIALECT["sqlite"])
+                   ).bindparams(
         sa.bindparam("since", since, type_=login_events.c.occurred_at.type))
     return conn.execute(stmt).rowcount
 
