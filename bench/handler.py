@@ -148,13 +148,18 @@ def make_client(choice: str, workdir: Path) -> CClient | None:
 
 
 class NullHandler:
-    """bench/null_handler.py as a process: it prints READY once it listens."""
+    """bench/null_handler.py as a process: it prints READY once it listens.
+    ``commit``: the commit floor, on that database (a SQLAlchemy URL)."""
 
-    def __init__(self, workdir: Path, path: str | None = None) -> None:
+    def __init__(self, workdir: Path, path: str | None = None, commit: str | None = None) -> None:
         self.path = path or str(workdir / "null.sock")
         self.log = open(workdir / ("null.log" if path is None else f"null-{Path(path).stem}.log"),
                         "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.null_handler", self.path],
+        argv = [sys.executable, "-m", "bench.null_handler", self.path]
+        if commit is not None:
+            argv += ["--commit", sa.engine.make_url(commit).set(drivername="postgresql")
+                     .render_as_string(hide_password=False)]
+        self.proc = subprocess.Popen(argv,
                                      env={**os.environ, "PYTHONPATH": str(ROOT)},
                                      stdout=subprocess.PIPE, stderr=self.log, cwd=ROOT)
         assert self.proc.stdout is not None
@@ -162,10 +167,16 @@ class NullHandler:
         if "READY" not in line:
             raise RuntimeError(f"the null handler did not start: {line!r}; see {self.log.name}")
 
+    def sock(self, _protocol: str) -> str:
+        return self.path
+
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(60)
         self.log.close()
+
+
+FLOOR = "commit-floor"      # the mode: bench/null_handler.py --commit
 
 
 def start_lastlogin(url: str, workdir: Path, protocols: str = "imap", name: str = "ll",
@@ -282,11 +293,14 @@ def database() -> tuple[str, PgServer | None]:
     return url, server
 
 
-def stored_events(url: str, prefix: str) -> int:
+def stored_events(url: str, prefix: str, floor: bool = False) -> int:
+    """Logins of users ``prefix``... stored: lastlogin's, or the commit floor's."""
     engine = make_engine(url)
     with engine.connect() as conn:
-        n = conn.execute(sa.text("SELECT count(*) FROM login_events WHERE username LIKE :p"),
-                         {"p": prefix + "%"}).scalar_one()
+        n = conn.execute(sa.text(
+            "SELECT count(*) FROM bench_commit_floor WHERE username LIKE convert_to(:p, 'UTF8')"
+            if floor else "SELECT count(*) FROM login_events WHERE username LIKE :p"),
+            {"p": prefix + "%"}).scalar_one()
     engine.dispose()
     return n
 
@@ -310,6 +324,9 @@ def main() -> None:
                          "is found) or python (threads)")
     ap.add_argument("--no-sqlite", dest="sqlite", action="store_false",
                     help="do not also run lastlogin (asyncio) on the embedded SQLite default")
+    ap.add_argument("--no-commit-floor", dest="commit_floor", action="store_false",
+                    help="do not also run the commit floor (the null handler committing each "
+                         "username to PostgreSQL before its reply)")
     ap.add_argument("--no-doc", action="store_true", help="print, do not write the doc")
     args = ap.parse_args()
     if args.client is None:
@@ -343,6 +360,11 @@ def main() -> None:
             urls[f"base-{args.baseline}"] = url
         ll = next(iter(daemons.values()))
         ll_path = ll.sock("imap")
+        if args.commit_floor and not args.smoke:
+            # first among the modes: null, commit floor, lastlogin, ... in each round
+            daemons = {FLOOR: NullHandler(workdir, str(workdir / "floor.sock"), commit=url),
+                       **daemons}
+            urls[FLOOR] = url
         try:
             if args.smoke:
                 smoke(null_path, ll_path, url, workdir, null.proc.pid, ll.proc.pid, postmaster)
@@ -361,7 +383,7 @@ def main() -> None:
                             daemon.proc.pid, postmaster,
                             lambda: drive(daemon.sock("imap"), mode, c, args.seconds, None,
                                           prefix, client)))
-                        stored = stored_events(urls[mode], prefix)
+                        stored = stored_events(urls[mode], prefix, mode == FLOOR)
                         if stored != run.logins:
                             raise SystemExit(f"{prefix}: {run.logins} answered but "
                                              f"{stored} stored")
@@ -376,7 +398,8 @@ def main() -> None:
             if args.profile:
                 profile(ll, ll_path, workdir, client)
             memory = {mode: memory_run(d, d.sock("imap"), args.memory_logins, str(k), client)
-                      for k, (mode, d) in enumerate(daemons.items())} if args.memory_logins else {}
+                      for k, (mode, d) in enumerate(daemons.items())
+                      if mode != FLOOR} if args.memory_logins else {}
         finally:
             null.stop()
             for daemon in daemons.values():
@@ -431,6 +454,14 @@ def smoke(null_path: str, ll_path: str, url: str, workdir: Path, null_pid: int, 
         print(f"smoke ({name} client): 2 x 96 logins answered by both handlers, "
               "every lastlogin login stored once; CPU ms/login handler+client+PostgreSQL"
               f"=total (machine) of available: {budget_line(base)}; {budget_line(run)}")
+    floor = NullHandler(workdir, str(workdir / "floor.sock"), commit=url)
+    try:
+        run = failed(drive(floor.path, FLOOR, 8, None, 96, "sfloor-", client))
+        stored = stored_events(url, "sfloor-", floor=True)
+    finally:
+        floor.stop()
+    assert run.logins == 96 and stored == 96, (run.logins, stored)
+    print(f"smoke ({FLOOR}): 96 logins answered, {stored} usernames committed")
 
 
 def profile(ll: Daemon, path: str, workdir: Path, client: CClient | None = None) -> None:
@@ -511,7 +542,10 @@ def write_doc(runs: list[Run], levels: list[int], memory, args, modes: list[str]
              f"(null, {', '.join(modes)}, null, ...), medians over rounds. lastlogin on "
              "PostgreSQL (lastlogin-sqlite: on the embedded SQLite default, synchronous="
              "FULL), every login committed before its reply (one daemon per event "
-             "loop, same database); the null handler does no work at all. "
+             "loop, same database); the null handler does no work at all; commit-floor: "
+             "the null handler committing each username to PostgreSQL before its reply "
+             "(bench/null_handler.py --commit: one column, no index, group commit), the "
+             "least a handler that commits every login can do. "
              f"{CLIENTS[args.client]} Client and servers share the "
              f"{os.cpu_count()} cores; null p50/p99: the do-nothing handler's latency, the "
              "floor that client, handler loop and machine set together.", "",

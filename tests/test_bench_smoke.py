@@ -32,6 +32,7 @@ def test_handler_benchmark_smoke(pg_cluster):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "smoke (python client): 2 x 96 logins answered" in out.stdout
     assert "smoke (c client): 2 x 96 logins answered" in out.stdout
+    assert "smoke (commit-floor): 96 logins answered, 96 usernames committed" in out.stdout
     # the CPU budget was measured in the smoke runs (bench.handler.smoke asserts
     # the figures are there, client CPU > 0); a server of the environment's: no PostgreSQL
     for mode in ("null", "lastlogin"):
