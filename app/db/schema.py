@@ -94,8 +94,6 @@ login_events = sa.Table(
     sa.Index("ix_login_events_username_occurred_at", "username", "occurred_at"),
     sa.Index("ix_login_events_remote_ip_occurred_at", "remote_ip", "occurred_at"),
     sa.Index("ix_login_events_occurred_at", "occurred_at"),
-    # "has this user logged in from this country before": one index probe
-    sa.Index("ix_login_events_username_country", "username", "country"),
     sa.Index("ix_login_events_new_location_occurred_at", "occurred_at",
              postgresql_where=sa.text("new_location"), sqlite_where=sa.text("new_location")),
     sa.Index("ix_login_events_denied_occurred_at", "occurred_at",
