@@ -7,6 +7,9 @@ lastlogin-sqlite, floor, ...):
   floor             no post-login at all
   null-socket       the post-login sockets answered by bench/null_handler.py (echo the
                     user, nothing stored): what any post-login socket service costs
+  commit-socket     the same handlers committing each username to PostgreSQL before
+                    answering (bench/null_handler.py --commit): what any post-login
+                    service that commits every login first costs, at the least
   exec              script-login running a shell script that only does exec "$@"
   wiki              script-login with the wiki's script: psql -c "UPDATE ... '$USER'"
   plugin            Dovecot's last_login plugin writing to PostgreSQL via dict-sql
@@ -45,7 +48,7 @@ from tests.harness.pg import free_port, start_server
 
 MODES = ["floor", "exec", "wiki", "plugin", "lastlogin-pg", "lastlogin-sqlite"]
 # Not in the default run (its table is the six above); --modes adds it.
-EXTRA_MODES = ["null-socket"]
+EXTRA_MODES = ["null-socket", "commit-socket"]
 
 NOOP = '#!/bin/sh\nexec "$@"\n'
 WIKI = """#!/bin/sh
@@ -110,8 +113,12 @@ class Bench:
         self.pg = start_server()
         self.admin = sa.create_engine(self.pg.url(), isolation_level="AUTOCOMMIT")
         with self.admin.connect() as conn:
-            for db in ("lastlogin", "wiki", "plugin"):
+            for db in ("lastlogin", "wiki", "plugin", "floor"):
                 conn.exec_driver_sql(f"CREATE DATABASE {db}")
+        floor = make_engine(self.pg.url("floor"))
+        with floor.begin() as conn:      # counted from the first round on
+            conn.exec_driver_sql("CREATE TABLE bench_commit_floor (username bytea NOT NULL)")
+        floor.dispose()
         self.ll_pg_url = self.pg.url("lastlogin")
         upgrade(self.ll_pg_url)
         self.ll_sqlite_url = f"sqlite:///{self.dir / 'lastlogin.db'}"
@@ -155,12 +162,14 @@ class Bench:
         if mode.startswith("lastlogin"):
             url = self.ll_pg_url if mode == "lastlogin-pg" else self.ll_sqlite_url
             self.daemon = start_lastlogin(url, self.dir, protocols="imap,pop3")
-        elif mode == "null-socket":
+        elif mode in ("null-socket", "commit-socket"):
             sockets = self.dir / "ll"
             sockets.mkdir(exist_ok=True)
             os.chmod(sockets, 0o755)
             for proto in ("imap", "pop3"):
-                null = NullHandler(self.dir, str(sockets / f"{proto}.sock"))
+                null = NullHandler(self.dir, str(sockets / f"{proto}.sock"),
+                                   commit=self.pg.url("floor") if mode == "commit-socket"
+                                   else None)
                 os.chmod(null.path, 0o666)      # Dovecot's mail processes connect
                 self.nulls.append(null)
         self.config(mode)
@@ -190,6 +199,12 @@ class Bench:
             engine = make_engine(url)
             with engine.connect() as conn:
                 n = conn.execute(sa.text("SELECT count(*) FROM login_events")).scalar_one()
+            engine.dispose()
+            return n
+        if mode == "commit-socket":
+            engine = make_engine(self.pg.url("floor"))
+            with engine.connect() as conn:
+                n = conn.execute(sa.text("SELECT count(*) FROM bench_commit_floor")).scalar_one()
             engine.dispose()
             return n
         if mode == "wiki":

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import os
 import socket
+import stat
 
 from app.fdio import close_all, read_message, send_all
 from app.protocol import build_reply, parse_request, request_complete
@@ -89,6 +90,8 @@ async def serve(path: str, conninfo: str | None) -> None:
         await db.execute("CREATE TABLE IF NOT EXISTS bench_commit_floor (username bytea NOT NULL)")
         floor = CommitFloor(db)
     with socket.socket(socket.AF_UNIX) as sock:
+        if stat.S_ISSOCK(os.lstat(path).st_mode if os.path.lexists(path) else 0):
+            os.unlink(path)     # left by a handler ended by SIGTERM (no cleanup then)
         sock.bind(path)
         sock.listen(1024)
         sock.setblocking(False)
