@@ -338,7 +338,7 @@ def write_doc(results: list[Run], modes: list[str], checks: list[str], cpu, args
             lines.append(f"| {mode} | {statistics.median(dc / d for d, dc, _ in rows) * 1000:.2f}"
                          f" ms | {statistics.median(pc / d for d, _, pc in rows) * 1000:.2f} ms |")
     lines += ["", "Writes counted after each mode and round (login_events rows for lastlogin, "
-              "sum of the counter the wiki script bumps, the plugin table's inserts + "
+              "bench_commit_floor rows for commit-socket, sum of the counter the wiki script bumps, the plugin table's inserts + "
               "updates from pg_stat_user_tables):", ""]
     lines += [f"- {c}" for c in checks]
     if args.no_doc:

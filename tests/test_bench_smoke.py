@@ -73,7 +73,8 @@ def test_handler_benchmark_reports_the_cpu_budget_per_login():
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     rows = budget_rows(out.stdout)
-    assert [(r["concurrency"], r["mode"]) for r in rows] == [("8", "null"), ("8", "lastlogin")]
+    assert [(r["concurrency"], r["mode"]) for r in rows] == [
+        ("8", "null"), ("8", "commit-floor"), ("8", "lastlogin")]
     for r in rows:
         assert int(r["logins/s"].replace(",", "")) > 0, r
         assert ms(r["handler"]) > 0 and ms(r["client"]) > 0, r
@@ -82,8 +83,8 @@ def test_handler_benchmark_reports_the_cpu_budget_per_login():
         pg = 0.0 if theirs else ms(r["PostgreSQL"])
         assert (r["PostgreSQL"] == "-") if theirs else (pg >= 0), r
         assert abs(ms(r["total"]) - (ms(r["handler"]) + ms(r["client"]) + pg)) <= 0.0021, r
-    if not theirs:      # lastlogin commits every login on it
-        assert ms(rows[1]["PostgreSQL"]) > 0, rows[1]
+    if not theirs:      # the commit floor and lastlogin commit every login on it
+        assert ms(rows[1]["PostgreSQL"]) > 0 and ms(rows[2]["PostgreSQL"]) > 0, rows
 
 
 def test_geoip_benchmark_smoke():
