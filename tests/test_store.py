@@ -273,7 +273,8 @@ def test_the_statements_go_without_comments_each_converted_once():
     runs of blanks, converted to libpq's $n placeholders once, at import
     (the writers prepare it by name; nothing parses it again per commit)."""
     from app.db import writers
-    statements = (writers.PG_BATCH, writers.PG_ONE, writers.PG_ONE_UNLOCATED,
+    statements = (writers.PG_BATCH, writers.PG_BATCH_UNLOCATED, writers.PG_ONE,
+                  writers.PG_ONE_UNLOCATED,
                   writers.PG_LEAN_ALLOWED, writers.PG_LEAN_OTHER, writers.PG_LEAN_COUNTRY,
                   writers.PG_LEAN_ASN)
     for statement in statements:
@@ -305,21 +306,24 @@ def test_the_postgresql_batch_is_planned_once_not_for_every_commit(pg_db):
                                         alerts_shown=(1,))]) == 1
             assert writer.write([record(b"v%d@example.com" % (i % 3), at=at),
                                  record(b"w%d@example.com" % (i % 3), at=at)]) == 2
+            assert writer.write([record(b"x%d@example.com" % (i % 3), at=at, country="FR"),
+                                 record(b"y%d@example.com" % (i % 3), at=at)]) == 2
         plans = writer._conn().execute(
             "SELECT name, generic_plans, custom_plans FROM pg_prepared_statements "
             "WHERE statement LIKE %s ORDER BY name", ["%INSERT INTO login_events%"]).fetchall()
     finally:
         writer.close()
         engine.dispose()
-    assert plans == [("lastlogin_batch", 8, 0), ("lastlogin_lean_allowed", 8, 0),
+    assert plans == [("lastlogin_batch", 8, 0), ("lastlogin_batch_unlocated", 8, 0),
+                     ("lastlogin_lean_allowed", 8, 0),
                      ("lastlogin_lean_asn", 8, 0), ("lastlogin_lean_country", 8, 0),
                      ("lastlogin_lean_other", 8, 0), ("lastlogin_one", 8, 0),
                      ("lastlogin_one_unlocated", 8, 0)]
 
 
 def test_pg_one_and_pg_batch_store_every_column_alike(pg_db):
-    """The same logins, one per commit, through PG_ONE and through PG_BATCH:
-    every column of every table the same. PG_ONE's row takes the columns by
+    """The same logins, one per commit, through PG_ONE and through PG_BATCH
+    (PG_BATCH_UNLOCATED where it may): every column of every table the same. PG_ONE's row takes the columns by
     position, so a column order that drifted from PG_BATCH's would swap
     values here (the other tests leave most columns at their defaults)."""
     from app.db import make_engine
@@ -368,9 +372,8 @@ def test_pg_one_and_pg_batch_store_every_column_alike(pg_db):
                     assert writer.write([rec], flagged) == 1
                 assert writer.write([unplaced], flagged) == 0       # a replay counts nothing
                 assert writer.write([logins[6]], flagged) == 0
-                if one:
-                    used[one] = dict(writer._conn().execute(
-                        "SELECT name, generic_plans FROM pg_prepared_statements").fetchall())
+                used[one] = dict(writer._conn().execute(
+                    "SELECT name, generic_plans FROM pg_prepared_statements").fetchall())
             finally:
                 writer.close()
             with engine.connect() as conn:
@@ -382,8 +385,12 @@ def test_pg_one_and_pg_batch_store_every_column_alike(pg_db):
         engine.dispose()
     assert stored[True] == stored[False]
     assert used[True] == {"lastlogin_one": 1, "lastlogin_one_unlocated": 1, "lastlogin_batch": 0,
+                          "lastlogin_batch_unlocated": 0,
                           "lastlogin_lean_allowed": 5, "lastlogin_lean_other": 4,
                           "lastlogin_lean_country": 7, "lastlogin_lean_asn": 2}
+    # as arrays: a login with a place or an alert through PG_BATCH, the rest without its CTEs
+    assert {k: v for k, v in used[False].items() if v} == {
+        "lastlogin_batch": 11, "lastlogin_batch_unlocated": 9}
     events_, lasts_, deliveries, flagged = stored[True]
     assert {(e.host, e.message, e.session_id) for e in events_} >= {
         ("mx1", "m\u00e9ssage", "sess-1"), ("mx2", "go away", "sess-2")}
@@ -421,7 +428,8 @@ def test_the_writer_prepares_one_statement_whatever_its_integers_and_nulls(pg_db
     finally:
         writer.close()
         engine.dispose()
-    assert names == [("lastlogin_batch",), ("lastlogin_lean_allowed",), ("lastlogin_lean_asn",),
+    assert names == [("lastlogin_batch",), ("lastlogin_batch_unlocated",),
+                     ("lastlogin_lean_allowed",), ("lastlogin_lean_asn",),
                      ("lastlogin_lean_country",), ("lastlogin_lean_other",), ("lastlogin_one",),
                      ("lastlogin_one_unlocated",)]
 
@@ -545,6 +553,38 @@ def test_the_lean_located_statements_write_the_places_as_the_batch_does():
         allowed, other, country, asn = _lean_statements(batch)
         assert placed in country and placed in asn
         assert "login_places" not in allowed and "login_places" not in other
+
+
+def test_a_batch_without_places_or_alerts_goes_without_their_ctes(pg_db):
+    """The commonest batch (every login unlocated, no alert shown) is PG_BATCH
+    without the new-location probes, the deliveries and the places, which
+    write nothing for it; any login with a place or an alert takes PG_BATCH.
+    (Every write-path test above stores such batches through it.)"""
+    from app.db import make_engine, writers
+    from app.db.writers import PostgresWriter
+    lean = writers.PG_BATCH_UNLOCATED
+    assert "false AS new_location" in lean and "EXISTS" not in lean
+    assert "login_places" not in lean and "login_alert_deliveries" not in lean
+    assert lean.startswith(writers.PG_BATCH[:writers.PG_BATCH.index(" located AS (")])
+    with pytest.raises(RuntimeError, match="deliveries and places"):
+        writers._unlocated_batch_statement(writers.PG_BATCH.replace(
+            "FROM delivered)", "FROM delivered_rows)"))
+    engine = make_engine(pg_db)
+    writer = PostgresWriter(engine)
+    try:
+        plain = [record(b"a@example.com"),
+                 record(b"b@example.com", outcome="denied", country="FR", asn=3215)]
+        assert writer.statement(plain)[0] == writers._BATCH_UNLOCATED
+        for other in (record(b"c@example.com", country="FR"), record(b"c@example.com", asn=1),
+                      record(b"c@example.com", alerts_shown=(1,))):
+            assert writer.statement([*plain, other])[0] == writers._BATCH
+        assert writer.write(plain) == 2
+        assert {(ev.username, ev.outcome, ev.new_location) for ev in events(engine)} == {
+            ("a@example.com", "allowed", False), ("b@example.com", "denied", False)}
+        assert set(lasts(engine)) == {("a@example.com", "imap")}
+    finally:
+        writer.close()
+        engine.dispose()
 
 
 def test_the_writer_picks_the_unlocated_statement_as_the_case_would():

@@ -214,6 +214,33 @@ def _unlocated_statement(one: str) -> str:
 
 PG_ONE_UNLOCATED = _unlocated_statement(PG_ONE)
 
+# A batch of such logins without alerts shown -- under load without GeoIP,
+# nearly every batch -- as PG_BATCH with the located CASE reduced to
+# ``false`` and without the deliveries and places CTEs, which write nothing
+# for it (no alert to deliver; only an allowed login with a place adds a
+# place). PostgreSQL still set them up and ran them for each batch: about
+# 9 % of its CPU per login at 64 logins a batch and 15 % at 8, mostly a
+# cost per statement (docs/performance.md, session 9). Derived from
+# PG_BATCH's text like PG_ONE_UNLOCATED from PG_ONE's; the same rows by
+# construction, the same reply (0 deliveries, no new location).
+_DELIVERED_AND_PLACED = (r", delivered AS \( INSERT INTO login_alert_deliveries .*? RETURNING 1 \), "
+                         r"placed AS \( INSERT INTO login_places .*? \) (SELECT \(SELECT count\(\*\) "
+                         r"FROM new\), \(SELECT count\(\*\) FROM folded\), )\(SELECT count\(\*\) "
+                         r"FROM delivered\),")
+
+
+def _unlocated_batch_statement(batch: str) -> str:
+    lean = _unlocated_statement(batch)
+    found = list(re.finditer(_DELIVERED_AND_PLACED, lean))
+    if len(found) != 1:
+        raise RuntimeError("PG_BATCH no longer ends with the deliveries and places CTEs and "
+                           "the reply the unlocated batch leaves them out of")
+    m = found[0]
+    return f"{lean[:m.start()]} {m.group(1)}0,{lean[m.end():]}"
+
+
+PG_BATCH_UNLOCATED = _unlocated_batch_statement(PG_BATCH)
+
 _LAST_COLUMNS = ("username", "protocol", "username_raw", "first_seen", "last_seen",
                  "last_remote_ip", "last_local_ip", "last_host", "last_country", "login_count")
 # PG_BATCH's fold, as it reads the rows its insert returned (pinned: a fold
@@ -404,10 +431,12 @@ def _positional(statement: str) -> tuple[bytes, tuple[str, ...]]:
 # ...), so PostgreSQL takes its type from the cast and one prepared
 # statement serves every login, NULLs and any size of integer included.
 _ONE, _UNLOCATED, _BATCH = b"lastlogin_one", b"lastlogin_one_unlocated", b"lastlogin_batch"
+_BATCH_UNLOCATED = b"lastlogin_batch_unlocated"
 _LEAN_ALLOWED, _LEAN_OTHER = b"lastlogin_lean_allowed", b"lastlogin_lean_other"
 _LEAN_COUNTRY, _LEAN_ASN = b"lastlogin_lean_country", b"lastlogin_lean_asn"
 _PREPARED = {_ONE: _positional(PG_ONE), _UNLOCATED: _positional(PG_ONE_UNLOCATED),
-             _BATCH: _positional(PG_BATCH), _LEAN_ALLOWED: _positional(PG_LEAN_ALLOWED),
+             _BATCH: _positional(PG_BATCH), _BATCH_UNLOCATED: _positional(PG_BATCH_UNLOCATED),
+             _LEAN_ALLOWED: _positional(PG_LEAN_ALLOWED),
              _LEAN_OTHER: _positional(PG_LEAN_OTHER), _LEAN_COUNTRY: _positional(PG_LEAN_COUNTRY),
              _LEAN_ASN: _positional(PG_LEAN_ASN)}
 
@@ -565,7 +594,9 @@ class PostgresWriter(_OwnConnection):
             name = one_statement(records[0])
             params = pg_params_one(records[0])
         else:
-            name, params = _BATCH, pg_params(records)
+            name = _BATCH_UNLOCATED if all(unlocated(r) and not r.alerts_shown
+                                           for r in records) else _BATCH
+            params = pg_params(records)
         self._conn()
         tx = self._tx
         assert tx is not None
