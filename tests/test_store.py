@@ -569,6 +569,16 @@ def test_a_batch_without_places_or_alerts_goes_without_their_ctes(pg_db):
     with pytest.raises(RuntimeError, match="deliveries and places"):
         writers._unlocated_batch_statement(writers.PG_BATCH.replace(
             "FROM delivered)", "FROM delivered_rows)"))
+    with pytest.raises(RuntimeError, match="deliveries and places"):     # a CTE after them
+        writers._unlocated_batch_statement(writers.PG_BATCH.replace(
+            ") SELECT (SELECT count(*) FROM new)",
+            "), later AS (SELECT 1) SELECT (SELECT count(*) FROM new)"))
+    for change in (("WHERE n.outcome = 'allowed' AND v.place", "WHERE v.place"),
+                   ("JOIN new n ON n.event_id = d.event_id", "CROSS JOIN new n"),
+                   ("(SELECT array_agg(event_id) FROM new WHERE new_location)",
+                    "(SELECT count(*) FROM placed)")):
+        with pytest.raises(RuntimeError, match="may write for an unlocated login"):
+            writers._unlocated_batch_statement(writers.PG_BATCH.replace(*change))
     engine = make_engine(pg_db)
     writer = PostgresWriter(engine)
     try:
@@ -585,6 +595,71 @@ def test_a_batch_without_places_or_alerts_goes_without_their_ctes(pg_db):
     finally:
         writer.close()
         engine.dispose()
+
+
+def test_pg_batch_unlocated_stores_and_answers_what_pg_batch_does(pg_db, monkeypatch):
+    """The same batches -- every login unlocated and without alerts, refused
+    ones with a place among them, a login twice in its batch, replays of
+    earlier batches, located and alerted batches in between -- once with
+    PG_BATCH for everything, once as the writer picks: every reply and
+    every row of every table the same."""
+    import random
+
+    from app.db import make_engine, writers
+    from app.db.schema import login_alert_deliveries, login_places
+    from app.db.writers import PostgresWriter
+    from tests.harness.db import empty_tables
+
+    rnd = random.Random(9)
+    users = [b"u%d@example.com" % i for i in range(4)] + [b"U0@example.com", b"v\xff@x"]
+    batches: list[list] = []
+    for n in range(60):
+        at = T0 + dt.timedelta(minutes=n)
+        if n % 7 == 6:      # a replay of an earlier batch (the same records)
+            batches.append(batches[rnd.randrange(len(batches))])
+            continue
+        batch = []
+        for k in range(rnd.randint(1, 6)):
+            outcome = rnd.choice(["allowed", "allowed", "denied", "failed"])
+            place = {} if outcome == "allowed" else rnd.choice(
+                [{}, {"country": "FR"}, {"asn": 64500}, {"country": "DE", "asn": 3320}])
+            batch.append(record(rnd.choice(users), at=at + dt.timedelta(seconds=k),
+                                protocol=rnd.choice(["imap", "pop3"]), outcome=outcome, **place))
+        if n % 5 == 1:
+            batch.append(batch[0])                          # twice in one batch
+        if n % 9 == 4:
+            batch.append(record(rnd.choice(users), at=at, country="JP"))      # located
+        if n % 11 == 5:
+            batch.append(record(rnd.choice(users), at=at, alerts_shown=(2,)))  # an alert
+        batches.append(batch)
+    engine = make_engine(pg_db)
+    replies, stored, used = {}, {}, {}
+    try:
+        for lean in (False, True):
+            empty_tables(engine)
+            with monkeypatch.context() as mp:
+                if not lean:
+                    mp.setattr(writers, "_BATCH_UNLOCATED", writers._BATCH)
+                writer = PostgresWriter(engine)
+                writer.one_row_statement = False
+                try:
+                    flagged: list = []
+                    replies[lean] = [(writer.write(b, flagged), list(flagged)) for b in batches]
+                    used[lean] = dict(writer._conn().execute(
+                        "SELECT name, generic_plans FROM pg_prepared_statements").fetchall())
+                finally:
+                    writer.close()
+            with engine.connect() as conn:
+                stored[lean] = [sorted(conn.execute(sa.select(t)).all(), key=repr)
+                                for t in (login_events, last_logins, login_places,
+                                          login_alert_deliveries)]
+    finally:
+        engine.dispose()
+    assert used[False]["lastlogin_batch_unlocated"] == 0
+    assert used[True]["lastlogin_batch_unlocated"] >= 40 and used[True]["lastlogin_batch"] >= 8
+    assert replies[True] == replies[False]
+    assert stored[True] == stored[False]
+    assert all(stored[True]) and sum(n for n, _ in replies[True]) < sum(map(len, batches))
 
 
 def test_the_writer_picks_the_unlocated_statement_as_the_case_would():

@@ -222,21 +222,37 @@ PG_ONE_UNLOCATED = _unlocated_statement(PG_ONE)
 # 9 % of its CPU per login at 64 logins a batch and 15 % at 8, mostly a
 # cost per statement (docs/performance.md, session 9). Derived from
 # PG_BATCH's text like PG_ONE_UNLOCATED from PG_ONE's; the same rows by
-# construction, the same reply (0 deliveries, no new location).
+# construction, the same reply (0 deliveries, no new location). As with
+# the lean one-login statements, a place that an operator's trigger on
+# login_events adds to a login stored without one is not kept in
+# login_places (PG_BATCH would read it back from the stored row).
 _DELIVERED_AND_PLACED = (r", delivered AS \( INSERT INTO login_alert_deliveries .*? RETURNING 1 \), "
                          r"placed AS \( INSERT INTO login_places .*? \) (SELECT \(SELECT count\(\*\) "
                          r"FROM new\), \(SELECT count\(\*\) FROM folded\), )\(SELECT count\(\*\) "
                          r"FROM delivered\),")
 
 
+# Why they write nothing for such a batch, as PG_BATCH says it (pinned):
+# deliveries only for the alerts shown, places only for allowed logins with one.
+_DELIVERED_ONLY = ("FROM unnest(%(d_event)s::uuid[], %(d_alert)s::int[]) AS d(event_id, alert_id) "
+                   "JOIN new n ON n.event_id = d.event_id")
+_PLACED_ONLY = "WHERE n.outcome = 'allowed' AND v.place IS NOT NULL AND"
+
+
 def _unlocated_batch_statement(batch: str) -> str:
     lean = _unlocated_statement(batch)
     found = list(re.finditer(_DELIVERED_AND_PLACED, lean))
-    if len(found) != 1:
+    ctes = re.findall(r"(?:WITH|,) (\w+) AS \( ", batch)
+    if len(found) != 1 or ctes != ["input", "located", "new", "folded", "delivered", "placed"]:
         raise RuntimeError("PG_BATCH no longer ends with the deliveries and places CTEs and "
                            "the reply the unlocated batch leaves them out of")
     m = found[0]
-    return f"{lean[:m.start()]} {m.group(1)}0,{lean[m.end():]}"
+    dropped, rest = m.group(0), lean[m.end():]
+    if (dropped.count(_DELIVERED_ONLY) != 1 or dropped.count(_PLACED_ONLY) != 1
+            or re.search(r"\b(delivered|placed)\b", rest)):
+        raise RuntimeError("PG_BATCH's deliveries or places may write for an unlocated login "
+                           "without alerts, or its reply reads them")
+    return f"{lean[:m.start()]} {m.group(1)}0,{rest}"
 
 
 PG_BATCH_UNLOCATED = _unlocated_batch_statement(PG_BATCH)
